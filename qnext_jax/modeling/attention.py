@@ -1,0 +1,84 @@
+"""Gated softmax attention of Qwen3-Next (transformers' ``Qwen3NextAttention``).
+
+q_proj gives H * 2 * head_dim per token, viewed per head as [query | gate]; QK-norm (zero-centred
+RMSNorm over head_dim) before partial RoPE; GQA; float32 softmax; the output is
+``o_proj(attn * sigmoid(gate))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.modeling.layers import NEG_INF, dense
+from qnext_jax.modeling.norms import RMSNorm
+from qnext_jax.modeling.rope import apply_rope
+
+
+class Qwen3NextAttention(nn.Module):
+    config: Qwen3NextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, token_mask, cache=None, cache_index=None, kv_valid=None):
+        """Attend over the new tokens (and the cached ones).
+
+        Args:
+          x: [B, T, d] hidden states (normed).
+          cos, sin: [B, T, rotary_dim] rotary tables for the new tokens' positions.
+          token_mask: [B, T] bool, False on padding (padded keys are never attended to).
+          cache: None, or {"key", "value"}: [B, S, Hkv, hd]; the new K/V are written at
+            slots [cache_index, cache_index + T).
+          cache_index: int32 scalar, the first free slot (with a cache).
+          kv_valid: [B, S] bool, the slots holding real tokens after this step (with a cache).
+        Returns:
+          (y [B, T, d], new cache or None)
+        """
+        cfg = self.config
+        B, T, _ = x.shape
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        std = cfg.initializer_range
+        proj = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                    std=std, use_bias=cfg.attention_bias)
+
+        qg = dense(H * 2 * hd, name="q_proj", **proj)(x).reshape(B, T, H, 2 * hd)
+        q, gate = qg[..., :hd], qg[..., hd:]  # per-head split: [B, T, H, hd] each
+        k = dense(Hkv * hd, name="k_proj", **proj)(x).reshape(B, T, Hkv, hd)
+        v = dense(Hkv * hd, name="v_proj", **proj)(x).reshape(B, T, Hkv, hd)
+        norm = dict(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
+        q = apply_rope(RMSNorm(name="q_norm", **norm)(q), cos, sin)
+        k = apply_rope(RMSNorm(name="k_norm", **norm)(k), cos, sin)
+
+        if cache is None:
+            keys, values, new_cache = k, v, None
+            q_slot = jnp.arange(T)
+            mask = token_mask[:, None, :]  # [B, 1, S=T]
+        else:
+            keys = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
+                                                       cache_index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(
+                cache["value"], v.astype(cache["value"].dtype), cache_index, axis=1)
+            new_cache = {"key": keys, "value": values}
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+            q_slot = cache_index + jnp.arange(T)
+            mask = kv_valid[:, None, :]
+        S = keys.shape[1]
+        causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
+        mask = jnp.logical_and(mask, causal[None])  # [B, T, S]
+
+        G = H // Hkv
+        qh = q.reshape(B, T, Hkv, G, hd)
+        logits = jnp.einsum("BTKGD,BSKD->BKGTS", qh, keys, precision=self.precision)
+        logits = logits.astype(jnp.float32) * (hd ** -0.5)
+        logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        attn = jnp.einsum("BKGTS,BSKD->BTKGD", probs, values, precision=self.precision)
+        attn = attn.reshape(B, T, H * hd) * jax.nn.sigmoid(gate.reshape(B, T, H * hd))
+        y = dense(cfg.hidden_size, name="o_proj", **proj)(attn)
+        return y, new_cache
