@@ -1,0 +1,133 @@
+"""Model-level checks against float64 numpy formulas and against itself (cache, padding)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import init_params, tiny_config
+from np_reference import attention_moe_layer, f64, gated_attention, rms_norm
+
+from qnext_jax.cache import init_cache
+from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.attention import Qwen3NextAttention
+from qnext_jax.modeling.rope import rope_cos_sin
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _apply(config, dtype=jnp.float32):
+    model = Qwen3NextForCausalLM(config, dtype=dtype, precision=HIGHEST)
+    return jax.jit(lambda p, x, cache=None, mask=None: model.apply(
+        {"params": p}, x, cache=cache, attention_mask=mask))
+
+
+def test_attention_block_matches_numpy(rng):
+    cfg = tiny_config()
+    T = 11
+    x = rng.standard_normal((1, T, cfg.hidden_size)).astype(np.float32)
+    attn = Qwen3NextAttention(cfg, precision=HIGHEST)
+    pos = jnp.arange(T)[None]
+    cos, sin = rope_cos_sin(cfg, pos, jnp.float32)
+    mask = jnp.ones((1, T), bool)
+    p = attn.init(jax.random.key(1), x, cos, sin, mask)["params"]
+    p = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(2), w.shape), p)
+    y, _ = attn.apply({"params": p}, x, cos, sin, mask)
+    ref = gated_attention(jax.tree.map(np.asarray, p), f64(x[0]), cfg, np.arange(T))
+    np.testing.assert_allclose(np.asarray(y[0]), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+def test_split_prefill_then_decode_equals_full_prefill(dtype, tol):
+    cfg = tiny_config()
+    params = init_params(cfg)
+    if dtype == jnp.bfloat16:
+        params = jax.tree.map(lambda w: w.astype(dtype) if w.ndim > 1 else w, params)
+    fn = _apply(cfg, dtype)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 70)))
+    full, _ = fn(params, ids)
+    cache = init_cache(cfg, 2, 72, dtype)
+    pieces = []
+    for a, b in [(0, 37), (37, 65), (65, 66), (66, 67), (67, 70)]:
+        logits, cache = fn(params, ids[:, a:b], cache)
+        pieces.append(logits)
+    split = jnp.concatenate(pieces, axis=1).astype(jnp.float32)
+    full = full.astype(jnp.float32)
+    assert int(cache["index"]) == 70
+    err = float(jnp.max(jnp.abs(split - full)) / jnp.max(jnp.abs(full)))
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("lengths", [(6,), (13, 20, 1)])
+def test_left_padded_batch_equals_each_sequence_alone(lengths):
+    cfg = tiny_config()
+    params = init_params(cfg, seed=3)
+    fn = _apply(cfg)
+    rng = np.random.default_rng(sum(lengths))
+    T = max(lengths) + 2  # every row padded, also at batch size 1
+    seqs = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
+    ids = np.zeros((len(seqs), T), np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = s
+        ids[i, :T - len(s)] = rng.integers(0, cfg.vocab_size, T - len(s))  # junk under the mask
+        mask[i, T - len(s):] = 1
+    cache = init_cache(cfg, len(seqs), T + 3)
+    batch_logits, cache = fn(params, jnp.asarray(ids), cache, jnp.asarray(mask))
+    nxt = rng.integers(0, cfg.vocab_size, (len(seqs), 1))
+    step_logits, _ = fn(params, jnp.asarray(nxt, jnp.int32), cache)
+    for i, s in enumerate(seqs):
+        c1 = init_cache(cfg, 1, len(s) + 1)
+        alone, c1 = fn(params, jnp.asarray(s[None], jnp.int32), c1)
+        alone_step, _ = fn(params, jnp.asarray(nxt[i:i + 1], jnp.int32), c1)
+        scale = float(np.abs(alone).max())
+        np.testing.assert_allclose(np.asarray(batch_logits[i, T - len(s):]), np.asarray(alone[0]),
+                                   rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(np.asarray(step_logits[i]), np.asarray(alone_step[0]),
+                                   rtol=0, atol=1e-4 * scale)
+
+
+def test_mtp_head_matches_numpy(rng):
+    cfg = tiny_config(mtp_num_hidden_layers=1)
+    params = init_params(cfg, seed=5)
+    model = Qwen3NextForCausalLM(cfg, precision=HIGHEST)
+    T = 9
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T + 1)), jnp.int32)
+    hidden = jnp.asarray(rng.standard_normal((1, T, cfg.hidden_size)), jnp.float32)
+    positions = jnp.arange(T)[None]
+    logits, _, _ = model.apply({"params": params}, hidden, ids[:, 1:], positions,
+                               method=Qwen3NextForCausalLM.mtp_logits)
+    p = jax.tree.map(np.asarray, params)
+    m = p["mtp"]
+    e = rms_norm(p["embed_tokens"]["embedding"][np.asarray(ids[0, 1:])],
+                 m["pre_fc_norm_embedding"]["weight"])
+    h = rms_norm(np.asarray(hidden[0]), m["pre_fc_norm_hidden"]["weight"])
+    x = np.concatenate([e, h], -1) @ f64(m["fc"]["kernel"])
+    x = attention_moe_layer(m["layers_0"], x, cfg, np.arange(T))
+    ref = rms_norm(x, m["norm"]["weight"]) @ f64(p["lm_head"]["kernel"])
+    np.testing.assert_allclose(np.asarray(logits[0]), ref, rtol=1e-4,
+                               atol=1e-5 * np.abs(ref).max())
+
+
+def test_80b_parameter_count_from_config_alone():
+    cfg = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
+    model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    assert round(n / 1e9, 2) == 79.67, n
+    with_mtp = jax.eval_shape(Qwen3NextForCausalLM(cfg.replace(mtp_num_hidden_layers=1)).init,
+                              jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    assert round(sum(math.prod(x.shape) for x in jax.tree.leaves(with_mtp)) / 1e9, 1) == 81.3
+
+
+def test_cache_too_short_is_rejected():
+    cfg = tiny_config()
+    params = init_params(cfg)
+    model = Qwen3NextForCausalLM(cfg)
+    with pytest.raises(ValueError, match="cache holds 4 positions"):
+        model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
+                    cache=init_cache(cfg, 1, 4))
