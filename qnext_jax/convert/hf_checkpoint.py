@@ -1,0 +1,185 @@
+"""An HF checkpoint directory: its config, tensor headers, and the check against the name map.
+
+Reading needs only the safetensors headers until the conversion proper starts, so every
+mismatch is found (and reported at once) before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.convert import name_map as nm
+from qnext_jax.convert.safetensors_io import TensorInfo, read_header, read_tensor
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+# Tensors some checkpoints carry that are not parameters: skipped without complaint.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
+_MAX_LISTED = 50  # per category in the error message (the exception holds them all)
+
+
+class CheckpointMismatchError(ValueError):
+    """The tensors of an HF checkpoint do not match what its config.json describes.
+
+    Attributes:
+      missing: [(name, expected shape)]
+      unexpected: [(name, found shape)]
+      mismatched: [(name, expected shape, found shape)]
+      problems: other findings (file-level), as sentences.
+    """
+
+    def __init__(self, directory, missing=(), unexpected=(), mismatched=(), problems=()):
+        self.directory = str(directory)
+        self.missing, self.unexpected = list(missing), list(unexpected)
+        self.mismatched, self.problems = list(mismatched), list(problems)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        def fmt(shape):
+            return "[" + ", ".join(str(s) for s in shape) + "]"
+
+        head = (f"HF checkpoint {self.directory} does not match its config.json: "
+                f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                f"{len(self.mismatched)} with the wrong shape, {len(self.problems)} other "
+                "problem(s)")
+        rows = []
+        for label, items, render in (
+                ("missing", self.missing, lambda x: f"{x[0]}: expected {fmt(x[1])}"),
+                ("unexpected", self.unexpected, lambda x: f"{x[0]}: found {fmt(x[1])}"),
+                ("wrong shape", self.mismatched,
+                 lambda x: f"{x[0]}: expected {fmt(x[1])}, found {fmt(x[2])}"),
+                ("problem", self.problems, str)):
+            for item in items[:_MAX_LISTED]:
+                rows.append(f"  {label}: {render(item)}")
+            if len(items) > _MAX_LISTED:
+                rows.append(f"  ... and {len(items) - _MAX_LISTED} more {label} (see the "
+                            "exception's attributes)")
+        return "\n".join([head] + rows)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched or self.problems)
+
+
+class HFCheckpoint:
+    """The tensors of an HF checkpoint directory (single file or sharded with an index).
+
+    Attributes:
+      directory, raw_config (the config.json dict), tensors ({name: TensorInfo}),
+      problems (file-level inconsistencies, reported by :meth:`match`).
+    Raises (constructor):
+      FileNotFoundError: no config.json, or no safetensors file.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"HF checkpoint directory {d} does not exist")
+        try:
+            self.raw_config = json.loads((d / "config.json").read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{d} has no config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{d / 'config.json'} is not valid JSON: {e}") from None
+        self.problems: list[str] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        listed: dict[str, str] = {}
+        if (d / INDEX_FILE).is_file():
+            try:
+                listed = json.loads((d / INDEX_FILE).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{d / INDEX_FILE}: not a valid index ({e!r})") from None
+            files = sorted(set(listed.values()))
+        elif (d / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            files = sorted(p.name for p in d.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{d} has no {INDEX_FILE}, {SINGLE_FILE} or other "
+                                        "*.safetensors file")
+        for fname in files:
+            path = d / fname
+            if not path.is_file():
+                self.problems.append(f"{INDEX_FILE} lists file {fname}, which does not exist")
+                continue
+            header, _ = read_header(path)
+            for name, info in header.items():
+                if name in self.tensors:
+                    self.problems.append(f"tensor {name} is in both {self.tensors[name].file.name}"
+                                         f" and {fname}")
+                self.tensors[name] = info
+        for name, fname in listed.items():
+            if (d / fname).is_file() and (name not in self.tensors
+                                          or self.tensors[name].file.name != fname):
+                self.problems.append(f"{INDEX_FILE} puts {name} in {fname}, which does not "
+                                     "hold it")
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        return read_tensor(self.tensors[name], index)
+
+    def mtp_layers(self) -> int:
+        """Number of MTP layers present (1 + the largest N of ``mtp.layers.N.*``; 0 if none)."""
+        found = [int(m.group(1)) for n in self.tensors if (m := _MTP_LAYER.match(n))]
+        return max(found) + 1 if found else 0
+
+    def match(self, config: Qwen3NextConfig | None = None
+              ) -> tuple[Qwen3NextConfig, list[nm.Leaf]]:
+        """Check the tensors against the name map of the config.
+
+        ``mtp_num_hidden_layers`` is set to the number of MTP layers present; MoE blocks stored
+        in the fused v5 form are detected per layer.
+
+        Returns:
+          (config with mtp_num_hidden_layers set, the name map to convert with).
+        Raises:
+          CheckpointMismatchError: listing every missing, unexpected or mis-shaped tensor.
+        """
+        if config is None:
+            config = Qwen3NextConfig.from_dict(self.raw_config)
+        config = config.replace(mtp_num_hidden_layers=self.mtp_layers())
+        fused = {p for p in nm.moe_prefixes(config)
+                 if f"{p}.experts.gate_up_proj" in self.tensors
+                 or f"{p}.experts.down_proj" in self.tensors}
+        leaves = nm.name_map(config, fused)
+        expected = nm.expected_tensors(leaves)
+        ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        err = CheckpointMismatchError(
+            self.directory,
+            missing=[(n, s) for n, s in expected.items() if n not in self.tensors],
+            unexpected=[(n, info.shape) for n, info in self.tensors.items()
+                        if n not in expected and n not in ignored and not _IGNORED.search(n)],
+            mismatched=[(n, s, self.tensors[n].shape) for n, s in expected.items()
+                        if n in self.tensors and self.tensors[n].shape != tuple(s)],
+            problems=self.problems + [
+                f"{n} has dtype {self.tensors[n].dtype.name}, not a floating-point type"
+                for n in expected if n in self.tensors
+                and "float" not in self.tensors[n].dtype.name])
+        if not err.empty:
+            raise err
+        return config, leaves
+
+    def config_json(self, config: Qwen3NextConfig) -> dict:
+        """The raw config.json with ``mtp_num_hidden_layers`` as converted."""
+        raw = dict(self.raw_config)
+        raw["mtp_num_hidden_layers"] = config.mtp_num_hidden_layers
+        return raw
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer / generation files present in ``src`` to ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

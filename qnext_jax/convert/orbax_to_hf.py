@@ -1,0 +1,175 @@
+"""Our Orbax params checkpoint (or an in-memory params tree) -> HF safetensors checkpoint.
+
+Written with the released per-expert names (``mlp.experts.{e}.gate_proj.weight`` ...) in torch
+layout, sharded as ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``
+(or one ``model.safetensors``), loadable by transformers' ``from_pretrained``. Streams: one Orbax
+group and one safetensors tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.convert import name_map as nm
+from qnext_jax.convert.hf_checkpoint import INDEX_FILE, SINGLE_FILE, copy_tokenizer_files
+from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
+from qnext_jax.convert.safetensors_io import SafetensorsWriter
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB" (10^9) or "500MiB" (2^20)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"max_shard_size: cannot parse {size!r} (e.g. 5GB, 500MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: dict[str, np.dtype],
+              arrays: Iterator[tuple[str, np.ndarray]], max_shard_size: int,
+              tokenizer_src: Path | None, overwrite: bool, progress: bool) -> Path:
+    """Write ``arrays`` ((leaf key, value) in the order of ``leaves``) as an HF checkpoint."""
+    from tqdm.auto import tqdm
+
+    # The plan: every HF tensor (name, dtype, shape) in order, cut into shards.
+    plan: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    for leaf in leaves:
+        for name in leaf.sources:
+            plan.append((name, dtypes[leaf.key], leaf.source_shape))
+    shards: list[list] = [[]]
+    size = 0
+    for spec in plan:
+        n = int(np.prod(spec[2], dtype=np.int64)) * spec[1].itemsize
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True")
+    hf_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hf_dir.parent / f".{hf_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weight_map, total = {}, 0
+        shard_iter = iter(zip(names, shards))
+        writer, remaining = None, 0
+        leaf_of = {leaf.key: leaf for leaf in leaves}
+        bar = tqdm(total=len(leaves), disable=not progress, desc=f"export {hf_dir.name}")
+        for key, array in arrays:
+            for name, tensor in leaf_of[key].split(array):
+                if remaining == 0:
+                    if writer is not None:
+                        writer.close()
+                    fname, specs = next(shard_iter)
+                    writer, remaining = SafetensorsWriter(tmp / fname, specs), len(specs)
+                writer.write(name, tensor)
+                weight_map[name] = fname
+                total += tensor.nbytes
+                remaining -= 1
+            bar.update(1)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if len(weight_map) != len(plan):
+            raise ValueError(f"wrote {len(weight_map)} of {len(plan)} tensors")
+        if len(names) > 1:
+            (tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        if tokenizer_src is not None:
+            copy_tokenizer_files(tokenizer_src, tmp)
+        if hf_dir.exists():
+            shutil.rmtree(hf_dir)
+        tmp.rename(hf_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hf_dir
+
+
+def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: int | str = "5GB",
+                overwrite: bool = False, progress: bool = True) -> Path:
+    """Export a checkpoint written by :func:`hf_to_orbax` as an HF safetensors checkpoint.
+
+    Tensors keep their stored dtype (A_log and dt_bias float32); ``mtp.*`` is written when the
+    config has ``mtp_num_hidden_layers > 0``. The config.json and tokenizer files are copied.
+
+    Args:
+      orbax_dir: directory written by ``hf_to_orbax``.
+      hf_dir: output directory (written under a temporary name, renamed at the end).
+      max_shard_size: bytes per safetensors shard (int, or "5GB" / "500MiB").
+    Raises:
+      ValueError: the params do not match the config's name map (names each leaf).
+      FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
+    """
+    orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
+    raw = json.loads((orbax_dir / "config.json").read_text())
+    config = Qwen3NextConfig.from_dict(raw)
+    index = read_index(orbax_dir)
+    by_key = {leaf.key: leaf for leaf in nm.name_map(config)}
+    stored = index["leaves"]
+    bad = [f"{k}: stored {stored.get(k, {}).get('shape')}, expected {list(by_key[k].shape)}"
+           for k in by_key if k not in stored or tuple(stored[k]["shape"]) != by_key[k].shape]
+    bad += [f"{k}: not a param of this config" for k in stored if k not in by_key]
+    if bad:
+        raise ValueError(f"{orbax_dir}: params do not match its config.json:\n  "
+                         + "\n  ".join(bad))
+    order = [by_key[k] for g in index["groups"] for k in g["leaves"]]
+    dtypes = {k: np.dtype(v["dtype"]) for k, v in stored.items()}
+
+    def arrays():
+        for group in iter_groups_numpy(orbax_dir):
+            yield from group.items()
+
+    return _write_hf(hf_dir, raw, order, dtypes, arrays(), parse_size(max_shard_size),
+                     orbax_dir, overwrite, progress)
+
+
+def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
+                 max_shard_size: int | str = "5GB", dtype=None, config_json: dict | None = None,
+                 tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = False) -> Path:
+    """Write an in-memory params tree (jax or numpy leaves) as an HF checkpoint.
+
+    Args:
+      config: the model config (``mtp_num_hidden_layers`` decides whether ``mtp`` is written).
+      params: the params tree of ``config``.
+      dtype: cast to this dtype (None keeps each leaf's; A_log and dt_bias stay float32).
+      config_json: the config.json to write (default ``config.to_dict()``).
+      tokenizer_dir: copy tokenizer files from here.
+    """
+    leaves = nm.name_map(config)
+    flat = dict(_flatten(params))
+    missing = [leaf.key for leaf in leaves if leaf.key not in flat]
+    extra = sorted(set(flat) - {leaf.key for leaf in leaves})
+    if missing or extra:
+        raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
+    dt = np.dtype(dtype) if dtype is not None else None
+    dtypes = {leaf.key: leaf.out_dtype(np.dtype(flat[leaf.key].dtype), dt) for leaf in leaves}
+
+    def arrays():
+        for leaf in leaves:
+            value = np.asarray(flat[leaf.key])
+            if value.shape != leaf.shape:
+                raise ValueError(f"{leaf.key}: shape {value.shape}, expected {leaf.shape}")
+            yield leaf.key, value.astype(dtypes[leaf.key], copy=False)
+
+    return _write_hf(Path(hf_dir), config_json or config.to_dict(), leaves, dtypes, arrays(),
+                     parse_size(max_shard_size), Path(tokenizer_dir) if tokenizer_dir else None,
+                     overwrite, progress)
