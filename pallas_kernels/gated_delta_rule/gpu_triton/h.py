@@ -1,0 +1,118 @@
+"""Stage "h": the sequential pass over chunks, the state block held in registers.
+
+One program per (value block, batch, value head); it walks the NC chunks in order:
+  h[c]     = S                                    (state at the chunk start, stored for stage "o")
+  v_new[c] = u[c] - w[c] S                        [C, BV]
+  S        = exp(G_last) S + (k exp(G_last - G))^T v_new[c]
+The state S [dk, BV] stays in float32 for the whole pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gated_delta_rule import kernel_math as km
+
+
+def _kernel(k_ref, w_ref, u_ref, g_ref, *refs, chunk_size, use_qk_l2norm, has_initial_state):
+  # k_ref, w_ref [Tp, dk]; u_ref [Tp, BV]; g_ref [Tp]; h0_ref [dk, BV];
+  # h_ref [NC, dk, BV]; vn_ref [Tp, BV]; ht_ref [dk, BV].
+  if has_initial_state:
+    h0_ref, h_ref, vn_ref, ht_ref = refs
+  else:
+    h_ref, vn_ref, ht_ref = refs
+  C = chunk_size
+  NC = h_ref.shape[0]
+  cdt = w_ref.dtype
+  dk, BV = ht_ref.shape
+  if has_initial_state:
+    S = h0_ref[...].astype(jnp.float32)
+  else:
+    S = jnp.zeros((dk, BV), jnp.float32)
+
+  def body(c, S):
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    h_ref[c] = S.astype(h_ref.dtype)
+    w = w_ref[sl, :]
+    v_new = u_ref[sl, :].astype(jnp.float32) - km.dot(w, S.astype(cdt))  # [C, BV]
+    vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
+    G = g_ref[sl].astype(jnp.float32)
+    g_last = km.pick_last(G)
+    k = k_ref[sl, :].astype(jnp.float32)
+    if use_qk_l2norm:
+      k = km.l2norm(k)
+    kd = (k * jnp.exp(g_last - G)[:, None]).astype(cdt)  # [C, dk]
+    return S * jnp.exp(g_last) + km.dot(kd, v_new.astype(cdt), trans_a=True)
+
+  S = lax.fori_loop(0, NC, body, S)
+  ht_ref[...] = S.astype(ht_ref.dtype)
+
+
+def chunk_fwd_h(
+    k: jax.Array,
+    w: jax.Array,
+    u: jax.Array,
+    G: jax.Array,
+    initial_state: jax.Array | None,
+    *,
+    chunk_size: int = 64,
+    block_v: int = 64,
+    use_qk_l2norm: bool = False,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+  """The state pass.
+
+  Args:
+    k: [B, Tp, Hk, dk]; w: [B, Tp, Hv, dk]; u: [B, Tp, Hv, dv] (compute dtype).
+    G: [B, Tp, Hv] float32 chunk-local cumsum of g.
+    initial_state: [B, Hv, dk, dv] float32 or None.
+  Returns:
+    h [B, NC, Hv, dk, dv] (compute dtype, state at each chunk start),
+    v_new [B, Tp, Hv, dv] (compute dtype), final_state [B, Hv, dk, dv] float32.
+  """
+  B, Tp, Hk, dk = k.shape
+  Hv, dv = u.shape[2], u.shape[3]
+  C = chunk_size
+  NC = Tp // C
+  n = Hv // Hk
+  BV = min(block_v, dv)
+  if dv % BV:
+    raise ValueError(f"chunk_fwd_h: block_v = {BV} must divide dv = {dv}")
+  kernel = functools.partial(_kernel, chunk_size=C, use_qk_l2norm=use_qk_l2norm,
+                             has_initial_state=initial_state is not None)
+  in_specs = [
+      pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
+      pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+      pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
+  ]
+  args = [k, w, u, G]
+  if initial_state is not None:
+    in_specs.append(pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j)))
+    args.append(initial_state)
+  return pl.pallas_call(
+      kernel,
+      grid=(dv // BV, B, Hv),
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, NC, None, dk, BV), lambda j, b, h: (b, 0, h, 0, j)),
+          pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+          pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, NC, Hv, dk, dv), w.dtype),
+          jax.ShapeDtypeStruct((B, Tp, Hv, dv), w.dtype),
+          jax.ShapeDtypeStruct((B, Hv, dk, dv), jnp.float32),
+      ],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="gdn_chunk_fwd_h",
+  )(*args)
