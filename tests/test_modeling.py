@@ -41,25 +41,30 @@ def test_attention_block_matches_numpy(rng):
     np.testing.assert_allclose(np.asarray(y[0]), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
-def test_split_prefill_then_decode_equals_full_prefill(dtype, tol):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_prefill_then_decode_equals_full_prefill(dtype):
     cfg = tiny_config()
-    params = init_params(cfg)
+    params = init_params(cfg, scale=0.1)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 70)))
+    exact, _ = _apply(cfg)(params, ids)  # float32, one prefill
     if dtype == jnp.bfloat16:
         params = jax.tree.map(lambda w: w.astype(dtype) if w.ndim > 1 else w, params)
     fn = _apply(cfg, dtype)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 70)))
     full, _ = fn(params, ids)
     cache = init_cache(cfg, 2, 72, dtype)
     pieces = []
     for a, b in [(0, 37), (37, 65), (65, 66), (66, 67), (67, 70)]:
         logits, cache = fn(params, ids[:, a:b], cache)
         pieces.append(logits)
-    split = jnp.concatenate(pieces, axis=1).astype(jnp.float32)
-    full = full.astype(jnp.float32)
     assert int(cache["index"]) == 70
-    err = float(jnp.max(jnp.abs(split - full)) / jnp.max(jnp.abs(full)))
-    assert err < tol, err
+    split = jnp.concatenate(pieces, axis=1).astype(jnp.float32)
+    scale = float(jnp.max(jnp.abs(exact)))
+    split_err = float(jnp.max(jnp.abs(split - exact))) / scale
+    if dtype == jnp.float32:
+        assert split_err < 1e-4, split_err
+    else:  # bf16: the cached path may not be further from float32 than one bf16 prefill is
+        full_err = float(jnp.max(jnp.abs(full.astype(jnp.float32) - exact))) / scale
+        assert split_err < max(2 * full_err, 1e-2), (split_err, full_err)
 
 
 @pytest.mark.parametrize("lengths", [(6,), (13, 20, 1)])

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.attention import Qwen3NextAttention
 from qnext_jax.modeling.gated_deltanet import Qwen3NextGatedDeltaNet
@@ -127,7 +128,9 @@ class Qwen3NextForCausalLM(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: [B, T, d] -> [B, T, vocab] (the embedding's transpose when tied)."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden.astype(self.dtype))
+            table = self.embed_tokens.embedding.astype(self.dtype)  # [vocab, d]
+            return jnp.einsum("BTD,VD->BTV", hidden.astype(self.dtype), table,
+                              precision=self.precision)
         return self.lm_head(hidden)
 
     def _positions_and_masks(self, input_ids, attention_mask, cache):
@@ -164,7 +167,7 @@ class Qwen3NextForCausalLM(nn.Module):
         B, T = input_ids.shape
         token_mask, positions = self._positions_and_masks(input_ids, attention_mask, cache)
         cos, sin = rope_cos_sin(cfg, positions, self.dtype)
-        x = self.embed_tokens(input_ids)
+        x = sharding.constrain(self.embed_tokens(input_ids), ("batch", "length", "act_embed"))
         cache_index = kv_valid = None
         if cache is not None:
             cache_index = cache["index"]
@@ -181,6 +184,7 @@ class Qwen3NextForCausalLM(nn.Module):
             x, new_cache[name] = layer(x, cos, sin, token_mask,
                                        None if cache is None else cache[name], cache_index,
                                        kv_valid)
+            x = sharding.constrain(x, ("batch", "length", "act_embed"))
             hidden.append(x)
         x = self.norm(x)
         hidden.append(x)
@@ -189,7 +193,8 @@ class Qwen3NextForCausalLM(nn.Module):
             self.mtp_logits(x, input_ids, positions, token_mask)
         if cache is not None:
             new_cache["index"] = cache_index + T
-            new_cache["positions"] = positions[:, -1] + 1
+            new_cache["positions"] = cache["positions"] + jnp.sum(token_mask, axis=1,
+                                                                  dtype=jnp.int32)
             new_cache["valid"] = kv_valid
             if "mtp" in cache:
                 new_cache["mtp"] = cache["mtp"]
