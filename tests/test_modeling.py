@@ -96,9 +96,18 @@ def test_left_padded_batch_equals_each_sequence_alone(lengths):
                                    rtol=0, atol=1e-4 * scale)
 
 
-def test_mtp_head_matches_numpy(rng):
-    cfg = tiny_config(mtp_num_hidden_layers=1)
-    params = init_params(cfg, seed=5)
+def test_mtp_head_from_checkpoint_matches_numpy(rng, tmp_path):
+    """mtp.* tensors (released names and shapes) added to a transformers checkpoint, converted,
+    then the MTP head against its formula in float64 numpy."""
+    from hf_fixtures import add_mtp_tensors, build_hf_checkpoint
+
+    from qnext_jax.convert import hf_to_orbax, load
+
+    build_hf_checkpoint(tmp_path / "hf", {"num_hidden_layers": 2}, seed=4)
+    add_mtp_tensors(tmp_path / "hf", seed=5, scale=0.2)
+    hf_to_orbax(tmp_path / "hf", tmp_path / "orbax", progress=False)
+    cfg, params = load(tmp_path / "orbax")
+    assert cfg.mtp_num_hidden_layers == 1
     model = Qwen3NextForCausalLM(cfg, precision=HIGHEST)
     T = 9
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T + 1)), jnp.int32)
@@ -111,7 +120,7 @@ def test_mtp_head_matches_numpy(rng):
     e = rms_norm(p["embed_tokens"]["embedding"][np.asarray(ids[0, 1:])],
                  m["pre_fc_norm_embedding"]["weight"])
     h = rms_norm(np.asarray(hidden[0]), m["pre_fc_norm_hidden"]["weight"])
-    x = np.concatenate([e, h], -1) @ f64(m["fc"]["kernel"])
+    x = np.concatenate([e, h], -1) @ f64(m["fc"]["kernel"])  # embedding first
     x = attention_moe_layer(m["layers_0"], x, cfg, np.arange(T))
     ref = rms_norm(x, m["norm"]["weight"]) @ f64(p["lm_head"]["kernel"])
     np.testing.assert_allclose(np.asarray(logits[0]), ref, rtol=1e-4,
