@@ -1,0 +1,173 @@
+"""Whole-model benchmark: Qwen3-Next-80B-A3B width at reduced depth on the local accelerator.
+
+Builds the model from the packaged 80B preset with ``--layers`` of its 48 layers (the layer
+pattern kept: 3 Gated DeltaNet + 1 attention), random bf16 weights initialised on the device,
+and measures:
+
+* compile time and median time of a prefill of ``--prefill`` tokens (batch 1);
+* compile time and median time of one decode step at each ``--batches`` size with a
+  ``--context``-token cache (the cache is filled with random K/V and states: a decode step's cost
+  does not depend on their values);
+* peak device memory;
+* the HBM roofline of each decode step: bytes of weights (the experts that the batch can touch)
+  and state read and written, over the measured device copy bandwidth.
+
+Prints a table and writes JSON (``--out``). Run on the GPU: ``PYTHONPATH=. python3
+scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qnext_jax.cache import init_cache
+from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.modeling import Qwen3NextForCausalLM
+
+
+def median_time(fn, *args, iters: int = 10, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn(*args)`` (results blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Measured device copy bandwidth, bytes/s counting bytes read and written."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    t = median_time(f, x, iters=10)
+    return 2 * nbytes / t
+
+
+def expected_distinct_experts(tokens: int, num_experts: int, top_k: int) -> float:
+    """Expected number of experts a batch of ``tokens`` touches with uniform routing."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def decode_bytes(cfg: Qwen3NextConfig, params, batch: int, context: int) -> float:
+    """Bytes one decode step must move: weights it touches + cache state read/written."""
+    itemsize = 2
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        n = math.prod(leaf.shape) * leaf.dtype.itemsize
+        if "['experts']" in name:  # [E, ...]: only the experts the batch routes to
+            n *= expected_distinct_experts(batch, cfg.num_experts,
+                                           cfg.num_experts_per_tok) / cfg.num_experts
+        elif "['embed_tokens']" in name:  # one row per token
+            n = batch * cfg.hidden_size * itemsize
+        total += n
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_full_attention(i):  # read K/V of the context
+            total += 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        else:  # read + write the float32 recurrent state
+            total += 2 * batch * cfg.linear_num_value_heads * cfg.linear_key_head_dim * \
+                cfg.linear_value_head_dim * 4
+    return float(total)
+
+
+def random_cache(cfg, batch, length, context, key):
+    """A cache whose first ``context`` slots hold random K/V and whose states are random."""
+    cache = init_cache(cfg, batch, length, jnp.bfloat16)
+    leaves, treedef = jax.tree.flatten(cache)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [jax.random.normal(k, x.shape, x.dtype) * 0.1 if x.ndim >= 3 else x
+              for k, x in zip(keys, leaves)]
+    cache = jax.tree.unflatten(treedef, leaves)
+    cache["index"] = jnp.asarray(context, jnp.int32)
+    cache["positions"] = jnp.full((batch,), context, jnp.int32)
+    cache["valid"] = jnp.arange(length)[None, :].repeat(batch, 0) < context
+    return cache
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--prefill", type=int, nargs="+", default=[8192])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--gdn-impl", default="auto")
+    ap.add_argument("--out", default="bench_model.json")
+    ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
+    args = ap.parse_args()
+
+    if args.smoke:
+        from qnext_jax.demo import DEMO_CONFIG as base
+    else:
+        base = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
+    cfg = base.replace(num_hidden_layers=args.layers)
+    model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                 gdn_impl=args.gdn_impl)
+    dev = jax.devices()[0]
+    t = time.perf_counter()
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = jax.block_until_ready(params)
+    init_s = time.perf_counter() - t
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    bw = copy_bandwidth(64 << 20 if args.smoke else 2 << 30)
+    rows, record = [], {"device": dev.device_kind, "jax": jax.__version__, "layers": args.layers,
+                        "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw}
+
+    def step(p, ids, cache):
+        logits, cache = model.apply({"params": p}, ids, cache=cache)
+        return logits[:, -1].argmax(-1), cache
+
+    for T in args.prefill:
+        cache = init_cache(cfg, 1, T + 1, jnp.bfloat16)
+        ids = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
+        t = time.perf_counter()
+        compiled = jax.jit(step).lower(params, ids, cache).compile()
+        compile_s = time.perf_counter() - t
+        sec = median_time(compiled, params, ids, cache, iters=5)
+        record[f"prefill_{T}"] = {"compile_s": compile_s, "median_s": sec, "tokens_per_s": T / sec}
+        rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None))
+
+    for B in args.batches:
+        cache = random_cache(cfg, B, args.context + 8, args.context, jax.random.key(2))
+        ids = jax.random.randint(jax.random.key(3), (B, 1), 0, cfg.vocab_size)
+        t = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=2).lower(params, ids, cache).compile()
+        compile_s = time.perf_counter() - t
+        state = {"cache": cache}
+
+        def one(p, x):
+            tok, state["cache"] = compiled(p, x, state["cache"])
+            state["cache"]["index"] = jnp.asarray(args.context, jnp.int32)  # stay in place
+            return tok
+
+        sec = median_time(one, params, ids, iters=20, warmup=3)
+        roof = decode_bytes(cfg, params, B, args.context) / bw
+        record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
+                                  "tokens_per_s": B / sec, "hbm_roofline_s": roof,
+                                  "fraction_of_roofline": roof / sec}
+        rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof))
+
+    stats = dev.memory_stats() or {}
+    record["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+    print(f"\n{dev.device_kind}, jax {jax.__version__}, {'demo' if args.smoke else '80B'} width, {args.layers} layers, "
+          f"{n_params / 1e9:.2f}e9 params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
+          f"{(record['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB")
+    print("| measure | ms | tokens/s | compile s | HBM roofline ms | % of roofline |")
+    print("|---|---|---|---|---|---|")
+    for name, ms, tps, cs, roof in rows:
+        extra = f"{roof * 1e3:.3f} | {100 * roof / (ms / 1e3):.0f}%" if roof else "- | -"
+        print(f"| {name} | {ms:.2f} | {tps:,.0f} | {cs:.1f} | {extra} |")
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
