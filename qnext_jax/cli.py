@@ -34,13 +34,64 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def parse_rope_scaling(text: str) -> dict | None:
+    """``--rope-scaling``: JSON (``'{"rope_type": "yarn", "factor": 4, ...}'``), the short form
+    ``'yarn:factor=4,original_max_position_embeddings=262144'`` or ``'none'``."""
+    text = text.strip()
+    if text.lower() in ("none", "null", ""):
+        return None
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--rope-scaling: not valid JSON ({e}): {text!r}") from None
+        if not isinstance(out, dict):
+            raise SystemExit(f"--rope-scaling: expected a JSON object, got {text!r}")
+        return out
+    kind, _, rest = text.partition(":")
+    out: dict = {"rope_type": kind.strip()}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--rope-scaling: expected KEY=VALUE, got {item!r} in {text!r}")
+        value = value.strip()
+        if value.lower() in ("true", "false"):
+            out[key.strip()] = value.lower() == "true"
+            continue
+        try:
+            out[key.strip()] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise SystemExit(f"--rope-scaling: {key.strip()}={value!r} is not a number") from None
+    return out
+
+
+def _mesh_from_args(args):
+    """The mesh of ``--mesh`` (None without it), after ``jax.distributed`` when asked for."""
+    from qnext_jax import distributed
+
+    if distributed.requested(args.coordinator, args.num_processes, args.process_id):
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if args.mesh is None:
+        return None
+    from qnext_jax.sharding import make_mesh
+
+    try:
+        return make_mesh(args.mesh)
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
+
+
 def _cmd_generate(args) -> int:
     import jax.numpy as jnp
-    import numpy as np
 
+    from qnext_jax.config import ConfigError
     from qnext_jax.generate import Generator
     from qnext_jax.tokenizer import ByteTokenizer, load_tokenizer
 
+    mesh = _mesh_from_args(args)
     if args.checkpoint is None:
         from qnext_jax.demo import demo_model
 
@@ -51,9 +102,46 @@ def _cmd_generate(args) -> int:
     else:
         from qnext_jax.convert import load
 
-        config, params = load(args.checkpoint, dtype=args.dtype)
+        if mesh is None:
+            config, params = load(args.checkpoint, dtype=args.dtype)
+        else:  # every leaf read straight into its shard of the mesh
+            from qnext_jax.sharding import tree_shardings
+
+            config, params = load(args.checkpoint, mesh=mesh, dtype=args.dtype,
+                                  shardings=tree_shardings(mesh))
         tokenizer = load_tokenizer(args.checkpoint)
-    if args.token_ids is not None:
+    rope_scaling = None
+    if args.rope_scaling is not None:
+        rope_scaling = parse_rope_scaling(args.rope_scaling)
+        try:
+            config = config.replace(rope_scaling=rope_scaling)
+        except ConfigError as e:
+            raise SystemExit(f"--rope-scaling: {e}") from None
+    stop_ids = tuple(config.eos_token_ids)
+    if args.chat:
+        from qnext_jax.chat import (
+            ChatTemplateError,
+            load_chat_template,
+            render_chat,
+            special_tokens,
+            stop_token_ids,
+        )
+
+        if args.checkpoint is None or tokenizer is None:
+            raise SystemExit("--chat needs a --checkpoint with tokenizer.json and a chat template")
+        if args.prompt is None:
+            raise SystemExit("--chat needs --prompt TEXT (the user message)")
+        try:
+            template = load_chat_template(args.checkpoint)
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+            prompt_text = render_chat(template, messages, special_tokens(args.checkpoint),
+                                      add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise SystemExit(str(e)) from None
+        ids = tokenizer.encode(prompt_text)
+        stop_ids = stop_token_ids(args.checkpoint, template, tokenizer, stop_ids)
+    elif args.token_ids is not None:
         ids = _token_ids(args.token_ids)
     elif args.prompt is not None:
         if tokenizer is None:
@@ -62,31 +150,69 @@ def _cmd_generate(args) -> int:
         ids = tokenizer.encode(args.prompt)
     else:
         raise SystemExit("give --prompt TEXT or --token-ids IDS")
+    if not ids:
+        raise SystemExit("the prompt has no tokens")
     if max(ids) >= config.vocab_size or min(ids) < 0:
         raise SystemExit(f"token ids must be in [0, vocab_size = {config.vocab_size}), got "
                          f"{min(ids)}..{max(ids)}")
     dtype = params["embed_tokens"]["embedding"].dtype
-    gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl)
-    result = gen.generate(params, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed)
-    new_ids = result.tokens[0].tolist()
-    eos = set(config.eos_token_ids)
-    if eos and any(t in eos for t in new_ids):
-        new_ids = new_ids[:next(i for i, t in enumerate(new_ids) if t in eos) + 1]
+    try:
+        gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, mesh=mesh,
+                        prefill_chunk_size=args.prefill_chunk_size,
+                        speculative_tokens=args.speculative_tokens)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+              "eos_token_id": stop_ids}
+    if args.speculative_tokens and args.temperature > 0:
+        raise SystemExit("--speculative-tokens is greedy only: use --temperature 0")
+
+    # Stream: print text as tokens come (unless --json).
+    from qnext_jax.chat import StreamDecoder
+
+    timings: dict = {}
+    new_ids: list[int] = []
+    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+    stop = set(stop_ids)
+    for step in gen.stream(params, [ids], timings=timings, **kwargs):
+        t = int(step[0])
+        new_ids.append(t)
+        if not args.json:
+            if decoder is None:
+                print(t, end=" ", flush=True)
+            elif t not in stop:
+                sys.stdout.write(decoder.push(t))
+                sys.stdout.flush()
+        if t in stop:
+            break
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    n_timed = timings.get("decode_tokens", 0)
+    decode_tps = n_timed / max(timings["decode_s"], 1e-9)
+    prefill_tps = len(ids) / max(timings["prefill_s"], 1e-9)
+    spec = None
+    if args.speculative_tokens:
+        proposed = timings.get("spec_proposed", 0)
+        spec = {"speculative_tokens": args.speculative_tokens,
+                "rounds": timings.get("spec_rounds", 0), "proposed": proposed,
+                "accepted": timings.get("spec_accepted", 0),
+                "acceptance_rate": timings.get("spec_accepted", 0) / proposed if proposed else None}
     if args.json:
         print(json.dumps({"prompt_ids": ids, "token_ids": new_ids, "text": text,
-                          "compile_s": result.compile_s, "prefill_s": result.prefill_s,
-                          "decode_s": result.decode_s,
-                          "prefill_tokens_per_s": result.prefill_tokens_per_s,
-                          "decode_tokens_per_s": result.decode_tokens_per_s}))
+                          "compile_s": timings["compile_s"], "prefill_s": timings["prefill_s"],
+                          "decode_s": timings["decode_s"],
+                          "prefill_tokens_per_s": prefill_tps,
+                          "decode_tokens_per_s": decode_tps, "rope_scaling": rope_scaling,
+                          "prefill_chunk_size": args.prefill_chunk_size,
+                          "stop_token_ids": list(stop_ids), "speculative": spec}))
         return 0
-    print(text if text is not None else " ".join(map(str, new_ids)))
+    print()
+    extra = "" if spec is None else (
+        f"; speculative {args.speculative_tokens}: acceptance "
+        f"{spec['acceptance_rate'] if spec['acceptance_rate'] is not None else float('nan'):.2f}")
     print(f"[qnext] prompt {len(ids)} tokens, generated {len(new_ids)}; "
-          f"prefill {result.prefill_tokens_per_s:.1f} tok/s, decode "
-          f"{result.decode_tokens_per_s:.1f} tok/s, compile {result.compile_s:.1f} s "
-          f"(dtype {jnp.dtype(dtype).name})", file=sys.stderr)
+          f"prefill {prefill_tps:.1f} tok/s, decode {decode_tps:.1f} tok/s, compile "
+          f"{timings['compile_s']:.1f} s (dtype {jnp.dtype(dtype).name}){extra}", file=sys.stderr)
     return 0
 
 
@@ -126,7 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None, help="compute/param dtype (default: checkpoint's)")
     g.add_argument("--gdn-impl", default="auto", help="Gated DeltaNet backend")
-    g.add_argument("--json", action="store_true", help="print a JSON result")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON result (tokens, text, timings) instead of streaming")
+    g.add_argument("--chat", action="store_true",
+                   help="render --prompt as a user message with the checkpoint's chat template "
+                        "(generation prompt added) and stop at the template's end tokens")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--rope-scaling", default=None,
+                   help="override rope_scaling, e.g. 'yarn:factor=4,"
+                        "original_max_position_embeddings=262144' or a JSON object")
+    g.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="feed the prompt in chunks of this many tokens (bounded memory)")
+    g.add_argument("--speculative-tokens", type=int, default=0,
+                   help="draft N tokens per step with the MTP head (greedy only)")
+    g.add_argument("--mesh", default=None,
+                   help="shard over a device mesh, e.g. 'data=2,expert=4' (axes data, fsdp, "
+                        "expert, tensor; the sizes multiply to the device count)")
+    g.add_argument("--coordinator", default=None,
+                   help="multi-host: host:port of process 0 (or env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: number of processes (or env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process's index (or env JAX_PROCESS_ID)")
     g.set_defaults(fn=_cmd_generate)
 
     x = sub.add_parser("crosscheck", help="compare layer by layer with transformers")

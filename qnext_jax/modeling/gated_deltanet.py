@@ -30,15 +30,21 @@ def _a_log_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
 
 
-def causal_conv1d(x, weight, conv_state=None):
-    """Depthwise causal conv over time.
+def causal_conv1d(x, weight, conv_state=None, mask=None, per_token_states=False):
+    """Depthwise causal conv over time, over real tokens only.
 
     Args:
       x: [B, T, C] inputs.
       weight: [K, C] taps (torch's conv1d weight [C, 1, K], transposed).
       conv_state: [B, C, K-1] the previous K-1 inputs (zeros when None).
+      mask: None or [B, T] bool, False on padding. Padding anywhere (left, right, in the
+        middle) is skipped: a real token's window holds the K-1 previous *real* inputs and the
+        new state the last K-1 real inputs; padded positions output 0.
+      per_token_states: also return the state after each token, [B, T, C, K-1] (for
+        speculative decoding's rollback).
     Returns:
-      (y [B, T, C] = sum_j weight[j] * x_padded[t + j], new state [B, C, K-1]).
+      (y [B, T, C] = sum_j weight[j] * x_real[t - (K-1) + j], new state [B, C, K-1]), plus the
+      per-token states when asked.
     """
     B, T, C = x.shape
     K = weight.shape[0]
@@ -46,11 +52,56 @@ def causal_conv1d(x, weight, conv_state=None):
         prev = jnp.zeros((B, K - 1, C), x.dtype)
     else:
         prev = jnp.swapaxes(conv_state, 1, 2).astype(x.dtype)
-    full = jnp.concatenate([prev, x], axis=1)  # [B, K-1+T, C]
+    full = jnp.concatenate([prev, x], axis=1)  # [B, L = K-1+T, C]
     w = weight.astype(jnp.float32)
-    y = sum(full[:, j:j + T, :].astype(jnp.float32) * w[j] for j in range(K))
-    new_state = jnp.swapaxes(full[:, T:, :], 1, 2)  # last K-1 inputs: [B, C, K-1]
-    return y.astype(x.dtype), new_state
+    taps = jnp.arange(K - 1)
+    if mask is None:
+        seq = full  # every entry is real
+        out_idx = None
+        last = jnp.full((B,), K - 2 + T, jnp.int32)  # index of the last real entry
+        rank = jnp.broadcast_to(jnp.arange(K - 1 + T, dtype=jnp.int32), (B, K - 1 + T))
+    else:
+        valid = jnp.concatenate([jnp.ones((B, K - 1), bool), mask.astype(bool)], axis=1)
+        # Real entries first (stable: in time order), padding after: seq[r] is real entry r.
+        order = jnp.argsort(jnp.logical_not(valid), axis=1, stable=True)
+        seq = jnp.take_along_axis(full, order[..., None], axis=1)
+        rank = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # last real entry at or before
+        last = rank[:, -1]
+        out_idx = rank[:, K - 1:] - (K - 1)  # [B, T]: conv output of token t in seq's frame
+    y = sum(seq[:, j:j + T, :].astype(jnp.float32) * w[j] for j in range(K))
+    if out_idx is not None:
+        y = jnp.take_along_axis(y, out_idx[..., None], axis=1)
+        y = jnp.where(mask[..., None], y, 0.0)
+    new_state = jnp.take_along_axis(seq, (last[:, None] - (K - 2) + taps)[..., None], axis=1)
+    new_state = jnp.swapaxes(new_state, 1, 2)  # last K-1 real inputs: [B, C, K-1]
+    if not per_token_states:
+        return y.astype(x.dtype), new_state
+    idx = rank[:, K - 1:, None] - (K - 2) + taps  # [B, T, K-1]
+    states = jnp.take_along_axis(seq, idx.reshape(B, T * (K - 1))[..., None], axis=1)
+    states = jnp.swapaxes(states.reshape(B, T, K - 1, C), 2, 3)  # [B, T, C, K-1]
+    return y.astype(x.dtype), new_state, states
+
+
+def segment_causal_conv1d(x, weight, segment_ids, mask=None):
+    """Depthwise causal conv of packed documents: no tap reaches across a segment boundary.
+
+    Args:
+      x: [B, T, C]. weight: [K, C]. segment_ids: [B, T] int, the document of each token.
+      mask: None or [B, T] bool; padded positions output 0.
+    Returns:
+      (y [B, T, C], the last K-1 inputs [B, C, K-1]): y_t = sum_j weight[j] x[t - (K-1) + j]
+      over taps in t's segment (zeros before a segment's start, as at a sequence start).
+    """
+    B, T, C = x.shape
+    K = weight.shape[0]
+    xp = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
+    sp = jnp.pad(segment_ids, ((0, 0), (K - 1, 0)), constant_values=-1)
+    w = weight.astype(jnp.float32)
+    y = sum(jnp.where((sp[:, j:j + T] == segment_ids)[..., None],
+                      xp[:, j:j + T, :].astype(jnp.float32) * w[j], 0.0) for j in range(K))
+    if mask is not None:
+        y = jnp.where(mask[..., None], y, 0.0)
+    return y.astype(x.dtype), jnp.swapaxes(xp[:, T:, :], 1, 2)
 
 
 class DepthwiseConv1d(nn.Module):
@@ -60,10 +111,12 @@ class DepthwiseConv1d(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, conv_state=None):
+    def __call__(self, x, conv_state=None, mask=None, per_token_states=False, segment_ids=None):
         init = nn.initializers.normal(self.kernel_size ** -0.5)
         w = self.param("kernel", init, (self.kernel_size, x.shape[-1]), self.param_dtype)
-        return causal_conv1d(x, w, conv_state)
+        if segment_ids is not None:
+            return segment_causal_conv1d(x, w, segment_ids, mask)
+        return causal_conv1d(x, w, conv_state, mask, per_token_states)
 
 
 class Qwen3NextGatedDeltaNet(nn.Module):
@@ -74,7 +127,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
     gdn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, token_mask, cache=None):
+    def __call__(self, x, token_mask, cache=None, segment_ids=None, cu_seqlens=None):
         """Mix the new tokens, continuing from ``cache``.
 
         Args:
@@ -82,7 +135,13 @@ class Qwen3NextGatedDeltaNet(nn.Module):
           token_mask: [B, T] bool, False on padding: padded tokens are zeroed before the
             projections and neither decay nor update the recurrent state.
           cache: None or {"conv_state": [B, conv_dim, K-1], "recurrent_state": [B, Hv, dk, dv]
-            float32}.
+            float32}. With an extra ``"per_token_states"`` entry (any array; a marker), the new
+            cache also holds the state after each new token: "conv_states" [B, T, conv_dim, K-1]
+            and "recurrent_states" [B, T, Hv, dk, dv] (speculative decoding rolls back to one).
+          segment_ids: [B, T] int (no cache): packed documents; the conv does not reach across
+            a segment boundary.
+          cu_seqlens: [N + 1] int32 offsets of the segments in the flattened [1, B*T] batch
+            (``decoder.segment_cu_seqlens``; no cache): the recurrent state restarts at each.
         Returns:
           (y [B, T, d], new cache or None)
         """
@@ -102,9 +161,11 @@ class Qwen3NextGatedDeltaNet(nn.Module):
 
         mixed = jnp.concatenate([q.reshape(B, T, Hk * dk), k.reshape(B, T, Hk * dk),
                                  v.reshape(B, T, Hv * dv)], axis=-1)  # [B, T, conv_dim]
-        mixed, conv_state = DepthwiseConv1d(cfg.linear_conv_kernel_dim, self.param_dtype,
-                                            name="conv1d")(
-            mixed, None if cache is None else cache["conv_state"])
+        per_token = cache is not None and "per_token_states" in cache
+        conv_out = DepthwiseConv1d(cfg.linear_conv_kernel_dim, self.param_dtype, name="conv1d")(
+            mixed, None if cache is None else cache["conv_state"], token_mask, per_token,
+            segment_ids if cache is None else None)
+        mixed, conv_state = conv_out[0], conv_out[1]
         mixed = jax.nn.silu(mixed)
         q, k, v = jnp.split(mixed, [Hk * dk, 2 * Hk * dk], axis=-1)
         q, k = q.reshape(B, T, Hk, dk), k.reshape(B, T, Hk, dk)
@@ -120,13 +181,33 @@ class Qwen3NextGatedDeltaNet(nn.Module):
 
         op = fused_recurrent_gated_delta_rule if T <= RECURRENT_MAX_TOKENS else \
             chunk_gated_delta_rule
-        o, final_state = op(q, k, v, g, beta, scale=dk ** -0.5,
-                            initial_state=None if cache is None else cache["recurrent_state"],
-                            output_final_state=cache is not None, use_qk_l2norm_in_kernel=True,
-                            impl=self.gdn_impl)
+        if cu_seqlens is not None and cache is None:  # packed documents, one flat sequence
+            flat = lambda t: t.reshape((1, B * T) + t.shape[2:])  # noqa: E731
+            o, final_state = chunk_gated_delta_rule(
+                flat(q), flat(k), flat(v), flat(g), flat(beta), scale=dk ** -0.5,
+                use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, impl=self.gdn_impl)
+            o = o.reshape((B, T) + o.shape[2:])
+        elif per_token:  # token by token, keeping every state
+            state, outs, states = cache["recurrent_state"], [], []
+            for t in range(T):
+                o_t, state = fused_recurrent_gated_delta_rule(
+                    q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1],
+                    scale=dk ** -0.5, initial_state=state, output_final_state=True,
+                    use_qk_l2norm_in_kernel=True, impl=self.gdn_impl)
+                outs.append(o_t)
+                states.append(state)
+            o, final_state = jnp.concatenate(outs, axis=1), state
+        else:
+            o, final_state = op(q, k, v, g, beta, scale=dk ** -0.5,
+                                initial_state=None if cache is None else cache["recurrent_state"],
+                                output_final_state=cache is not None,
+                                use_qk_l2norm_in_kernel=True, impl=self.gdn_impl)
         o = RMSNormGated(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype, name="norm")(
             o.astype(self.dtype), z.reshape(B, T, Hv, dv))
         y = dense(cfg.hidden_size, name="out_proj", **proj)(o.reshape(B, T, Hv * dv))
         new_cache = None if cache is None else {"conv_state": conv_state.astype(
             cache["conv_state"].dtype), "recurrent_state": final_state}
+        if per_token:
+            new_cache["conv_states"] = conv_out[2].astype(cache["conv_state"].dtype)
+            new_cache["recurrent_states"] = jnp.stack(states, axis=1)
         return y, new_cache

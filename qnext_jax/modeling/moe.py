@@ -4,17 +4,36 @@ Follows transformers' ``Qwen3NextMLP`` and ``Qwen3NextSparseMoeBlock``: router l
 model dtype, softmax over all experts in float32, top-k, optional renormalisation of the k
 weights, experts ``down(silu(gate(x)) * up(x))`` combined with the router weights, plus the
 sigmoid-gated shared expert. Dropless: tokens are sorted by expert and every expert runs as one
-group of a grouped matmul (``jax.lax.ragged_dot``), so no token is ever dropped.
+group of a grouped matmul (``jax.lax.ragged_dot``), so no token is ever dropped. On GPUs, where
+XLA (jax 0.11/0.12) lowers ragged_dot to a dense [rows, experts, ...] expansion (52 ms at 1k
+tokens, out of memory at 16k on an H200 for the 80B block), :func:`grouped_experts` uses instead
+padded per-expert tiles (decode) or a static per-expert capacity with a dropless fallback (see
+its ``impl``); scripts/bench_moe.py measures them.
+
+Expert parallelism (:func:`expert_parallel_experts`): under a mesh made active with
+``qnext_jax.sharding.activate`` whose ``expert`` axis divides the number of experts, the routed
+experts run under ``shard_map``: each device holds E / n_expert experts (and, with a ``tensor``
+axis dividing the intermediate size, a slice of their intermediate dim). Dispatch is an
+all-gather of the tokens (and their top-k choices) over the ``expert`` axis; each device runs its
+local experts on every row routed to them (dropless: the row buffer is N * k, the worst case)
+and the combine is a reduce-scatter (``psum_scatter``) back to the tokens' devices (a ``psum``
+over ``tensor`` first when the intermediate dim is split). This exact, dropless scheme was
+chosen over ``ragged_all_to_all``: it has the same worst-case buffer, lowers on every backend
+(CPU included) and on jax 0.11 and 0.12, and moves N * d activations per direction, which is the
+cheap side at decode batch sizes. The router and the shared expert run outside the
+``shard_map``, where the tokens live.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.layers import dense
 
@@ -47,31 +66,212 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     return weights, experts
 
 
-def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision=None):
+MOE_IMPLS = ("auto", "ragged_dot", "tiles", "capacity")
+# The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
+CAPACITY_SIGMAS = 4.0
+
+
+def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
+    """The static per-expert capacities the ``capacity`` impl compiles, smallest first:
+    mean + CAPACITY_SIGMAS sqrt(mean) + 8, then 2x and 4x the mean (where larger), multiples
+    of 8."""
+    mean = rows / num_experts
+    r8 = lambda c: int(-(-c // 8) * 8)
+    caps = [r8(mean + CAPACITY_SIGMAS * mean ** 0.5 + 8)]
+    for f in (2, 4):
+        if r8(f * mean) > caps[-1]:
+            caps.append(r8(f * mean))
+    return tuple(caps)
+
+
+def _capacity_experts(xs, sorted_e, group_sizes, gate_proj, up_proj, down_proj, precision,
+                      capacity):
+    """Expert MLP of rows sorted by expert laid out as [E, capacity, d] (one plain batched
+    matmul per projection, weights read once, not gathered). Only valid when every group has
+    at most ``capacity`` rows (the caller checks and falls back to the tiles)."""
+    M, d = xs.shape
+    E = gate_proj.shape[0]
+    se = jnp.minimum(sorted_e, E - 1)
+    gstart = jnp.cumsum(group_sizes) - group_sizes
+    dest = jnp.where(sorted_e < E, se * capacity + jnp.arange(M) - gstart[se], E * capacity)
+    xp = jnp.zeros((E * capacity, d), xs.dtype).at[dest].set(xs, mode="drop")
+    xp = xp.reshape(E, capacity, d)
+    h = jax.nn.silu(jnp.einsum("ecd,edi->eci", xp, gate_proj, precision=precision)) * \
+        jnp.einsum("ecd,edi->eci", xp, up_proj, precision=precision)
+    y = jnp.einsum("eci,eid->ecd", h, down_proj, precision=precision)
+    return y.reshape(E * capacity, d).at[dest].get(mode="fill", fill_value=0)
+
+
+def _tile_rows(rows: int, num_experts: int) -> int:
+    """Rows per tile of the ``tiles`` impl: the power of two at or above the mean group size,
+    in [1, 128] (1 at decode: each row its own tile, i.e. a per-row gather of its expert)."""
+    mean = -(-rows // num_experts)
+    return int(min(128, 1 << max(0, (mean - 1).bit_length())))
+
+
+def _tiled_experts(xs, sorted_e, group_sizes, gate_proj, up_proj, down_proj, precision,
+                   tile_rows):
+    """Expert MLP of rows sorted by expert: each group padded to whole tiles of ``tile_rows``
+    rows, every tile one batched matmul against its expert's weights (gathered per tile).
+    Rows with ``sorted_e >= E`` (sorted last; other devices' experts) give 0."""
+    M, d = xs.shape
+    E = gate_proj.shape[0]
+    tm = tile_rows
+    padded = (group_sizes + tm - 1) // tm * tm  # [E]
+    pend = jnp.cumsum(padded)
+    pstart = pend - padded
+    gstart = jnp.cumsum(group_sizes) - group_sizes
+    # Static bound: every non-empty group wastes < tm rows, at most min(E, M) groups.
+    mp = -(-(M + min(E, M) * (tm - 1)) // tm) * tm
+    n_tiles = mp // tm
+    se = jnp.minimum(sorted_e, E - 1)
+    dest = jnp.where(sorted_e < E, pstart[se] + jnp.arange(M) - gstart[se], mp)  # padded slot
+    xp = jnp.zeros((mp, d), xs.dtype).at[dest].set(xs, mode="drop").reshape(n_tiles, tm, d)
+    tile_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(n_tiles) * tm, side="right"), E - 1)
+    h = jax.nn.silu(jnp.einsum("tmd,tdi->tmi", xp, gate_proj[tile_e], precision=precision)) * \
+        jnp.einsum("tmd,tdi->tmi", xp, up_proj[tile_e], precision=precision)
+    y = jnp.einsum("tmi,tid->tmd", h, down_proj[tile_e], precision=precision)
+    return y.reshape(mp, d).at[dest].get(mode="fill", fill_value=0)  # [M, d], sorted order
+
+
+def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision=None,
+                    impl: str = "auto", tile_rows: int | None = None):
     """Dropless routed experts by sorting tokens and one grouped matmul per projection.
 
     Args:
       x: [N, d] tokens. weights: [N, k] router weights (in x's dtype). experts: [N, k] int ids.
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d].
+      impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"tiles"`` (each
+        expert's rows padded to tiles, one batched matmul over tiles with per-tile gathered
+        weights: for GPUs, where XLA (jax <= 0.12) lowers ragged_dot to a dense [rows, experts,
+        ...] expansion that runs out of memory at 16k tokens), ``"capacity"`` (rows laid out
+        [E, C, d] with a static C of mean + 4 sqrt(mean) + 8 rows per expert, plain batched
+        matmuls; when some expert gets more than C rows a ``lax.cond`` runs ``tiles`` instead,
+        so it stays dropless and exact; two larger capacities, 2x and 4x the mean, are tried
+        first under ``lax.switch``), or ``"auto"`` (on GPU: ``tiles`` when there are at most
+        E / 2 rows (decode), else ``capacity``; elsewhere ``ragged_dot``).
+      tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
     Returns:
       [N, d]: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
+    Raises:
+      ValueError: an unknown ``impl``.
     """
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"grouped_experts: impl must be one of {MOE_IMPLS}, got {impl!r}")
     N, k = experts.shape
     E = gate_proj.shape[0]
+    if impl == "auto":
+        impl = ("ragged_dot" if jax.default_backend() != "gpu" else
+                "tiles" if N * k <= E // 2 else "capacity")
     flat = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     token = order // k  # source token of each sorted row
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[token]  # [N*k, d]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes, precision=precision)) * \
-        jax.lax.ragged_dot(xs, up_proj, group_sizes, precision=precision)
-    y = jax.lax.ragged_dot(h, down_proj, group_sizes, precision=precision)  # [N*k, d]
+    if impl == "tiles":
+        y = _tiled_experts(xs, flat[order], group_sizes, gate_proj, up_proj, down_proj,
+                           precision, tile_rows or _tile_rows(N * k, E))
+    elif impl == "capacity":
+        caps = _capacities(N * k, E)
+        operands = (xs, flat[order], group_sizes, gate_proj, up_proj, down_proj)
+        branches = [functools.partial(_capacity_experts, precision=precision, capacity=c)
+                    for c in caps]
+        branches.append(functools.partial(_tiled_experts, precision=precision,
+                                          tile_rows=tile_rows or _tile_rows(N * k, E)))
+        # The smallest capacity holding the largest group; the tiles when none does.
+        index = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes), side="left")
+        y = jax.lax.switch(index, branches, *operands)
+    else:
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes, precision=precision)) * \
+            jax.lax.ragged_dot(xs, up_proj, group_sizes, precision=precision)
+        y = jax.lax.ragged_dot(h, down_proj, group_sizes, precision=precision)  # [N*k, d]
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[token].add(y)
 
 
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, mesh,
+                            rules=sharding.DEFAULT_RULES, precision=None, impl: str = "auto"):
+    """:func:`grouped_experts` split over the mesh's expert (and tensor) axes with ``shard_map``.
+
+    Same arguments and result as :func:`grouped_experts` (global shapes), plus ``mesh`` and the
+    logical ``rules`` ("experts" -> expert axes, "mlp" -> intermediate-dim axes, "batch" -> the
+    axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
+    when no mesh axis divides the experts or the intermediate dim.
+    """
+    N, k = experts.shape
+    E, d, inner = gate_proj.shape
+    wspec = sharding.logical_to_spec(("experts", None, "mlp"), (E, d, inner), mesh, rules)
+    wspec = tuple(wspec) + (None,) * (3 - len(wspec))
+    e_axes, m_axes = _axes(wspec[0]), _axes(wspec[2])
+    if not e_axes and not m_axes:
+        return grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision,
+                               impl)
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"expert_parallel_experts: impl must be one of {MOE_IMPLS}, got "
+                         f"{impl!r}")
+    if impl == "auto":
+        impl = "tiles" if jax.default_backend() == "gpu" else "ragged_dot"
+    e_total = E
+    tok = sharding.batch_axes(N, mesh, rules)
+    gather = tuple(a for a in tok if a in e_axes)
+    tok = tuple(a for a in tok if a not in e_axes) + gather  # gathered axes innermost
+    P = jax.sharding.PartitionSpec
+    tspec = P(tok if tok else None, None)
+    e0 = e_axes if e_axes else None
+    m0 = m_axes if m_axes else None
+
+    def body(x, weights, experts, gate, up, down):
+        if gather:  # dispatch: every device of an expert group sees the group's tokens
+            x = jax.lax.all_gather(x, gather, axis=0, tiled=True)
+            weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
+            experts = jax.lax.all_gather(experts, gather, axis=0, tiled=True)
+        n = x.shape[0]
+        e_loc = gate.shape[0]
+        first = jax.lax.axis_index(e_axes) * e_loc if e_axes else 0
+        local = experts.reshape(-1) - first  # [n*k]
+        valid = (local >= 0) & (local < e_loc)
+        key = jnp.where(valid, local, e_loc)  # rows for other devices' experts sort last
+        order = jnp.argsort(key, stable=True)
+        token = order // k
+        group_sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
+        xs = x[token]  # [n*k, d]; rows past sum(group_sizes) give 0
+        if impl == "tiles":
+            y = _tiled_experts(xs, key[order], group_sizes, gate, up, down, precision,
+                               _tile_rows(n * k // max(1, e_total // e_loc), e_loc))
+        else:
+            h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes, precision=precision)) * \
+                jax.lax.ragged_dot(xs, up, group_sizes, precision=precision)
+            y = jax.lax.ragged_dot(h, down, group_sizes, precision=precision)  # [n*k, d]
+        w = jnp.where(valid, weights.reshape(-1), 0)[order]
+        y = jnp.where(w[:, None] != 0, y * w[:, None], 0).astype(jnp.float32)
+        out = jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
+        if m_axes:  # partial sums over the intermediate dim
+            out = jax.lax.psum(out, m_axes)
+        rest = tuple(a for a in e_axes if a not in gather)
+        if rest:
+            out = jax.lax.psum(out, rest)
+        if gather:  # combine: back to the tokens' devices, summed over the expert group
+            out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
+        return out.astype(x.dtype)
+
+    fn = jax.shard_map(body, mesh=mesh,
+                       in_specs=(tspec, tspec, tspec, P(e0, None, m0), P(e0, None, m0),
+                                 P(e0, m0, None)),
+                       out_specs=tspec, check_vma=False)
+    return fn(x, weights, experts, gate_proj, up_proj, down_proj)
+
+
 class Qwen3NextExperts(nn.Module):
-    """The stacked routed experts: gate_proj, up_proj [E, d, I] and down_proj [E, I, d]."""
+    """The stacked routed experts: gate_proj, up_proj [E, d, I] and down_proj [E, I, d].
+
+    ``impl``: the grouped-matmul implementation of :func:`grouped_experts` (one device).
+    """
 
     num_experts: int
     hidden_size: int
@@ -80,6 +280,7 @@ class Qwen3NextExperts(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, weights, experts):
@@ -88,9 +289,15 @@ class Qwen3NextExperts(nn.Module):
         gate = self.param("gate_proj", init, (E, d, inner), self.param_dtype)
         up = self.param("up_proj", init, (E, d, inner), self.param_dtype)
         down = self.param("down_proj", init, (E, inner, d), self.param_dtype)
-        cast = lambda w: w.astype(self.dtype)  # noqa: E731
+        cast = lambda w: w.astype(self.dtype)
+        active = sharding.active_mesh()
+        if active is not None:
+            mesh, rules = active
+            return expert_parallel_experts(x, weights.astype(self.dtype), experts, cast(gate),
+                                           cast(up), cast(down), mesh, rules, self.precision,
+                                           self.impl)
         return grouped_experts(x, weights.astype(self.dtype), experts, cast(gate), cast(up),
-                               cast(down), self.precision)
+                               cast(down), self.precision, impl=self.impl)
 
 
 class Qwen3NextSparseMoeBlock(nn.Module):
@@ -104,6 +311,7 @@ class Qwen3NextSparseMoeBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    moe_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -115,7 +323,8 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         self.sow("intermediates", "router_logits", logits)
         weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         routed = Qwen3NextExperts(cfg.num_experts, d, cfg.moe_intermediate_size,
-                                  std=cfg.initializer_range, name="experts", **mod)(
+                                  std=cfg.initializer_range, impl=self.moe_impl, name="experts",
+                                  **mod)(
             flat, weights, experts)
         shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=cfg.initializer_range,
                               name="shared_expert", **mod)(flat)

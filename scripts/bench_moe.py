@@ -1,0 +1,332 @@
+"""Benchmark the Qwen3-Next-80B-A3B sparse MoE block: ours (JAX, sort + ragged_dot) against
+transformers' ``Qwen3NextSparseMoeBlock`` (PyTorch) on the same GPU and the same bf16 weights.
+
+    python scripts/bench_moe.py --out moe_bench.json             # T in 1, 64, 1024, 16384
+    python scripts/bench_moe.py --tokens 1,64 --no-torch --iters 50
+
+Block: d 2048, 512 experts, top-10 (renormalised), expert intermediate 512, a shared expert of
+intermediate 512 with its sigmoid gate; bfloat16 weights and activations; router softmax in
+float32 (both implementations).
+
+Reported per T (tokens = batch * length, as one [1, T, d] input):
+  * median time (ms) over ``--iters`` timed calls after warm-up (JAX: wall clock around a
+    jitted call + block_until_ready; torch: CUDA events);
+  * TFLOP/s on the active-expert FLOPs: T * (top_k + 1 shared) * 3 matmuls * 2 * d * I
+    (the router's 2 * d * E per token is not counted);
+  * GB/s on the expert weights read: the distinct routed experts this input hits (measured from
+    its routing) plus the shared expert, 3 * d * I * 2 bytes each;
+  * the measured ceilings of this GPU: a bf16 [8192 x 8192] @ [8192 x 8192] matmul rate and a
+    device-to-device copy bandwidth (read + write), and our time against them: % of the matmul
+    rate, and the ratio of our time to the HBM time of reading the touched expert weights;
+  * transformers' time for each of its experts implementations (``--hf-impls``: "eager", its
+    per-expert loop, and "grouped_mm", torch's grouped GEMM, where the installed version has
+    them), our speed-up over the fastest, and the relative L2 difference of the outputs (bf16;
+    a few near-tied router choices may differ between the two).
+
+Targets (issue 4): T = 16384 >= 35% of the matmul rate; T = 1 within 2x of the HBM time;
+>= 3x faster than transformers at every T. Runs on jax 0.11.2 and newer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Let torch and JAX share the GPU: no JAX preallocation of 75% of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+D, E, TOP_K, INNER, SHARED = 2048, 512, 10, 512, 512
+
+
+def _median_time_jax(fn, *args, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(iters: int) -> dict:
+    """bf16 matmul TFLOP/s and copy GB/s (bytes read + written) on the default device."""
+    n = 8192 if jax.default_backend() != "cpu" else 512
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    t = _median_time_jax(mm, a, b, iters=iters)
+    x = jnp.ones((1 << 30) // 2 if jax.default_backend() != "cpu" else 1 << 22,
+                 jnp.bfloat16)  # 1 GiB (8 MiB on CPU)
+    cp = jax.jit(lambda x: x * jnp.asarray(1, x.dtype) + jnp.asarray(0, x.dtype))
+    tc = _median_time_jax(cp, x, iters=iters)
+    return {"matmul_bf16_tflops": 2 * n ** 3 / t / 1e12,
+            "hbm_copy_gbps": 2 * x.size * x.dtype.itemsize / tc / 1e9}
+
+
+def make_params(seed: int = 0) -> dict:
+    """Our block's params (Flax tree), bf16, std 0.02 (router logits of realistic spread)."""
+    keys = iter(jax.random.split(jax.random.key(seed), 8))
+
+    def w(shape, std=0.02):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(jnp.bfloat16)
+
+    return {
+        "gate": {"kernel": w((D, E))},
+        "experts": {"gate_proj": w((E, D, INNER)), "up_proj": w((E, D, INNER)),
+                    "down_proj": w((E, INNER, D))},
+        "shared_expert": {"gate_proj": {"kernel": w((D, SHARED))},
+                          "up_proj": {"kernel": w((D, SHARED))},
+                          "down_proj": {"kernel": w((SHARED, D))}},
+        "shared_expert_gate": {"kernel": w((D, 1))},
+    }
+
+
+def our_block(impl: str = "auto"):
+    from qnext_jax.config import Qwen3NextConfig
+    from qnext_jax.modeling.moe import Qwen3NextSparseMoeBlock
+
+    config = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
+    dims = {"hidden_size": D, "num_experts": E, "num_experts_per_tok": TOP_K,
+            "moe_intermediate_size": INNER, "shared_expert_intermediate_size": SHARED}
+    if any(getattr(config, k) != v for k, v in dims.items()):  # --dims (smoke runs)
+        config = config.replace(**dims)
+    block = Qwen3NextSparseMoeBlock(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                    moe_impl=impl)
+    return config, jax.jit(lambda p, x: block.apply({"params": p}, x))
+
+
+def _to_torch(x):
+    import torch
+
+    try:
+        return torch.from_dlpack(x)
+    except Exception:  # noqa: BLE001 (older pairs without bf16 dlpack): go through the host
+        host = np.asarray(x)
+        t = torch.from_numpy(host.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+        return t.cuda()
+
+
+def torch_block(params: dict, experts_impl: str | None = None):
+    """transformers' Qwen3NextSparseMoeBlock holding ``params`` (fused v5 or per-expert v4);
+    ``experts_impl``: transformers' ``config._experts_implementation`` ("eager", "grouped_mm",
+    "batched_mm" on versions that have the experts interface; None: the default)."""
+    import torch
+    from transformers import Qwen3NextConfig as HFConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    cfg = HFConfig(hidden_size=D, num_experts=E, num_experts_per_tok=TOP_K,
+                   moe_intermediate_size=INNER, shared_expert_intermediate_size=SHARED,
+                   norm_topk_prob=True, hidden_act="silu")
+    if experts_impl not in (None, "default"):
+        cfg._experts_implementation = experts_impl
+    with torch.device("meta"):
+        block = Qwen3NextSparseMoeBlock(cfg)
+    t = lambda x: _to_torch(x)
+    lin = lambda k: t(k).t().contiguous()
+    ex = params["experts"]
+    gate, up, down = t(ex["gate_proj"]), t(ex["up_proj"]), t(ex["down_proj"])
+    state = {"gate.weight": lin(params["gate"]["kernel"]),
+             "shared_expert_gate.weight": lin(params["shared_expert_gate"]["kernel"])}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        state[f"shared_expert.{proj}.weight"] = lin(params["shared_expert"][proj]["kernel"])
+    names = set(dict(block.named_parameters()))
+    if "experts.gate_up_proj" in names:  # transformers v5: fused [E, 2I, d] and [E, d, I]
+        state["experts.gate_up_proj"] = torch.cat([gate.transpose(1, 2), up.transpose(1, 2)],
+                                                  dim=1).contiguous()
+        state["experts.down_proj"] = down.transpose(1, 2).contiguous()
+        layout = "fused"
+    else:  # v4: a ModuleList of per-expert MLPs
+        for e in range(E):
+            state[f"experts.{e}.gate_proj.weight"] = gate[e].t().contiguous()
+            state[f"experts.{e}.up_proj.weight"] = up[e].t().contiguous()
+            state[f"experts.{e}.down_proj.weight"] = down[e].t().contiguous()
+        layout = "per-expert"
+    missing = names - set(state)
+    if missing:
+        raise RuntimeError(f"transformers' block has parameters this script does not fill: "
+                           f"{sorted(missing)[:5]}")
+    block.load_state_dict(state, assign=True)
+    block = block.eval()
+
+    def fwd(x):
+        with torch.no_grad():
+            out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return fwd, layout
+
+
+def _median_time_torch(fn, x, iters: int, warmup: int = 2) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn(x)
+    if not x.is_cuda:  # CPU smoke runs: wall clock
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def distinct_experts(params: dict, x) -> int:
+    """How many routed experts the tokens x [1, T, d] hit (same float32 routing as the block)."""
+    from qnext_jax.modeling.moe import route
+
+    logits = x[0] @ params["gate"]["kernel"]
+    _, experts = route(logits, TOP_K, True)
+    return int(jnp.unique(experts).size)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", default="1,64,1024,16384", help="comma-separated T values")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    p.add_argument("--torch-iters", type=int, default=None,
+                   help="timed calls for transformers (default: --iters, at most 5 at T>=4096)")
+    p.add_argument("--no-torch", action="store_true", help="skip transformers' block")
+    p.add_argument("--hf-impls", default="eager,grouped_mm",
+                   help="transformers experts implementations to time (speed-up is against the "
+                        "fastest that runs)")
+    p.add_argument("--impls", default="tiles,ragged_dot",
+                   help="our grouped-matmul implementations to time (qnext_jax.modeling.moe."
+                        "MOE_IMPLS; 'auto' is tiles on GPU); failures (e.g. out of memory) are "
+                        "reported, not fatal")
+    p.add_argument("--dims", default=None,
+                   help="d,experts,top_k,I,shared_I instead of the 80B block (smoke runs)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.dims:
+        global D, E, TOP_K, INNER, SHARED
+        D, E, TOP_K, INNER, SHARED = (int(v) for v in args.dims.split(","))
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+
+    dev = jax.devices()[0]
+    info = {"jax": jax.__version__, "device": str(getattr(dev, "device_kind", dev)),
+            "platform": dev.platform, "python": platform.python_version(),
+            "block": {"d": D, "experts": E, "top_k": TOP_K, "moe_intermediate": INNER,
+                      "shared_intermediate": SHARED, "dtype": "bfloat16"}}
+    ceil = measure_ceilings(max(5, args.iters // 2))
+    info["ceilings"] = ceil
+    print(f"[bench_moe] {info['device']} jax {jax.__version__}: bf16 matmul "
+          f"{ceil['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceil['hbm_copy_gbps']:.0f} GB/s",
+          file=sys.stderr)
+
+    params = make_params()
+    impls = [i for i in args.impls.split(",") if i]
+    blocks = {impl: our_block(impl)[1] for impl in impls}
+    hfs = {}
+    if not args.no_torch:
+        for hf_impl in [i for i in args.hf_impls.split(",") if i]:
+            try:
+                import torch
+                import transformers
+
+                hfs[hf_impl], layout = torch_block(params, hf_impl)
+                info.update(torch=torch.__version__, transformers=transformers.__version__,
+                            transformers_experts_layout=layout)
+            except Exception as e:  # noqa: BLE001 (report and go on without it)
+                print(f"[bench_moe] transformers' block ({hf_impl}) unavailable: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
+                info[f"torch_error_{hf_impl}"] = f"{type(e).__name__}: {e}"
+
+    rows = []
+    for T in tokens:
+        x = (jax.random.normal(jax.random.key(T), (1, T, D), jnp.float32)).astype(jnp.bfloat16)
+        flops = T * (TOP_K + 1) * 3 * 2 * D * INNER
+        hit = distinct_experts(params, x)
+        wbytes = (hit + 1) * 3 * D * INNER * 2
+        hf_row = {}
+        for hf_impl, hf in hfs.items():
+            import torch
+
+            xt = _to_torch(x)
+            iters = args.torch_iters or (min(args.iters, 5) if T >= 4096 else args.iters)
+            try:
+                t_hf = _median_time_torch(hf, xt, iters)
+                out = np.asarray(torch.as_tensor(hf(xt)).float().cpu().numpy())
+                hf_row[f"hf_{hf_impl}_ms"] = t_hf * 1e3
+                if "hf_ms" not in hf_row or t_hf * 1e3 < hf_row["hf_ms"]:
+                    hf_row.update(hf_ms=t_hf * 1e3, hf_impl=hf_impl)
+                    ref = out
+            except Exception as e:  # noqa: BLE001
+                hf_row[f"hf_{hf_impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            del xt
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        for impl, ours in blocks.items():
+            row = {"T": T, "impl": impl, "experts_hit": hit, "active_gflop": flops / 1e9,
+                   "weight_mb": wbytes / 1e6, **hf_row}
+            try:
+                t_compile = time.perf_counter()
+                got = ours(params, x)
+                jax.block_until_ready(got)
+                t_compile = time.perf_counter() - t_compile
+                t_ours = _median_time_jax(ours, params, x, iters=args.iters)
+            except Exception as e:  # noqa: BLE001 (e.g. ragged_dot's dense expansion on GPU)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                rows.append(row)
+                print(f"[bench_moe] T={T} {impl}: {row['error']}", file=sys.stderr)
+                continue
+            row.update(ours_ms=t_ours * 1e3, ours_compile_s=t_compile,
+                       ours_tflops=flops / t_ours / 1e12, ours_weight_gbps=wbytes / t_ours / 1e9,
+                       pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["matmul_bf16_tflops"],
+                       x_hbm_time=t_ours / (wbytes / (ceil["hbm_copy_gbps"] * 1e9)))
+            if "hf_ms" in hf_row:
+                got = np.asarray(got.astype(jnp.float32))
+                row.update(speedup=hf_row["hf_ms"] / row["ours_ms"],
+                           rel_l2_vs_hf=float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+            rows.append(row)
+            if args.out:  # after every measurement: a partial run still leaves its results
+                Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
+            print(f"[bench_moe] T={T} {impl}: ours {row['ours_ms']:.3f} ms"
+                  + (f", transformers {row['hf_ms']:.3f} ms" if "hf_ms" in row else ""),
+                  file=sys.stderr)
+
+    head = (f"{'T':>6} {'impl':>10} {'ours ms':>9} {'TFLOP/s':>8} {'%mm':>6} {'GB/s':>7} "
+            f"{'xHBM':>6} {'hit':>4} {'HF ms':>9} {'HF impl':>10} {'speedup':>8} {'relL2':>8}")
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['T']:6d} {r['impl']:>10} failed: {r['error'][:90]}")
+            continue
+        hf_cols = (f"{r['hf_ms']:9.3f} {r['hf_impl']:>10} {r['speedup']:7.1f}x "
+                   f"{r['rel_l2_vs_hf']:8.1e}"
+                   if "hf_ms" in r else f"{'-':>9} {'-':>10} {'-':>8} {'-':>8}")
+        print(f"{r['T']:6d} {r['impl']:>10} {r['ours_ms']:9.3f} {r['ours_tflops']:8.1f} "
+              f"{r['pct_matmul_peak']:5.1f}% {r['ours_weight_gbps']:7.0f} {r['x_hbm_time']:5.2f}x "
+              f"{r['experts_hit']:4d} {hf_cols}")
+    print(f"ceilings: bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s, "
+          f"copy {ceil['hbm_copy_gbps']:.0f} GB/s; %mm = share of the matmul rate on active "
+          f"expert FLOPs; xHBM = our time / time to read the touched expert weights")
+    if args.out:
+        Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Subprocess body of tests/test_sharding.py: runs with several (virtual) devices.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py \
+        model CKPT "expert=8;data=2,expert=4" OUT.json
+    python tests/sharding_worker.py moe OUT.json
+    python tests/sharding_worker.py multihost CKPT MESH OUT.json COORD NPROC PID
+
+It needs a fresh process because the device count is fixed when jax is first imported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def _logits_fn(model, mesh):
+    import jax
+
+    from qnext_jax import sharding
+
+    def fn(params, ids):
+        with sharding.activate(mesh):
+            logits, _ = model.apply({"params": params}, ids)
+            return sharding.constrain(logits, (None, None, None))
+    return jax.jit(fn)
+
+
+def model_check(ckpt: str, meshes: str, out: str) -> None:
+    """Logits and greedy tokens of every mesh against one device, on a converted checkpoint."""
+    import jax
+
+    from qnext_jax import sharding
+    from qnext_jax.convert import load
+    from qnext_jax.generate import Generator
+    from qnext_jax.modeling import Qwen3NextForCausalLM
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    config, params = load(ckpt)
+    model = Qwen3NextForCausalLM(config)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (2, 8)).astype(np.int32)
+    prompt = rng.integers(0, config.vocab_size, (2, 4)).astype(np.int32)
+    ref = np.asarray(_logits_fn(model, None)(params, ids))
+    ref_tokens = Generator(config).generate(params, prompt, max_new_tokens=6).tokens
+    result = {"devices": jax.device_count(), "meshes": {}}
+    for spec in meshes.split(";"):
+        mesh = sharding.make_mesh(spec)
+        shardings = sharding.param_shardings(config, mesh)
+        _, sparams = load(ckpt, mesh=mesh, shardings=shardings)
+        placed = all(leaf.sharding == s for leaf, s in zip(
+            jax.tree.leaves(sparams), jax.tree.leaves(shardings)))
+        experts = sparams["layers_0"]["mlp"]["experts"]["gate_proj"]
+        got = np.asarray(_logits_fn(model, mesh)(sparams, ids))
+        gen = Generator(config, mesh=mesh)
+        tokens = gen.generate(sparams, prompt, max_new_tokens=6).tokens
+        result["meshes"][spec] = {
+            "logits_rel": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
+            "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+            "placed": placed,
+            "expert_shard_shape": list(experts.addressable_shards[0].data.shape),
+            "expert_spec": str(experts.sharding.spec),
+        }
+    # The command line on one mesh: batch 1, so it must equal row 0 of the reference.
+    import contextlib
+    import io
+
+    from qnext_jax.cli import main as qnext_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = qnext_main(["generate", "--checkpoint", ckpt, "--token-ids",
+                         ",".join(map(str, prompt[0])), "--max-new-tokens", "6", "--json",
+                         "--mesh", "data=2,expert=4"])
+    cli = json.loads(buf.getvalue().strip().splitlines()[-1])["token_ids"]
+    result["cli"] = {"rc": rc, "tokens": cli, "ref": ref_tokens[0][:len(cli)].tolist()}
+    result["ref_logits"] = ref.tolist()
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def moe_check(out: str, examples: int = 15) -> None:
+    """The expert-parallel MoE against a float64 dense loop on random routings (hypothesis)."""
+    import jax
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from qnext_jax import sharding
+    from qnext_jax.modeling.moe import expert_parallel_experts
+
+    E, D, INNER = 16, 8, 6
+    meshes = {s: sharding.make_mesh(s) for s in ("expert=8", "data=2,expert=4",
+                                                 "tensor=2,expert=4")}
+    fns = {s: jax.jit(lambda *a, m=m: expert_parallel_experts(
+        *a, mesh=m, precision=jax.lax.Precision.HIGHEST, impl="ragged_dot"))
+        for s, m in meshes.items()}
+    # The GPU implementation (padded tiles) under expert parallelism, on one mesh.
+    fns["data=2,expert=4/tiles"] = jax.jit(lambda *a: expert_parallel_experts(
+        *a, mesh=meshes["data=2,expert=4"], precision=jax.lax.Precision.HIGHEST, impl="tiles"))
+    worst = {s: 0.0 for s in fns}
+    # Token counts (one compile each): 3 stays replicated (dispatch by psum), 16 is split over
+    # the mesh (dispatch by all-gather, combine by psum_scatter).
+    sizes = (3, 16)
+
+    @settings(max_examples=examples, deadline=None, database=None)
+    @given(n=st.sampled_from(sizes), k=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+           mode=st.sampled_from(["random", "one_expert", "one_device"]))
+    def check(n, k, seed, mode):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, D)).astype(np.float32)
+        gate, up = (rng.standard_normal((E, D, INNER)).astype(np.float32) for _ in range(2))
+        down = rng.standard_normal((E, INNER, D)).astype(np.float32)
+        if mode == "one_expert":  # every slot on one expert, the others get nothing
+            experts = np.full((n, k), rng.integers(E), np.int32)
+        elif mode == "one_device":  # every token on the experts of one device (2 of 8)
+            experts = (2 * rng.integers(8) + rng.integers(0, 2, (n, k))).astype(np.int32)
+        else:
+            experts = np.stack([rng.choice(E, k, replace=False) for _ in range(n)]
+                               ).astype(np.int32)
+        weights = rng.random((n, k)).astype(np.float32)
+        ref = np.zeros((n, D))
+        f = np.float64
+        for t in range(n):
+            for w, e in zip(weights[t], experts[t]):
+                h = f(x[t]) @ f(gate[e])
+                ref[t] += w * ((h / (1 + np.exp(-h)) * (f(x[t]) @ f(up[e]))) @ f(down[e]))
+        for s, fn in fns.items():
+            got = np.asarray(fn(x, weights, experts, gate, up, down))
+            err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-6))
+            worst[s] = max(worst[s], err)
+            assert err <= 1e-5, (s, n, k, mode, err)
+
+    check()
+    with open(out, "w") as f:
+        json.dump({"worst_rel": worst}, f)
+
+
+def multihost_check(ckpt: str, mesh_spec: str, out: str, coordinator: str, nproc: str,
+                    pid: str) -> None:
+    """One process of a multi-process run: restore sharded, logits written by process 0."""
+    import jax
+
+    from qnext_jax import distributed, sharding
+    from qnext_jax.convert import load
+    from qnext_jax.modeling import Qwen3NextForCausalLM
+
+    distributed.initialize(coordinator=coordinator, num_processes=int(nproc),
+                           process_id=int(pid))
+    jax.config.update("jax_default_matmul_precision", "highest")
+    mesh = sharding.make_mesh(mesh_spec)
+    config, params = load(ckpt, mesh=mesh, shardings=sharding.tree_shardings(mesh))
+    model = Qwen3NextForCausalLM(config)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 8)).astype(np.int32)
+    ids = jax.device_put(ids, sharding.named(mesh, ("batch", "length"), ids.shape))
+    logits = _logits_fn(model, mesh)(params, ids)  # replicated: every process holds it all
+    local = np.asarray(logits.addressable_shards[0].data)
+    result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+              "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+              "logits": local.tolist()}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"model": model_check, "moe": moe_check, "multihost": multihost_check}[cmd](*args)
