@@ -6,7 +6,8 @@ Backends (``impl``):
   "pallas_tpu"         Pallas, Mosaic TPU lowering: tpu/.
   "pallas_mosaic_gpu"  not implemented yet (raises NotImplementedError).
   "auto"               "pallas_triton" on GPU, "pallas_tpu" on TPU, "reference" elsewhere
-                       (and "reference" for shapes the kernels do not take, see _kernel_ok).
+                       (and "reference" for shapes the kernels do not take, see _kernel_ok);
+                       the environment variable PALLAS_GDN_IMPL, when set, overrides "auto".
 
 Gradients of the Pallas paths: a ``jax.custom_vjp`` whose forward runs the kernels and whose
 backward is, for now, ``jax.vjp`` of the chunked jnp reference (it recomputes the forward in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -32,93 +34,138 @@ IMPLS = ("auto", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu", "reference"
 
 
 def _platform() -> str:
-  return jax.default_backend()
+    return jax.default_backend()
 
 
 def _is_pow2(x: int) -> bool:
-  return x >= 1 and (x & (x - 1)) == 0
+    return x >= 1 and (x & (x - 1)) == 0
 
 
 def _kernel_ok(dims: common.Dims) -> bool:
-  """Shapes the Pallas kernels take: power-of-two head dims >= 16 (Triton tiles)."""
-  return all(_is_pow2(d) and d >= 16 for d in (dims.head_k_dim, dims.head_v_dim))
+    """Shapes the Pallas kernels take: power-of-two head dims >= 16 (Triton tiles)."""
+    return all(_is_pow2(d) and d >= 16 for d in (dims.head_k_dim, dims.head_v_dim))
 
 
 def resolve_impl(impl: str, dims: common.Dims | None = None, *, op: str) -> str:
-  """Maps impl (possibly "auto") to a concrete backend; raises on unknown names."""
-  if impl not in IMPLS:
-    raise ValueError(
-        f"pallas_kernels.gated_delta_rule.{op}: `impl` must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    plat = _platform()
-    if plat == "gpu":
-      impl = "pallas_triton"
-    elif plat == "tpu":
-      impl = "pallas_tpu"
-    else:
-      impl = "reference"
-    if dims is not None and impl != "reference" and not _kernel_ok(dims):
-      impl = "reference"
-  if impl == "pallas_mosaic_gpu":
-    raise NotImplementedError(
-        f"pallas_kernels.gated_delta_rule.{op}: impl='pallas_mosaic_gpu' is not implemented yet; "
-        "use 'pallas_triton' on NVIDIA GPUs")
-  if impl != "reference" and dims is not None and not _kernel_ok(dims):
-    raise ValueError(
-        f"pallas_kernels.gated_delta_rule.{op}: impl={impl!r} needs power-of-two head dims >= 16, "
-        f"got dk = {dims.head_k_dim}, dv = {dims.head_v_dim}; use impl='reference'")
-  return impl
+    """Maps impl (possibly "auto") to a concrete backend; raises on unknown names."""
+    if impl not in IMPLS:
+        raise ValueError(
+            f"pallas_kernels.gated_delta_rule.{op}: `impl` must be one of {IMPLS}, got {impl!r}"
+        )
+    if impl == "auto" and os.environ.get("PALLAS_GDN_IMPL"):
+        # Escape hatch for deployments: e.g. PALLAS_GDN_IMPL=reference turns the kernels off.
+        impl = os.environ["PALLAS_GDN_IMPL"]
+        if impl not in IMPLS or impl == "auto":
+            raise ValueError(
+                f"pallas_kernels.gated_delta_rule.{op}: environment variable PALLAS_GDN_IMPL must "
+                f"be one of {IMPLS[1:]}, got {impl!r}"
+            )
+    if impl == "auto":
+        plat = _platform()
+        if plat == "gpu":
+            impl = "pallas_triton"
+        elif plat == "tpu":
+            impl = "pallas_tpu"
+        else:
+            impl = "reference"
+        if dims is not None and impl != "reference" and not _kernel_ok(dims):
+            impl = "reference"
+    if impl == "pallas_mosaic_gpu":
+        raise NotImplementedError(
+            f"pallas_kernels.gated_delta_rule.{op}: impl='pallas_mosaic_gpu' is not implemented yet; "
+            "use 'pallas_triton' on NVIDIA GPUs"
+        )
+    if impl != "reference" and dims is not None and not _kernel_ok(dims):
+        raise ValueError(
+            f"pallas_kernels.gated_delta_rule.{op}: impl={impl!r} needs power-of-two head dims >= 16, "
+            f"got dk = {dims.head_k_dim}, dv = {dims.head_v_dim}; use impl='reference'"
+        )
+    return impl
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  impl: str
-  scale: float
-  use_qk_l2norm: bool
-  chunk_size: int
-  interpret: Any
-  block_sizes: Any
+    impl: str
+    scale: float
+    use_qk_l2norm: bool
+    chunk_size: int
+    interpret: Any
+    block_sizes: Any
 
 
-def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0):
-  """Runs the forward kernels. Returns (o, final_state)."""
-  # One compute dtype for the matmul operands: the dtype of q/k/v (promoted if they differ).
-  cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
-  q, k = q.astype(cdt), k.astype(cdt)
-  if cfg.impl == "pallas_triton":
-    from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
-    bs = cfg.block_sizes or triton_fwd.BlockSizes(chunk=cfg.chunk_size)
-    o, final = triton_fwd.chunk_gated_delta_rule_fwd(
-        q, k, v.astype(cdt), g, beta, scale=cfg.scale, initial_state=s0,
-        use_qk_l2norm=cfg.use_qk_l2norm, block_sizes=bs, interpret=bool(cfg.interpret))
-  elif cfg.impl == "pallas_tpu":
-    from pallas_kernels.gated_delta_rule.tpu.chunk_fwd import chunk_gated_delta_rule_fwd_tpu
-    o, final = chunk_gated_delta_rule_fwd_tpu(
-        q, k, v.astype(cdt), g, beta, scale=cfg.scale, initial_state=s0,
-        use_qk_l2norm=cfg.use_qk_l2norm, chunk_size=cfg.chunk_size, interpret=cfg.interpret)
-  else:
-    raise AssertionError(cfg.impl)
-  return o.astype(v.dtype), final
+def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens):
+    """Runs the forward kernels. Returns (o, final_state)."""
+    # One compute dtype for the matmul operands: the dtype of q/k/v (promoted if they differ).
+    cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    q, k = q.astype(cdt), k.astype(cdt)
+    if cfg.impl == "pallas_triton":
+        from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
+
+        bs = cfg.block_sizes or triton_fwd.BlockSizes(chunk=cfg.chunk_size)
+        o, final = triton_fwd.chunk_gated_delta_rule_fwd(
+            q,
+            k,
+            v.astype(cdt),
+            g,
+            beta,
+            scale=cfg.scale,
+            initial_state=s0,
+            use_qk_l2norm=cfg.use_qk_l2norm,
+            cu_seqlens=cu_seqlens,
+            block_sizes=bs,
+            interpret=bool(cfg.interpret),
+        )
+    elif cfg.impl == "pallas_tpu":
+        from pallas_kernels.gated_delta_rule.tpu.chunk_fwd import chunk_gated_delta_rule_fwd_tpu
+
+        o, final = chunk_gated_delta_rule_fwd_tpu(
+            q,
+            k,
+            v.astype(cdt),
+            g,
+            beta,
+            scale=cfg.scale,
+            initial_state=s0,
+            use_qk_l2norm=cfg.use_qk_l2norm,
+            cu_seqlens=cu_seqlens,
+            chunk_size=cfg.chunk_size,
+            interpret=cfg.interpret,
+        )
+    else:
+        raise AssertionError(cfg.impl)
+    return o.astype(v.dtype), final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunk_kernel_op(cfg: _Config, q, k, v, g, beta, s0):
-  return _kernel_fwd(cfg, q, k, v, g, beta, s0)
+def _chunk_kernel_op(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens):
+    return _kernel_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens)
 
 
-def _chunk_kernel_op_fwd(cfg, q, k, v, g, beta, s0):
-  return _kernel_fwd(cfg, q, k, v, g, beta, s0), (q, k, v, g, beta, s0)
+def _chunk_kernel_op_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens):
+    return (_kernel_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens), (q, k, v, g, beta, s0, cu_seqlens))
 
 
 def _chunk_kernel_op_bwd(cfg, res, cts):
-  # Backward through the jnp chunked reference (recomputes the forward). See module docstring.
-  def f(q, k, v, g, beta, s0):
-    return chunk_gated_delta_rule_ref(
-        q, k, v, g, beta, scale=cfg.scale, initial_state=s0, output_final_state=True,
-        use_qk_l2norm_in_kernel=cfg.use_qk_l2norm, chunk_size=cfg.chunk_size)
+    # Backward through the jnp chunked reference (recomputes the forward). See module docstring.
+    *res, cu_seqlens = res
 
-  _, vjp = jax.vjp(f, *res)
-  return vjp(cts)
+    def f(q, k, v, g, beta, s0):
+        return chunk_gated_delta_rule_ref(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=cfg.scale,
+            initial_state=s0,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=cfg.use_qk_l2norm,
+            cu_seqlens=cu_seqlens,
+            chunk_size=cfg.chunk_size,
+        )
+
+    _, vjp = jax.vjp(f, *res)
+    return (*vjp(cts), None)
 
 
 _chunk_kernel_op.defvjp(_chunk_kernel_op_fwd, _chunk_kernel_op_bwd)
@@ -141,53 +188,69 @@ def chunk_gated_delta_rule(
     interpret: Any = False,
     block_sizes: Any = None,
 ):
-  """Chunked gated delta rule (prefill / training), any T; FLA's chunk_gated_delta_rule contract.
+    """Chunked gated delta rule (prefill / training), any T; FLA's chunk_gated_delta_rule contract.
 
-  Math (Yang et al. 2024, "Gated Delta Networks", arXiv:2412.06464), per value head, state S
-  [dk, dv] float32: S <- exp(g_t) S; S <- S + k_t (beta_t (v_t - S^T k_t))^T; o_t = S^T (scale q_t).
-  Computed in the chunked WY/UT form (reference.py documents the stages).
+    Math (Yang et al. 2024, "Gated Delta Networks", arXiv:2412.06464), per value head, state S
+    [dk, dv] float32: S <- exp(g_t) S; S <- S + k_t (beta_t (v_t - S^T k_t))^T; o_t = S^T (scale q_t).
+    Computed in the chunked WY/UT form (reference.py documents the stages).
 
-  Args:
-    q, k: [B, T, Hk, dk], bfloat16 or float32.
-    v: [B, T, Hv, dv], Hv a multiple of Hk (value head h reads key head h // (Hv // Hk)).
-    g: [B, T, Hv] log decay (<= 0), float32.
-    beta: [B, T, Hv] in (0, 1); used in float32 (never rounded to bf16).
-    scale: multiplies q; default dk ** -0.5.
-    initial_state: [N, Hv, dk, dv] float32 or None (zeros). N = B, or len(cu_seqlens) - 1.
-    output_final_state: also return the state after the last token (of each sequence).
-    use_qk_l2norm_in_kernel: L2-normalise q and k (x * rsqrt(sum x^2 + 1e-6), float32) first.
-    cu_seqlens: optional [N + 1] int32 offsets of sequences packed along T (then B must be 1);
-      the state restarts from initial_state[n] at each sequence start. (Kernel paths: the
-      packed case currently runs the jnp reference.)
-    impl: "auto" | "pallas_triton" | "pallas_mosaic_gpu" | "pallas_tpu" | "reference".
-    chunk_size: tokens per chunk (power of two, >= 16 for the kernels).
-    interpret: run the Pallas kernels in interpret mode (CPU tests): True, or for "pallas_tpu"
-      a ``pltpu.InterpretParams``.
-    block_sizes: "pallas_triton" only: a ``gpu_triton.fwd.BlockSizes``.
+    Args:
+      q, k: [B, T, Hk, dk], bfloat16 or float32.
+      v: [B, T, Hv, dv], Hv a multiple of Hk (value head h reads key head h // (Hv // Hk)).
+      g: [B, T, Hv] log decay (<= 0), float32.
+      beta: [B, T, Hv] in (0, 1); used in float32 (never rounded to bf16).
+      scale: multiplies q; default dk ** -0.5.
+      initial_state: [N, Hv, dk, dv] float32 or None (zeros). N = B, or len(cu_seqlens) - 1.
+      output_final_state: also return the state after the last token (of each sequence).
+      use_qk_l2norm_in_kernel: L2-normalise q and k (x * rsqrt(sum x^2 + 1e-6), float32) first.
+      cu_seqlens: optional [N + 1] int32 offsets of sequences packed along T (then B must be 1);
+        the state restarts from initial_state[n] at each sequence start (all backends).
+      impl: "auto" | "pallas_triton" | "pallas_mosaic_gpu" | "pallas_tpu" | "reference".
+      chunk_size: tokens per chunk (power of two, >= 16 for the kernels).
+      interpret: run the Pallas kernels in interpret mode (CPU tests): True, or for "pallas_tpu"
+        a ``pltpu.InterpretParams``.
+      block_sizes: "pallas_triton" only: a ``gpu_triton.fwd.BlockSizes``.
 
-  Returns:
-    o [B, T, Hv, dv] in v.dtype; final_state [N, Hv, dk, dv] float32, or None when
-    output_final_state is False.
+    Returns:
+      o [B, T, Hv, dv] in v.dtype; final_state [N, Hv, dk, dv] float32, or None when
+      output_final_state is False.
 
-  Raises:
-    ValueError: a shape or argument is inconsistent (the message names it).
-    NotImplementedError: impl="pallas_mosaic_gpu".
-  """
-  dims = common.validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens,
-                                op="chunk_gated_delta_rule")
-  impl = resolve_impl(impl, dims, op="chunk_gated_delta_rule")
-  if impl == "reference" or cu_seqlens is not None:
-    return chunk_gated_delta_rule_ref(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-  if not _is_pow2(chunk_size) or chunk_size < 16:
-    raise ValueError(
-        f"chunk_gated_delta_rule: `chunk_size` must be a power of two >= 16, got {chunk_size}")
-  cfg = _Config(impl, float(common.default_scale(dims.head_k_dim, scale)),
-                bool(use_qk_l2norm_in_kernel), int(chunk_size), interpret, block_sizes)
-  o, final = _chunk_kernel_op(cfg, q, k, v, g, beta, initial_state)
-  return o, (final if output_final_state else None)
+    Raises:
+      ValueError: a shape or argument is inconsistent (the message names it).
+      NotImplementedError: impl="pallas_mosaic_gpu".
+    """
+    dims = common.validate_inputs(
+        q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule"
+    )
+    impl = resolve_impl(impl, dims, op="chunk_gated_delta_rule")
+    if impl == "reference":
+        return chunk_gated_delta_rule_ref(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size,
+        )
+    if not _is_pow2(chunk_size) or chunk_size < 16:
+        raise ValueError(
+            f"chunk_gated_delta_rule: `chunk_size` must be a power of two >= 16, got {chunk_size}"
+        )
+    cfg = _Config(
+        impl,
+        float(common.default_scale(dims.head_k_dim, scale)),
+        bool(use_qk_l2norm_in_kernel),
+        int(chunk_size),
+        interpret,
+        block_sizes,
+    )
+    o, final = _chunk_kernel_op(cfg, q, k, v, g, beta, initial_state, cu_seqlens)
+    return o, (final if output_final_state else None)
 
 
 def fused_recurrent_gated_delta_rule(
@@ -206,46 +269,119 @@ def fused_recurrent_gated_delta_rule(
     live: jax.Array | None = None,
     interpret: Any = False,
 ):
-  """Token-by-token gated delta rule for decode (T small, typically 1); same contract as
-  ``chunk_gated_delta_rule``.
+    """Token-by-token gated delta rule for decode (T small, typically 1); same contract as
+    ``chunk_gated_delta_rule``.
 
-  Extra args:
-    live: optional [B] bool; rows with False keep their state unchanged and get zero outputs
-      (padded / free slots of a serving batch).
-  Kernel paths (decode kernels) are forward-only; use the chunked op for training. On the kernel
-  paths the returned state can reuse the input state's buffer when the caller donates it.
-  """
-  dims = common.validate_inputs(q, k, v, g, beta, initial_state, cu_seqlens,
-                                op="fused_recurrent_gated_delta_rule")
-  if live is not None and tuple(live.shape) != (dims.batch,):
-    raise ValueError(
-        f"fused_recurrent_gated_delta_rule: `live` must have shape [B] = [{dims.batch}], got "
-        f"{list(live.shape)}")
-  impl = resolve_impl(impl, dims, op="fused_recurrent_gated_delta_rule")
-  s = common.default_scale(dims.head_k_dim, scale)
-  if impl == "reference" or cu_seqlens is not None:
-    o, final = recurrent_gated_delta_rule(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens)
-    if live is not None:
-      if initial_state is None:
-        initial_state = jnp.zeros_like(final)
-      m = live.astype(bool)
-      final = jnp.where(m[:, None, None, None], final, initial_state.astype(jnp.float32))
-      o = jnp.where(m[:, None, None, None], o, jnp.zeros((), o.dtype))
+    Extra args:
+      live: optional [B] bool; rows with False keep their state unchanged and get zero outputs
+        (padded / free slots of a serving batch).
+    Kernel paths (decode kernels) are forward-only; use the chunked op for training. On the kernel
+    paths the returned state can reuse the input state's buffer when the caller donates it.
+    """
+    dims = common.validate_inputs(
+        q, k, v, g, beta, initial_state, cu_seqlens, op="fused_recurrent_gated_delta_rule"
+    )
+    if live is not None and tuple(live.shape) != (dims.batch,):
+        raise ValueError(
+            f"fused_recurrent_gated_delta_rule: `live` must have shape [B] = [{dims.batch}], got "
+            f"{list(live.shape)}"
+        )
+    impl = resolve_impl(impl, dims, op="fused_recurrent_gated_delta_rule")
+    s = common.default_scale(dims.head_k_dim, scale)
+    if impl == "reference" or cu_seqlens is not None:
+        o, final = recurrent_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            cu_seqlens=cu_seqlens,
+        )
+        if live is not None:
+            if initial_state is None:
+                initial_state = jnp.zeros_like(final)
+            m = live.astype(bool)
+            final = jnp.where(m[:, None, None, None], final, initial_state.astype(jnp.float32))
+            o = jnp.where(m[:, None, None, None], o, jnp.zeros((), o.dtype))
+        return o, (final if output_final_state else None)
+    if initial_state is None:
+        initial_state = jnp.zeros(
+            (dims.batch, dims.num_v_heads, dims.head_k_dim, dims.head_v_dim), jnp.float32
+        )
+    if live is None:
+        live = jnp.ones((dims.batch,), jnp.bool_)
+    cfg = _Config(impl, float(s), bool(use_qk_l2norm_in_kernel), 0, interpret, None)
+    o, final = _decode_kernel_op(cfg, q, k, v, g, beta, initial_state, live)
     return o, (final if output_final_state else None)
-  if initial_state is None:
-    initial_state = jnp.zeros((dims.batch, dims.num_v_heads, dims.head_k_dim, dims.head_v_dim),
-                              jnp.float32)
-  cdt = jnp.result_type(q.dtype, k.dtype)
-  if impl == "pallas_triton":
-    from pallas_kernels.gated_delta_rule.gpu_triton.decode import gated_delta_rule_decode
-    o, final = gated_delta_rule_decode(
-        q.astype(cdt), k.astype(cdt), v, g, beta, initial_state, live, scale=float(s),
-        use_qk_l2norm=use_qk_l2norm_in_kernel, interpret=bool(interpret))
-  else:
+
+
+def _decode_fwd(cfg: _Config, q, k, v, g, beta, s0, live):
+    cdt = jnp.result_type(q.dtype, k.dtype)
+    if cfg.impl == "pallas_triton":
+        from pallas_kernels.gated_delta_rule.gpu_triton.decode import gated_delta_rule_decode
+
+        return gated_delta_rule_decode(
+            q.astype(cdt),
+            k.astype(cdt),
+            v,
+            g,
+            beta,
+            s0,
+            live,
+            scale=cfg.scale,
+            use_qk_l2norm=cfg.use_qk_l2norm,
+            interpret=bool(cfg.interpret),
+        )
     from pallas_kernels.gated_delta_rule.tpu.decode import gated_delta_rule_decode_tpu
-    o, final = gated_delta_rule_decode_tpu(
-        q.astype(cdt), k.astype(cdt), v, g, beta, initial_state, live, scale=float(s),
-        use_qk_l2norm=use_qk_l2norm_in_kernel, interpret=interpret)
-  return o, (final if output_final_state else None)
+
+    return gated_delta_rule_decode_tpu(
+        q.astype(cdt),
+        k.astype(cdt),
+        v,
+        g,
+        beta,
+        s0,
+        live,
+        scale=cfg.scale,
+        use_qk_l2norm=cfg.use_qk_l2norm,
+        interpret=cfg.interpret,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode_kernel_op(cfg: _Config, q, k, v, g, beta, s0, live):
+    return _decode_fwd(cfg, q, k, v, g, beta, s0, live)
+
+
+def _decode_kernel_op_fwd(cfg, q, k, v, g, beta, s0, live):
+    return _decode_fwd(cfg, q, k, v, g, beta, s0, live), (q, k, v, g, beta, s0, live)
+
+
+def _decode_kernel_op_bwd(cfg, res, cts):
+    # Backward through the jnp recurrence (the decode kernel is forward-only).
+    *res, live = res
+    m = live.astype(bool)[:, None, None, None]
+
+    def f(q, k, v, g, beta, s0):
+        o, st = recurrent_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=cfg.scale,
+            initial_state=s0,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=cfg.use_qk_l2norm,
+        )
+        return jnp.where(m, o, jnp.zeros((), o.dtype)), jnp.where(m, st, s0.astype(st.dtype))
+
+    _, vjp = jax.vjp(f, *res)
+    return (*vjp(cts), None)
+
+
+_decode_kernel_op.defvjp(_decode_kernel_op_fwd, _decode_kernel_op_bwd)

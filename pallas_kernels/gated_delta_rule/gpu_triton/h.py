@@ -20,38 +20,61 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
-def _kernel(k_ref, w_ref, u_ref, g_ref, *refs, chunk_size, use_qk_l2norm, has_initial_state):
-  # k_ref, w_ref [Tp, dk]; u_ref [Tp, BV]; g_ref [Tp]; h0_ref [dk, BV];
-  # h_ref [NC, dk, BV]; vn_ref [Tp, BV]; ht_ref [dk, BV].
-  if has_initial_state:
-    h0_ref, h_ref, vn_ref, ht_ref = refs
-  else:
+def _kernel(
+    k_ref, w_ref, u_ref, g_ref, *refs, chunk_size, use_qk_l2norm, has_initial_state, varlen
+):
+    # k_ref, w_ref [Tp, dk]; u_ref [Tp, BV]; g_ref [Tp]; h0_ref [dk, BV] ([N, dk, BV] if varlen);
+    # varlen: reset_ref, last_ref [NC] int32 (sequence index where a chunk starts / ends one,
+    # else -1); h_ref [NC, dk, BV]; vn_ref [Tp, BV]; ht_ref [dk, BV] ([N, dk, BV] if varlen).
+    refs = list(refs)
+    reset_ref = last_ref = h0_ref = None
+    if varlen:
+        reset_ref, last_ref = refs.pop(0), refs.pop(0)
+    if has_initial_state:
+        h0_ref = refs.pop(0)
     h_ref, vn_ref, ht_ref = refs
-  C = chunk_size
-  NC = h_ref.shape[0]
-  cdt = w_ref.dtype
-  dk, BV = ht_ref.shape
-  if has_initial_state:
-    S = h0_ref[...].astype(jnp.float32)
-  else:
-    S = jnp.zeros((dk, BV), jnp.float32)
+    C = chunk_size
+    NC = h_ref.shape[0]
+    cdt = w_ref.dtype
+    dk, BV = h_ref.shape[1], h_ref.shape[2]
+    if has_initial_state and not varlen:
+        S = h0_ref[...].astype(jnp.float32)
+    else:
+        S = jnp.zeros((dk, BV), jnp.float32)
 
-  def body(c, S):
-    sl = pl.ds(pl.multiple_of(c * C, C), C)
-    h_ref[c] = S.astype(h_ref.dtype)
-    w = w_ref[sl, :]
-    v_new = u_ref[sl, :].astype(jnp.float32) - km.dot(w, S.astype(cdt))  # [C, BV]
-    vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
-    G = g_ref[sl].astype(jnp.float32)
-    g_last = km.pick_last(G)
-    k = k_ref[sl, :].astype(jnp.float32)
-    if use_qk_l2norm:
-      k = km.l2norm(k)
-    kd = (k * jnp.exp(g_last - G)[:, None]).astype(cdt)  # [C, dk]
-    return S * jnp.exp(g_last) + km.dot(kd, v_new.astype(cdt), trans_a=True)
+    def body(c, S):
+        sl = pl.ds(pl.multiple_of(c * C, C), C)
+        if varlen:  # a chunk that starts sequence r restarts from its initial state
+            r = reset_ref[c]
+            start = (r >= 0).astype(jnp.float32)
+            if has_initial_state:
+                init = h0_ref[jnp.maximum(r, 0)].astype(jnp.float32)
+            else:
+                init = jnp.zeros_like(S)
+            S = start * init + (1.0 - start) * S
+        h_ref[c] = S.astype(h_ref.dtype)
+        w = w_ref[sl, :]
+        v_new = u_ref[sl, :].astype(jnp.float32) - km.dot(w, S.astype(cdt))  # [C, BV]
+        vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
+        G = g_ref[sl].astype(jnp.float32)
+        g_last = km.pick_last(G)
+        k = k_ref[sl, :].astype(jnp.float32)
+        if use_qk_l2norm:
+            k = km.l2norm(k)
+        kd = (k * jnp.exp(g_last - G)[:, None]).astype(cdt)  # [C, dk]
+        S = S * jnp.exp(g_last) + km.dot(kd, v_new.astype(cdt), trans_a=True)
+        if varlen:
+            e = last_ref[c]
 
-  S = lax.fori_loop(0, NC, body, S)
-  ht_ref[...] = S.astype(ht_ref.dtype)
+            @pl.when(e >= 0)
+            def _():
+                ht_ref[jnp.maximum(e, 0)] = S.astype(ht_ref.dtype)
+
+        return S
+
+    S = lax.fori_loop(0, NC, body, S)
+    if not varlen:
+        ht_ref[...] = S.astype(ht_ref.dtype)
 
 
 def chunk_fwd_h(
@@ -61,58 +84,86 @@ def chunk_fwd_h(
     G: jax.Array,
     initial_state: jax.Array | None,
     *,
+    chunk_reset: jax.Array | None = None,
+    chunk_last: jax.Array | None = None,
     chunk_size: int = 64,
-    block_v: int = 64,
+    block_v: int = 32,
     use_qk_l2norm: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
 ):
-  """The state pass.
+    """The state pass.
 
-  Args:
-    k: [B, Tp, Hk, dk]; w: [B, Tp, Hv, dk]; u: [B, Tp, Hv, dv] (compute dtype).
-    G: [B, Tp, Hv] float32 chunk-local cumsum of g.
-    initial_state: [B, Hv, dk, dv] float32 or None.
-  Returns:
-    h [B, NC, Hv, dk, dv] (compute dtype, state at each chunk start),
-    v_new [B, Tp, Hv, dv] (compute dtype), final_state [B, Hv, dk, dv] float32.
-  """
-  B, Tp, Hk, dk = k.shape
-  Hv, dv = u.shape[2], u.shape[3]
-  C = chunk_size
-  NC = Tp // C
-  n = Hv // Hk
-  BV = min(block_v, dv)
-  if dv % BV:
-    raise ValueError(f"chunk_fwd_h: block_v = {BV} must divide dv = {dv}")
-  kernel = functools.partial(_kernel, chunk_size=C, use_qk_l2norm=use_qk_l2norm,
-                             has_initial_state=initial_state is not None)
-  in_specs = [
-      pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
-      pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-      pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
-  ]
-  args = [k, w, u, G]
-  if initial_state is not None:
-    in_specs.append(pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j)))
-    args.append(initial_state)
-  return pl.pallas_call(
-      kernel,
-      grid=(dv // BV, B, Hv),
-      in_specs=in_specs,
-      out_specs=[
-          pl.BlockSpec((None, NC, None, dk, BV), lambda j, b, h: (b, 0, h, 0, j)),
-          pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-          pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((B, NC, Hv, dk, dv), w.dtype),
-          jax.ShapeDtypeStruct((B, Tp, Hv, dv), w.dtype),
-          jax.ShapeDtypeStruct((B, Hv, dk, dv), jnp.float32),
-      ],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="gdn_chunk_fwd_h",
-  )(*args)
+    Args:
+      k: [B, Tp, Hk, dk]; w: [B, Tp, Hv, dk]; u: [B, Tp, Hv, dv] (compute dtype).
+      G: [B, Tp, Hv] float32 chunk-local cumsum of g.
+      initial_state: [B, Hv, dk, dv] float32 or None; varlen: [N, Hv, dk, dv] (N a power of two).
+      chunk_reset, chunk_last: varlen only (B == 1): [NC] int32, the sequence a chunk starts / ends
+        (-1 if none); sequences are laid out chunk-aligned (common.varlen_layout).
+    Returns:
+      h [B, NC, Hv, dk, dv] (compute dtype, state at each chunk start),
+      v_new [B, Tp, Hv, dv] (compute dtype), final_state [B or N, Hv, dk, dv] float32 (varlen: rows
+      of sequences with no token are left unwritten).
+    """
+    B, Tp, Hk, dk = k.shape
+    Hv, dv = u.shape[2], u.shape[3]
+    C = chunk_size
+    NC = Tp // C
+    n = Hv // Hk
+    BV = min(block_v, dv)
+    if dv % BV:
+        raise ValueError(f"chunk_fwd_h: block_v = {BV} must divide dv = {dv}")
+    varlen = chunk_reset is not None
+    kernel = functools.partial(
+        _kernel,
+        chunk_size=C,
+        use_qk_l2norm=use_qk_l2norm,
+        has_initial_state=initial_state is not None,
+        varlen=varlen,
+    )
+    in_specs = [
+        pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
+        pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+        pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
+    ]
+    args = [k, w, u, G]
+    if varlen:
+        if B != 1:
+            raise ValueError("chunk_fwd_h: varlen needs B == 1")
+        if initial_state is None:
+            raise ValueError("chunk_fwd_h: varlen needs an initial_state [N, Hv, dk, dv] (zeros)")
+        in_specs += [pl.BlockSpec((NC,), lambda j, b, h: (0,))] * 2
+        args += [chunk_reset.astype(jnp.int32), chunk_last.astype(jnp.int32)]
+        N = initial_state.shape[0]
+    if initial_state is not None:
+        if varlen:
+            in_specs.append(pl.BlockSpec((N, None, dk, BV), lambda j, b, h: (0, h, 0, j)))
+        else:
+            in_specs.append(pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j)))
+        args.append(initial_state)
+    if varlen:
+        ht_spec = pl.BlockSpec((N, None, dk, BV), lambda j, b, h: (0, h, 0, j))
+        ht_shape = (N, Hv, dk, dv)
+    else:
+        ht_spec = pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j))
+        ht_shape = (B, Hv, dk, dv)
+    return pl.pallas_call(
+        kernel,
+        grid=(dv // BV, B, Hv),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, NC, None, dk, BV), lambda j, b, h: (b, 0, h, 0, j)),
+            pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+            ht_spec,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, NC, Hv, dk, dv), w.dtype),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dv), w.dtype),
+            jax.ShapeDtypeStruct(ht_shape, jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdn_chunk_fwd_h",
+    )(*args)

@@ -21,20 +21,24 @@ from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
 def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, use_qk_l2norm, solve_precision):
-  # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv].
-  cdt = k_ref.dtype
-  k = k_ref[...].astype(jnp.float32)
-  if use_qk_l2norm:
-    k = km.l2norm(k)
-  G = g_ref[...].astype(jnp.float32)  # [C]
-  beta = beta_ref[...].astype(jnp.float32)  # [C]
-  kc = k.astype(cdt)
-  A = km.dot(kc, kc, trans_b=True) * beta[:, None] * km.decay_matrix(G[:, None], G[None, :], strict=True)
-  T = km.solve_unit_lower(A, precision=solve_precision).astype(cdt)  # [C, C]
-  kb = (k * (beta * jnp.exp(G))[:, None]).astype(cdt)  # [C, dk]
-  vb = (v_ref[...].astype(jnp.float32) * beta[:, None]).astype(cdt)  # [C, dv]
-  w_ref[...] = km.dot(T, kb).astype(w_ref.dtype)
-  u_ref[...] = km.dot(T, vb).astype(u_ref.dtype)
+    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv].
+    cdt = k_ref.dtype
+    k = k_ref[...].astype(jnp.float32)
+    if use_qk_l2norm:
+        k = km.l2norm(k)
+    G = g_ref[...].astype(jnp.float32)  # [C]
+    beta = beta_ref[...].astype(jnp.float32)  # [C]
+    kc = k.astype(cdt)
+    A = (
+        km.dot(kc, kc, trans_b=True)
+        * beta[:, None]
+        * km.decay_matrix(G[:, None], G[None, :], strict=True)
+    )
+    T = km.solve_unit_lower(A, precision=solve_precision).astype(cdt)  # [C, C]
+    kb = (k * (beta * jnp.exp(G))[:, None]).astype(cdt)  # [C, dk]
+    vb = (v_ref[...].astype(jnp.float32) * beta[:, None]).astype(cdt)  # [C, dv]
+    w_ref[...] = km.dot(T, kb).astype(w_ref.dtype)
+    u_ref[...] = km.dot(T, vb).astype(u_ref.dtype)
 
 
 def chunk_kkt_solve_wy(
@@ -50,40 +54,41 @@ def chunk_kkt_solve_wy(
     num_stages: int = 2,
     interpret: bool = False,
 ):
-  """w, u of the WY form for every chunk.
+    """w, u of the WY form for every chunk.
 
-  Args:
-    k: [B, Tp, Hk, dk] (Tp a multiple of chunk_size); its dtype is the compute dtype.
-    v: [B, Tp, Hv, dv].
-    G: [B, Tp, Hv] float32, chunk-local cumulative sum of g.
-    beta: [B, Tp, Hv] float32.
-  Returns:
-    w [B, Tp, Hv, dk], u [B, Tp, Hv, dv], both in k.dtype.
-  """
-  B, Tp, Hk, dk = k.shape
-  Hv, dv = v.shape[2], v.shape[3]
-  C = chunk_size
-  n = Hv // Hk
-  kernel = functools.partial(_kernel, use_qk_l2norm=use_qk_l2norm,
-                             solve_precision=solve_precision)
-  return pl.pallas_call(
-      kernel,
-      grid=(Tp // C, B, Hv),
-      in_specs=[
-          pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, lax.div(h, n), 0)),
-          pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0)),
-          pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h)),
-          pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, h, 0)),
-          pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((B, Tp, Hv, dk), k.dtype),
-          jax.ShapeDtypeStruct((B, Tp, Hv, dv), k.dtype),
-      ],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="gdn_chunk_kkt_solve_wy",
-  )(k, v, G, beta)
+    Args:
+      k: [B, Tp, Hk, dk] (Tp a multiple of chunk_size); its dtype is the compute dtype.
+      v: [B, Tp, Hv, dv].
+      G: [B, Tp, Hv] float32, chunk-local cumulative sum of g.
+      beta: [B, Tp, Hv] float32.
+    Returns:
+      w [B, Tp, Hv, dk], u [B, Tp, Hv, dv], both in k.dtype.
+    """
+    B, Tp, Hk, dk = k.shape
+    Hv, dv = v.shape[2], v.shape[3]
+    C = chunk_size
+    n = Hv // Hk
+    kernel = functools.partial(
+        _kernel, use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(Tp // C, B, Hv),
+        in_specs=[
+            pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, lax.div(h, n), 0)),
+            pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0)),
+            pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h)),
+            pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, h, 0)),
+            pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), k.dtype),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dv), k.dtype),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdn_chunk_kkt_solve_wy",
+    )(k, v, G, beta)

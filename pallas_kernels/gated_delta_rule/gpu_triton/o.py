@@ -18,19 +18,21 @@ from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
 def _kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, use_qk_l2norm):
-  # q_ref, k_ref [C, dk]; g_ref [C]; h_ref [dk, BV]; vn_ref [C, BV]; o_ref [C, BV].
-  cdt = h_ref.dtype
-  q = q_ref[...].astype(jnp.float32)
-  k = k_ref[...].astype(jnp.float32)
-  if use_qk_l2norm:
-    q, k = km.l2norm(q), km.l2norm(k)
-  q = (q * scale).astype(cdt)
-  k = k.astype(cdt)
-  G = g_ref[...].astype(jnp.float32)
-  o_inter = km.dot(q, h_ref[...]) * jnp.exp(G)[:, None]  # [C, BV]
-  attn = km.dot(q, k, trans_b=True) * km.decay_matrix(G[:, None], G[None, :], strict=False)  # [C, C]
-  o = o_inter + km.dot(attn.astype(cdt), vn_ref[...])
-  o_ref[...] = o.astype(o_ref.dtype)
+    # q_ref, k_ref [C, dk]; g_ref [C]; h_ref [dk, BV]; vn_ref [C, BV]; o_ref [C, BV].
+    cdt = h_ref.dtype
+    q = q_ref[...].astype(jnp.float32)
+    k = k_ref[...].astype(jnp.float32)
+    if use_qk_l2norm:
+        q, k = km.l2norm(q), km.l2norm(k)
+    q = (q * scale).astype(cdt)
+    k = k.astype(cdt)
+    G = g_ref[...].astype(jnp.float32)
+    o_inter = km.dot(q, h_ref[...]) * jnp.exp(G)[:, None]  # [C, BV]
+    attn = km.dot(q, k, trans_b=True) * km.decay_matrix(
+        G[:, None], G[None, :], strict=False
+    )  # [C, C]
+    o = o_inter + km.dot(attn.astype(cdt), vn_ref[...])
+    o_ref[...] = o.astype(o_ref.dtype)
 
 
 def chunk_fwd_o(
@@ -49,34 +51,34 @@ def chunk_fwd_o(
     num_stages: int = 2,
     interpret: bool = False,
 ):
-  """Chunk outputs.
+    """Chunk outputs.
 
-  Args:
-    q, k: [B, Tp, Hk, dk]; G: [B, Tp, Hv] float32; h: [B, NC, Hv, dk, dv]; v_new: [B, Tp, Hv, dv].
-  Returns:
-    o [B, Tp, Hv, dv] in out_dtype.
-  """
-  B, Tp, Hk, dk = q.shape
-  Hv, dv = v_new.shape[2], v_new.shape[3]
-  C = chunk_size
-  n = Hv // Hk
-  BV = min(block_v, dv)
-  if dv % BV:
-    raise ValueError(f"chunk_fwd_o: block_v = {BV} must divide dv = {dv}")
-  kernel = functools.partial(_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm)
-  return pl.pallas_call(
-      kernel,
-      grid=(Tp // C, B, Hv, dv // BV),
-      in_specs=[
-          pl.BlockSpec((None, C, None, dk), lambda c, b, h, j: (b, c, lax.div(h, n), 0)),
-          pl.BlockSpec((None, C, None, dk), lambda c, b, h, j: (b, c, lax.div(h, n), 0)),
-          pl.BlockSpec((None, C, None), lambda c, b, h, j: (b, c, h)),
-          pl.BlockSpec((None, None, None, dk, BV), lambda c, b, h, j: (b, c, h, 0, j)),
-          pl.BlockSpec((None, C, None, BV), lambda c, b, h, j: (b, c, h, j)),
-      ],
-      out_specs=pl.BlockSpec((None, C, None, BV), lambda c, b, h, j: (b, c, h, j)),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="gdn_chunk_fwd_o",
-  )(q, k, G, h, v_new)
+    Args:
+      q, k: [B, Tp, Hk, dk]; G: [B, Tp, Hv] float32; h: [B, NC, Hv, dk, dv]; v_new: [B, Tp, Hv, dv].
+    Returns:
+      o [B, Tp, Hv, dv] in out_dtype.
+    """
+    B, Tp, Hk, dk = q.shape
+    Hv, dv = v_new.shape[2], v_new.shape[3]
+    C = chunk_size
+    n = Hv // Hk
+    BV = min(block_v, dv)
+    if dv % BV:
+        raise ValueError(f"chunk_fwd_o: block_v = {BV} must divide dv = {dv}")
+    kernel = functools.partial(_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return pl.pallas_call(
+        kernel,
+        grid=(Tp // C, B, Hv, dv // BV),
+        in_specs=[
+            pl.BlockSpec((None, C, None, dk), lambda c, b, h, j: (b, c, lax.div(h, n), 0)),
+            pl.BlockSpec((None, C, None, dk), lambda c, b, h, j: (b, c, lax.div(h, n), 0)),
+            pl.BlockSpec((None, C, None), lambda c, b, h, j: (b, c, h)),
+            pl.BlockSpec((None, None, None, dk, BV), lambda c, b, h, j: (b, c, h, 0, j)),
+            pl.BlockSpec((None, C, None, BV), lambda c, b, h, j: (b, c, h, j)),
+        ],
+        out_specs=pl.BlockSpec((None, C, None, BV), lambda c, b, h, j: (b, c, h, j)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdn_chunk_fwd_o",
+    )(q, k, G, h, v_new)
