@@ -1,4 +1,4 @@
-"""The ``qnext`` command: convert | export | generate | crosscheck."""
+"""The ``qnext`` command: convert | export | generate | finetune | crosscheck."""
 
 from __future__ import annotations
 
@@ -225,6 +225,37 @@ def _cmd_crosscheck(args) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_finetune(args) -> int:
+    from qnext_jax.train.optimizer import OptimizerConfig
+    from qnext_jax.train.run import finetune
+    from qnext_jax.train.step import TrainConfig
+
+    mesh = _mesh_from_args(args)
+    opt = OptimizerConfig(
+        learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        total_steps=args.total_steps or args.steps, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm if args.clip_norm > 0 else None,
+        train=args.train)
+    train = TrainConfig(compute_dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum,
+                        aux_coef=args.aux_coef, mtp_coef=args.mtp_coef, gdn_impl=args.gdn_impl,
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        **({"lora_targets": args.lora_targets} if args.lora_targets else {}))
+    try:
+        result = finetune(args.checkpoint, args.data, args.out, steps=args.steps,
+                          batch_size=args.batch_size, seq_len=args.seq_len,
+                          max_segments=args.max_segments, opt=opt, train=train, seed=args.seed,
+                          save_every=args.save_every, keep=args.keep, mesh=mesh,
+                          export_hf=args.export_hf, tensorboard=args.tensorboard,
+                          save_dtype=args.save_dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"qnext finetune: {e}") from None
+    print(json.dumps({"steps": result["steps"], "final": str(result["final"]),
+                      "hf": None if result["hf"] is None else str(result["hf"]),
+                      "resumed_from": result["resumed_from"], **{
+                          k: v for k, v in result["metrics"].items() if k != "step"}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qnext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +306,60 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=None,
                    help="multi-host: this process's index (or env JAX_PROCESS_ID)")
     g.set_defaults(fn=_cmd_generate)
+
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint on JSONL / text data",
+                       description="Fine-tune (AdamW, warmup + cosine) on packed documents; "
+                                   "rerun with the same --out to resume. Writes OUT/checkpoints, "
+                                   "OUT/metrics.jsonl and OUT/final (qnext export OUT/final HF).")
+    f.add_argument("--checkpoint", required=True,
+                   help="converted (qnext convert) or HF checkpoint dir, with tokenizer.json")
+    f.add_argument("--data", required=True,
+                   help="JSONL ('text' or chat 'messages' per line), a text file, or a dir")
+    f.add_argument("--out", required=True, help="output dir (resumed when it has checkpoints)")
+    f.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole run")
+    f.add_argument("--batch-size", type=int, default=8, help="packed rows per step")
+    f.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
+    f.add_argument("--max-segments", type=int, default=16,
+                   help="at most this many - 1 documents per packed row")
+    f.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    f.add_argument("--warmup-steps", type=int, default=0)
+    f.add_argument("--total-steps", type=int, default=None,
+                   help="length of the cosine schedule (default --steps)")
+    f.add_argument("--min-lr-ratio", type=float, default=0.1)
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clip (0: off)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    f.add_argument("--train", default="all",
+                   help="params to train: all | attention | experts | mlp | router | norms | "
+                        "lm_head | mtp (join with '+'), or 're:REGEX'")
+    f.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
+    f.add_argument("--save-dtype", default=None,
+                   help="dtype of OUT/final's params (default float32)")
+    f.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                   help="per-layer rematerialisation")
+    f.add_argument("--aux-coef", type=float, default=None,
+                   help="router load-balancing coefficient (default: config's)")
+    f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight (0: off)")
+    f.add_argument("--gdn-impl", default="auto", help="Gated DeltaNet backend")
+    f.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on the projections (0: full "
+                        "fine-tuning); merged into OUT/final")
+    f.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale = alpha / rank")
+    f.add_argument("--lora-targets", default=None,
+                   help="regex over param paths of the adapted kernels (default: every "
+                        "attention, GDN, MLP and expert projection)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    f.add_argument("--export-hf", action="store_true",
+                   help="also write OUT/hf (HF safetensors, loadable by transformers)")
+    f.add_argument("--tensorboard", action="store_true",
+                   help="also log to OUT/tensorboard (needs tensorboardX or torch's)")
+    f.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. 'fsdp=4,expert=2'")
+    f.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
+    f.add_argument("--num-processes", type=int, default=None)
+    f.add_argument("--process-id", type=int, default=None)
+    f.set_defaults(fn=_cmd_finetune)
 
     x = sub.add_parser("crosscheck", help="compare layer by layer with transformers")
     x.add_argument("hf_dir")

@@ -69,16 +69,17 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
 
 
 def segment_cu_seqlens(segment_ids: jax.Array, max_segments: int) -> jax.Array:
-    """The packed-sequence offsets of the flattened [1, B*T] batch: [B * max_segments + 1] int32.
+    """Per-row packed-sequence offsets: [B, max_segments + 1] int32 (FLA's cu_seqlens of each
+    row).
 
-    Row b contributes the starts of its runs of equal segment id (padding runs included), filled
-    up to ``max_segments`` with empty sequences at the row's end; jit-compatible (static size).
+    Row b lists the starts of its runs of equal segment id (padding runs included), then T:
+    missing runs are empty sequences at the row's end; jit-compatible (static size). A row with
+    more than ``max_segments`` runs merges its last ones.
     """
     B, T = segment_ids.shape
     starts = segment_starts(segment_ids)
     pos = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments, fill_value=T)[0])(starts)
-    cu = (pos + T * jnp.arange(B)[:, None]).reshape(-1)
-    return jnp.concatenate([cu, jnp.full((1,), B * T, cu.dtype)]).astype(jnp.int32)
+    return jnp.concatenate([pos, jnp.full((B, 1), T, pos.dtype)], axis=1).astype(jnp.int32)
 
 
 REMAT_POLICIES = ("none", "full", "dots")

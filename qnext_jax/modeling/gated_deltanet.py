@@ -92,8 +92,7 @@ def segment_causal_conv1d(x, weight, segment_ids, mask=None):
       (y [B, T, C], the last K-1 inputs [B, C, K-1]): y_t = sum_j weight[j] x[t - (K-1) + j]
       over taps in t's segment (zeros before a segment's start, as at a sequence start).
     """
-    B, T, C = x.shape
-    K = weight.shape[0]
+    T, K = x.shape[1], weight.shape[0]
     xp = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
     sp = jnp.pad(segment_ids, ((0, 0), (K - 1, 0)), constant_values=-1)
     w = weight.astype(jnp.float32)
@@ -140,7 +139,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
             and "recurrent_states" [B, T, Hv, dk, dv] (speculative decoding rolls back to one).
           segment_ids: [B, T] int (no cache): packed documents; the conv does not reach across
             a segment boundary.
-          cu_seqlens: [N + 1] int32 offsets of the segments in the flattened [1, B*T] batch
+          cu_seqlens: [B, N + 1] int32 per-row offsets of the segments
             (``decoder.segment_cu_seqlens``; no cache): the recurrent state restarts at each.
         Returns:
           (y [B, T, d], new cache or None)
@@ -181,12 +180,12 @@ class Qwen3NextGatedDeltaNet(nn.Module):
 
         op = fused_recurrent_gated_delta_rule if T <= RECURRENT_MAX_TOKENS else \
             chunk_gated_delta_rule
-        if cu_seqlens is not None and cache is None:  # packed documents, one flat sequence
-            flat = lambda t: t.reshape((1, B * T) + t.shape[2:])  # noqa: E731
-            o, final_state = chunk_gated_delta_rule(
-                flat(q), flat(k), flat(v), flat(g), flat(beta), scale=dk ** -0.5,
-                use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, impl=self.gdn_impl)
-            o = o.reshape((B, T) + o.shape[2:])
+        if cu_seqlens is not None and cache is None:  # packed documents: varlen per row
+            def row(q_, k_, v_, g_, b_, cu):
+                return chunk_gated_delta_rule(
+                    q_[None], k_[None], v_[None], g_[None], b_[None], scale=dk ** -0.5,
+                    use_qk_l2norm_in_kernel=True, cu_seqlens=cu, impl=self.gdn_impl)[0][0]
+            o, final_state = jax.vmap(row)(q, k, v, g, beta, cu_seqlens), None
         elif per_token:  # token by token, keeping every state
             state, outs, states = cache["recurrent_state"], [], []
             for t in range(T):

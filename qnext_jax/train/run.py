@@ -1,0 +1,233 @@
+"""The fine-tuning loop behind ``qnext finetune``: load, tokenize + pack, train, checkpoint,
+resume, log, save the result in the converted format (and optionally as HF safetensors).
+
+    from qnext_jax.train.run import finetune
+    summary = finetune("CKPT", "train.jsonl", "OUT", steps=1000, batch_size=8, seq_len=4096,
+                       opt=OptimizerConfig(learning_rate=1e-5, warmup_steps=50),
+                       train=TrainConfig(compute_dtype="bfloat16", remat="full"))
+
+Output directory:
+  OUT/checkpoints/<step>/   Orbax train states (params, optimizer state, data position, RNG)
+  OUT/metrics.jsonl         one line per step: step, loss, ce, aux, [mtp], grad_norm, lr,
+                            tokens, tokens_per_s, step_s
+  OUT/final/                the fine-tuned params in ``qnext convert``'s format (config.json,
+                            tokenizer files): ``qnext export OUT/final HF_DIR``,
+                            ``qnext generate --checkpoint OUT/final``
+  OUT/hf/                   with ``export_hf``: HF safetensors (released per-expert names)
+Rerunning with the same OUT resumes from the latest checkpoint (same losses as a run that was
+never interrupted: the batch order is a function of the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from qnext_jax.train.checkpoint import TrainCheckpointer
+from qnext_jax.train.data import DocumentTokenizer, PackedDataset, read_documents
+from qnext_jax.train.optimizer import OptimizerConfig
+from qnext_jax.train.step import TrainConfig, Trainer
+
+
+def _source_config_json(checkpoint: Path, config) -> dict:
+    if (checkpoint / "config.json").is_file():
+        raw = json.loads((checkpoint / "config.json").read_text())
+        raw["mtp_num_hidden_layers"] = config.mtp_num_hidden_layers
+        return raw
+    return config.to_dict()
+
+
+def save_params(config, params, out_dir: str | Path, *, config_json: dict | None = None,
+                tokenizer_dir: str | Path | None = None, dtype=None) -> Path:
+    """Write a params tree in ``qnext convert``'s Orbax format (readable by ``load``,
+    ``qnext export``, ``qnext generate``); written under a temporary name, then renamed.
+
+    Args:
+      dtype: cast the stored leaves (None keeps them; A_log and dt_bias stay float32).
+    Raises:
+      ValueError: the params do not match the config's name map.
+    """
+    from qnext_jax.convert import name_map as nm
+    from qnext_jax.convert.hf_checkpoint import copy_tokenizer_files
+    from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
+
+    out_dir = Path(out_dir)
+    leaves = nm.name_map(config)
+    dt = None if dtype is None else np.dtype(dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        biggest = max(leaf.size for leaf in leaves) * 4
+        writer = ParamWriter(tmp, max(biggest, MIN_GROUP_BYTES))
+        for leaf in leaves:
+            node = params
+            for k in leaf.path:
+                if k not in node:
+                    raise ValueError(f"params have no leaf {leaf.key}")
+                node = node[k]
+            arr = np.asarray(jax.device_get(node))
+            if tuple(arr.shape) != leaf.shape:
+                raise ValueError(f"{leaf.key}: shape {arr.shape}, expected {leaf.shape}")
+            writer.add(leaf.key, arr.astype(leaf.out_dtype(arr.dtype, dt), copy=False))
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config_json or config.to_dict(), indent=2)
+                                         + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path`` (and to TensorBoard when ``tensorboardX``
+    or ``torch.utils.tensorboard`` is importable and ``tensorboard_dir`` is given)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = path
+        self._f = open(path, "a")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps: int,
+             batch_size: int = 8, seq_len: int = 2048, max_segments: int = 16,
+             opt: OptimizerConfig | None = None, train: TrainConfig | None = None,
+             seed: int = 0, save_every: int = 100, keep: int = 3, mesh=None,
+             progress: bool = True, export_hf: bool = False, stop_after: int | None = None,
+             tensorboard: bool = False, save_dtype=None) -> dict:
+    """Fine-tune the checkpoint on the data; resumes from ``out/checkpoints`` when present.
+
+    Args:
+      checkpoint: a converted (``qnext convert``) or HF checkpoint dir with tokenizer.json.
+      data: JSONL / text file or directory (see :mod:`qnext_jax.train.data`).
+      out: output directory (see the module docstring).
+      steps: total optimizer steps of the run (the schedule's ``total_steps`` defaults to it).
+      batch_size: packed rows per step; seq_len: tokens per row; max_segments: bound on the
+        documents per row + 1.
+      opt, train: optimizer and step settings.
+      seed: data order and RNG seed. save_every / keep: checkpoint cadence and retention.
+      mesh: a ``jax.sharding.Mesh`` to shard over (None: one device).
+      stop_after: stop after this many steps of this call (simulates an interruption).
+      save_dtype: dtype of the final params (default: float32).
+    Returns:
+      {"steps": last step, "metrics": last step's metrics, "final": path of the saved params,
+       "hf": path of the HF export or None, "resumed_from": step or None}.
+    """
+    from tqdm.auto import tqdm
+
+    from qnext_jax.convert import load
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    opt = opt or OptimizerConfig(total_steps=steps)
+    train = dataclasses.replace(train or TrainConfig(), max_segments=max_segments)
+    out.mkdir(parents=True, exist_ok=True)
+    if mesh is None:
+        config, params = load(checkpoint)
+    else:
+        from qnext_jax.sharding import tree_shardings
+
+        config, params = load(checkpoint, mesh=mesh, shardings=tree_shardings(mesh))
+    tokenizer = DocumentTokenizer.from_checkpoint(checkpoint)
+    dataset = PackedDataset.from_documents(read_documents(data), tokenizer, seq_len,
+                                           max_segments)
+    if int(dataset.rows["input_ids"].max()) >= config.vocab_size:
+        raise ValueError(f"{checkpoint}: the tokenizer produces ids up to "
+                         f"{int(dataset.rows['input_ids'].max())}, beyond the model's vocab_size "
+                         f"{config.vocab_size}")
+    trainer = Trainer(config, opt, train, mesh)
+    ckpt = TrainCheckpointer(out / "checkpoints", save_every=save_every, keep=keep)
+    resumed_from = ckpt.latest_step()
+    if resumed_from is not None:
+        abstract = trainer.abstract_state(params)
+        state, meta = ckpt.restore(abstract, trainer.state_shardings(abstract))
+        start = int(meta.get("data_step", resumed_from))
+        if meta.get("seed", seed) != seed:
+            raise ValueError(f"{out}: the checkpoint was trained with seed {meta['seed']}, "
+                             f"not {seed}")
+    else:
+        state, start = trainer.init_state(params, seed), 0
+    del params
+    log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if tensorboard else None)
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="finetune",
+               unit="step", dynamic_ncols=True)
+    metrics = {}
+    last_saved = resumed_from
+    try:
+        for step in range(start, end):
+            batch = dataset.batch_at(step, batch_size, seed)
+            n_tokens = int((batch["segment_ids"] > 0).sum())
+            t0 = time.perf_counter()
+            state, m = trainer.step(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t0
+            metrics = {"step": step + 1, **m, "tokens_per_s": n_tokens / max(dt, 1e-9),
+                       "step_s": dt}
+            log.write(metrics)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            lr=f"{m['lr']:.2e}", refresh=False)
+            bar.update(1)
+            meta = {"data_step": step + 1, "seed": seed, "batch_size": batch_size,
+                    "seq_len": seq_len}
+            if ckpt.maybe_save(step + 1, state, meta):
+                last_saved = step + 1
+        if end > start and last_saved != end:
+            ckpt.save(end, state, {"data_step": end, "seed": seed, "batch_size": batch_size,
+                                   "seq_len": seq_len}, force=True)
+    finally:
+        bar.close()
+        log.close()
+        ckpt.close()
+    result = {"steps": end, "metrics": metrics, "final": None, "hf": None,
+              "resumed_from": resumed_from}
+    if end < steps:
+        return result
+    cfg_json = _source_config_json(checkpoint, config)
+    final_params = trainer.export_params(state)  # LoRA adapters merged
+    result["final"] = save_params(config, final_params, out / "final", config_json=cfg_json,
+                                  tokenizer_dir=checkpoint, dtype=save_dtype)
+    if export_hf:
+        from qnext_jax.convert import params_to_hf
+
+        result["hf"] = params_to_hf(config, jax.device_get(final_params), out / "hf",
+                                    config_json=cfg_json, tokenizer_dir=checkpoint,
+                                    dtype=save_dtype, overwrite=True)
+    if progress:
+        print(f"[qnext finetune] {end} steps; params in {result['final']}"
+              + (f", HF checkpoint in {result['hf']}" if result["hf"] else ""), file=sys.stderr)
+    return result

@@ -1,0 +1,102 @@
+"""Train checkpoints and the finetune command: resuming gives the losses of an uninterrupted run;
+`qnext finetune` + `qnext export` give an HF checkpoint that transformers loads with the same
+logits as our fine-tuned params."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from hf_fixtures import build_hf_checkpoint
+from test_train_data import make_checkpoint_tokenizer
+
+from qnext_jax.train.optimizer import OptimizerConfig
+from qnext_jax.train.run import finetune
+from qnext_jax.train.step import TrainConfig
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    build_hf_checkpoint(root / "hf", {"vocab_size": 320, "num_hidden_layers": 2,
+                                      "full_attention_interval": 2})
+    make_checkpoint_tokenizer(root / "hf")
+    lines = [{"text": "the quick brown fox jumps over the lazy dog"},
+             {"messages": [{"role": "user", "content": "hello?"},
+                           {"role": "assistant", "content": "hello world, how are you?"}]},
+             {"text": "user assistant system answer question " * 3},
+             {"text": "hello world"}] * 3
+    (root / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+def _losses(out):
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(root, out, **kw):
+    return finetune(root / "hf", root / "data.jsonl", out, steps=STEPS, batch_size=2, seq_len=32,
+                    max_segments=4, opt=OptimizerConfig(learning_rate=2e-3, warmup_steps=1,
+                                                         total_steps=STEPS),
+                    train=TrainConfig(compute_dtype="float32", gdn_impl="reference"),
+                    save_every=2, keep=1, progress=False, **kw)
+
+
+def test_resume_matches_uninterrupted(hf_dir, tmp_path):
+    full = _run(hf_dir, tmp_path / "a")
+    first = _run(hf_dir, tmp_path / "b", stop_after=2)  # "interrupted" after 2 steps
+    assert first["final"] is None and first["steps"] == 2
+    second = _run(hf_dir, tmp_path / "b")
+    assert second["resumed_from"] == 2
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) == STEPS
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    assert a[-1] < a[0]
+    from qnext_jax.train.checkpoint import TrainCheckpointer
+
+    assert TrainCheckpointer(tmp_path / "b" / "checkpoints").all_steps() == [STEPS]  # keep=1
+    from qnext_jax.convert import load
+
+    _, pa = load(full["final"])
+    _, pb = load(second["final"])
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
+    import torch
+    from transformers import Qwen3NextForCausalLM as TorchModel
+
+    from qnext_jax.cli import main
+    from qnext_jax.convert import load
+    from qnext_jax.modeling import Qwen3NextForCausalLM
+
+    out = tmp_path / "out"
+    rc = main(["finetune", "--checkpoint", str(hf_dir / "hf"), "--data",
+               str(hf_dir / "data.jsonl"), "--out", str(out), "--steps", "2", "--batch-size",
+               "2", "--seq-len", "32", "--max-segments", "4", "--lr", "2e-3", "--dtype",
+               "float32", "--gdn-impl", "reference", "--save-every", "1", "--export-hf"])
+    assert rc == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert {"loss", "ce", "aux", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])
+    assert main(["export", str(out / "final"), str(tmp_path / "hf2")]) == 0
+
+    config, params = load(out / "final")
+    _, orig = load(hf_dir / "hf")
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(orig), strict=True)]
+    assert max(moved) > 1e-4  # the params were trained
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 11))
+    ours = np.asarray(jax.jit(lambda p, x: Qwen3NextForCausalLM(
+        config, gdn_impl="reference").apply({"params": p}, x)[0])(params, ids))
+    for d in (out / "hf", tmp_path / "hf2"):
+        assert (d / "tokenizer.json").is_file()
+        model_t = TorchModel.from_pretrained(d, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = model_t(torch.from_numpy(ids)).logits.numpy()
+        assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
