@@ -5,16 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
-from qnext_jax.convert.hf_checkpoint import HFCheckpoint, copy_tokenizer_files
+from qnext_jax.convert.hf_checkpoint import (HFCheckpoint, atomic_directory,
+                                             copy_tokenizer_files)
 from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
 
@@ -95,9 +94,7 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
     sizes = [_leaf_nbytes(leaf, ckpt, dtype) for leaf in leaves]
     if group_bytes is None:
         group_bytes = max(max(sizes), MIN_GROUP_BYTES)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(out_dir) as tmp:
         writer = ParamWriter(tmp, group_bytes)
         with tqdm(total=sum(sizes), unit="B", unit_scale=True, disable=not progress,
                   desc=f"convert {hf_dir.name}") as bar:
@@ -109,12 +106,6 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
             writer.close()
         (tmp / "config.json").write_text(json.dumps(ckpt.config_json(config), indent=2) + "\n")
         copy_tokenizer_files(hf_dir, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result = ConversionResult(out_dir, config, len(ckpt.tensors), len(leaves), sum(sizes),
                               peak_rss_bytes())
     if progress:

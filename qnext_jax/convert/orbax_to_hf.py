@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import numpy as np
 
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
-from qnext_jax.convert.hf_checkpoint import INDEX_FILE, SINGLE_FILE, copy_tokenizer_files
+from qnext_jax.convert.hf_checkpoint import (INDEX_FILE, SINGLE_FILE, atomic_directory,
+                                             copy_tokenizer_files)
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
 
@@ -62,10 +61,7 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
 
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True")
-    hf_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = hf_dir.parent / f".{hf_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))
         writer, remaining = None, 0
@@ -94,12 +90,6 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
-        tmp.rename(hf_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return hf_dir
 
 

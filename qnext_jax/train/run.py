@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import jax
@@ -56,15 +54,13 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
       ValueError: the params do not match the config's name map.
     """
     from qnext_jax.convert import name_map as nm
-    from qnext_jax.convert.hf_checkpoint import copy_tokenizer_files
+    from qnext_jax.convert.hf_checkpoint import atomic_directory, copy_tokenizer_files
     from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
     out_dir = Path(out_dir)
     leaves = nm.name_map(config)
     dt = None if dtype is None else np.dtype(dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(out_dir) as tmp:
         biggest = max(leaf.size for leaf in leaves) * 4
         writer = ParamWriter(tmp, max(biggest, MIN_GROUP_BYTES))
         for leaf in leaves:
@@ -82,12 +78,6 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
                                          + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
