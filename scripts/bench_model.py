@@ -143,7 +143,7 @@ def main():
         compile_s = time.perf_counter() - t
         state = {"cache": cache}
 
-        def one(p, x):
+        def one(p, x, compiled=compiled, state=state):
             tok, state["cache"] = compiled(p, x, state["cache"])
             state["cache"]["index"] = jnp.asarray(args.context, jnp.int32)  # stay in place
             return tok

@@ -61,7 +61,7 @@ def test_logits_and_hidden_states_match_transformers(converted):
 
 
 def test_greedy_generation_matches_transformers(converted, capsys):
-    name, model, root = converted
+    _, model, root = converted
     config, params = load(root / "orbax")
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, config.vocab_size, (2, 7))
