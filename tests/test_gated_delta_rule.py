@@ -186,34 +186,6 @@ def test_no_final_state_and_default_zero_state():
     assert rel_err(o, o_ref) < TOL[jnp.float32]
 
 
-def test_chunked_equals_decode_loop():
-    """Prefill of part of the sequence, then one token at a time through the decode op."""
-    q, k, v, g, beta, s0 = make_inputs(4, 2, 20, 1, 2, 16, 16, jnp.float32)
-    o1, s = call(
-        "public_chunk",
-        q[:, :13],
-        k[:, :13],
-        v[:, :13],
-        g[:, :13],
-        beta[:, :13],
-        initial_state=s0,
-        output_final_state=True,
-    )
-    step = jax.jit(
-        lambda *a: fused_recurrent_gated_delta_rule(
-            *a[:5], initial_state=a[5], output_final_state=True
-        )
-    )
-    outs = [o1]
-    for t in range(13, 20):
-        sl = slice(t, t + 1)
-        o_t, s = step(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], s)
-        outs.append(o_t)
-    o_ref, st_ref = numpy_gdn(q, k, v, g, beta, initial_state=s0)
-    assert rel_err(jnp.concatenate(outs, axis=1), o_ref) < TOL[jnp.float32]
-    assert rel_err(s, st_ref) < TOL[jnp.float32]
-
-
 def test_bad_inputs_raise():
     q, k, v, g, beta, s0 = make_inputs(0, 2, 8, 2, 4, 16, 16, jnp.float32)
     with pytest.raises(ValueError, match="`k`"):

@@ -114,11 +114,12 @@ def test_chunk_kernel_varlen(impl, dtype):
     assert rel_err(st, st_ref) < TOL[dtype]
 
 
-def test_chunk_then_decode_loop_triton():
-    """Chunked prefill (kernel) then the decode kernel token by token == one recurrence."""
+@pytest.mark.parametrize("impl", ["reference", "pallas_triton"])
+def test_chunk_then_decode_loop(impl):
+    """Chunked prefill then the decode op token by token == one recurrence."""
     q, k, v, g, beta, s0 = make_inputs(4, 2, 20, 1, 2, 16, 16, jnp.float32)
     o1, s = _chunk(
-        "pallas_triton",
+        impl,
         q[:, :13],
         k[:, :13],
         v[:, :13],
@@ -132,7 +133,7 @@ def test_chunk_then_decode_loop_triton():
             *a[:5],
             initial_state=a[5],
             output_final_state=True,
-            impl="pallas_triton",
+            impl=impl,
             interpret=True,
         )
     )
@@ -314,16 +315,21 @@ def _model_like(impl):
     return jax.jit(fn)
 
 
-def test_export_cuda_triton():
+def _export_cuda(fn, args):
+    """``jax.export`` of ``fn`` for CUDA from any machine (an abstract H200 mesh)."""
     from jax.sharding import AbstractDevice, AbstractMesh
 
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "cuda"))
     with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            _model_like("pallas_triton"),
+        return export.export(
+            fn,
             platforms=("cuda",),
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*_abstract_args())
+        )(*args)
+
+
+def test_export_cuda_triton():
+    exp = _export_cuda(_model_like("pallas_triton"), _abstract_args())
     text = exp.mlir_module()
     for name in ("gdn_chunk_kkt_solve_wy", "gdn_chunk_fwd_h", "gdn_chunk_fwd_o", "gdn_decode"):
         assert name in text, name
@@ -338,9 +344,8 @@ def test_export_tpu():
         assert name in text, name
 
 
-def test_export_cuda_triton_varlen():
-    from jax.sharding import AbstractDevice, AbstractMesh
-
+def _varlen_case(impl):
+    """(jitted packed-sequence chunk op for ``impl``, its abstract args) for the export tests."""
     S = jax.ShapeDtypeStruct
     bf, f32 = jnp.bfloat16, jnp.float32
     args = (
@@ -363,16 +368,14 @@ def test_export_cuda_triton_varlen():
             output_final_state=True,
             cu_seqlens=cu,
             use_qk_l2norm_in_kernel=True,
-            impl="pallas_triton",
+            impl=impl,
         )
     )
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "cuda"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        exp = export.export(
-            fn,
-            platforms=("cuda",),
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args)
+    return fn, args
+
+
+def test_export_cuda_triton_varlen():
+    exp = _export_cuda(*_varlen_case("pallas_triton"))
     assert "gdn_chunk_fwd_h" in exp.mlir_module()
 
 
@@ -446,30 +449,6 @@ def test_gpu_varlen_decode_and_grad():
 
 
 def test_export_tpu_varlen():
-    S = jax.ShapeDtypeStruct
-    bf, f32 = jnp.bfloat16, jnp.float32
-    args = (
-        S((1, T, HK, DK), bf),
-        S((1, T, HK, DK), bf),
-        S((1, T, HV, DV), bf),
-        S((1, T, HV), f32),
-        S((1, T, HV), f32),
-        S((3, HV, DK, DV), f32),
-        S((4,), jnp.int32),
-    )
-    fn = jax.jit(
-        lambda q, k, v, g, b, s0, cu: chunk_gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            b,
-            initial_state=s0,
-            output_final_state=True,
-            cu_seqlens=cu,
-            use_qk_l2norm_in_kernel=True,
-            impl="pallas_tpu",
-        )
-    )
+    fn, args = _varlen_case("pallas_tpu")
     exp = export.export(fn, platforms=("tpu",))(*args)
     assert "gdn_chunk_fwd_tpu" in exp.mlir_module()
