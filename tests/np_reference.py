@@ -68,20 +68,29 @@ def mlp(p, x):
         p["down_proj"]["kernel"])
 
 
+def routed_experts(x, weights, experts, gate, up, down):
+    """Per-token loop over the chosen experts: sum_k weights[n, k] * expert(x[n]).
+
+    x [N, d]; weights, experts [N, k]; gate, up [E, d, I]; down [E, I, d] -> [N, d] float64.
+    """
+    x = f64(x)
+    out = np.zeros((x.shape[0], x.shape[1]))
+    for n in range(x.shape[0]):
+        for w, e in zip(weights[n], experts[n]):
+            h = silu(x[n] @ f64(gate[e])) * (x[n] @ f64(up[e]))
+            out[n] += f64(w) * (h @ f64(down[e]))
+    return out
+
+
 def sparse_moe(p, x, top_k, norm_topk_prob):
     """Dense per-expert loop: x [N, d] -> [N, d]."""
-    logits = x @ f64(p["gate"]["kernel"])
-    probs = softmax(logits)
-    out = np.zeros_like(x)
+    probs = softmax(x @ f64(p["gate"]["kernel"]))
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(probs, experts, axis=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
     ex = p["experts"]
-    for n in range(x.shape[0]):
-        top = np.argsort(-probs[n], kind="stable")[:top_k]
-        w = probs[n, top]
-        if norm_topk_prob:
-            w = w / w.sum()
-        for e, we in zip(top, w):
-            h = silu(x[n] @ f64(ex["gate_proj"][e])) * (x[n] @ f64(ex["up_proj"][e]))
-            out[n] += we * (h @ f64(ex["down_proj"][e]))
+    out = routed_experts(x, weights, experts, ex["gate_proj"], ex["up_proj"], ex["down_proj"])
     shared = mlp(p["shared_expert"], x)
     return out + sigmoid(x @ f64(p["shared_expert_gate"]["kernel"])) * shared
 

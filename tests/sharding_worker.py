@@ -86,6 +86,7 @@ def moe_check(out: str, examples: int = 15) -> None:
     import jax
     from hypothesis import given, settings
     from hypothesis import strategies as st
+    from np_reference import routed_experts  # tests/ is on sys.path: this script lives there
 
     from qnext_jax import sharding
     from qnext_jax.modeling.moe import expert_parallel_experts
@@ -120,12 +121,7 @@ def moe_check(out: str, examples: int = 15) -> None:
             experts = np.stack([rng.choice(E, k, replace=False) for _ in range(n)]
                                ).astype(np.int32)
         weights = rng.random((n, k)).astype(np.float32)
-        ref = np.zeros((n, D))
-        f = np.float64
-        for t in range(n):
-            for w, e in zip(weights[t], experts[t]):
-                h = f(x[t]) @ f(gate[e])
-                ref[t] += w * ((h / (1 + np.exp(-h)) * (f(x[t]) @ f(up[e]))) @ f(down[e]))
+        ref = routed_experts(x, weights, experts, gate, up, down)
         for s, fn in fns.items():
             got = np.asarray(fn(x, weights, experts, gate, up, down))
             err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-6))
