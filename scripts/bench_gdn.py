@@ -129,34 +129,10 @@ def fla_worker(args):
 
 
 def jax_time(f, *args, reps=30):
-    import jax
+    """Median milliseconds of ``f(*args)`` (bench_common.median_seconds)."""
+    from bench_common import median_seconds
 
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
-
-
-def measure_ceilings():
-    import jax
-    import jax.numpy as jnp
-
-    on_cpu = jax.default_backend() == "cpu"  # smoke runs only
-    n = 512 if on_cpu else 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
-    mm = jax.jit(lambda x, y: x @ y)
-    ms = jax_time(mm, a, a, reps=3 if on_cpu else 20)
-    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    x = jnp.ones((1 << (20 if on_cpu else 28),), jnp.float32)  # 1 GiB on the GPU
-    cp = jax.jit(lambda x: x * 2.0)
-    ms_cp = jax_time(cp, x, reps=3 if on_cpu else 20)
-    gbs = 2 * x.size * 4 / (ms_cp * 1e-3) / 1e9
-    del a, x
-    return {"bf16_matmul_tflops": tflops, "copy_gb_per_s": gbs}
+    return median_seconds(f, *args, iters=reps) * 1e3
 
 
 def run_jax(args):
@@ -183,6 +159,8 @@ def run_jax(args):
         with open(os.path.join(args.out, "fla.json")) as fh:
             fla = json.load(fh)
         fla_arrays = dict(np.load(os.path.join(args.out, "fla.npz")))
+
+    from bench_common import measure_ceilings
 
     ceil = measure_ceilings()
     print(

@@ -25,31 +25,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from bench_common import measure_ceilings, median_seconds
 
 from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling import Qwen3NextForCausalLM
-
-
-def median_time(fn, *args, iters: int = 10, warmup: int = 2) -> float:
-    """Median wall seconds of ``fn(*args)`` (results blocked on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def copy_bandwidth(nbytes: int) -> float:
-    """Measured device copy bandwidth, bytes/s counting bytes read and written."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0001)
-    t = median_time(f, x, iters=10)
-    return 2 * nbytes / t
 
 
 def expected_distinct_experts(tokens: int, num_experts: int, top_k: int) -> float:
@@ -117,7 +97,7 @@ def main():
     params = jax.block_until_ready(params)
     init_s = time.perf_counter() - t
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    bw = copy_bandwidth(64 << 20 if args.smoke else 2 << 30)
+    bw = measure_ceilings()["copy_gb_per_s"] * 1e9
     rows, record = [], {"device": dev.device_kind, "jax": jax.__version__, "layers": args.layers,
                         "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw}
 
@@ -131,7 +111,7 @@ def main():
         t = time.perf_counter()
         compiled = jax.jit(step).lower(params, ids, cache).compile()
         compile_s = time.perf_counter() - t
-        sec = median_time(compiled, params, ids, cache, iters=5)
+        sec = median_seconds(compiled, params, ids, cache, iters=5)
         record[f"prefill_{T}"] = {"compile_s": compile_s, "median_s": sec, "tokens_per_s": T / sec}
         rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None))
 
@@ -148,7 +128,7 @@ def main():
             state["cache"]["index"] = jnp.asarray(args.context, jnp.int32)  # stay in place
             return tok
 
-        sec = median_time(one, params, ids, iters=20, warmup=3)
+        sec = median_seconds(one, params, ids, iters=20, warmup=3)
         roof = decode_bytes(cfg, params, B, args.context) / bw
         record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,

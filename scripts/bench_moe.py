@@ -45,34 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import measure_ceilings, median_seconds
 
 D, E, TOP_K, INNER, SHARED = 2048, 512, 10, 512, 512
-
-
-def _median_time_jax(fn, *args, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_ceilings(iters: int) -> dict:
-    """bf16 matmul TFLOP/s and copy GB/s (bytes read + written) on the default device."""
-    n = 8192 if jax.default_backend() != "cpu" else 512
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    t = _median_time_jax(mm, a, b, iters=iters)
-    x = jnp.ones((1 << 30) // 2 if jax.default_backend() != "cpu" else 1 << 22,
-                 jnp.bfloat16)  # 1 GiB (8 MiB on CPU)
-    cp = jax.jit(lambda x: x * jnp.asarray(1, x.dtype) + jnp.asarray(0, x.dtype))
-    tc = _median_time_jax(cp, x, iters=iters)
-    return {"matmul_bf16_tflops": 2 * n ** 3 / t / 1e12,
-            "hbm_copy_gbps": 2 * x.size * x.dtype.itemsize / tc / 1e9}
 
 
 def make_params(seed: int = 0) -> dict:
@@ -232,7 +207,7 @@ def main(argv=None) -> int:
     ceil = measure_ceilings(max(5, args.iters // 2))
     info["ceilings"] = ceil
     print(f"[bench_moe] {info['device']} jax {jax.__version__}: bf16 matmul "
-          f"{ceil['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceil['hbm_copy_gbps']:.0f} GB/s",
+          f"{ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gb_per_s']:.0f} GB/s",
           file=sys.stderr)
 
     params = make_params()
@@ -285,7 +260,7 @@ def main(argv=None) -> int:
                 got = ours(params, x)
                 jax.block_until_ready(got)
                 t_compile = time.perf_counter() - t_compile
-                t_ours = _median_time_jax(ours, params, x, iters=args.iters)
+                t_ours = median_seconds(ours, params, x, iters=args.iters)
             except Exception as e:  # noqa: BLE001 (e.g. ragged_dot's dense expansion on GPU)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 rows.append(row)
@@ -293,8 +268,8 @@ def main(argv=None) -> int:
                 continue
             row.update(ours_ms=t_ours * 1e3, ours_compile_s=t_compile,
                        ours_tflops=flops / t_ours / 1e12, ours_weight_gbps=wbytes / t_ours / 1e9,
-                       pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["matmul_bf16_tflops"],
-                       x_hbm_time=t_ours / (wbytes / (ceil["hbm_copy_gbps"] * 1e9)))
+                       pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["bf16_matmul_tflops"],
+                       x_hbm_time=t_ours / (wbytes / (ceil["copy_gb_per_s"] * 1e9)))
             if "hf_ms" in hf_row:
                 got = np.asarray(got.astype(jnp.float32))
                 row.update(speedup=hf_row["hf_ms"] / row["ours_ms"],
@@ -319,8 +294,8 @@ def main(argv=None) -> int:
         print(f"{r['T']:6d} {r['impl']:>10} {r['ours_ms']:9.3f} {r['ours_tflops']:8.1f} "
               f"{r['pct_matmul_peak']:5.1f}% {r['ours_weight_gbps']:7.0f} {r['x_hbm_time']:5.2f}x "
               f"{r['experts_hit']:4d} {hf_cols}")
-    print(f"ceilings: bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s, "
-          f"copy {ceil['hbm_copy_gbps']:.0f} GB/s; %mm = share of the matmul rate on active "
+    print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, "
+          f"copy {ceil['copy_gb_per_s']:.0f} GB/s; %mm = share of the matmul rate on active "
           f"expert FLOPs; xHBM = our time / time to read the touched expert weights")
     if args.out:
         Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))

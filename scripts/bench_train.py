@@ -31,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from bench_common import measure_ceilings
 import numpy as np
 
 from qnext_jax.config import Qwen3NextConfig
@@ -39,19 +40,6 @@ from qnext_jax.train.optimizer import OptimizerConfig
 from qnext_jax.train.step import TrainConfig, Trainer
 
 NOMINAL_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
-def matmul_rate(n: int = 8192, iters: int = 10) -> float:
-    """Measured bf16 matmul FLOP/s (n^3, float32 accumulation)."""
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype))
-    jax.block_until_ready(f(a, a))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a, a))
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.median(times))
 
 
 def forward_flops_per_token(cfg: Qwen3NextConfig, T: int, chunk: int = 64) -> dict[str, float]:
@@ -99,7 +87,7 @@ def main() -> None:
     cfg = base.replace(num_hidden_layers=args.layers, num_experts=args.experts,
                        num_experts_per_tok=min(base.num_experts_per_tok, args.experts))
     dev = jax.devices()[0]
-    peak = matmul_rate()
+    peak = measure_ceilings()["bf16_matmul_tflops"] * 1e12
     nominal = next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in dev.device_kind), None)
     model = Qwen3NextForCausalLM(cfg, param_dtype=jnp.float32)
     t0 = time.perf_counter()

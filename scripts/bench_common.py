@@ -1,0 +1,38 @@
+"""Timing and ceilings shared by the benchmarks under scripts/ (imported as ``bench_common``:
+each script's own folder is on sys.path when it runs)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn, *args, iters: int = 10, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn(*args)`` over ``iters`` calls, each blocked on, after
+    ``warmup`` untimed calls (the first of which may compile)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_ceilings(iters: int = 10) -> dict:
+    """This device's rates, measured now: a bf16 [n, n] @ [n, n] matmul on random data
+    (TFLOP/s) and an elementwise pass over a float32 array (GB/s, bytes read + written).
+    n = 8192 and 1 GiB on an accelerator; small sizes on the CPU (smoke runs)."""
+    on_cpu = jax.default_backend() == "cpu"
+    n = 512 if on_cpu else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    t_mm = median_seconds(jax.jit(lambda x, y: x @ y), a, b, iters=iters)
+    x = jnp.ones((1 << (20 if on_cpu else 28),), jnp.float32)
+    t_cp = median_seconds(jax.jit(lambda v: v * 2.0), x, iters=iters)
+    return {"bf16_matmul_tflops": 2 * n**3 / t_mm / 1e12,
+            "copy_gb_per_s": 2 * x.size * x.dtype.itemsize / t_cp / 1e9}
