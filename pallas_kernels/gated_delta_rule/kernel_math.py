@@ -56,6 +56,21 @@ def decay_matrix(G_col, G_row, *, strict: bool):
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
+def decayed_scores(a, b, G, *, strict: bool):
+    """(a b^T)_ij exp(G_i - G_j) on j < i (strict) or j <= i, else 0.
+
+    a, b [C, d] of one dtype (the matmul operands); G [C] float32. Returns [C, C] float32: the
+    k k^T of stage "kkt" (strict) and the q k^T of stage "o" and its backward (inclusive).
+    """
+    return dot(a, b, trans_b=True) * decay_matrix(G[:, None], G[None, :], strict=strict)
+
+
+def row_minus_col_sums(M):
+    """sum_j M_ij - sum_j M_ji, [C] float32 for M [C, C]: the gradient w.r.t. G of sum(dX * X)
+    when X_ij carries the factor exp(G_i - G_j) (M = dX * X)."""
+    return jnp.sum(M, axis=1) - jnp.sum(M, axis=0)
+
+
 def solve_unit_lower(A, *, precision=HIGHEST):
     """(I + A)^-1 for strictly lower A [C, C] float32 (C a power of two), by doubling.
 

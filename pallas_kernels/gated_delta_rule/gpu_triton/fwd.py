@@ -1,11 +1,17 @@
-"""The chunked forward on GPU (Pallas, Triton lowering): cumsum -> kkt/solve/wy -> h -> o."""
+"""The chunked forward on GPU (Pallas, Triton lowering): cumsum -> kkt/solve/wy -> h -> o.
+
+Also the token-axis layout shared with the backward (bwd.py): every sequence is laid out on whole
+chunks, padded at its end with zeros (g = 0, k = 0, beta = 0: the state passes through unchanged).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
@@ -16,10 +22,12 @@ from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_fwd_o
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes and launch parameters of the forward kernels (tune per GPU).
+    """Tile sizes and launch parameters of the forward and backward kernels (tune per GPU).
 
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
+    Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
+    block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program.
     """
 
     chunk: int = 64
@@ -29,12 +37,25 @@ class BlockSizes:
     num_warps_h: int = 4
     num_warps_o: int = 4
     num_stages: int = 2
+    block_v_dv: int = 64
+    block_v_dh: int = 32
+    block_v_dqkwg: int = 64
+    num_warps_dv: int = 4
+    num_warps_dh: int = 4
+    num_warps_dqkwg: int = 4
+    num_warps_wy_bwd: int = 4
 
 
-def chunk_local_cumsum(g: jax.Array, chunk: int) -> jax.Array:
-    """Stage "cumsum": [B, Tp, H] float32 -> inclusive cumsum of g inside each chunk."""
+def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
+    """Stage "cumsum": [B, Tp, H] float32 -> inclusive cumsum of g inside each chunk.
+
+    reverse=True sums from the chunk end (x_t + ... + x_{C-1}): the transpose of the forward
+    cumsum, which turns d(G) into d(g) in the backward.
+    """
     B, Tp, H = g.shape
-    return jnp.cumsum(g.reshape(B, Tp // chunk, chunk, H), axis=2).reshape(B, Tp, H)
+    return lax.cumsum(g.reshape(B, Tp // chunk, chunk, H), axis=2, reverse=reverse).reshape(
+        B, Tp, H
+    )
 
 
 def pad_to_chunks(x: jax.Array, Tp: int) -> jax.Array:
@@ -42,6 +63,123 @@ def pad_to_chunks(x: jax.Array, Tp: int) -> jax.Array:
     if T == Tp:
         return x
     return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+
+
+class ChunkLayout(NamedTuple):
+    """Where the tokens of a [B, T] call lie on the chunk-aligned [B, Tp] axis of the kernels.
+
+    Dense (cu_seqlens None): Tp = T rounded up to a chunk multiple, zero padding at the end.
+    Varlen (B == 1): ``varlen`` (common.VarlenLayout) lays each sequence out from a chunk start;
+    chunk_reset / chunk_last [NC] int32: the sequence a chunk starts / ends (-1 if none), the
+    arguments of the state passes; n_pad: N rounded up to a power of two (Triton block sizes),
+    the leading size of the per-sequence state arrays handed to the kernels.
+    """
+
+    T: int
+    Tp: int
+    varlen: common.VarlenLayout | None = None
+    chunk_reset: jax.Array | None = None
+    chunk_last: jax.Array | None = None
+    n_pad: int = 0
+
+    def to_chunks(self, x: jax.Array) -> jax.Array:
+        """[B, T, ...] -> [B, Tp, ...], zeros at padding positions."""
+        if self.varlen is None:
+            return pad_to_chunks(x, self.Tp)
+        return common.gather_aligned(x, self.varlen)
+
+    def from_chunks(self, x: jax.Array) -> jax.Array:
+        """[B, Tp, ...] -> [B, T, ...] (the inverse of to_chunks, and its transpose)."""
+        if self.varlen is None:
+            return x[:, : self.T]
+        return common.scatter_packed(x, self.varlen)
+
+    def pad_states(self, s: jax.Array) -> jax.Array:
+        """Varlen: [N, ...] per-sequence states -> [n_pad, ...], zero rows appended."""
+        return jnp.pad(s, [(0, self.n_pad - s.shape[0])] + [(0, 0)] * (s.ndim - 1))
+
+    def kernel_initial_state(self, initial_state, shape) -> jax.Array | None:
+        """The initial-state argument of the state passes: dense, initial_state as is (or None);
+        varlen, [n_pad, Hv, dk, dv] float32 (zeros when None). shape: [N, Hv, dk, dv]."""
+        if self.varlen is None:
+            return initial_state
+        if initial_state is None:
+            return jnp.zeros((self.n_pad,) + tuple(shape[1:]), jnp.float32)
+        return self.pad_states(initial_state.astype(jnp.float32))
+
+    def seq_has_tokens(self) -> jax.Array:
+        """Varlen: [N, 1, 1, 1] bool, the sequence is not empty (its final state is computed)."""
+        return (self.varlen.last_chunk >= 0)[:, None, None, None]
+
+
+def chunk_layout(T: int, chunk: int, cu_seqlens: jax.Array | None = None) -> ChunkLayout:
+    """The ChunkLayout of T tokens (cu_seqlens [N + 1] int32 or None); jit-compatible."""
+    if cu_seqlens is None:
+        return ChunkLayout(T, -(-T // chunk) * chunk)
+    lay = common.varlen_layout(cu_seqlens, T, chunk)
+    N = cu_seqlens.shape[0] - 1
+    NC = lay.src.shape[0] // chunk
+    chunk_reset = jnp.where(lay.chunk_start, lay.chunk_seq, -1).astype(jnp.int32)
+    chunk_last = (
+        jnp.full((NC,), -1, jnp.int32)
+        .at[jnp.where(lay.last_chunk >= 0, lay.last_chunk, NC)]
+        .set(jnp.arange(N, dtype=jnp.int32), mode="drop")
+    )
+    return ChunkLayout(
+        T, lay.src.shape[0], lay, chunk_reset, chunk_last, 1 << max(0, (N - 1).bit_length())
+    )
+
+
+def chunk_states(
+    k,
+    v,
+    G,
+    beta,
+    initial_state,
+    lay: ChunkLayout,
+    *,
+    block_sizes: BlockSizes,
+    use_qk_l2norm: bool,
+    solve_precision,
+    interpret: bool,
+):
+    """Stages "kkt/solve/wy" and "h" on chunk-aligned inputs (run by the forward, and again by
+    the backward, which recomputes them rather than storing them).
+
+    Args: k [B, Tp, Hk, dk], v [B, Tp, Hv, dv] (compute dtype); G, beta [B, Tp, Hv] float32;
+      initial_state: ``lay.kernel_initial_state(...)``.
+    Returns: w [B, Tp, Hv, dk], h [B, NC, Hv, dk, dv], v_new [B, Tp, Hv, dv] (compute dtype) and
+      the final state [B or n_pad, Hv, dk, dv] float32 (see gpu_triton.h.chunk_fwd_h).
+    """
+    C = block_sizes.chunk
+    w, u = chunk_kkt_solve_wy(
+        k,
+        v,
+        G,
+        beta,
+        chunk_size=C,
+        use_qk_l2norm=use_qk_l2norm,
+        solve_precision=solve_precision,
+        num_warps=block_sizes.num_warps_wy,
+        num_stages=block_sizes.num_stages,
+        interpret=interpret,
+    )
+    h, v_new, final = chunk_fwd_h(
+        k,
+        w,
+        u,
+        G,
+        initial_state,
+        chunk_reset=lay.chunk_reset,
+        chunk_last=lay.chunk_last,
+        chunk_size=C,
+        block_v=block_sizes.block_v_h,
+        use_qk_l2norm=use_qk_l2norm,
+        num_warps=block_sizes.num_warps_h,
+        num_stages=block_sizes.num_stages,
+        interpret=interpret,
+    )
+    return w, h, v_new, final
 
 
 def chunk_gated_delta_rule_fwd(
@@ -68,65 +206,26 @@ def chunk_gated_delta_rule_fwd(
       operands); default exact float32 for float32 inputs and TF32 for bf16 inputs.
     Returns: o [B, T, Hv, dv] in v.dtype, final_state [N, Hv, dk, dv] float32.
     """
-    T, dk = q.shape[1], q.shape[3]
-    Hv, dv = v.shape[2], v.shape[3]
     C = block_sizes.chunk
     cdt = k.dtype
     if solve_precision is None:
-        solve_precision = km.HIGHEST if cdt == jnp.float32 else km.DEFAULT
-    q, k, v = q.astype(cdt), k.astype(cdt), v.astype(cdt)
-    g, beta = g.astype(jnp.float32), beta.astype(jnp.float32)
-    layout = None
-    if cu_seqlens is not None:
-        layout = common.varlen_layout(cu_seqlens, T, C)
-        q, k, v, g, beta = (common.gather_aligned(x, layout) for x in (q, k, v, g, beta))
-        Tp = q.shape[1]
-        N = cu_seqlens.shape[0] - 1
-        Np = 1 << max(0, (N - 1).bit_length())  # Triton blocks want power-of-two sizes
-        s0 = (
-            jnp.zeros((N, Hv, dk, dv), jnp.float32)
-            if initial_state is None
-            else initial_state.astype(jnp.float32)
-        )
-        s0p = jnp.pad(s0, [(0, Np - N), (0, 0), (0, 0), (0, 0)])
-        NC = Tp // C
-        seq_ids = jnp.arange(N, dtype=jnp.int32)
-        chunk_reset = jnp.where(layout.chunk_start, layout.chunk_seq, -1).astype(jnp.int32)
-        chunk_last = (
-            jnp.full((NC,), -1, jnp.int32)
-            .at[jnp.where(layout.last_chunk >= 0, layout.last_chunk, NC)]
-            .set(seq_ids, mode="drop")
-        )
-    else:
-        Tp = -(-T // C) * C
-        q, k, v, g, beta = (pad_to_chunks(x, Tp) for x in (q, k, v, g, beta))
-        s0p, chunk_reset, chunk_last = initial_state, None, None
+        solve_precision = km.mm_precision(cdt)
+    lay = chunk_layout(q.shape[1], C, cu_seqlens)
+    q, k, v = (lay.to_chunks(x.astype(cdt)) for x in (q, k, v))
+    g, beta = (lay.to_chunks(x.astype(jnp.float32)) for x in (g, beta))
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_shape = (N, v.shape[2], k.shape[3], v.shape[3])
     G = chunk_local_cumsum(g, C)
-    w, u = chunk_kkt_solve_wy(
+    _, h, v_new, final = chunk_states(
         k,
         v,
         G,
         beta,
-        chunk_size=C,
+        lay.kernel_initial_state(initial_state, state_shape),
+        lay,
+        block_sizes=block_sizes,
         use_qk_l2norm=use_qk_l2norm,
         solve_precision=solve_precision,
-        num_warps=block_sizes.num_warps_wy,
-        num_stages=block_sizes.num_stages,
-        interpret=interpret,
-    )
-    h, v_new, final = chunk_fwd_h(
-        k,
-        w,
-        u,
-        G,
-        s0p,
-        chunk_reset=chunk_reset,
-        chunk_last=chunk_last,
-        chunk_size=C,
-        block_v=block_sizes.block_v_h,
-        use_qk_l2norm=use_qk_l2norm,
-        num_warps=block_sizes.num_warps_h,
-        num_stages=block_sizes.num_stages,
         interpret=interpret,
     )
     o = chunk_fwd_o(
@@ -144,7 +243,7 @@ def chunk_gated_delta_rule_fwd(
         num_stages=block_sizes.num_stages,
         interpret=interpret,
     )
-    if layout is None:
-        return o[:, :T], final
-    final = jnp.where((layout.last_chunk >= 0)[:, None, None, None], final[:N], s0)
-    return common.scatter_packed(o, layout), final
+    if lay.varlen is None:
+        return lay.from_chunks(o), final
+    s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
+    return lay.from_chunks(o), jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))

@@ -20,25 +20,36 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
+def wy_factors(k, v, G, beta, *, cdt, solve_precision):
+    """In-kernel: the WY factors of one chunk (also recomputed by the backward, wy_bwd.py).
+
+    k [C, dk] float32 (L2-normalised already if asked), v [C, dv], G, beta [C], all float32; cdt
+    the dtype of the k k^T operands. Returns float32: kkd = strictly_lower(k k^T exp(G_i - G_j))
+    [C, C], T = (I + diag(beta) kkd)^-1 [C, C], kb = beta exp(G) k [C, dk], vb = beta v [C, dv].
+    """
+    kc = k.astype(cdt)
+    kkd = km.decayed_scores(kc, kc, G, strict=True)
+    T = km.solve_unit_lower(kkd * beta[:, None], precision=solve_precision)
+    return kkd, T, k * (beta * jnp.exp(G))[:, None], v * beta[:, None]
+
+
 def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, use_qk_l2norm, solve_precision):
     # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv].
     cdt = k_ref.dtype
     k = k_ref[...].astype(jnp.float32)
     if use_qk_l2norm:
         k = km.l2norm(k)
-    G = g_ref[...].astype(jnp.float32)  # [C]
-    beta = beta_ref[...].astype(jnp.float32)  # [C]
-    kc = k.astype(cdt)
-    A = (
-        km.dot(kc, kc, trans_b=True)
-        * beta[:, None]
-        * km.decay_matrix(G[:, None], G[None, :], strict=True)
+    _, T, kb, vb = wy_factors(
+        k,
+        v_ref[...].astype(jnp.float32),
+        g_ref[...].astype(jnp.float32),
+        beta_ref[...].astype(jnp.float32),
+        cdt=cdt,
+        solve_precision=solve_precision,
     )
-    T = km.solve_unit_lower(A, precision=solve_precision).astype(cdt)  # [C, C]
-    kb = (k * (beta * jnp.exp(G))[:, None]).astype(cdt)  # [C, dk]
-    vb = (v_ref[...].astype(jnp.float32) * beta[:, None]).astype(cdt)  # [C, dv]
-    w_ref[...] = km.dot(T, kb).astype(w_ref.dtype)
-    u_ref[...] = km.dot(T, vb).astype(u_ref.dtype)
+    T = T.astype(cdt)
+    w_ref[...] = km.dot(T, kb.astype(cdt)).astype(w_ref.dtype)
+    u_ref[...] = km.dot(T, vb.astype(cdt)).astype(u_ref.dtype)
 
 
 def chunk_kkt_solve_wy(

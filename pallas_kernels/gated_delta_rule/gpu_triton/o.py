@@ -28,9 +28,7 @@ def _kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, use_qk_l2norm):
     k = k.astype(cdt)
     G = g_ref[...].astype(jnp.float32)
     o_inter = km.dot(q, h_ref[...]) * jnp.exp(G)[:, None]  # [C, BV]
-    attn = km.dot(q, k, trans_b=True) * km.decay_matrix(
-        G[:, None], G[None, :], strict=False
-    )  # [C, C]
+    attn = km.decayed_scores(q, k, G, strict=False)  # [C, C]
     o = o_inter + km.dot(attn.astype(cdt), vn_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 

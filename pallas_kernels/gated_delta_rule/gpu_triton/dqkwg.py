@@ -1,0 +1,144 @@
+"""Backward stage "dqkwg": d(q), d(k), d(w), d(G) of one chunk from its states and their gradients.
+
+Per chunk, with S = h[c] the state at its start, dS = dh[c] the gradient w.r.t. the state at its
+end (dh.py), P = lower_incl(q k^T exp(G_i - G_j)), kd = k exp(G_last - G) and dv_new the total
+gradient of v_new:
+  O  = scale [ (q S) exp(G) + P v_new ],     S' = exp(G_last) S + kd^T v_new,   v_new = u - w S
+gives
+  dP = scale (dO v_new^T) exp(G_i - G_j) on j <= i                              [C, C]
+  dq = scale exp(G) (dO S^T) + dP k                                             [C, dk]
+  dk = dP^T q + exp(G_last - G) (v_new dS^T)           (the w/A paths are added by wy_bwd.py)
+  dw = -dv_new S^T                                                              [C, dk]
+  dG = rowsum(dq_state * q) + rowsum(dP * q k^T) - colsum(dP * q k^T) - rowsum(dk_state * k)
+       + [i = C-1] (exp(G_last) sum(S * dS) + sum(dk_state * k))
+where dq_state, dk_state are the first terms of dq and of dk. The value dimension is walked in
+blocks of block_v. One program per (chunk, batch, value head); q and k are those of its key head
+(d(q), d(k) per value head; the caller sums the value heads of a key head).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gated_delta_rule import kernel_math as km
+
+
+def _kernel(
+    q_ref,
+    k_ref,
+    g_ref,
+    h_ref,
+    dh_ref,
+    vn_ref,
+    do_ref,
+    dv_ref,
+    dq_ref,
+    dk_ref,
+    dw_ref,
+    dg_ref,
+    *,
+    scale,
+    block_v,
+):
+    # q_ref, k_ref [C, dk]; g_ref [C]; h_ref, dh_ref [dk, dv]; vn_ref, do_ref, dv_ref [C, dv];
+    # dq_ref, dk_ref [C, dk] float32; dw_ref [C, dk]; dg_ref [C] float32.
+    C, dk = q_ref.shape
+    dv = vn_ref.shape[1]
+    dq_state = jnp.zeros((C, dk), jnp.float32)  # dO S^T
+    dk_state = jnp.zeros((C, dk), jnp.float32)  # v_new dS^T
+    dw = jnp.zeros((C, dk), jnp.float32)
+    dP = jnp.zeros((C, C), jnp.float32)  # dO v_new^T, then d(q k^T)
+    s_ds = jnp.zeros((), jnp.float32)  # sum(S * dS)
+    for j in range(dv // block_v):
+        cols = pl.ds(j * block_v, block_v)
+        S, dS = h_ref[:, cols], dh_ref[:, cols]
+        do, vn = do_ref[:, cols], vn_ref[:, cols]
+        dq_state += km.dot(do, S, trans_b=True)
+        dk_state += km.dot(vn, dS, trans_b=True)
+        dw -= km.dot(dv_ref[:, cols], S, trans_b=True)
+        dP += km.dot(do, vn, trans_b=True)
+        s_ds += jnp.sum(S.astype(jnp.float32) * dS.astype(jnp.float32))
+    cdt = q_ref.dtype
+    q, k = q_ref[...], k_ref[...]
+    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+    G = g_ref[...].astype(jnp.float32)
+    g_last = km.pick_last(G)
+    dq_state = dq_state * (scale * jnp.exp(G))[:, None]
+    dk_state = dk_state * jnp.exp(g_last - G)[:, None]
+    dP = dP * (scale * km.decay_matrix(G[:, None], G[None, :], strict=False))  # d(q k^T)
+    M = dP * km.dot(q, k, trans_b=True)
+    dPc = dP.astype(cdt)
+    dq_ref[...] = dq_state + km.dot(dPc, k)
+    dk_ref[...] = dk_state + km.dot(dPc, q, trans_a=True)
+    dw_ref[...] = dw.astype(dw_ref.dtype)
+    dk_state_k = jnp.sum(dk_state * kf, axis=1)  # [C]
+    d_glast = jnp.exp(g_last) * s_ds + jnp.sum(dk_state_k)
+    last = lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1
+    dg_ref[...] = (
+        jnp.sum(dq_state * qf, axis=1)
+        + km.row_minus_col_sums(M)
+        - dk_state_k
+        + jnp.where(last, d_glast, 0.0)
+    )
+
+
+def chunk_bwd_dqkwg(
+    q: jax.Array,
+    k: jax.Array,
+    G: jax.Array,
+    h: jax.Array,
+    dh: jax.Array,
+    v_new: jax.Array,
+    do: jax.Array,
+    dv_new: jax.Array,
+    *,
+    scale: float,
+    chunk_size: int = 64,
+    block_v: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """d(q), d(k) (state and intra-chunk paths), d(w) and d(G) (same paths) of every chunk.
+
+    Args:
+      q, k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked; q unscaled).
+      G: [B, Tp, Hv] float32; h, dh: [B, NC, Hv, dk, dv] (the states at the chunk starts, and
+        d(state at the chunk ends) from dh.py); v_new, do, dv_new: [B, Tp, Hv, dv].
+    Returns:
+      dq, dk [B, Tp, Hv, dk] float32 (per value head); dw [B, Tp, Hv, dk] (compute dtype);
+      dG [B, Tp, Hv] float32.
+    """
+    B, Tp, Hk, dk = q.shape
+    Hv, dv = do.shape[2], do.shape[3]
+    C = chunk_size
+    n = Hv // Hk
+    BV = min(block_v, dv)
+    if dv % BV:
+        raise ValueError(f"chunk_bwd_dqkwg: block_v = {BV} must divide dv = {dv}")
+    key_spec = pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, lax.div(h, n), 0))
+    row_spec = pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, h, 0))
+    val_spec = pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0))
+    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda c, b, h: (b, c, h, 0, 0))
+    g_spec = pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h))
+    return pl.pallas_call(
+        functools.partial(_kernel, scale=scale, block_v=BV),
+        grid=(Tp // C, B, Hv),
+        in_specs=[key_spec, key_spec, g_spec, state_spec, state_spec, val_spec, val_spec, val_spec],
+        out_specs=[row_spec, row_spec, row_spec, g_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), q.dtype),
+            jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdn_chunk_bwd_dqkwg",
+    )(q, k, G, h, dh, v_new, do, dv_new)

@@ -1,0 +1,135 @@
+"""Backward of stages "kkt", "solve" and "wy" (the WY/UT representation), one chunk per program.
+
+The forward (kkt_solve_wy.py, recomputed here) builds, with Gamma_ij = exp(G_i - G_j) on j < i,
+  kkd = strictly_lower(k k^T Gamma),  A = diag(beta) kkd,  T = (I + A)^-1,
+  kb = beta exp(G) k,  vb = beta v,  w = T kb,  u = T vb.
+From dw and du (= the total gradient of v_new: v_new = u - w S):
+  dT  = dw kb^T + du vb^T,   dkb = T^T dw,   dvb = T^T du
+  dA  = -T^T dT T^T (strictly lower part)                 [d(M^-1) = -M^-1 dM M^-1]
+  dk  = beta exp(G) dkb + dK K + dK^T K,  dK = diag(beta) dA * Gamma   (d(k k^T), strictly lower)
+  dv  = beta dvb
+  dbeta = rowsum(dkb * k exp(G)) + rowsum(dvb * v) + rowsum(dA * kkd)
+  dG  = rowsum(dkb * kb) + rowsum(dA * A) - colsum(dA * A)
+dk and dG are added to the partial gradients of stage "dqkwg" (aliased in place).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gated_delta_rule import kernel_math as km
+from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import wy_factors
+
+
+def _kernel(
+    k_ref,
+    v_ref,
+    g_ref,
+    beta_ref,
+    dw_ref,
+    du_ref,
+    dk_in_ref,
+    dg_in_ref,
+    dk_ref,
+    dv_ref,
+    dbeta_ref,
+    dg_ref,
+    *,
+    solve_precision,
+):
+    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; dw_ref [C, dk]; du_ref [C, dv];
+    # dk_in_ref, dk_ref [C, dk] float32; dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
+    cdt = k_ref.dtype
+    kc = k_ref[...]
+    k = kc.astype(jnp.float32)
+    v = v_ref[...].astype(jnp.float32)
+    G = g_ref[...].astype(jnp.float32)
+    beta = beta_ref[...].astype(jnp.float32)
+    kkd, T, kb, vb = wy_factors(k, v, G, beta, cdt=cdt, solve_precision=solve_precision)
+    Tc = T.astype(cdt)
+    dw, du = dw_ref[...], du_ref[...]
+    dT = km.dot(dw, kb.astype(cdt), trans_b=True) + km.dot(du, vb.astype(cdt), trans_b=True)
+    dkb = km.dot(Tc, dw, trans_a=True)  # [C, dk]
+    dvb = km.dot(Tc, du, trans_a=True)  # [C, dv]
+    # C x C products in float32, like the solve. kkd is 0 off the strict lower triangle, so
+    # multiplying by it (or by A) keeps only the strictly lower part of dA.
+    dA = -km.dot(
+        km.dot(T, dT, trans_a=True, precision=solve_precision),
+        T,
+        trans_b=True,
+        precision=solve_precision,
+    )
+    dAk = dA * kkd  # [C, C]
+    dkk = (dA * beta[:, None] * km.decay_matrix(G[:, None], G[None, :], strict=True)).astype(cdt)
+    dk_ref[...] = (
+        dk_in_ref[...]
+        + dkb * (beta * jnp.exp(G))[:, None]
+        + km.dot(dkk, kc)
+        + km.dot(dkk, kc, trans_a=True)
+    )
+    dv_ref[...] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+    dbeta_ref[...] = (
+        jnp.sum(dkb * k, axis=1) * jnp.exp(G) + jnp.sum(dvb * v, axis=1) + jnp.sum(dAk, axis=1)
+    )
+    dg_ref[...] = (
+        dg_in_ref[...] + jnp.sum(dkb * kb, axis=1) + km.row_minus_col_sums(dAk * beta[:, None])
+    )
+
+
+def chunk_bwd_wy(
+    k: jax.Array,
+    v: jax.Array,
+    G: jax.Array,
+    beta: jax.Array,
+    dw: jax.Array,
+    du: jax.Array,
+    dk: jax.Array,
+    dG: jax.Array,
+    *,
+    chunk_size: int = 64,
+    solve_precision=km.HIGHEST,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """Gradients through w = T (beta exp(G) k) and u = T (beta v), T recomputed.
+
+    Args:
+      k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked); v: [B, Tp, Hv, dv].
+      G, beta: [B, Tp, Hv] float32; dw: [B, Tp, Hv, dk], du: [B, Tp, Hv, dv] (compute dtype).
+      dk: [B, Tp, Hv, dk] float32, dG: [B, Tp, Hv] float32: the partial gradients of the other
+        paths (stage "dqkwg"), updated in place.
+    Returns:
+      dk [B, Tp, Hv, dk] float32 (per value head), dv [B, Tp, Hv, dv] float32,
+      dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
+    """
+    B, Tp, Hk, dkd = k.shape
+    Hv, dvd = v.shape[2], v.shape[3]
+    C = chunk_size
+    n = Hv // Hk
+    key_spec = pl.BlockSpec((None, C, None, dkd), lambda c, b, h: (b, c, lax.div(h, n), 0))
+    dk_spec = pl.BlockSpec((None, C, None, dkd), lambda c, b, h: (b, c, h, 0))
+    val_spec = pl.BlockSpec((None, C, None, dvd), lambda c, b, h: (b, c, h, 0))
+    g_spec = pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h))
+    return pl.pallas_call(
+        functools.partial(_kernel, solve_precision=solve_precision),
+        grid=(Tp // C, B, Hv),
+        in_specs=[key_spec, val_spec, g_spec, g_spec, dk_spec, val_spec, dk_spec, g_spec],
+        out_specs=[dk_spec, val_spec, g_spec, g_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Tp, Hv, dkd), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dvd), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
+        ],
+        input_output_aliases={6: 0, 7: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdn_chunk_bwd_wy",
+    )(k, v, G, beta, dw, du, dk, dG)
