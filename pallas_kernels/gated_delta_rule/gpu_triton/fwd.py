@@ -26,17 +26,18 @@ class BlockSizes:
 
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
+    Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128).
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
     block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program.
     """
 
     chunk: int = 64
-    block_v_h: int = 32
-    block_v_o: int = 64
+    block_v_h: int = 64
+    block_v_o: int = 128
     num_warps_wy: int = 4
     num_warps_h: int = 4
     num_warps_o: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     block_v_dv: int = 64
     block_v_dh: int = 32
     block_v_dqkwg: int = 64

@@ -2,7 +2,7 @@
 
 For a chunk of C tokens with cumulative log decay G (chunk-local cumsum of g):
   A = strictly_lower(beta_i k_i . k_j exp(G_i - G_j))     [C, C]  float32   ("kkt")
-  T = (I + A)^-1                                          [C, C]  float32   ("solve", doubling)
+  T = (I + A)^-1                                          [C, C]  float32   ("solve", blocked)
   w = T (beta exp(G) k),   u = T (beta v)                 [C, dk], [C, dv]  ("wy")
 w and u are written in the compute dtype (the dtype of k).
 """
@@ -19,37 +19,54 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
-
-def wy_factors(k, v, G, beta, *, cdt, solve_precision):
-    """In-kernel: the WY factors of one chunk (also recomputed by the backward, wy_bwd.py).
-
-    k [C, dk] float32 (L2-normalised already if asked), v [C, dv], G, beta [C], all float32; cdt
-    the dtype of the k k^T operands. Returns float32: kkd = strictly_lower(k k^T exp(G_i - G_j))
-    [C, C], T = (I + diag(beta) kkd)^-1 [C, C], kb = beta exp(G) k [C, dk], vb = beta v [C, dv].
-    """
-    kc = k.astype(cdt)
-    kkd = km.decayed_scores(kc, kc, G, strict=True)
-    T = km.solve_unit_lower(kkd * beta[:, None], precision=solve_precision)
-    return kkd, T, k * (beta * jnp.exp(G))[:, None], v * beta[:, None]
+SUB_CHUNK = 16  # tokens per diagonal block of the blocked solve (the smallest Triton dot tile)
 
 
-def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, use_qk_l2norm, solve_precision):
+def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, sub, use_qk_l2norm, solve_precision):
     # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv].
+    # Blocked over sub-chunks of `sub` tokens (index i, j, m < nb = C / sub): T is block lower
+    # triangular, T_ii = (I + A_ii)^-1 (doubling on sub x sub) and, for j < i,
+    #   T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj          (block forward substitution)
+    # so the solve costs O(nb^3 sub^3) instead of the log2(C) full C x C products of
+    # km.solve_unit_lower, and w_i = sum_{j<=i} T_ij kb_j, u_i = sum_{j<=i} T_ij vb_j skip the
+    # zero blocks of T.
     cdt = k_ref.dtype
-    k = k_ref[...].astype(jnp.float32)
-    if use_qk_l2norm:
-        k = km.l2norm(k)
-    _, T, kb, vb = wy_factors(
-        k,
-        v_ref[...].astype(jnp.float32),
-        g_ref[...].astype(jnp.float32),
-        beta_ref[...].astype(jnp.float32),
-        cdt=cdt,
-        solve_precision=solve_precision,
-    )
-    T = T.astype(cdt)
-    w_ref[...] = km.dot(T, kb.astype(cdt)).astype(w_ref.dtype)
-    u_ref[...] = km.dot(T, vb.astype(cdt)).astype(u_ref.dtype)
+    nb = k_ref.shape[0] // sub
+    rows = [pl.ds(i * sub, sub) for i in range(nb)]
+    kc, kb, vb, G, beta = [], [], [], [], []
+    for sl in rows:
+        k = k_ref[sl, :].astype(jnp.float32)
+        if use_qk_l2norm:
+            k = km.l2norm(k)
+        G.append(g_ref[sl].astype(jnp.float32))
+        beta.append(beta_ref[sl].astype(jnp.float32))
+        kc.append(k.astype(cdt))
+        kb.append((k * (beta[-1] * jnp.exp(G[-1]))[:, None]).astype(cdt))
+        vb.append((v_ref[sl, :].astype(jnp.float32) * beta[-1][:, None]).astype(cdt))
+
+    def mm(a, b):
+        return km.dot(a, b, precision=solve_precision)
+
+    T = {}
+    for i in range(nb):
+        # A_im = beta_i k_i k_m^T exp(G_i - G_m): strictly lower inside the diagonal block.
+        A = {m: km.dot(kc[i], kc[m], trans_b=True) * beta[i][:, None]
+             * jnp.exp(G[i][:, None] - G[m][None, :]) for m in range(i)}
+        A_ii = km.decayed_scores(kc[i], kc[i], G[i], strict=True) * beta[i][:, None]
+        T[i, i] = km.solve_unit_lower(A_ii, precision=solve_precision)
+        for j in range(i - 1, -1, -1):
+            acc = mm(A[j], T[j, j])
+            for m in range(j + 1, i):
+                acc = acc + mm(A[m], T[m, j])
+            T[i, j] = -mm(T[i, i], acc)
+        Tc = [T[i, j].astype(cdt) for j in range(i + 1)]
+        w = km.dot(Tc[0], kb[0])
+        u = km.dot(Tc[0], vb[0])
+        for j in range(1, i + 1):
+            w = w + km.dot(Tc[j], kb[j])
+            u = u + km.dot(Tc[j], vb[j])
+        w_ref[rows[i], :] = w.astype(w_ref.dtype)
+        u_ref[rows[i], :] = u.astype(u_ref.dtype)
 
 
 def chunk_kkt_solve_wy(
@@ -80,7 +97,10 @@ def chunk_kkt_solve_wy(
     C = chunk_size
     n = Hv // Hk
     kernel = functools.partial(
-        _kernel, use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision
+        _kernel,
+        sub=min(SUB_CHUNK, C),
+        use_qk_l2norm=use_qk_l2norm,
+        solve_precision=solve_precision,
     )
     return pl.pallas_call(
         kernel,

@@ -24,7 +24,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta_rule import kernel_math as km
-from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import wy_factors
+
+
+def wy_factors(k, v, G, beta, *, cdt, solve_precision):
+    """In-kernel: the WY factors of one chunk, recomputed whole (the forward, kkt_solve_wy.py,
+    only needs the products w, u and builds T block by block).
+
+    k [C, dk] float32 (L2-normalised already if asked), v [C, dv], G, beta [C], all float32; cdt
+    the dtype of the k k^T operands. Returns float32: kkd = strictly_lower(k k^T exp(G_i - G_j))
+    [C, C], T = (I + diag(beta) kkd)^-1 [C, C], kb = beta exp(G) k [C, dk], vb = beta v [C, dv].
+    """
+    kc = k.astype(cdt)
+    kkd = km.decayed_scores(kc, kc, G, strict=True)
+    T = km.solve_unit_lower(kkd * beta[:, None], precision=solve_precision)
+    return kkd, T, k * (beta * jnp.exp(G))[:, None], v * beta[:, None]
 
 
 def _kernel(
