@@ -1,8 +1,23 @@
-"""Benchmark the Qwen3-Next-80B-A3B sparse MoE block: ours (JAX, sort + ragged_dot) against
+"""Benchmark the Qwen3-Next-80B-A3B sparse MoE block: ours (JAX, sort + grouped matmul) against
 transformers' ``Qwen3NextSparseMoeBlock`` (PyTorch) on the same GPU and the same bf16 weights.
 
     python scripts/bench_moe.py --out moe_bench.json             # T in 1, 64, 1024, 16384
     python scripts/bench_moe.py --tokens 1,64 --no-torch --iters 50
+
+Our implementations (``--impls``, qnext_jax.modeling.moe.grouped_experts' ``impl``): tiles,
+capacity, ragged_dot (XLA's, dense on GPU), and tokamax's ragged_dot kernels "tokamax:mosaic"
+(Pallas Mosaic GPU) and "tokamax:triton" (tokamax registers it only when jax-triton imports;
+jax-triton >= 0.4, which tokamax 0.0.17 calls, needs triton >= 3.7). tokamax is the optional
+``gpu`` extra; on a machine without internet its wheels travel in the ignored .whl/ folder of
+the checkout (run with ``carry: [".whl"]``):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. && \
+        python3 scripts/bench_moe.py --out $OUT/moe_bench.json
+
+(.whl/ holds tokamax and what it imports that such a machine may lack: immutabledict,
+einshape, qwix, pydantic, pydantic-core, typing-inspection, annotated-types,
+typing-extensions, xprof, fire, termcolor, six; never jax or jaxlib.)
 
 Block: d 2048, 512 experts, top-10 (renormalised), expert intermediate 512, a shared expert of
 intermediate 512 with its sigmoid gate; bfloat16 weights and activations; router softmax in
@@ -18,6 +33,9 @@ Reported per T (tokens = batch * length, as one [1, T, d] input):
   * the measured ceilings of this GPU: a bf16 [8192 x 8192] @ [8192 x 8192] matmul rate and a
     device-to-device copy bandwidth (read + write), and our time against them: % of the matmul
     rate, and the ratio of our time to the HBM time of reading the touched expert weights;
+  * the relative L2 difference of each implementation's output from ``--ref-impl``'s (capacity:
+    exact batched einsums; same bf16 routing, so only the matmuls' rounding differs), flagged
+    "BAD" above 1e-2;
   * transformers' time for each of its experts implementations (``--hf-impls``: "eager", its
     per-expert loop, and "grouped_mm", torch's grouped GEMM, where the installed version has
     them), our speed-up over the fastest, and the relative L2 difference of the outputs (bf16;
@@ -167,6 +185,12 @@ def _median_time_torch(fn, x, iters: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def rel_l2(got, ref) -> float:
+    """||got - ref|| / ||ref|| in float32 (arrays of any dtype)."""
+    got, ref = (np.asarray(a, np.float32) for a in (got, ref))
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
 def distinct_experts(params: dict, x) -> int:
     """How many routed experts the tokens x [1, T, d] hit (same float32 routing as the block)."""
     from qnext_jax.modeling.moe import route
@@ -186,10 +210,13 @@ def main(argv=None) -> int:
     p.add_argument("--hf-impls", default="eager,grouped_mm",
                    help="transformers experts implementations to time (speed-up is against the "
                         "fastest that runs)")
-    p.add_argument("--impls", default="tiles,ragged_dot",
-                   help="our grouped-matmul implementations to time (qnext_jax.modeling.moe."
-                        "MOE_IMPLS; 'auto' is tiles on GPU); failures (e.g. out of memory) are "
-                        "reported, not fatal")
+    p.add_argument("--impls", default="tiles,capacity,tokamax:mosaic,tokamax:triton,ragged_dot",
+                   help="our grouped-matmul implementations to time (grouped_experts' impl: "
+                        "qnext_jax.modeling.moe.MOE_IMPLS or tokamax:<implementation>; 'auto' is "
+                        "tokamax on GPU when installed, else tiles/capacity); failures (e.g. out "
+                        "of memory, tokamax missing) are reported, not fatal")
+    p.add_argument("--ref-impl", default="capacity",
+                   help="the implementation every other one's output is checked against")
     p.add_argument("--dims", default=None,
                    help="d,experts,top_k,I,shared_I instead of the 80B block (smoke runs)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -213,6 +240,16 @@ def main(argv=None) -> int:
     params = make_params()
     impls = [i for i in args.impls.split(",") if i]
     blocks = {impl: our_block(impl)[1] for impl in impls}
+    ref_block = blocks.get(args.ref_impl) or our_block(args.ref_impl)[1]
+    info["ref_impl"] = args.ref_impl
+    if any(i.startswith("tokamax") for i in impls):
+        try:  # here, not inside the first tokamax compile time (the import takes seconds)
+            import tokamax
+
+            info["tokamax"] = tokamax.__version__
+        except ImportError as e:
+            info["tokamax_error"] = f"{type(e).__name__}: {e}"
+            print(f"[bench_moe] tokamax unavailable: {info['tokamax_error']}", file=sys.stderr)
     hfs = {}
     if not args.no_torch:
         for hf_impl in [i for i in args.hf_impls.split(",") if i]:
@@ -234,6 +271,12 @@ def main(argv=None) -> int:
         flops = T * (TOP_K + 1) * 3 * 2 * D * INNER
         hit = distinct_experts(params, x)
         wbytes = (hit + 1) * 3 * D * INNER * 2
+        try:
+            ours_ref = np.asarray(ref_block(params, x).astype(jnp.float32))
+        except Exception as e:  # noqa: BLE001 (report and time without the check)
+            ours_ref = None
+            print(f"[bench_moe] T={T} reference {args.ref_impl}: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300]}", file=sys.stderr)
         hf_row = {}
         for hf_impl, hf in hfs.items():
             import torch
@@ -270,10 +313,11 @@ def main(argv=None) -> int:
                        ours_tflops=flops / t_ours / 1e12, ours_weight_gbps=wbytes / t_ours / 1e9,
                        pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["bf16_matmul_tflops"],
                        x_hbm_time=t_ours / (wbytes / (ceil["copy_gb_per_s"] * 1e9)))
+            if ours_ref is not None:
+                row["rel_l2_vs_ref"] = rel_l2(got, ours_ref)
             if "hf_ms" in hf_row:
-                got = np.asarray(got.astype(jnp.float32))
                 row.update(speedup=hf_row["hf_ms"] / row["ours_ms"],
-                           rel_l2_vs_hf=float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+                           rel_l2_vs_hf=rel_l2(got, ref))
             rows.append(row)
             if args.out:  # after every measurement: a partial run still leaves its results
                 Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
@@ -281,22 +325,26 @@ def main(argv=None) -> int:
                   + (f", transformers {row['hf_ms']:.3f} ms" if "hf_ms" in row else ""),
                   file=sys.stderr)
 
-    head = (f"{'T':>6} {'impl':>10} {'ours ms':>9} {'TFLOP/s':>8} {'%mm':>6} {'GB/s':>7} "
-            f"{'xHBM':>6} {'hit':>4} {'HF ms':>9} {'HF impl':>10} {'speedup':>8} {'relL2':>8}")
+    head = (f"{'T':>6} {'impl':>14} {'ours ms':>9} {'TFLOP/s':>8} {'%mm':>6} {'GB/s':>7} "
+            f"{'xHBM':>6} {'hit':>4} {'relL2 ref':>13} {'HF ms':>9} {'HF impl':>10} "
+            f"{'speedup':>8} {'relL2':>8}")
     print(head)
     for r in rows:
         if "error" in r:
-            print(f"{r['T']:6d} {r['impl']:>10} failed: {r['error'][:90]}")
+            print(f"{r['T']:6d} {r['impl']:>14} failed: {r['error'][:90]}")
             continue
+        ref_col = (f"{r['rel_l2_vs_ref']:9.1e}{' BAD' if r['rel_l2_vs_ref'] > 1e-2 else '    '}"
+                   if "rel_l2_vs_ref" in r else f"{'-':>13}")
         hf_cols = (f"{r['hf_ms']:9.3f} {r['hf_impl']:>10} {r['speedup']:7.1f}x "
                    f"{r['rel_l2_vs_hf']:8.1e}"
                    if "hf_ms" in r else f"{'-':>9} {'-':>10} {'-':>8} {'-':>8}")
-        print(f"{r['T']:6d} {r['impl']:>10} {r['ours_ms']:9.3f} {r['ours_tflops']:8.1f} "
+        print(f"{r['T']:6d} {r['impl']:>14} {r['ours_ms']:9.3f} {r['ours_tflops']:8.1f} "
               f"{r['pct_matmul_peak']:5.1f}% {r['ours_weight_gbps']:7.0f} {r['x_hbm_time']:5.2f}x "
-              f"{r['experts_hit']:4d} {hf_cols}")
+              f"{r['experts_hit']:4d} {ref_col} {hf_cols}")
     print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceil['copy_gb_per_s']:.0f} GB/s; %mm = share of the matmul rate on active "
-          f"expert FLOPs; xHBM = our time / time to read the touched expert weights")
+          f"expert FLOPs; xHBM = our time / time to read the touched expert weights; relL2 ref "
+          f"= against {args.ref_impl} (BAD above 1e-2)")
     if args.out:
         Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)

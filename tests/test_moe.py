@@ -16,7 +16,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 E, D, INNER = 6, 8, 5
 # The implementations of grouped_experts: ragged_dot (CPU, TPU), and for GPUs padded tiles
 # (default and forced small tiles) and capacity buckets (whose overflow branch runs when one
-# expert gets all rows). The expert-parallel path is checked in tests/test_sharding.py.
+# expert gets all rows); tokamax (optional) in test_tokamax_*. The expert-parallel path is
+# checked in tests/test_sharding.py.
 _fns = {(impl, tm): jax.jit(lambda *a, impl=impl, tm=tm: grouped_experts(
     *a, precision=HIGHEST, impl=impl, tile_rows=tm))
     for impl, tm in (("ragged_dot", None), ("tiles", None), ("tiles", 4), ("capacity", None))}
@@ -43,15 +44,90 @@ def test_grouped_experts_equal_dense_loop(n, k, seed, mode):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} {tm}")
 
 
+# grouped_experts' arguments for 2 tokens, top-1 of 3 experts (d 4, I 2), all zero.
+_ZEROS = (np.zeros((2, 4), np.float32), np.zeros((2, 1), np.float32), np.zeros((2, 1), np.int32),
+          np.zeros((3, 4, 2)), np.zeros((3, 4, 2)), np.zeros((3, 2, 4)))
+
+
+def _routing_case(rng, n, k, d, inner, dtype):
+    """Random tokens, experts (the last expert left empty) and router weights, as ``dtype``."""
+    x = rng.standard_normal((n, d))
+    gate, up = (rng.standard_normal((E, d, inner)) / d ** 0.5 for _ in range(2))
+    down = rng.standard_normal((E, inner, d)) / inner ** 0.5
+    experts = jnp.asarray(np.stack([rng.choice(E - 1, k, replace=False) for _ in range(n)]),
+                          jnp.int32)
+    weights = rng.random((n, k))
+    cast = lambda a: jnp.asarray(a, dtype)
+    return cast(x), cast(weights), experts, cast(gate), cast(up), cast(down)
+
+
+def _grads(impl, args, precision=None):
+    """d/d(x, weights, gate, up, down) of a fixed random projection of grouped_experts."""
+    x, weights, experts, gate, up, down = args
+    probe = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+    loss = lambda x, w, g, u, dn: jnp.sum(grouped_experts(
+        x, w, experts, g, u, dn, precision=precision, impl=impl).astype(jnp.float32) * probe)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down)
+
+
+def test_tokamax_equals_dense_loop_and_gradients():
+    """tokamax's ragged_dot (here on the CPU: its XLA implementation, forced and as its own
+    choice) against the float64 loop; its gradients (tokamax's vjp) against autodiff through
+    the tiles impl's einsums."""
+    pytest.importorskip("tokamax")
+    args = _routing_case(np.random.default_rng(0), 9, 3, D, INNER, jnp.float32)
+    ref = routed_experts(*(np.asarray(a) for a in args))
+    ref_grads = _grads("tiles", args, HIGHEST)
+    for impl in ("tokamax", "tokamax:xla"):
+        got = jax.jit(lambda *a, impl=impl: grouped_experts(*a, precision=HIGHEST, impl=impl))(
+            *args)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5, err_msg=impl)
+        for name, g, r in zip(("x", "weights", "gate", "up", "down"),
+                              _grads(impl, args, HIGHEST), ref_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{impl} d{name}")
+
+
+@pytest.mark.gpu
+def test_tokamax_mosaic_bf16_equals_dense_loop_and_gradients():
+    """tokamax's Pallas Mosaic GPU kernel (bf16) against the float64 loop on the same bf16
+    values, and its gradients against the tiles impl's in float32."""
+    pytest.importorskip("tokamax")
+    args = _routing_case(np.random.default_rng(0), 200, 2, 256, 128, jnp.bfloat16)
+    rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+    f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+    got = jax.jit(lambda *a: grouped_experts(*a, impl="tokamax:mosaic"))(*args)
+    # bf16 rounding of h, of the output and of the gradients: ~5e-3 through XLA on the CPU.
+    assert rel(got, routed_experts(*(np.asarray(a) for a in f32))) < 2e-2
+    for name, g, r in zip(("x", "weights", "gate", "up", "down"), _grads("tokamax:mosaic", args),
+                          _grads("tiles", f32, HIGHEST)):
+        assert rel(g, np.asarray(r, np.float64)) < 2e-2, name
+
+
 def test_tile_rows_and_bad_impl():
     assert _tile_rows(10, 512) == 1  # decode: one row per tile (a gather of its expert)
     assert _tile_rows(640, 512) == 2
     assert _tile_rows(10240, 512) == 32
     assert _tile_rows(163840, 512) == 128  # capped
-    z = np.zeros((2, 4), np.float32)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        grouped_experts(z, z[:, :1], np.zeros((2, 1), np.int32), np.zeros((3, 4, 2)),
-                        np.zeros((3, 4, 2)), np.zeros((3, 2, 4)), impl="megablox")
+    for impl in ("megablox", "tiles:mosaic"):  # only tokamax takes ":<implementation>"
+        with pytest.raises(ValueError, match="impl must be one of"):
+            grouped_experts(*_ZEROS, impl=impl)
+
+
+def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
+    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes tiles
+    (decode) or capacity; with it, auto takes tokamax for bf16/fp16 experts only."""
+    from qnext_jax.modeling import moe
+
+    monkeypatch.setattr(moe, "_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
+    with pytest.raises(ImportError, match=r"qnext-jax\[gpu\]"):
+        grouped_experts(*_ZEROS, impl="tokamax")
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tiles"
+    assert moe._gpu_auto_impl(10240, 512, jnp.bfloat16) == "capacity"
+    monkeypatch.setattr(moe, "_tokamax", lambda: (object(), None))  # installed
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tokamax"
+    assert moe._gpu_auto_impl(10240, 512, jnp.float16) == "tokamax"
+    assert moe._gpu_auto_impl(10240, 512, jnp.float32) == "capacity"
 
 
 def test_route_float32_softmax_topk_and_renorm():

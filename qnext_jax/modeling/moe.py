@@ -6,9 +6,11 @@ weights, experts ``down(silu(gate(x)) * up(x))`` combined with the router weight
 sigmoid-gated shared expert. Dropless: tokens are sorted by expert and every expert runs as one
 group of a grouped matmul (``jax.lax.ragged_dot``), so no token is ever dropped. On GPUs, where
 XLA (jax 0.11/0.12) lowers ragged_dot to a dense [rows, experts, ...] expansion (52 ms at 1k
-tokens, out of memory at 16k on an H200 for the 80B block), :func:`grouped_experts` uses instead
-padded per-expert tiles (decode) or a static per-expert capacity with a dropless fallback (see
-its ``impl``); scripts/bench_moe.py measures them.
+tokens, out of memory at 16k on an H200 for the 80B block), :func:`grouped_experts` uses
+tokamax's ``ragged_dot`` (its Pallas Mosaic GPU grouped-matmul kernel; the optional ``gpu``
+extra) when it is installed, and otherwise padded per-expert tiles (decode) or a static
+per-expert capacity with a dropless fallback (see its ``impl``); scripts/bench_moe.py measures
+them.
 
 Expert parallelism (:func:`expert_parallel_experts`): under a mesh made active with
 ``qnext_jax.sharding.activate`` whose ``expert`` axis divides the number of experts, the routed
@@ -66,9 +68,59 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     return weights, experts
 
 
-MOE_IMPLS = ("auto", "ragged_dot", "tiles", "capacity")
+MOE_IMPLS = ("auto", "ragged_dot", "tiles", "capacity", "tokamax")
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
+
+
+def _parse_impl(impl: str, fn: str) -> tuple[str, str | None]:
+    """``impl`` as (one of MOE_IMPLS, tokamax implementation or None): "tokamax:mosaic" ->
+    ("tokamax", "mosaic"). Raises ValueError (naming ``fn``) for an unknown impl."""
+    name, _, implementation = impl.partition(":")
+    if name not in MOE_IMPLS or (implementation and name != "tokamax"):
+        raise ValueError(f"{fn}: impl must be one of {MOE_IMPLS} or 'tokamax:<implementation>', "
+                         f"got {impl!r}")
+    return name, implementation or None
+
+
+@functools.cache
+def _tokamax():
+    """(the tokamax module, None) or (None, the ImportError importing it raised); tried once:
+    the import takes seconds."""
+    try:
+        import tokamax
+    except ImportError as e:
+        return None, e
+    return tokamax, None
+
+
+def _tokamax_ragged_dot(implementation: str | None):
+    """``tokamax.ragged_dot`` (same arguments as ``jax.lax.ragged_dot``) with its
+    ``implementation``: "mosaic" (Pallas Mosaic GPU, bf16/fp16 on sm90+), "triton" (registered
+    by tokamax only when jax-triton imports), "xla" (``jax.lax.ragged_dot``), or None: the first
+    of those that takes the inputs. Raises ImportError when tokamax is not installed."""
+    tokamax, error = _tokamax()
+    if tokamax is None:
+        raise ImportError("grouped_experts(impl='tokamax') needs the optional tokamax package: "
+                          "pip install 'qnext-jax[gpu]' (or pip install tokamax)") from error
+    return functools.partial(tokamax.ragged_dot, implementation=implementation)
+
+
+def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
+    """``auto`` on GPU: tokamax when installed and the experts are bf16/fp16 (what its Mosaic GPU
+    kernel takes), else tiles at decode (at most E / 2 rows), else capacity."""
+    if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
+        return "tokamax"
+    return "tiles" if rows <= num_experts // 2 else "capacity"
+
+
+def _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision, ragged_dot):
+    """Expert MLP of rows sorted by expert: one grouped matmul per projection with
+    ``ragged_dot`` (``jax.lax.ragged_dot`` or tokamax's: lhs [M, K], rhs [E, K, N],
+    group_sizes [E] -> [M, N])."""
+    h = jax.nn.silu(ragged_dot(xs, gate_proj, group_sizes, precision=precision)) * \
+        ragged_dot(xs, up_proj, group_sizes, precision=precision)
+    return ragged_dot(h, down_proj, group_sizes, precision=precision)
 
 
 def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
@@ -141,28 +193,32 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     Args:
       x: [N, d] tokens. weights: [N, k] router weights (in x's dtype). experts: [N, k] int ids.
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d].
-      impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"tiles"`` (each
-        expert's rows padded to tiles, one batched matmul over tiles with per-tile gathered
-        weights: for GPUs, where XLA (jax <= 0.12) lowers ragged_dot to a dense [rows, experts,
-        ...] expansion that runs out of memory at 16k tokens), ``"capacity"`` (rows laid out
-        [E, C, d] with a static C of mean + 4 sqrt(mean) + 8 rows per expert, plain batched
-        matmuls; when some expert gets more than C rows a ``lax.cond`` runs ``tiles`` instead,
-        so it stays dropless and exact; two larger capacities, 2x and 4x the mean, are tried
-        first under ``lax.switch``), or ``"auto"`` (on GPU: ``tiles`` when there are at most
-        E / 2 rows (decode), else ``capacity``; elsewhere ``ragged_dot``).
+      impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"tokamax"``
+        (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
+        kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
+        ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
+        ``"tiles"`` (each expert's rows padded to tiles, one batched matmul over tiles with
+        per-tile gathered weights: for GPUs, where XLA (jax <= 0.12) lowers ragged_dot to a
+        dense [rows, experts, ...] expansion that runs out of memory at 16k tokens),
+        ``"capacity"`` (rows laid out [E, C, d] with a static C of mean + 4 sqrt(mean) + 8 rows
+        per expert, plain batched matmuls; when some expert gets more than C rows a
+        ``lax.cond`` runs ``tiles`` instead, so it stays dropless and exact; two larger
+        capacities, 2x and 4x the mean, are tried first under ``lax.switch``), or ``"auto"``
+        (on GPU: ``tokamax`` when it is installed and the experts are bf16/fp16, else ``tiles``
+        when there are at most E / 2 rows (decode), else ``capacity``; elsewhere
+        ``ragged_dot``).
       tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
     Returns:
       [N, d]: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
     Raises:
-      ValueError: an unknown ``impl``.
+      ValueError: an unknown ``impl``. ImportError: ``tokamax`` without tokamax installed.
     """
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"grouped_experts: impl must be one of {MOE_IMPLS}, got {impl!r}")
+    impl, tokamax_implementation = _parse_impl(impl, "grouped_experts")
     N, k = experts.shape
     E = gate_proj.shape[0]
     if impl == "auto":
         impl = ("ragged_dot" if jax.default_backend() != "gpu" else
-                "tiles" if N * k <= E // 2 else "capacity")
+                _gpu_auto_impl(N * k, E, gate_proj.dtype))
     flat = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     token = order // k  # source token of each sorted row
@@ -182,9 +238,10 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         index = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes), side="left")
         y = jax.lax.switch(index, branches, *operands)
     else:
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes, precision=precision)) * \
-            jax.lax.ragged_dot(xs, up_proj, group_sizes, precision=precision)
-        y = jax.lax.ragged_dot(h, down_proj, group_sizes, precision=precision)  # [N*k, d]
+        ragged_dot = (_tokamax_ragged_dot(tokamax_implementation) if impl == "tokamax" else
+                      jax.lax.ragged_dot)
+        y = _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
+                            ragged_dot)  # [N*k, d]
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[token].add(y)
 
@@ -202,7 +259,10 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     Same arguments and result as :func:`grouped_experts` (global shapes), plus ``mesh`` and the
     logical ``rules`` ("experts" -> expert axes, "mlp" -> intermediate-dim axes, "batch" -> the
     axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
-    when no mesh axis divides the experts or the intermediate dim.
+    when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
+    the experts run as ``tiles`` or, for any other impl, ``jax.lax.ragged_dot`` (``auto``: tiles
+    on GPU); not tokamax, whose GPU kernels leave unwritten the rows past the last group, where
+    the rows routed to other devices' experts sit.
     """
     N, k = experts.shape
     E, d, inner = gate_proj.shape
@@ -212,9 +272,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     if not e_axes and not m_axes:
         return grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision,
                                impl)
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"expert_parallel_experts: impl must be one of {MOE_IMPLS}, got "
-                         f"{impl!r}")
+    impl, _ = _parse_impl(impl, "expert_parallel_experts")
     if impl == "auto":
         impl = "tiles" if jax.default_backend() == "gpu" else "ragged_dot"
     e_total = E
@@ -245,9 +303,8 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
             y = _tiled_experts(xs, key[order], group_sizes, gate, up, down, precision,
                                _tile_rows(n * k // max(1, e_total // e_loc), e_loc))
         else:
-            h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes, precision=precision)) * \
-                jax.lax.ragged_dot(xs, up, group_sizes, precision=precision)
-            y = jax.lax.ragged_dot(h, down, group_sizes, precision=precision)  # [n*k, d]
+            y = _ragged_experts(xs, group_sizes, gate, up, down, precision,
+                                jax.lax.ragged_dot)  # [n*k, d]
         w = jnp.where(valid, weights.reshape(-1), 0)[order]
         y = jnp.where(w[:, None] != 0, y * w[:, None], 0).astype(jnp.float32)
         out = jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
