@@ -1,19 +1,23 @@
-"""Whole-model benchmark: Qwen3-Next-80B-A3B width at reduced depth on the local accelerator.
+"""Whole-model benchmark: Qwen3-Next-80B-A3B, full size or reduced depth, on the local GPUs.
 
-Builds the model from the packaged 80B preset with ``--layers`` of its 48 layers (the layer
-pattern kept: 3 Gated DeltaNet + 1 attention), random bf16 weights initialised on the device,
-and measures:
+Builds the model from the packaged 80B preset (the released config.json) with ``--layers`` of its
+48 layers (the layer pattern kept: 3 Gated DeltaNet + 1 attention), random bf16 weights created
+directly on the devices, each leaf straight into its sharding (no host copy of the model), on a
+mesh over the local devices (``--mesh``, e.g. ``expert=2`` or ``expert=4,tensor=2``; default: all
+devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measures:
 
 * compile time and median time of a prefill of ``--prefill`` tokens (batch 1);
 * compile time and median time of one decode step at each ``--batches`` size with a
   ``--context``-token cache (the cache is filled with random K/V and states: a decode step's cost
   does not depend on their values);
-* peak device memory;
+* peak device memory (the largest over the devices);
 * the HBM roofline of each decode step: bytes of weights (the experts that the batch can touch)
-  and state read and written, over the measured device copy bandwidth.
+  and state read and written, over the copy bandwidth of all devices together (a lower bound
+  when weights are replicated);
 
-Prints a table and writes JSON (``--out``). Run on the GPU: ``PYTHONPATH=. python3
-scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``.
+Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
+scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model on two H200s:
+``--layers 48 --prefill 8192 32768 --batches 1 32 128``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import jax
 import jax.numpy as jnp
 from bench_common import measure_ceilings, median_seconds
 
+from qnext_jax import sharding
 from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.convert.name_map import abstract_params
 from qnext_jax.modeling import Qwen3NextForCausalLM
 
 
@@ -59,18 +65,38 @@ def decode_bytes(cfg: Qwen3NextConfig, params, batch: int, context: int) -> floa
     return float(total)
 
 
-def random_cache(cfg, batch, length, context, key):
-    """A cache whose first ``context`` slots hold random K/V and whose states are random."""
-    cache = init_cache(cfg, batch, length, jnp.bfloat16)
-    leaves, treedef = jax.tree.flatten(cache)
+def random_params(cfg, mesh, key):
+    """Random bf16 params (A_log, dt_bias float32), each leaf created on the devices in its
+    sharding of ``sharding.param_shardings``: no host ever holds the model."""
+    shapes = abstract_params(cfg, jnp.bfloat16)
+    shards = sharding.param_shardings(cfg, mesh)
+    leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(key, len(leaves))
-    leaves = [jax.random.normal(k, x.shape, x.dtype) * 0.1 if x.ndim >= 3 else x
-              for k, x in zip(keys, leaves)]
-    cache = jax.tree.unflatten(treedef, leaves)
-    cache["index"] = jnp.asarray(context, jnp.int32)
-    cache["positions"] = jnp.full((batch,), context, jnp.int32)
-    cache["valid"] = jnp.arange(length)[None, :].repeat(batch, 0) < context
-    return cache
+    out = []
+    for k, s, sh in zip(keys, leaves, jax.tree.leaves(shards)):
+        make = jax.jit(lambda k, s=s: (jax.random.normal(k, s.shape, jnp.float32) * 0.02
+                                       ).astype(s.dtype), out_shardings=sh)
+        out.append(make(k))
+    return jax.tree.unflatten(treedef, out)
+
+
+def random_cache(cfg, mesh, batch, length, context, key):
+    """A cache (in its shardings) whose first ``context`` slots hold random K/V and whose states
+    are random."""
+    def make(key):
+        cache = init_cache(cfg, batch, length, jnp.bfloat16)
+        leaves, treedef = jax.tree.flatten(cache)
+        keys = jax.random.split(key, len(leaves))
+        leaves = [jax.random.normal(k, x.shape, x.dtype) * 0.1 if x.ndim >= 3 else x
+                  for k, x in zip(keys, leaves)]
+        cache = jax.tree.unflatten(treedef, leaves)
+        cache["index"] = jnp.asarray(context, jnp.int32)
+        cache["positions"] = jnp.full((batch,), context, jnp.int32)
+        cache["valid"] = jnp.arange(length)[None, :].repeat(batch, 0) < context
+        return cache
+
+    return jax.jit(make, out_shardings=sharding.cache_shardings(cfg, mesh, batch, length,
+                                                                jnp.bfloat16))(key)
 
 
 def main():
@@ -80,6 +106,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--gdn-impl", default="auto")
+    ap.add_argument("--mesh", default=None,
+                    help="mesh spec over the local devices (default: expert=<device count>)")
     ap.add_argument("--out", default="bench_model.json")
     ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
     args = ap.parse_args()
@@ -91,22 +119,27 @@ def main():
     cfg = base.replace(num_hidden_layers=args.layers)
     model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                  gdn_impl=args.gdn_impl)
-    dev = jax.devices()[0]
+    devices = jax.devices()
+    dev = devices[0]
+    mesh = sharding.make_mesh(args.mesh or f"expert={len(devices)}")
     t = time.perf_counter()
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = jax.block_until_ready(params)
+    params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0)))
     init_s = time.perf_counter() - t
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    bw = measure_ceilings()["copy_gb_per_s"] * 1e9
-    rows, record = [], {"device": dev.device_kind, "jax": jax.__version__, "layers": args.layers,
-                        "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw}
+    bw = measure_ceilings()["copy_gb_per_s"] * 1e9  # one device's; per-device roofline below
+    n_dev = len(devices)
+    rows, record = [], {"device": dev.device_kind, "devices": n_dev,
+                        "mesh": sharding.mesh_sizes(mesh), "jax": jax.__version__,
+                        "layers": args.layers, "params": n_params, "init_s": init_s,
+                        "copy_bandwidth_Bps": bw}
 
     def step(p, ids, cache):
-        logits, cache = model.apply({"params": p}, ids, cache=cache)
-        return logits[:, -1].argmax(-1), cache
+        with sharding.activate(mesh):
+            logits, cache = model.apply({"params": p}, ids, cache=cache)
+            return logits[:, -1].argmax(-1), sharding.constrain_cache(cache)
 
     for T in args.prefill:
-        cache = init_cache(cfg, 1, T + 1, jnp.bfloat16)
+        cache = random_cache(cfg, mesh, 1, T + 1, 0, jax.random.key(4))
         ids = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
         t = time.perf_counter()
         compiled = jax.jit(step).lower(params, ids, cache).compile()
@@ -116,7 +149,7 @@ def main():
         rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None))
 
     for B in args.batches:
-        cache = random_cache(cfg, B, args.context + 8, args.context, jax.random.key(2))
+        cache = random_cache(cfg, mesh, B, args.context + 8, args.context, jax.random.key(2))
         ids = jax.random.randint(jax.random.key(3), (B, 1), 0, cfg.vocab_size)
         t = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=2).lower(params, ids, cache).compile()
@@ -129,15 +162,16 @@ def main():
             return tok
 
         sec = median_seconds(one, params, ids, iters=20, warmup=3)
-        roof = decode_bytes(cfg, params, B, args.context) / bw
+        roof = decode_bytes(cfg, params, B, args.context) / (bw * n_dev)
         record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,
                                   "fraction_of_roofline": roof / sec}
         rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof))
 
-    stats = dev.memory_stats() or {}
-    record["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-    print(f"\n{dev.device_kind}, jax {jax.__version__}, {'demo' if args.smoke else '80B'} width, {args.layers} layers, "
+    record["peak_bytes_in_use"] = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+                                      for d in devices)
+    print(f"\n{n_dev} x {dev.device_kind}, mesh {record['mesh']}, jax {jax.__version__}, "
+          f"{'demo' if args.smoke else '80B'} width, {args.layers} layers, "
           f"{n_params / 1e9:.2f}e9 params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
           f"{(record['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB")
     print("| measure | ms | tokens/s | compile s | HBM roofline ms | % of roofline |")
