@@ -15,7 +15,8 @@ Layout of this package (stages named like FLA's: cumsum, kkt, solve, wy, h, o):
   common.py        argument checks, input preparation, varlen (cu_seqlens) layout
   reference.py     pure jnp: recurrent (lax.scan) and chunked (stage functions) references
   kernel_math.py   in-kernel building blocks shared by the Pallas kernels (solve by doubling...)
-  gpu_triton/      Pallas kernels, Triton lowering: kkt_solve_wy, h, o, decode; fwd pipeline
+  gpu_triton/      Pallas kernels, Triton lowering: kkt_solve_wy, h, o, decode; fwd pipeline;
+                   backward stages dv_local, dh, dqkwg, wy_bwd; bwd pipeline
   tpu/             Pallas kernels, Mosaic TPU: fused chunk forward, decode
   ops.py           public ops, backend switch, custom_vjp
 """

@@ -54,7 +54,7 @@ def _kernel(
     dk_state = jnp.zeros((C, dk), jnp.float32)  # v_new dS^T
     dw = jnp.zeros((C, dk), jnp.float32)
     dP = jnp.zeros((C, C), jnp.float32)  # dO v_new^T, then d(q k^T)
-    s_ds = jnp.zeros((), jnp.float32)  # sum(S * dS)
+    s_ds = jnp.zeros((dk,), jnp.float32)  # sum(S * dS) over the value dimension
     for j in range(dv // block_v):
         cols = pl.ds(j * block_v, block_v)
         S, dS = h_ref[:, cols], dh_ref[:, cols]
@@ -63,7 +63,7 @@ def _kernel(
         dk_state += km.dot(vn, dS, trans_b=True)
         dw -= km.dot(dv_ref[:, cols], S, trans_b=True)
         dP += km.dot(do, vn, trans_b=True)
-        s_ds += jnp.sum(S.astype(jnp.float32) * dS.astype(jnp.float32))
+        s_ds += jnp.sum(S.astype(jnp.float32) * dS.astype(jnp.float32), axis=1)
     cdt = q_ref.dtype
     q, k = q_ref[...], k_ref[...]
     qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
@@ -78,7 +78,7 @@ def _kernel(
     dk_ref[...] = dk_state + km.dot(dPc, q, trans_a=True)
     dw_ref[...] = dw.astype(dw_ref.dtype)
     dk_state_k = jnp.sum(dk_state * kf, axis=1)  # [C]
-    d_glast = jnp.exp(g_last) * s_ds + jnp.sum(dk_state_k)
+    d_glast = jnp.exp(g_last) * jnp.sum(s_ds) + jnp.sum(dk_state_k)
     last = lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1
     dg_ref[...] = (
         jnp.sum(dq_state * qf, axis=1)

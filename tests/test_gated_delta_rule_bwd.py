@@ -1,0 +1,164 @@
+"""Pallas Triton backward kernels of the chunked gated delta rule, interpret mode on CPU: gradients
+of impl="pallas_triton" (its custom_vjp runs gpu_triton/bwd.py) against jax.grad of the jnp
+reference, and jax.export of the backward for ("cuda",)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_gated_delta_rule import make_inputs, rel_err
+from test_gated_delta_rule_kernels import _export_cuda
+
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
+from pallas_kernels.gated_delta_rule.gpu_triton.fwd import BlockSizes
+
+NAMES = ("q", "k", "v", "g", "beta", "s0")
+GRAD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+BWD_KERNELS = (
+    "gdn_chunk_bwd_dv_local",
+    "gdn_chunk_bwd_dh",
+    "gdn_chunk_bwd_dqkwg",
+    "gdn_chunk_bwd_wy",
+)
+
+
+def _grads(impl, args, cotangents, *, l2norm, final_state, cu_seqlens=None, **static):
+    """Gradients of <o, wo> + <final_state, ws> w.r.t. q, k, v, g, beta (and s0 when given).
+
+    Random weights wo, ws make the cotangents of o and of the final state dense and independent.
+    """
+    wo, ws = cotangents
+    has_s0 = args[5] is not None
+
+    def loss(q, k, v, g, beta, s0, cu):
+        o, st = chunk_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=s0,
+            output_final_state=final_state,
+            use_qk_l2norm_in_kernel=l2norm,
+            cu_seqlens=cu,
+            impl=impl,
+            interpret=True,
+            **static,
+        )
+        out = jnp.sum(o.astype(jnp.float32) * wo)
+        return out + jnp.sum(st * ws) if final_state else out
+
+    argnums = (0, 1, 2, 3, 4, 5) if has_s0 else (0, 1, 2, 3, 4)
+    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens, jnp.int32)
+    return jax.jit(jax.grad(loss, argnums=argnums))(*args, cu)
+
+
+def _check(
+    T,
+    Hk,
+    Hv,
+    dtype,
+    *,
+    seed,
+    with_state,
+    l2norm,
+    final_state=True,
+    cu_seqlens=None,
+    dk=16,
+    dv=16,
+    chunk_size=16,
+    block_sizes=None,
+):
+    N = None if cu_seqlens is None else len(cu_seqlens) - 1
+    args = make_inputs(seed, 1 if N else 2, T, Hk, Hv, dk, dv, dtype, with_state, N=N)
+    if l2norm:  # inputs away from unit norm, so that the L2 norm's own gradient matters
+        args = (args[0] * 2.0, args[1] * 0.5) + args[2:]
+    rng = np.random.default_rng(seed + 1000)
+    B = args[0].shape[0]
+    wo = jnp.asarray(rng.standard_normal((B, T, Hv, dv)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((N or B, Hv, dk, dv)), jnp.float32)
+    kw = {"l2norm": l2norm, "final_state": final_state, "cu_seqlens": cu_seqlens}
+    got = _grads(
+        "pallas_triton", args, (wo, ws), chunk_size=chunk_size, block_sizes=block_sizes, **kw
+    )
+    want = _grads("reference", args, (wo, ws), **kw)
+    assert len(got) == (6 if with_state else 5)
+    for name, a, b, x in zip(NAMES, got, want, args):
+        assert a.shape == x.shape and a.dtype == x.dtype, name
+        b = np.asarray(b, np.float64)
+        assert np.max(np.abs(b)) > 0, name  # a real gradient, not a trivially zero one
+        assert rel_err(a, b) < GRAD_TOL[dtype], (name, rel_err(a, b))
+
+
+# Each T around a chunk multiple (a single token, one short, exactly, one over, many chunks with a
+# ragged end), both head ratios and both dtypes, initial state and L2 norm on and off. Chunk 16
+# except in one case: interpret mode compiles the forward's blocked solve slowly at chunk 64.
+SMALL_BLOCKS = BlockSizes(chunk=16, block_v_dv=16, block_v_dh=16, block_v_dqkwg=16, block_v_h=16)
+DENSE_CASES = [
+    pytest.param(1, 1, 1, jnp.float32, True, True, {}, id="T1-f32"),
+    # Only o is differentiated (zero final-state cotangent); value blocks narrower than dv, so
+    # the dv / dh programs split dv and the dqkwg loop runs over two blocks.
+    pytest.param(
+        63,
+        1,
+        2,
+        jnp.float32,
+        True,
+        False,
+        {"final_state": False, "dk": 32, "dv": 32, "block_sizes": SMALL_BLOCKS},
+        id="T63-f32-1:2-no_l2-no_final-blocks16",
+    ),
+    pytest.param(64, 1, 1, jnp.bfloat16, True, True, {}, id="T64-bf16"),
+    pytest.param(65, 2, 2, jnp.float32, True, True, {"chunk_size": 64}, id="T65-f32-2:2-C64"),
+    pytest.param(200, 1, 2, jnp.bfloat16, False, False, {}, id="T200-bf16-1:2-no_state-no_l2"),
+]
+
+
+@pytest.mark.parametrize("T,Hk,Hv,dtype,with_state,l2norm,extra", DENSE_CASES)
+def test_grad_dense(T, Hk, Hv, dtype, with_state, l2norm, extra):
+    _check(T, Hk, Hv, dtype, seed=T, with_state=with_state, l2norm=l2norm, **extra)
+
+
+def test_grad_varlen():
+    """Packed sequences, with an empty one (its d(initial state) is its d(final state)), a
+    one-token one and one spanning several chunks: d(state) restarts at each sequence end."""
+    cu = [0, 5, 5, 40, 41, 60]
+    _check(cu[-1], 1, 2, jnp.float32, seed=11, with_state=True, l2norm=True, cu_seqlens=cu)
+
+
+def test_export_cuda_backward():
+    """The backward lowers to Triton for CUDA (dense and packed sequences)."""
+    S = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    T, Hk, Hv, D = 100, 2, 4, 128
+
+    def loss(q, k, v, g, beta, s0, cu):
+        o, st = chunk_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=s0,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            cu_seqlens=cu,
+            impl="pallas_triton",
+        )
+        return jnp.sum(o.astype(f32)) + jnp.sum(st)
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
+
+    for B, N, cu in ((2, 2, None), (1, 3, S((4,), jnp.int32))):
+        args = (
+            S((B, T, Hk, D), bf),
+            S((B, T, Hk, D), bf),
+            S((B, T, Hv, D), bf),
+            S((B, T, Hv), f32),
+            S((B, T, Hv), f32),
+            S((N, Hv, D, D), f32),
+            cu,
+        )
+        text = _export_cuda(grad_fn, args).mlir_module()
+        for name in BWD_KERNELS:
+            assert name in text, (name, cu)
