@@ -125,6 +125,7 @@ def main():
     t = time.perf_counter()
     params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0)))
     init_s = time.perf_counter() - t
+    print(f"params created in {init_s:.1f} s", flush=True)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     bw = measure_ceilings()["copy_gb_per_s"] * 1e9  # one device's; per-device roofline below
     n_dev = len(devices)
@@ -132,6 +133,14 @@ def main():
                         "mesh": sharding.mesh_sizes(mesh), "jax": jax.__version__,
                         "layers": args.layers, "params": n_params, "init_s": init_s,
                         "copy_bandwidth_Bps": bw}
+
+    def save():  # after every measurement: a run cut short still leaves what it measured
+        record["peak_bytes_in_use"] = max(
+            (d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+    save()
 
     def step(p, ids, cache):
         with sharding.activate(mesh):
@@ -147,6 +156,8 @@ def main():
         sec = median_seconds(compiled, params, ids, cache, iters=5)
         record[f"prefill_{T}"] = {"compile_s": compile_s, "median_s": sec, "tokens_per_s": T / sec}
         rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None))
+        print(rows[-1], flush=True)
+        save()
 
     for B in args.batches:
         cache = random_cache(cfg, mesh, B, args.context + 8, args.context, jax.random.key(2))
@@ -167,9 +178,10 @@ def main():
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,
                                   "fraction_of_roofline": roof / sec}
         rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof))
+        print(rows[-1], flush=True)
+        save()
 
-    record["peak_bytes_in_use"] = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
-                                      for d in devices)
+    save()
     print(f"\n{n_dev} x {dev.device_kind}, mesh {record['mesh']}, jax {jax.__version__}, "
           f"{'demo' if args.smoke else '80B'} width, {args.layers} layers, "
           f"{n_params / 1e9:.2f}e9 params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
@@ -179,8 +191,6 @@ def main():
     for name, ms, tps, cs, roof in rows:
         extra = f"{roof * 1e3:.3f} | {100 * roof / (ms / 1e3):.0f}%" if roof else "- | -"
         print(f"| {name} | {ms:.2f} | {tps:,.0f} | {cs:.1f} | {extra} |")
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

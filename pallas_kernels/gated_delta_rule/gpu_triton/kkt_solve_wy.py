@@ -50,8 +50,12 @@ def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, sub, use_qk_l2norm, 
     T = {}
     for i in range(nb):
         # A_im = beta_i k_i k_m^T exp(G_i - G_m): strictly lower inside the diagonal block.
-        A = {m: km.dot(kc[i], kc[m], trans_b=True) * beta[i][:, None]
-             * jnp.exp(G[i][:, None] - G[m][None, :]) for m in range(i)}
+        A = {
+            m: km.dot(kc[i], kc[m], trans_b=True)
+            * beta[i][:, None]
+            * jnp.exp(G[i][:, None] - G[m][None, :])
+            for m in range(i)
+        }
         A_ii = km.decayed_scores(kc[i], kc[i], G[i], strict=True) * beta[i][:, None]
         T[i, i] = km.solve_unit_lower(A_ii, precision=solve_precision)
         for j in range(i - 1, -1, -1):
