@@ -116,7 +116,7 @@ def test_tile_rows_and_bad_impl():
 
 def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
     """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes tiles
-    (decode) or capacity; with it, auto takes tokamax for bf16/fp16 experts only."""
+    (decode) or capacity; with it, auto takes tokamax beyond decode for bf16/fp16 experts only."""
     from qnext_jax.modeling import moe
 
     monkeypatch.setattr(moe, "_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
@@ -125,7 +125,8 @@ def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
     assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tiles"
     assert moe._gpu_auto_impl(10240, 512, jnp.bfloat16) == "capacity"
     monkeypatch.setattr(moe, "_tokamax", lambda: (object(), None))  # installed
-    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tokamax"
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tiles"
+    assert moe._gpu_auto_impl(640, 512, jnp.bfloat16) == "tokamax"
     assert moe._gpu_auto_impl(10240, 512, jnp.float16) == "tokamax"
     assert moe._gpu_auto_impl(10240, 512, jnp.float32) == "capacity"
 

@@ -69,6 +69,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
 
 
 MOE_IMPLS = ("auto", "ragged_dot", "tiles", "capacity", "tokamax")
+TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
 
@@ -107,11 +108,16 @@ def _tokamax_ragged_dot(implementation: str | None):
 
 
 def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
-    """``auto`` on GPU: tokamax when installed and the experts are bf16/fp16 (what its Mosaic GPU
-    kernel takes), else tiles at decode (at most E / 2 rows), else capacity."""
+    """``auto`` on GPU: tiles at decode (at most E / 2 rows), else tokamax when installed and the
+    experts are bf16/fp16 (what its Mosaic GPU kernel takes), else capacity. From
+    scripts/bench_moe.py on an H200 (80B block, bf16): T = 1 tiles 0.42 ms; T = 64 tokamax
+    0.93 / capacity 1.18 / tiles 2.90 ms; T = 1024 tokamax 1.51 / capacity 1.87 ms; T = 16384
+    tokamax 7.98 / capacity 11.93 ms."""
+    if rows <= num_experts // 2:
+        return "tiles"
     if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
         return "tokamax"
-    return "tiles" if rows <= num_experts // 2 else "capacity"
+    return "capacity"
 
 
 def _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision, ragged_dot):
@@ -204,8 +210,8 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         per expert, plain batched matmuls; when some expert gets more than C rows a
         ``lax.cond`` runs ``tiles`` instead, so it stays dropless and exact; two larger
         capacities, 2x and 4x the mean, are tried first under ``lax.switch``), or ``"auto"``
-        (on GPU: ``tokamax`` when it is installed and the experts are bf16/fp16, else ``tiles``
-        when there are at most E / 2 rows (decode), else ``capacity``; elsewhere
+        (on GPU: ``tiles`` when there are at most E / 2 rows (decode), else ``tokamax`` when it
+        is installed and the experts are bf16/fp16, else ``capacity``; elsewhere
         ``ragged_dot``).
       tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
     Returns:
@@ -237,11 +243,17 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         # The smallest capacity holding the largest group; the tiles when none does.
         index = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes), side="left")
         y = jax.lax.switch(index, branches, *operands)
+    elif impl == "tokamax":
+        # Its Mosaic GPU kernel takes row counts that are a multiple of its tiling (10 rows at
+        # decode failed on the H200): zero rows past the last group pad to TOKAMAX_ROW_MULTIPLE
+        # and their (unwritten) outputs are dropped.
+        pad = -(N * k) % TOKAMAX_ROW_MULTIPLE
+        y = _ragged_experts(jnp.pad(xs, ((0, pad), (0, 0))), group_sizes, gate_proj, up_proj,
+                            down_proj, precision,
+                            _tokamax_ragged_dot(tokamax_implementation))[:N * k]
     else:
-        ragged_dot = (_tokamax_ragged_dot(tokamax_implementation) if impl == "tokamax" else
-                      jax.lax.ragged_dot)
         y = _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
-                            ragged_dot)  # [N*k, d]
+                            jax.lax.ragged_dot)  # [N*k, d]
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[token].add(y)
 
