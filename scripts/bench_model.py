@@ -23,6 +23,7 @@ scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -72,11 +73,14 @@ def random_params(cfg, mesh, key):
     shards = sharding.param_shardings(cfg, mesh)
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, s, sh in zip(keys, leaves, jax.tree.leaves(shards)):
-        make = jax.jit(lambda k, s=s: (jax.random.normal(k, s.shape, jnp.float32) * 0.02
-                                       ).astype(s.dtype), out_shardings=sh)
-        out.append(make(k))
+
+    @functools.cache  # one compile per distinct (shape, dtype, sharding), not per leaf
+    def maker(shape, dtype, sh):
+        return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype),
+                       out_shardings=sh)
+
+    out = [maker(s.shape, s.dtype, sh)(k)
+           for k, s, sh in zip(keys, leaves, jax.tree.leaves(shards))]
     return jax.tree.unflatten(treedef, out)
 
 
