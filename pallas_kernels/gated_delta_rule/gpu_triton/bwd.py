@@ -1,7 +1,8 @@
 """The chunked backward on GPU (Pallas, Triton lowering).
 
 Recomputes what the forward produced between its stages (cheaper than storing it): G (cumsum),
-w, u (kkt/solve/wy) and h, v_new (the state pass), then runs the backward stages
+w, u and each chunk's (I + A)^-1 (kkt/solve/wy) and h, v_new (the state pass), then runs the
+backward stages
   dv_local.py  d(v_new) from the outputs of the same chunk
   dh.py        the reverse pass over chunks: d(state) per chunk, total d(v_new), d(initial state)
   dqkwg.py     d(q), d(k), d(w), d(G) through the states and the intra-chunk attention
@@ -79,7 +80,7 @@ def chunk_gated_delta_rule_bwd(
     Tp = q.shape[1]
     G = chunk_local_cumsum(g, C)
     common_args = {"chunk_size": C, "num_stages": block_sizes.num_stages, "interpret": interpret}
-    w, h, v_new, _ = chunk_states(
+    w, h, v_new, _, inverse = chunk_states(
         k,
         v,
         G,
@@ -90,6 +91,7 @@ def chunk_gated_delta_rule_bwd(
         use_qk_l2norm=False,
         solve_precision=solve_precision,
         interpret=interpret,
+        return_inverse=True,
     )
     dv_local = chunk_bwd_dv_local(
         q,
@@ -135,6 +137,7 @@ def chunk_gated_delta_rule_bwd(
         v,
         G,
         beta,
+        inverse,
         dw,
         dv_new,
         dk_,

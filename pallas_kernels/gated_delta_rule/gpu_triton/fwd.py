@@ -143,17 +143,20 @@ def chunk_states(
     use_qk_l2norm: bool,
     solve_precision,
     interpret: bool,
+    return_inverse: bool = False,
 ):
     """Stages "kkt/solve/wy" and "h" on chunk-aligned inputs (run by the forward, and again by
-    the backward, which recomputes them rather than storing them).
+    the backward, which recomputes them rather than storing them; the backward also takes each
+    chunk's (I + A)^-1, ``return_inverse``).
 
     Args: k [B, Tp, Hk, dk], v [B, Tp, Hv, dv] (compute dtype); G, beta [B, Tp, Hv] float32;
       initial_state: ``lay.kernel_initial_state(...)``.
     Returns: w [B, Tp, Hv, dk], h [B, NC, Hv, dk, dv], v_new [B, Tp, Hv, dv] (compute dtype) and
-      the final state [B or n_pad, Hv, dk, dv] float32 (see gpu_triton.h.chunk_fwd_h).
+      the final state [B or n_pad, Hv, dk, dv] float32 (see gpu_triton.h.chunk_fwd_h); with
+      return_inverse, then T [B, Tp, Hv, C] float32 (see kkt_solve_wy.chunk_kkt_solve_wy).
     """
     C = block_sizes.chunk
-    w, u = chunk_kkt_solve_wy(
+    w, u, *inverse = chunk_kkt_solve_wy(
         k,
         v,
         G,
@@ -163,6 +166,7 @@ def chunk_states(
         solve_precision=solve_precision,
         num_warps=block_sizes.num_warps_wy,
         num_stages=block_sizes.num_stages,
+        return_inverse=return_inverse,
         interpret=interpret,
     )
     h, v_new, final = chunk_fwd_h(
@@ -180,7 +184,7 @@ def chunk_states(
         num_stages=block_sizes.num_stages,
         interpret=interpret,
     )
-    return w, h, v_new, final
+    return (w, h, v_new, final, *inverse)
 
 
 def chunk_gated_delta_rule_fwd(

@@ -22,8 +22,11 @@ from pallas_kernels.gated_delta_rule import kernel_math as km
 SUB_CHUNK = 16  # tokens per diagonal block of the blocked solve (the smallest Triton dot tile)
 
 
-def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, sub, use_qk_l2norm, solve_precision):
-    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv].
+def _kernel(
+    k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *t_ref, sub, use_qk_l2norm, solve_precision
+):
+    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv];
+    # t_ref (when the inverse is asked for) [C, C] float32.
     # Blocked over sub-chunks of `sub` tokens (index i, j, m < nb = C / sub): T is block lower
     # triangular, T_ii = (I + A_ii)^-1 (doubling on sub x sub) and, for j < i,
     #   T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj          (block forward substitution)
@@ -71,6 +74,8 @@ def _kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *, sub, use_qk_l2norm, 
             u = u + km.dot(Tc[j], vb[j])
         w_ref[rows[i], :] = w.astype(w_ref.dtype)
         u_ref[rows[i], :] = u.astype(u_ref.dtype)
+        for j in range(nb) if t_ref else ():
+            t_ref[0][rows[i], rows[j]] = T[i, j] if j <= i else jnp.zeros((sub, sub), jnp.float32)
 
 
 def chunk_kkt_solve_wy(
@@ -84,9 +89,10 @@ def chunk_kkt_solve_wy(
     solve_precision=km.HIGHEST,
     num_warps: int = 4,
     num_stages: int = 2,
+    return_inverse: bool = False,
     interpret: bool = False,
 ):
-    """w, u of the WY form for every chunk.
+    """w, u of the WY form for every chunk (and T = (I + A)^-1, for the backward).
 
     Args:
       k: [B, Tp, Hk, dk] (Tp a multiple of chunk_size); its dtype is the compute dtype.
@@ -94,7 +100,8 @@ def chunk_kkt_solve_wy(
       G: [B, Tp, Hv] float32, chunk-local cumulative sum of g.
       beta: [B, Tp, Hv] float32.
     Returns:
-      w [B, Tp, Hv, dk], u [B, Tp, Hv, dv], both in k.dtype.
+      w [B, Tp, Hv, dk], u [B, Tp, Hv, dv], both in k.dtype; with return_inverse also T
+      [B, Tp, Hv, C] float32 (row t of chunk c: row t - cC of that chunk's (I + A)^-1).
     """
     B, Tp, Hk, dk = k.shape
     Hv, dv = v.shape[2], v.shape[3]
@@ -118,11 +125,13 @@ def chunk_kkt_solve_wy(
         out_specs=[
             pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, h, 0)),
             pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0)),
-        ],
+        ]
+        + [pl.BlockSpec((None, C, None, C), lambda c, b, h: (b, c, h, 0))] * return_inverse,
         out_shape=[
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), k.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv, dv), k.dtype),
-        ],
+        ]
+        + [jax.ShapeDtypeStruct((B, Tp, Hv, C), jnp.float32)] * return_inverse,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_kkt_solve_wy",

@@ -1,6 +1,7 @@
 """Backward of stages "kkt", "solve" and "wy" (the WY/UT representation), one chunk per program.
 
-The forward (kkt_solve_wy.py, recomputed here) builds, with Gamma_ij = exp(G_i - G_j) on j < i,
+The forward (kkt_solve_wy.py, whose T the recompute of bwd.py hands over) builds, with
+Gamma_ij = exp(G_i - G_j) on j < i,
   kkd = strictly_lower(k k^T Gamma),  A = diag(beta) kkd,  T = (I + A)^-1,
   kb = beta exp(G) k,  vb = beta v,  w = T kb,  u = T vb.
 From dw and du (= the total gradient of v_new: v_new = u - w S):
@@ -26,25 +27,12 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
-def wy_factors(k, v, G, beta, *, cdt, solve_precision):
-    """In-kernel: the WY factors of one chunk, recomputed whole (the forward, kkt_solve_wy.py,
-    only needs the products w, u and builds T block by block).
-
-    k [C, dk] float32 (L2-normalised already if asked), v [C, dv], G, beta [C], all float32; cdt
-    the dtype of the k k^T operands. Returns float32: kkd = strictly_lower(k k^T exp(G_i - G_j))
-    [C, C], T = (I + diag(beta) kkd)^-1 [C, C], kb = beta exp(G) k [C, dk], vb = beta v [C, dv].
-    """
-    kc = k.astype(cdt)
-    kkd = km.decayed_scores(kc, kc, G, strict=True)
-    T = km.solve_unit_lower(kkd * beta[:, None], precision=solve_precision)
-    return kkd, T, k * (beta * jnp.exp(G))[:, None], v * beta[:, None]
-
-
 def _kernel(
     k_ref,
     v_ref,
     g_ref,
     beta_ref,
+    t_ref,
     dw_ref,
     du_ref,
     dk_in_ref,
@@ -56,7 +44,8 @@ def _kernel(
     *,
     solve_precision,
 ):
-    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; dw_ref [C, dk]; du_ref [C, dv];
+    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; t_ref [C, C] float32 (the forward's
+    # (I + A)^-1); dw_ref [C, dk]; du_ref [C, dv];
     # dk_in_ref, dk_ref [C, dk] float32; dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
     cdt = k_ref.dtype
     kc = k_ref[...]
@@ -64,7 +53,9 @@ def _kernel(
     v = v_ref[...].astype(jnp.float32)
     G = g_ref[...].astype(jnp.float32)
     beta = beta_ref[...].astype(jnp.float32)
-    kkd, T, kb, vb = wy_factors(k, v, G, beta, cdt=cdt, solve_precision=solve_precision)
+    kkd = km.decayed_scores(kc, kc, G, strict=True)
+    T = t_ref[...]
+    kb, vb = k * (beta * jnp.exp(G))[:, None], v * beta[:, None]
     Tc = T.astype(cdt)
     dw, du = dw_ref[...], du_ref[...]
     dT = km.dot(dw, kb.astype(cdt), trans_b=True) + km.dot(du, vb.astype(cdt), trans_b=True)
@@ -100,6 +91,7 @@ def chunk_bwd_wy(
     v: jax.Array,
     G: jax.Array,
     beta: jax.Array,
+    inverse: jax.Array,
     dw: jax.Array,
     du: jax.Array,
     dk: jax.Array,
@@ -111,11 +103,13 @@ def chunk_bwd_wy(
     num_stages: int = 2,
     interpret: bool = False,
 ):
-    """Gradients through w = T (beta exp(G) k) and u = T (beta v), T recomputed.
+    """Gradients through w = T (beta exp(G) k) and u = T (beta v), T from the forward.
 
     Args:
       k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked); v: [B, Tp, Hv, dv].
-      G, beta: [B, Tp, Hv] float32; dw: [B, Tp, Hv, dk], du: [B, Tp, Hv, dv] (compute dtype).
+      G, beta: [B, Tp, Hv] float32; inverse: [B, Tp, Hv, C] float32, each chunk's T (from
+        ``chunk_kkt_solve_wy(..., return_inverse=True)``); dw: [B, Tp, Hv, dk], du: [B, Tp, Hv,
+        dv] (compute dtype).
       dk: [B, Tp, Hv, dk] float32, dG: [B, Tp, Hv] float32: the partial gradients of the other
         paths (stage "dqkwg"), updated in place.
     Returns:
@@ -130,10 +124,11 @@ def chunk_bwd_wy(
     dk_spec = pl.BlockSpec((None, C, None, dkd), lambda c, b, h: (b, c, h, 0))
     val_spec = pl.BlockSpec((None, C, None, dvd), lambda c, b, h: (b, c, h, 0))
     g_spec = pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h))
+    t_spec = pl.BlockSpec((None, C, None, C), lambda c, b, h: (b, c, h, 0))
     return pl.pallas_call(
         functools.partial(_kernel, solve_precision=solve_precision),
         grid=(Tp // C, B, Hv),
-        in_specs=[key_spec, val_spec, g_spec, g_spec, dk_spec, val_spec, dk_spec, g_spec],
+        in_specs=[key_spec, val_spec, g_spec, g_spec, t_spec, dk_spec, val_spec, dk_spec, g_spec],
         out_specs=[dk_spec, val_spec, g_spec, g_spec],
         out_shape=[
             jax.ShapeDtypeStruct((B, Tp, Hv, dkd), jnp.float32),
@@ -141,8 +136,8 @@ def chunk_bwd_wy(
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
         ],
-        input_output_aliases={6: 0, 7: 3},
+        input_output_aliases={7: 0, 8: 3},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_bwd_wy",
-    )(k, v, G, beta, dw, du, dk, dG)
+    )(k, v, G, beta, inverse, dw, du, dk, dG)
