@@ -173,7 +173,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.one_prefill is not None:  # child process: one prefill length
-        row = run_prefill(args, args.one_prefill)
+        try:
+            row = run_prefill(args, args.one_prefill)
+        except Exception as e:  # noqa: BLE001  (reported in the parent's table, e.g. out of memory)
+            row = {"kind": "prefill", "tokens": args.one_prefill, "chunk_size": args.chunk_size,
+                   "error": f"{type(e).__name__}: {e}"[:500]}
         with open(args.out, "w") as f:
             json.dump(row, f)
         return 0
@@ -185,11 +189,11 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]),
                    "--one-prefill", str(length), "--out", child_out]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode == 0:
+            if os.path.exists(child_out):
                 with open(child_out) as f:
                     rows.append(json.load(f))
                 os.remove(child_out)
-            else:
+            else:  # the child died without a word (killed)
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 rows.append({"kind": "prefill", "tokens": length, "chunk_size": args.chunk_size,
                              "error": err[:300]})
