@@ -38,6 +38,8 @@ VARIANTS = {
     "o_w8": {"num_warps_o": 8},
     "stages2": {"num_stages": 2},
     "stages4": {"num_stages": 4},
+    "split4": {"seq_splits": 4},
+    "split8": {"seq_splits": 8},
 }
 
 

@@ -144,6 +144,14 @@ def prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel, dims: Dims)
     return q, k, v.astype(dt), g.astype(dt), beta.astype(dt)
 
 
+def pad_to_chunks(x: jax.Array, Tp: int) -> jax.Array:
+    """[B, T, ...] -> [B, Tp, ...] (Tp >= T), zeros appended along the token axis."""
+    T = x.shape[1]
+    if T == Tp:
+        return x
+    return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+
+
 # --------------------------------------------------------------------------------------------
 # Variable-length packing: lay sequences out so that each one starts on a chunk boundary.
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from jax import lax
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
 from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h
+from pallas_kernels.gated_delta_rule.gpu_triton.h_split import chunk_fwd_h_split
 from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import chunk_kkt_solve_wy
 from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_fwd_o
 
@@ -29,6 +30,11 @@ class BlockSizes:
     Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128).
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
     block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program.
+    seq_splits: dense inputs only (ignored with cu_seqlens): cut each sequence into up to this
+    many segments whose state passes run in parallel and are combined exactly (h_split.py), for
+    when B x Hv programs of stage "h" leave the GPU idle (one long sequence); used by the forward
+    and by the backward's recompute. Default 1 (off): not yet measured on a GPU; measure with
+    scripts/tune_gdn.py (variants split4 / split8) before turning it on.
     """
 
     chunk: int = 64
@@ -45,6 +51,7 @@ class BlockSizes:
     num_warps_dh: int = 4
     num_warps_dqkwg: int = 4
     num_warps_wy_bwd: int = 4
+    seq_splits: int = 1
 
 
 def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
@@ -57,13 +64,6 @@ def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> ja
     return lax.cumsum(g.reshape(B, Tp // chunk, chunk, H), axis=2, reverse=reverse).reshape(
         B, Tp, H
     )
-
-
-def pad_to_chunks(x: jax.Array, Tp: int) -> jax.Array:
-    T = x.shape[1]
-    if T == Tp:
-        return x
-    return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
 
 
 class ChunkLayout(NamedTuple):
@@ -86,7 +86,7 @@ class ChunkLayout(NamedTuple):
     def to_chunks(self, x: jax.Array) -> jax.Array:
         """[B, T, ...] -> [B, Tp, ...], zeros at padding positions."""
         if self.varlen is None:
-            return pad_to_chunks(x, self.Tp)
+            return common.pad_to_chunks(x, self.Tp)
         return common.gather_aligned(x, self.varlen)
 
     def from_chunks(self, x: jax.Array) -> jax.Array:
@@ -147,7 +147,8 @@ def chunk_states(
 ):
     """Stages "kkt/solve/wy" and "h" on chunk-aligned inputs (run by the forward, and again by
     the backward, which recomputes them rather than storing them; the backward also takes each
-    chunk's (I + A)^-1, ``return_inverse``).
+    chunk's (I + A)^-1, ``return_inverse``). Stage "h" is split along the sequence
+    (h_split.chunk_fwd_h_split) when block_sizes.seq_splits > 1 and the inputs are dense.
 
     Args: k [B, Tp, Hk, dk], v [B, Tp, Hv, dv] (compute dtype); G, beta [B, Tp, Hv] float32;
       initial_state: ``lay.kernel_initial_state(...)``.
@@ -169,21 +170,29 @@ def chunk_states(
         return_inverse=return_inverse,
         interpret=interpret,
     )
-    h, v_new, final = chunk_fwd_h(
-        k,
-        w,
-        u,
-        G,
-        initial_state,
-        chunk_reset=lay.chunk_reset,
-        chunk_last=lay.chunk_last,
-        chunk_size=C,
-        block_v=block_sizes.block_v_h,
-        use_qk_l2norm=use_qk_l2norm,
-        num_warps=block_sizes.num_warps_h,
-        num_stages=block_sizes.num_stages,
-        interpret=interpret,
-    )
+    h_args = {
+        "chunk_size": C,
+        "block_v": block_sizes.block_v_h,
+        "use_qk_l2norm": use_qk_l2norm,
+        "num_warps": block_sizes.num_warps_h,
+        "num_stages": block_sizes.num_stages,
+        "interpret": interpret,
+    }
+    if lay.varlen is None and block_sizes.seq_splits > 1:
+        h, v_new, final = chunk_fwd_h_split(
+            k, w, u, G, initial_state, segments=block_sizes.seq_splits, **h_args
+        )
+    else:
+        h, v_new, final = chunk_fwd_h(
+            k,
+            w,
+            u,
+            G,
+            initial_state,
+            chunk_reset=lay.chunk_reset,
+            chunk_last=lay.chunk_last,
+            **h_args,
+        )
     return (w, h, v_new, final, *inverse)
 
 

@@ -20,6 +20,28 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
+def state_step(k_ref, w_ref, g_ref, sl, S, u, *, use_qk_l2norm):
+    """One chunk of the state recurrence, shared with the segment pass (h_split.py).
+
+    k_ref, w_ref [Tp, dk] (w in the compute dtype); g_ref [Tp] (G); sl: the chunk's token slice;
+    S [dk, BV] float32, the state at the chunk start; u [C, BV] (u of the chunk) or None (zeros).
+    Returns v_new = u - w S [C, BV] float32 and the state at the chunk end [dk, BV] float32,
+      exp(G_last) S + kd^T v_new,   kd = k exp(G_last - G) (k L2-normalised if use_qk_l2norm),
+    i.e. S' = M S + kd^T u with M = exp(G_last) I - kd^T w [dk, dk] (matmul operands rounded to
+    the compute dtype, accumulated in float32).
+    """
+    cdt = w_ref.dtype
+    wS = km.dot(w_ref[sl, :], S.astype(cdt))  # [C, BV]
+    v_new = -wS if u is None else u.astype(jnp.float32) - wS
+    G = g_ref[sl].astype(jnp.float32)
+    g_last = km.pick_last(G)
+    k = k_ref[sl, :].astype(jnp.float32)
+    if use_qk_l2norm:
+        k = km.l2norm(k)
+    kd = (k * jnp.exp(g_last - G)[:, None]).astype(cdt)  # [C, dk]
+    return v_new, S * jnp.exp(g_last) + km.dot(kd, v_new.astype(cdt), trans_a=True)
+
+
 def _kernel(
     k_ref, w_ref, u_ref, g_ref, *refs, chunk_size, use_qk_l2norm, has_initial_state, varlen
 ):
@@ -35,7 +57,6 @@ def _kernel(
     h_ref, vn_ref, ht_ref = refs
     C = chunk_size
     NC = h_ref.shape[0]
-    cdt = w_ref.dtype
     dk, BV = h_ref.shape[1], h_ref.shape[2]
     if has_initial_state and not varlen:
         S = h0_ref[...].astype(jnp.float32)
@@ -53,16 +74,8 @@ def _kernel(
                 init = jnp.zeros_like(S)
             S = start * init + (1.0 - start) * S
         h_ref[c] = S.astype(h_ref.dtype)
-        w = w_ref[sl, :]
-        v_new = u_ref[sl, :].astype(jnp.float32) - km.dot(w, S.astype(cdt))  # [C, BV]
+        v_new, S = state_step(k_ref, w_ref, g_ref, sl, S, u_ref[sl, :], use_qk_l2norm=use_qk_l2norm)
         vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
-        G = g_ref[sl].astype(jnp.float32)
-        g_last = km.pick_last(G)
-        k = k_ref[sl, :].astype(jnp.float32)
-        if use_qk_l2norm:
-            k = km.l2norm(k)
-        kd = (k * jnp.exp(g_last - G)[:, None]).astype(cdt)  # [C, dk]
-        S = S * jnp.exp(g_last) + km.dot(kd, v_new.astype(cdt), trans_a=True)
         if varlen:
             e = last_ref[c]
 
