@@ -239,6 +239,7 @@ def _cmd_finetune(args) -> int:
     train = TrainConfig(compute_dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum,
                         aux_coef=args.aux_coef, mtp_coef=args.mtp_coef, gdn_impl=args.gdn_impl,
                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        scan_layers=args.scan_layers,
                         **({"lora_targets": args.lora_targets} if args.lora_targets else {}))
     try:
         result = finetune(args.checkpoint, args.data, args.out, steps=args.steps,
@@ -337,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of OUT/final's params (default float32)")
     f.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                    help="per-layer rematerialisation")
+    f.add_argument("--scan-layers", action="store_true",
+                   help="run the layers as a scan over the repeating block of the layer pattern "
+                        "(compile time flat in depth); OUT/final keeps the per-layer layout, "
+                        "resume with the same setting")
     f.add_argument("--aux-coef", type=float, default=None,
                    help="router load-balancing coefficient (default: config's)")
     f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight (0: off)")

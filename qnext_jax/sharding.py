@@ -26,6 +26,7 @@ kv_heads        tensor                      k/v projections, K/V cache
 mlp             tensor                      MoE / shared / dense intermediate dim
 experts         expert                      stacked routed experts [E, ...]
 vocab           tensor                      embedding rows, lm_head columns
+layers          (replicated)                the block axis of scanned-layout params
 ==============  ==========================  =============================================
 
 Fallback: a dimension whose size is not divisible by the product of its mesh axes keeps the
@@ -62,6 +63,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp", ("tensor",)),
     ("experts", ("expert",)),
     ("vocab", ("tensor",)),
+    ("layers", ()),
 )
 
 
@@ -201,12 +203,17 @@ def batch_axes(batch: int, mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
 # ------------------------------------------------------------------------ parameter axes
 def param_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | None, ...]:
     """Logical axes of one params leaf from its path (e.g. ("layers_0", "mlp", "experts",
-    "gate_proj")) and shape.
+    "gate_proj")) and shape. Leaves of the scanned layout (under ``"blocks"``, see
+    :mod:`qnext_jax.modeling.decoder`) get a leading "layers" axis before their layer's axes.
 
     Raises:
       ValueError: a leaf this plan does not know (names the path).
     """
+    from qnext_jax.modeling.decoder import BLOCKS
+
     path = tuple(path)
+    if path[:1] == (BLOCKS,):
+        return ("layers",) + param_logical_axes(path[1:], shape[1:])
     leaf, parent = path[-1], path[-2] if len(path) > 1 else ""
     nd = len(shape)
     where = "/".join(path)
@@ -248,20 +255,28 @@ def _map_tree(tree, fn, path=()):
     return fn(path, tree)
 
 
-def param_partition_specs(config, mesh, rules=DEFAULT_RULES) -> dict:
-    """A ``PartitionSpec`` per params leaf of ``config`` (nested dict like the params)."""
-    from qnext_jax.convert.name_map import abstract_params
+def param_partition_specs(config, mesh, rules=DEFAULT_RULES, scan_layers: bool = False) -> dict:
+    """A ``PartitionSpec`` per params leaf of ``config`` (nested dict like the params; in the
+    scanned layout of ``stack_layers`` when ``scan_layers``)."""
+    import jax
 
-    return _map_tree(abstract_params(config), lambda p, s: logical_to_spec(
+    from qnext_jax.convert.name_map import abstract_params
+    from qnext_jax.modeling.decoder import stack_layers
+
+    shapes = abstract_params(config)
+    if scan_layers:
+        shapes = jax.eval_shape(lambda p: stack_layers(p, config), shapes)
+    return _map_tree(shapes, lambda p, s: logical_to_spec(
         param_logical_axes(p, s.shape), s.shape, mesh, rules))
 
 
-def param_shardings(config, mesh, rules=DEFAULT_RULES) -> dict:
-    """A ``NamedSharding`` per params leaf (the structure of ``convert.abstract_params``), for
-    ``qnext_jax.load(path, mesh=mesh, shardings=...)`` and jit in/out shardings."""
+def param_shardings(config, mesh, rules=DEFAULT_RULES, scan_layers: bool = False) -> dict:
+    """A ``NamedSharding`` per params leaf (the structure of ``convert.abstract_params``, or its
+    scanned layout when ``scan_layers``), for ``qnext_jax.load(path, mesh=mesh,
+    shardings=...)`` and jit in/out shardings."""
     from jax.sharding import NamedSharding
 
-    return _map_tree(param_partition_specs(config, mesh, rules),
+    return _map_tree(param_partition_specs(config, mesh, rules, scan_layers),
                      lambda _, spec: NamedSharding(mesh, spec))
 
 

@@ -15,6 +15,7 @@ from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.attention import Qwen3NextAttention
+from qnext_jax.modeling.decoder import scan_period, stack_layers, unstack_layers
 from qnext_jax.modeling.rope import rope_cos_sin
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -145,3 +146,95 @@ def test_cache_too_short_is_rejected():
     with pytest.raises(ValueError, match="cache holds 4 positions"):
         model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
                     cache=init_cache(cfg, 1, 4))
+
+
+# ------------------------------------------------------------------- scan over layer blocks
+# Period 4, 2 blocks: GDN + MoE, attention + MoE, attention + dense MLP, attention + MoE (one
+# GDN per block keeps the compile short; the 80B pattern's period is checked by scan_period).
+SCAN_CFG = {"num_hidden_layers": 8, "mlp_only_layers": (2, 6),
+            "layer_types": (("linear_attention",) + ("full_attention",) * 3) * 2}
+
+
+def test_stack_unstack_layers_round_trip_and_scanned_init_layout():
+    cfg = tiny_config(**SCAN_CFG)
+    assert scan_period(cfg) == 4
+    assert scan_period(Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")) == 4
+    params = init_params(cfg)
+    stacked = stack_layers(params, cfg)
+    assert not any(k.startswith("layers_") for k in stacked)
+    np.testing.assert_array_equal(stacked["blocks"]["layers_3"]["self_attn"]["q_proj"]["kernel"][1],
+                                  params["layers_7"]["self_attn"]["q_proj"]["kernel"])
+    # The scanned model's own params tree is exactly this layout.
+    model = Qwen3NextForCausalLM(cfg, scan_layers=True)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    assert jax.tree.map(lambda x: x.shape, shapes["params"]) == \
+        jax.tree.map(lambda x: x.shape, stacked)
+    back = unstack_layers(stacked, cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scanned_layers_equal_unrolled_logits_hidden_and_grads():
+    """Packed segments, per-layer remat inside the scan, router logits for the aux loss."""
+    from qnext_jax.train import loss as L
+
+    cfg = tiny_config(**SCAN_CFG)
+    params = init_params(cfg, scale=0.1)  # at 0.3, 1e-7 input noise moves grads by 3e-4
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], jnp.int32)
+
+    def run(model, p):
+        def f(p):
+            (logits, _, hidden), state = model.apply(
+                {"params": p}, ids, segment_ids=seg, output_hidden_states=True,
+                mutable=["intermediates"])
+            ce, _ = L.cross_entropy_sum(logits, jnp.roll(ids, -1, axis=1), seg > 0)
+            router = L.collect_router_logits(state["intermediates"], cfg)
+            assert sum(math.prod(r.shape[:-2]) for r in router) == 6  # the MoE layers
+            aux = L.load_balancing_loss(router, cfg.num_experts, cfg.num_experts_per_tok,
+                                        seg > 0)
+            return ce + aux, (logits, hidden)
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(p)
+
+    unrolled = Qwen3NextForCausalLM(cfg, precision=HIGHEST)
+    scanned = Qwen3NextForCausalLM(cfg, precision=HIGHEST, scan_layers=True, remat="dots")
+    (loss0, (logits0, hidden0)), grads0 = run(unrolled, params)
+    (loss1, (logits1, hidden1)), grads1 = run(scanned, stack_layers(params, cfg))
+    assert float(loss1) == pytest.approx(float(loss0), rel=1e-6)
+    assert len(hidden1) == len(hidden0) == cfg.num_hidden_layers + 2
+    for a, b in zip((logits1, *hidden1), (logits0, *hidden0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    grads1 = unstack_layers(grads1, cfg)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads1)[0],
+                            jax.tree.leaves(grads0), strict=True):
+        b = np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.abs(b).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+    # The remat policy applies to each of the P layers inside the scan's body.
+    jaxpr = jax.make_jaxpr(lambda p: scanned.apply({"params": p}, ids))(stack_layers(params, cfg))
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert sum(e.primitive.name.startswith(("remat", "checkpoint"))
+               for e in scan.params["jaxpr"].eqns) == 4
+
+
+def test_scan_layers_rejects_non_periodic_patterns_and_caches():
+    cfg = tiny_config(**{**SCAN_CFG, "mlp_only_layers": (2,)})  # layer 2 dense, layer 6 MoE
+    with pytest.raises(ValueError, match="layer pattern that repeats"):
+        scan_period(cfg)
+    with pytest.raises(ValueError, match="layer pattern that repeats"):
+        jax.eval_shape(Qwen3NextForCausalLM(cfg, scan_layers=True).init, jax.random.key(0),
+                       jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(ValueError, match="layer pattern that repeats"):
+        stack_layers(init_params(cfg), cfg)
+    with pytest.raises(ValueError, match="layer pattern that repeats"):  # one period only
+        scan_period(tiny_config(num_hidden_layers=4))
+    cfg = tiny_config(**SCAN_CFG)
+    params = init_params(cfg)
+    with pytest.raises(ValueError, match="no 'blocks' entry"):
+        unstack_layers(params, cfg)
+    with pytest.raises(NotImplementedError, match="cache-free"):
+        Qwen3NextForCausalLM(cfg, scan_layers=True).apply(
+            {"params": stack_layers(params, cfg)}, jnp.zeros((1, 2), jnp.int32),
+            cache=init_cache(cfg, 1, 4))

@@ -110,6 +110,32 @@ def test_80b_partition_specs_cover_every_leaf():
     assert specs["norm"]["weight"] == P()
 
 
+def test_80b_scanned_layout_specs_have_a_replicated_layer_axis():
+    """param_shardings(..., scan_layers=True) matches the scanned model's params tree; each
+    stacked leaf keeps its layer's spec behind a replicated block axis."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from qnext_jax.modeling import Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
+    mesh = _fake_mesh(data=2, fsdp=4, expert=8, tensor=4)
+    specs = sharding.param_partition_specs(config, mesh, scan_layers=True)
+    model = Qwen3NextForCausalLM(config, scan_layers=True)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    assert set(dict(_flat(specs))) == set(dict(_flat(shapes["params"])))
+    per_layer = sharding.param_partition_specs(config, mesh)
+    for j in range(4):
+        for path, spec in _flat(specs["blocks"][f"layers_{j}"]):
+            layer_spec = dict(_flat(per_layer[f"layers_{j}"]))[path]
+            assert spec == (P(None, *layer_spec) if layer_spec else P()), path
+    assert specs["blocks"]["layers_0"]["mlp"]["experts"]["gate_proj"] == \
+        P(None, "expert", "fsdp", "tensor")
+    assert specs["blocks"]["layers_3"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+    assert specs["embed_tokens"] == per_layer["embed_tokens"]
+
+
 def test_indivisible_dims_fall_back_to_replicated():
     from jax.sharding import PartitionSpec as P
 

@@ -35,6 +35,9 @@ def test_load_balancing_loss_matches_transformers():
         ours = L.load_balancing_loss([jnp.asarray(x) for x in logits], E, k,
                                      None if m is None else jnp.asarray(m))
         np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
+        stacked = L.load_balancing_loss([jnp.stack(logits)], E, k,  # a scanned model's form
+                                        None if m is None else jnp.asarray(m))
+        np.testing.assert_allclose(float(stacked), float(ref), rtol=1e-6)
     # Uniform routing gives the minimum, k (f_e = k/E, P_e = 1/E).
     flat = L.load_balancing_loss([jnp.zeros((4, E))], E, k)
     assert float(flat) == pytest.approx(k, rel=1e-6)

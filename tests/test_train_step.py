@@ -116,3 +116,41 @@ def test_lora_trains_adapters_only_and_merges():
     np.testing.assert_allclose(merged["layers_1"]["self_attn"]["q_proj"]["kernel"], expected,
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(merged["norm"]["weight"], params["norm"]["weight"])
+
+
+def test_scan_layers_state_layout_weight_decay_and_lora():
+    """With scan_layers the state holds the scanned layout (params, Adam state, LoRA adapters),
+    the Trainer's params in and out are per layer, and weight decay skips stacked norms (the
+    scanned loss and grads equal the unrolled ones: test_modeling)."""
+    from qnext_jax.modeling.decoder import stack_layers
+    from qnext_jax.train.optimizer import make_optimizer
+
+    cfg = tiny_config(num_hidden_layers=4, full_attention_interval=2)  # period 2, 2 blocks
+    params = init_params(cfg, scale=0.1)
+    opt = OptimizerConfig(learning_rate=0.1, weight_decay=0.5, clip_norm=None)
+    tr = Trainer(cfg, opt, TrainConfig(scan_layers=True, lora_rank=2))
+    state = tr.init_state(params)
+    assert "layers_0" not in state["params"]
+    assert state["params"]["blocks"]["layers_0"]["input_layernorm"]["weight"].shape == \
+        (2, cfg.hidden_size)
+    a = state["lora"]["blocks"]["layers_1"]["self_attn"]["q_proj"]["kernel"]["a"]
+    assert a.shape == (2, cfg.hidden_size, 2)
+    assert jax.tree.map(lambda x: x.shape, tr.abstract_state(params)) == \
+        jax.tree.map(lambda x: x.shape, state)
+    exported = tr.export_params(state)  # b = 0: the merged params are the base params
+    assert jax.tree.structure(exported) == jax.tree.structure(params)
+    for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # AdamW on the stacked layout: zero gradients leave only the decay, on matrices only.
+    stacked = stack_layers(params, cfg)
+    tx = make_optimizer(opt, stacked)
+    updates = jax.jit(lambda p: tx.update(jax.tree.map(jax.numpy.zeros_like, p), tx.init(p),
+                                          p)[0])(stacked)
+    blocks = updates["blocks"]["layers_0"]
+    np.testing.assert_array_equal(blocks["input_layernorm"]["weight"], 0.0)
+    np.testing.assert_array_equal(blocks["linear_attn"]["A_log"], 0.0)
+    kernel = stacked["blocks"]["layers_0"]["linear_attn"]["out_proj"]["kernel"]
+    np.testing.assert_allclose(blocks["linear_attn"]["out_proj"]["kernel"],
+                               -0.1 * 0.5 * np.asarray(kernel), rtol=1e-6)
+    with pytest.raises(ValueError, match="layer pattern that repeats"):
+        Trainer(tiny_config(), opt, TrainConfig(scan_layers=True))

@@ -6,10 +6,22 @@ and with the Gated DeltaNet otherwise; its FFN is the sparse MoE when
 The MTP head (``mtp.*`` in the released checkpoint) predicts token i+2 from the main model's
 final-normed hidden state h_i and the embedding of token i+1:
 ``mtp.norm(layer(fc([pre_fc_norm_embedding(embed(t_{i+1})), pre_fc_norm_hidden(h_i)])))``.
+
+Two parameter layouts of the decoder layers:
+
+* per layer (the converter's, the checkpoints', generation's): ``params["layers_{i}"]``;
+* scanned (``Qwen3NextForCausalLM(scan_layers=True)``, compile time flat in depth): the layer
+  pattern repeats with period P (:func:`scan_period`; 4 for the 80B config: 3 GDN + 1
+  attention), the model runs ``jax.lax.scan`` over the L / P blocks of P layers, and
+  ``params["blocks"]["layers_{j}"]`` (j < P) holds layer j of every block stacked on a leading
+  axis of size L / P: ``params["blocks"]["layers_{j}"][b]`` is ``params["layers_{b * P + j}"]``.
+
+:func:`stack_layers` and :func:`unstack_layers` convert between the two (exactly).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -84,6 +96,8 @@ def segment_cu_seqlens(segment_ids: jax.Array, max_segments: int) -> jax.Array:
 
 REMAT_POLICIES = ("none", "full", "dots")
 
+BLOCKS = "blocks"  # params key of the scanned layout's stacked layers (see the module docstring)
+
 
 def remat_layer(remat: str):
     """The decoder-layer class for a remat policy name (see ``Qwen3NextForCausalLM.remat``)."""
@@ -95,6 +109,110 @@ def remat_layer(remat: str):
         return nn.remat(Qwen3NextDecoderLayer, prevent_cse=True,
                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+
+
+def scan_period(config: Qwen3NextConfig) -> int:
+    """The period P of the layer pattern: the smallest P < L dividing L (L =
+    ``num_hidden_layers``) such that layers i and i + P have the same kind (mixer and FFN:
+    ``layer_types[i]``, ``is_sparse_moe(i)``) for every i.
+
+    Raises:
+      ValueError: no such P: the pattern does not repeat (e.g. an ``mlp_only_layers`` entry
+        breaks it, or L is one period), so the layers cannot run as a scan.
+    """
+    L = config.num_hidden_layers
+    kinds = [(config.layer_types[i], config.is_sparse_moe(i)) for i in range(L)]
+    for p in range(1, L):
+        if L % p == 0 and all(kinds[i] == kinds[i + p] for i in range(L - p)):
+            return p
+    raise ValueError(
+        f"scan_layers needs a layer pattern that repeats, but the {L} layers (layer_types, "
+        f"sparse MoE per layer: {kinds}) have no period P < {L} dividing num_hidden_layers; "
+        "use scan_layers=False")
+
+
+def unstacked_ndim(path: Sequence, shape: Sequence[int]) -> int:
+    """Rank of a params leaf as one layer sees it: the block axis of the scanned layout (a path
+    under ``params["blocks"]``) does not count. ``path``: keys (str or jax key-path entries)."""
+    first = getattr(path[0], "key", path[0]) if path else None
+    return len(shape) - (first == BLOCKS)
+
+
+def stack_layers(params: dict, config: Qwen3NextConfig) -> dict:
+    """Per-layer params (``params["layers_{i}"]``) -> the scanned layout (module docstring);
+    other entries are kept as they are. Works on arrays, tracers and ShapeDtypeStructs (under
+    ``jax.eval_shape``).
+
+    Raises:
+      ValueError: a non-periodic layer pattern (:func:`scan_period`) or a missing layer.
+    """
+    P = scan_period(config)
+    L = config.num_hidden_layers
+    names = [f"layers_{i}" for i in range(L)]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"stack_layers: params have no {', '.join(missing)} (expected the "
+                         f"per-layer layout of {L} layers)")
+    out = {k: v for k, v in params.items() if k not in names}
+    out[BLOCKS] = {f"layers_{j}": jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs), *(params[names[i]] for i in range(j, L, P)))
+        for j in range(P)}
+    return out
+
+
+def unstack_layers(tree: dict, config: Qwen3NextConfig) -> dict:
+    """The scanned layout -> per layer: the inverse of :func:`stack_layers`. Also unstacks a
+    collection shaped like the params (e.g. the sown ``intermediates`` of a scanned apply, where
+    only some layers have entries).
+
+    Raises:
+      ValueError: a non-periodic layer pattern, no ``"blocks"`` entry, or a block axis that is
+        not L / P long.
+    """
+    P = scan_period(config)
+    N = config.num_hidden_layers // P
+    if BLOCKS not in tree:
+        raise ValueError(f"unstack_layers: no {BLOCKS!r} entry (not the scanned layout)")
+    blocks = tree[BLOCKS]
+    for path, x in jax.tree_util.tree_flatten_with_path(blocks)[0]:
+        if x.shape[:1] != (N,):
+            raise ValueError(f"unstack_layers: {BLOCKS}{jax.tree_util.keystr(path)} has shape "
+                             f"{x.shape}, expected a leading axis of L / P = {N} blocks")
+    out = {k: v for k, v in tree.items() if k != BLOCKS}
+    for i in range(config.num_hidden_layers):
+        b, j = divmod(i, P)
+        if f"layers_{j}" in blocks:
+            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, b=b: x[b],
+                                                        blocks[f"layers_{j}"])
+    return out
+
+
+class Qwen3NextLayerBlock(nn.Module):
+    """One period of the layer pattern, ``layers_0`` .. ``layers_{P-1}``: the body of the layer
+    scan (cache-free). ``x`` [B, T, d] -> (x, the P layers' outputs [P, B, T, d])."""
+
+    config: Qwen3NextConfig
+    period: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    gdn_impl: str = "auto"
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens):
+        cfg = self.config
+        layer_cls = remat_layer(self.remat)
+        outs = []
+        for j in range(self.period):  # layer j of a block has the kind of layer j
+            x, _ = layer_cls(cfg, full_attention=cfg.is_full_attention(j),
+                             sparse_moe=cfg.is_sparse_moe(j), gdn_impl=self.gdn_impl,
+                             name=f"layers_{j}", dtype=self.dtype, param_dtype=self.param_dtype,
+                             precision=self.precision)(
+                x, cos, sin, token_mask, None, None, None, segment_ids, cu_seqlens)
+            x = sharding.constrain(x, ("batch", "length", "act_embed"))
+            outs.append(x)
+        return x, jnp.stack(outs)  # unused outputs are dead code under jit
 
 
 class Qwen3NextMTP(nn.Module):
@@ -139,6 +257,11 @@ class Qwen3NextForCausalLM(nn.Module):
       gdn_impl: the Gated DeltaNet backend (``"auto"``, ``"reference"``, ...).
       remat: rematerialisation of each decoder layer for training: "none", "full" (keep only
         the layer inputs) or "dots" (also keep matmul outputs without batch dims).
+      scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
+        pattern (compile time independent of depth); params in the scanned layout (module
+        docstring; :func:`stack_layers`). Cache-free calls only (training, scoring, packed
+        segments, hidden states): a cache raises NotImplementedError, generate with the
+        per-layer layout. A non-periodic pattern raises ValueError.
     """
 
     config: Qwen3NextConfig
@@ -147,6 +270,7 @@ class Qwen3NextForCausalLM(nn.Module):
     precision: Any = None
     gdn_impl: str = "auto"
     remat: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         cfg = self.config
@@ -154,13 +278,21 @@ class Qwen3NextForCausalLM(nn.Module):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                      param_dtype=self.param_dtype,
                                      embedding_init=nn.initializers.normal(cfg.initializer_range))
-        layer_cls = remat_layer(self.remat)
-        self.layers = [
-            layer_cls(cfg, full_attention=cfg.is_full_attention(i),
-                                  sparse_moe=cfg.is_sparse_moe(i), gdn_impl=self.gdn_impl,
-                                  name=f"layers_{i}", **mod)
-            for i in range(cfg.num_hidden_layers)
-        ]
+        if self.scan_layers:
+            period = scan_period(cfg)
+            scanned = nn.scan(Qwen3NextLayerBlock, variable_axes={"params": 0, "intermediates": 0},
+                              split_rngs={"params": True}, in_axes=nn.broadcast,
+                              length=cfg.num_hidden_layers // period)
+            # The attribute's name is the params key: BLOCKS.
+            self.blocks = scanned(cfg, period, gdn_impl=self.gdn_impl, remat=self.remat, **mod)
+        else:
+            layer_cls = remat_layer(self.remat)
+            self.layers = [
+                layer_cls(cfg, full_attention=cfg.is_full_attention(i),
+                          sparse_moe=cfg.is_sparse_moe(i), gdn_impl=self.gdn_impl,
+                          name=f"layers_{i}", **mod)
+                for i in range(cfg.num_hidden_layers)
+            ]
         self.norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, name="lm_head", std=cfg.initializer_range, **mod)
@@ -222,8 +354,13 @@ class Qwen3NextForCausalLM(nn.Module):
           (embeddings, after each layer, final normed) [B, T, d] when output_hidden_states.
         Raises:
           ValueError: a cache too short for the new tokens (checked when not traced).
+          NotImplementedError: a cache with ``scan_layers``.
         """
         cfg = self.config
+        if self.scan_layers and cache is not None:
+            raise NotImplementedError(
+                "scan_layers runs cache-free forward passes only; for cached generation use "
+                "scan_layers=False with the per-layer params (unstack_layers(params, config))")
         B, T = input_ids.shape
         token_mask, positions = self._positions_and_masks(input_ids, attention_mask, cache,
                                                           segment_ids)
@@ -244,13 +381,18 @@ class Qwen3NextForCausalLM(nn.Module):
                                                            cache_index, axis=1)
         hidden = [x]
         new_cache = {}
-        for i, layer in enumerate(self.layers):
-            name = f"layers_{i}"
-            x, new_cache[name] = layer(x, cos, sin, token_mask,
-                                       None if cache is None else cache[name], cache_index,
-                                       kv_valid, segment_ids, cu_seqlens)
-            x = sharding.constrain(x, ("batch", "length", "act_embed"))
-            hidden.append(x)
+        if self.scan_layers:
+            x, outs = self.blocks(x, cos, sin, token_mask, segment_ids, cu_seqlens)
+            if output_hidden_states:  # outs [L / P, P, B, T, d], layer b * P + j at [b, j]
+                hidden.extend(outs.reshape((cfg.num_hidden_layers,) + x.shape))
+        else:
+            for i, layer in enumerate(self.layers):
+                name = f"layers_{i}"
+                x, new_cache[name] = layer(x, cos, sin, token_mask,
+                                           None if cache is None else cache[name], cache_index,
+                                           kv_valid, segment_ids, cu_seqlens)
+                x = sharding.constrain(x, ("batch", "length", "act_embed"))
+                hidden.append(x)
         x = self.norm(x)
         hidden.append(x)
         logits = self.logits(x)

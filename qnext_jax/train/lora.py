@@ -1,8 +1,9 @@
 """LoRA adapters on the projection weights (Hu et al. 2021, "LoRA", arXiv:2106.09685).
 
-Each targeted kernel W [in, out] (stacked experts: [E, in, out]) gets ``a`` [.., in, r] and ``b``
-[.., r, out]; the model runs with W + (alpha / r) a b, merged on the fly inside the loss (so the
-model code is unchanged and the merged tree is exactly what gets exported). ``b`` starts at 0:
+Each targeted kernel W [in, out] (stacked experts [E, in, out], scanned layers [L / P, ...])
+gets ``a`` [.., in, r] and ``b`` [.., r, out]; the model runs with W + (alpha / r) a b, merged
+on the fly inside the loss (so the model code is unchanged and the merged tree is exactly what
+gets exported). ``b`` starts at 0:
 the adapted model starts equal to the base. The adapter tree mirrors the params tree, holding
 {"a", "b"} at each targeted leaf.
 """
@@ -13,6 +14,8 @@ import re
 
 import jax
 import jax.numpy as jnp
+
+from qnext_jax.modeling.decoder import unstacked_ndim
 
 # Projection kernels of attention, the Gated DeltaNet, dense / shared MLPs and routed experts.
 DEFAULT_TARGETS = (r"(self_attn/(q|k|v|o)_proj|linear_attn/(in_proj_qkvz|in_proj_ba|out_proj)"
@@ -36,7 +39,7 @@ def init_lora(params, rank: int, targets: str = DEFAULT_TARGETS, seed: int = 0) 
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     rx = re.compile(targets)
     flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-            if len(x.shape) >= 2 and rx.search(_path_str(p))]
+            if unstacked_ndim(p, x.shape) >= 2 and rx.search(_path_str(p))]
     if not flat:
         raise ValueError(f"LoRA targets {targets!r} match no params leaf")
     keys = jax.random.split(jax.random.key(seed), len(flat))

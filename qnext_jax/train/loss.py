@@ -19,12 +19,15 @@ plus, optionally, ``mtp_coef`` times the MTP head's mean cross-entropy on token 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qnext_jax.modeling.decoder import BLOCKS, scan_period
 
 IGNORE_INDEX = -100
 
@@ -77,7 +80,9 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
     e; loss = E * sum_e f_e * P_e (the softmax is taken once, from the raw logits).
 
     Args:
-      router_logits: one [N, E] array per MoE layer (N = B * T rows, row-major over [B, T]).
+      router_logits: one [N, E] array per MoE layer (N = B * T rows, row-major over [B, T]),
+        or [..., N, E] with leading layer axes (several layers at once, e.g. a scanned model's
+        stacked logits: the ops then do not grow with the depth).
       num_experts: E. top_k: experts per token.
       token_mask: [B, T] or [N] (1 = real token); padding rows are left out. None: all rows.
     Returns:
@@ -88,36 +93,41 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
     counts = jnp.zeros((num_experts,), jnp.float32)
     prob_sum = jnp.zeros((num_experts,), jnp.float32)
     rows = jnp.zeros((), jnp.float32)
-    m = None if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)  # [N]
+    m = None if token_mask is None else token_mask.reshape(-1, 1).astype(jnp.float32)  # [N, 1]
     for logits in router_logits:
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [N, E]
-        _, chosen = jax.lax.top_k(probs, top_k)  # [N, k]
-        onehot = jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
+        layers = math.prod(logits.shape[:-2])
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [..., N, E]
+        _, chosen = jax.lax.top_k(probs, top_k)  # [..., N, k]
+        onehot = jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32).sum(axis=-2)  # [..., N, E]
         if m is None:
-            counts = counts + onehot.sum(axis=0)
-            prob_sum = prob_sum + probs.sum(axis=0)
-            rows = rows + probs.shape[0]
+            rows = rows + layers * probs.shape[-2]
         else:
-            counts = counts + (onehot * m[:, None]).sum(axis=0)
-            prob_sum = prob_sum + (probs * m[:, None]).sum(axis=0)
-            rows = rows + m.sum()
+            onehot, probs = onehot * m, probs * m
+            rows = rows + layers * m.sum()
+        counts = counts + onehot.reshape(-1, num_experts).sum(axis=0)
+        prob_sum = prob_sum + probs.reshape(-1, num_experts).sum(axis=0)
     rows = jnp.maximum(rows, 1.0)
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
 
-def collect_router_logits(intermediates: Mapping[str, Any], num_layers: int) -> list[jax.Array]:
-    """The sown ``router_logits`` of the main model's MoE layers, in layer order.
+def collect_router_logits(intermediates: Mapping[str, Any], config) -> list[jax.Array]:
+    """The sown ``router_logits`` of the main model's MoE layers: one [N, E] per layer in layer
+    order; from a scanned model (``scan_layers``) one [L / P, N, E] per MoE layer of the block,
+    in block order (for :func:`load_balancing_loss`, which takes either).
 
     Args:
       intermediates: the ``"intermediates"`` collection returned by ``model.apply(...,
         mutable=["intermediates"])``.
-      num_layers: config.num_hidden_layers (the MTP head's router is not included, as in
-        transformers, which has no MTP head).
+      config: the model's config (the MTP head's router is not included, as in transformers,
+        which has no MTP head).
     """
+    if BLOCKS in intermediates:
+        layers, n = intermediates[BLOCKS], scan_period(config)
+    else:
+        layers, n = intermediates, config.num_hidden_layers
     out = []
-    for i in range(num_layers):
-        layer = intermediates.get(f"layers_{i}", {})
-        sown = layer.get("mlp", {}).get("router_logits")
+    for i in range(n):
+        sown = layers.get(f"layers_{i}", {}).get("mlp", {}).get("router_logits")
         if sown is not None:
             out.extend(sown)
     return out
@@ -165,7 +175,7 @@ def loss_terms(model, params, batch: Mapping[str, Any], *, mtp: bool = False,
         mutable=["intermediates"], **kw)
     ce_sum, ce_count = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     token_mask = token_mask_of(batch)
-    router = collect_router_logits(state.get("intermediates", {}), cfg.num_hidden_layers)
+    router = collect_router_logits(state.get("intermediates", {}), cfg)
     aux = load_balancing_loss(router, cfg.num_experts, cfg.num_experts_per_tok, token_mask)
     out = {"ce_sum": ce_sum, "ce_count": ce_count, "aux": aux,
            "mtp_sum": jnp.zeros((), jnp.float32), "mtp_count": jnp.zeros((), jnp.float32)}

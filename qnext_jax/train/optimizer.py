@@ -17,6 +17,8 @@ from collections.abc import Callable
 import jax
 import optax
 
+from qnext_jax.modeling.decoder import unstacked_ndim
+
 # Named parameter groups for ``OptimizerConfig.train``: a leaf belongs to the group when its
 # "/"-joined path matches the regex.
 TRAIN_GROUPS: dict[str, str] = {
@@ -40,8 +42,8 @@ class OptimizerConfig:
       warmup_steps: linear warmup from 0 to ``learning_rate``.
       total_steps: steps of the whole run (the cosine decays over total_steps - warmup_steps).
       min_lr_ratio: the cosine ends at ``learning_rate * min_lr_ratio``.
-      weight_decay: decoupled weight decay, applied to matrices only (ndim >= 2: not to norms,
-        biases, A_log, dt_bias).
+      weight_decay: decoupled weight decay, applied to matrices only (ndim >= 2 per layer: not
+        to norms, biases, A_log, dt_bias, also when stacked in the scanned layout).
       b1, b2, eps: Adam moments.
       clip_norm: clip the (trainable) gradients to this global norm; None: no clipping.
       train: which params train: a group of :data:`TRAIN_GROUPS` ("all", "attention",
@@ -115,7 +117,8 @@ def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation
     not "all" (clipping then sees the trainable gradients only).
     """
     def decay_mask(tree):  # a callable: works on multi_transform's masked sub-trees too
-        return jax.tree_util.tree_map(lambda x: len(x.shape) >= 2, tree)
+        return jax.tree_util.tree_map_with_path(lambda p, x: unstacked_ndim(p, x.shape) >= 2,
+                                                tree)
 
     chain = []
     if cfg.clip_norm is not None:

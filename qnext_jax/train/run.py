@@ -164,7 +164,12 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     resumed_from = ckpt.latest_step()
     if resumed_from is not None:
         abstract = trainer.abstract_state(params)
-        state, meta = ckpt.restore(abstract, trainer.state_shardings(abstract))
+        try:
+            state, meta = ckpt.restore(abstract, trainer.state_shardings(abstract))
+        except ValueError as e:
+            raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
+                             "another structure; resume with the settings that wrote it (same "
+                             f"scan_layers, lora_rank, train): {e}") from None
         start = int(meta.get("data_step", resumed_from))
         if meta.get("seed", seed) != seed:
             raise ValueError(f"{out}: the checkpoint was trained with seed {meta['seed']}, "

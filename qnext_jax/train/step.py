@@ -8,6 +8,9 @@ axes).
 
 The train state is a plain dict pytree ``{"step": int32, "params": float32 tree, "opt_state",
 "rng": uint32[2]}`` (what the Orbax checkpoints hold), plus ``"lora"`` (the adapters) with LoRA.
+With ``TrainConfig.scan_layers`` the state's params (and optimizer state, adapters) are in the
+model's scanned layout (``qnext_jax.modeling.decoder.stack_layers``); the Trainer's methods take
+and return params in the per-layer layout.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import optax
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.decoder import scan_period, stack_layers, unstack_layers
 from qnext_jax.train import loss as L
 from qnext_jax.train.lora import DEFAULT_TARGETS, init_lora, merge
 from qnext_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
@@ -50,6 +54,9 @@ class TrainConfig:
         frozen; the optimizer sees the adapters only; ``OptimizerConfig.train`` is ignored).
       lora_alpha: the adapters' scale is lora_alpha / lora_rank.
       lora_targets: regex over "/"-joined param paths of the adapted kernels.
+      scan_layers: run the layers as a scan over the blocks of the periodic layer pattern
+        (compile time flat in depth; see the model's ``scan_layers``). Train-state checkpoints
+        then hold the scanned layout: resume with the same setting.
     """
 
     compute_dtype: str = "bfloat16"
@@ -63,6 +70,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = DEFAULT_TARGETS
+    scan_layers: bool = False
 
 
 def _mtp_mask(mask):
@@ -125,11 +133,14 @@ class Trainer:
         if t.mtp_coef and config.mtp_num_hidden_layers == 0:
             raise ValueError("mtp_coef > 0 needs a checkpoint with an MTP head "
                              "(mtp_num_hidden_layers = 0)")
+        if t.scan_layers:
+            scan_period(config)  # a non-periodic layer pattern fails here
         precision = None if t.precision is None else jax.lax.Precision(t.precision.upper()) \
             if isinstance(t.precision, str) else t.precision
         self.model = Qwen3NextForCausalLM(config, dtype=jnp.dtype(t.compute_dtype),
                                           param_dtype=jnp.float32, precision=precision,
-                                          gdn_impl=t.gdn_impl, remat=t.remat)
+                                          gdn_impl=t.gdn_impl, remat=t.remat,
+                                          scan_layers=t.scan_layers)
         self.aux_coef = config.router_aux_loss_coef if t.aux_coef is None else t.aux_coef
         self.schedule = make_schedule(self.opt)
         self.tx = None
@@ -137,11 +148,17 @@ class Trainer:
         self._state_sh = None
 
     # ------------------------------------------------------------------ state
+    def _to_model(self, params):
+        """Per-layer params -> the model's layout (scanned with ``scan_layers``)."""
+        return stack_layers(params, self.config) if self.train.scan_layers else params
+
     def init_state(self, params, seed: int = 0) -> dict:
-        """A fresh train state from (any dtype) params: float32 master copy, optimizer state,
-        step 0, an RNG key from ``seed`` (placed on the mesh when there is one)."""
+        """A fresh train state from (any dtype) per-layer params: float32 master copy,
+        optimizer state, step 0, an RNG key from ``seed`` (placed on the mesh when there is
+        one)."""
         # A copy: the step donates the state, the caller's params must survive.
-        params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
+        params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True),
+                                        self._to_model(params))
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "rng": jax.random.key_data(jax.random.key(seed))}
         if self.lora:
@@ -153,10 +170,12 @@ class Trainer:
         return state
 
     def abstract_state(self, params_shapes) -> dict:
-        """The train state's ShapeDtypeStructs for params of these shapes (for restoring)."""
+        """The train state's ShapeDtypeStructs for per-layer params of these shapes (for
+        restoring)."""
         params_shapes = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_shapes)
         def build(p):
+            p = self._to_model(p)
             state = {"step": jnp.zeros((), jnp.int32), "params": p,
                      "rng": jax.random.key_data(jax.random.key(0))}
             if self.lora:
@@ -188,10 +207,11 @@ class Trainer:
         return merge(params, lora, self.train.lora_alpha, self.train.lora_rank)
 
     def export_params(self, state) -> dict:
-        """The model params of a state (LoRA adapters merged in)."""
-        if not self.lora:
-            return state["params"]
-        return jax.jit(self._full_params)(state["params"], state["lora"])
+        """The model params of a state in the per-layer layout (LoRA adapters merged in)."""
+        params = state["params"]
+        if self.lora:
+            params = jax.jit(self._full_params)(params, state["lora"])
+        return unstack_layers(params, self.config) if self.train.scan_layers else params
 
     def state_shardings(self, state) -> dict | None:
         """NamedShardings of the train state on the mesh (None without a mesh)."""
@@ -296,13 +316,14 @@ class Trainer:
             return self._step(state, batch)
 
     def loss(self, params, batch) -> jax.Array:
-        """The loss of one batch (no update; jitted once per shape); ``params`` may be a train
-        state (its LoRA adapters merged)."""
+        """The loss of one batch (no update; jitted once per shape); ``params``: per-layer
+        params or a train state (its LoRA adapters merged)."""
         batch = {k: jnp.asarray(v) for k, v in batch.items() if k in BATCH_KEYS and v is not None}
         if not hasattr(self, "_loss_jit"):
             t = self.train
             self._loss_jit = jax.jit(lambda p, b: L.total_loss(
-                L.loss_terms(self.model, p, b, mtp=bool(t.mtp_coef), max_segments=t.max_segments),
+                L.loss_terms(self.model, self._to_model(p), b, mtp=bool(t.mtp_coef),
+                             max_segments=t.max_segments),
                 self.aux_coef, t.mtp_coef))
         if isinstance(params, dict) and "params" in params and "step" in params:  # a state
             params = self.export_params(params)
