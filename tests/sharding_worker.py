@@ -84,11 +84,13 @@ def model_check(ckpt: str, meshes: str, out: str) -> None:
 def moe_check(out: str, examples: int = 15) -> None:
     """The expert-parallel MoE against a float64 dense loop on random routings (hypothesis)."""
     import jax
+    import jax.numpy as jnp
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from np_reference import routed_experts  # tests/ is on sys.path: this script lives there
 
     from qnext_jax import sharding
+    from qnext_jax.modeling import moe
     from qnext_jax.modeling.moe import expert_parallel_experts
 
     E, D, INNER = 16, 8, 6
@@ -97,9 +99,13 @@ def moe_check(out: str, examples: int = 15) -> None:
     fns = {s: jax.jit(lambda *a, m=m: expert_parallel_experts(
         *a, mesh=m, precision=jax.lax.Precision.HIGHEST, impl="ragged_dot"))
         for s, m in meshes.items()}
-    # The GPU implementation (padded tiles) under expert parallelism, on one mesh.
-    fns["data=2,expert=4/tiles"] = jax.jit(lambda *a: expert_parallel_experts(
-        *a, mesh=meshes["data=2,expert=4"], precision=jax.lax.Precision.HIGHEST, impl="tiles"))
+    # The GPU implementations under expert parallelism, on one mesh: padded tiles, and tokamax
+    # as its GPU kernels behave (rows past the last group unwritten: here NaN, also in the
+    # gradient), which the expert-parallel body must mask.
+    moe._tokamax_ragged_dot = lambda implementation: _nan_tail_ragged_dot
+    for impl in ("tiles", "tokamax"):
+        fns[f"data=2,expert=4/{impl}"] = jax.jit(lambda *a, impl=impl: expert_parallel_experts(
+            *a, mesh=meshes["data=2,expert=4"], precision=jax.lax.Precision.HIGHEST, impl=impl))
     worst = {s: 0.0 for s in fns}
     # Token counts (one compile each): 3 stays replicated (dispatch by psum), 16 is split over
     # the mesh (dispatch by all-gather, combine by psum_scatter).
@@ -129,8 +135,57 @@ def moe_check(out: str, examples: int = 15) -> None:
             assert err <= 1e-5, (s, n, k, mode, err)
 
     check()
+
+    # Gradients (x, router weights, gate, up, down) through the NaN-tailed tokamax stand-in
+    # equal those through ragged_dot.
+    def grad_fn(impl):
+        def loss(x, weights, gate, up, down, experts):
+            y = expert_parallel_experts(x, weights, experts, gate, up, down,
+                                        mesh=meshes["data=2,expert=4"],
+                                        precision=jax.lax.Precision.HIGHEST, impl=impl)
+            return jnp.sum(y * y)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+    rng = np.random.default_rng(0)
+    args = (rng.standard_normal((16, D)).astype(np.float32),
+            rng.random((16, 2)).astype(np.float32),
+            *(rng.standard_normal(shape).astype(np.float32)
+              for shape in ((E, D, INNER), (E, D, INNER), (E, INNER, D))),
+            rng.integers(0, E, (16, 2)).astype(np.int32))
+    got, ref = grad_fn("tokamax")(*args), grad_fn("ragged_dot")(*args)
+    grad_rel = max(float(np.max(np.abs(np.asarray(g) - np.asarray(r))) /
+                         max(float(np.max(np.abs(np.asarray(r)))), 1e-6))
+                   for g, r in zip(got, ref))
     with open(out, "w") as f:
-        json.dump({"worst_rel": worst}, f)
+        json.dump({"worst_rel": worst, "grad_rel": grad_rel}, f)
+
+
+def _nan_tail_ragged_dot(lhs, rhs, group_sizes, precision=None):
+    """``jax.lax.ragged_dot`` whose output rows past the last group, and the gradient rows of
+    lhs past it, are NaN: how tokamax's GPU kernels leave them (unwritten)."""
+    import jax
+    import jax.numpy as jnp
+
+    def tail(lhs, group_sizes):
+        return (jnp.arange(lhs.shape[0]) >= jnp.sum(group_sizes))[:, None]
+
+    def dot(lhs, rhs, group_sizes):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision)
+
+    @jax.custom_vjp
+    def f(lhs, rhs, group_sizes):
+        return jnp.where(tail(lhs, group_sizes), jnp.nan, dot(lhs, rhs, group_sizes))
+
+    def fwd(lhs, rhs, group_sizes):
+        return f(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+    def bwd(res, g):
+        lhs, rhs, group_sizes = res
+        dlhs, drhs = jax.vjp(lambda a, b: dot(a, b, group_sizes), lhs, rhs)[1](g)
+        return jnp.where(tail(lhs, group_sizes), jnp.nan, dlhs), drhs, None
+
+    f.defvjp(fwd, bwd)
+    return f(lhs, rhs, group_sizes)
 
 
 def multihost_check(ckpt: str, mesh_spec: str, out: str, coordinator: str, nproc: str,

@@ -190,6 +190,7 @@ def test_expert_parallel_moe_equals_dense_loop(tmp_path):
     result = _run_worker(["moe", str(out)], out)
     for mesh, err in result["worst_rel"].items():
         assert err <= 1e-5, (mesh, err)
+    assert result["grad_rel"] <= 1e-5, result["grad_rel"]
 
 
 def _free_port() -> int:

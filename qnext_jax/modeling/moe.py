@@ -129,6 +129,19 @@ def _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision, r
     return ragged_dot(h, down_proj, group_sizes, precision=precision)
 
 
+def _tokamax_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
+                     implementation: str | None):
+    """:func:`_ragged_experts` through tokamax's ``ragged_dot``. Its Mosaic GPU kernel takes row
+    counts that are a multiple of its tiling (10 rows at decode failed on the H200), so zero rows
+    past the last group pad xs to a multiple of TOKAMAX_ROW_MULTIPLE; their outputs are dropped.
+    Rows of xs past ``sum(group_sizes)`` come back unwritten (forward) and their gradient rows
+    too (backward): callers with such rows mask both (see :func:`expert_parallel_experts`)."""
+    M = xs.shape[0]
+    pad = -M % TOKAMAX_ROW_MULTIPLE
+    return _ragged_experts(jnp.pad(xs, ((0, pad), (0, 0))), group_sizes, gate_proj, up_proj,
+                           down_proj, precision, _tokamax_ragged_dot(implementation))[:M]
+
+
 def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
     """The static per-expert capacities the ``capacity`` impl compiles, smallest first:
     mean + CAPACITY_SIGMAS sqrt(mean) + 8, then 2x and 4x the mean (where larger), multiples
@@ -244,13 +257,8 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         index = jnp.searchsorted(jnp.asarray(caps), jnp.max(group_sizes), side="left")
         y = jax.lax.switch(index, branches, *operands)
     elif impl == "tokamax":
-        # Its Mosaic GPU kernel takes row counts that are a multiple of its tiling (10 rows at
-        # decode failed on the H200): zero rows past the last group pad to TOKAMAX_ROW_MULTIPLE
-        # and their (unwritten) outputs are dropped.
-        pad = -(N * k) % TOKAMAX_ROW_MULTIPLE
-        y = _ragged_experts(jnp.pad(xs, ((0, pad), (0, 0))), group_sizes, gate_proj, up_proj,
-                            down_proj, precision,
-                            _tokamax_ragged_dot(tokamax_implementation))[:N * k]
+        y = _tokamax_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
+                             tokamax_implementation)
     else:
         y = _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
                             jax.lax.ragged_dot)  # [N*k, d]
@@ -272,9 +280,11 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     logical ``rules`` ("experts" -> expert axes, "mlp" -> intermediate-dim axes, "batch" -> the
     axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
-    the experts run as ``tiles`` or, for any other impl, ``jax.lax.ragged_dot`` (``auto``: tiles
-    on GPU); not tokamax, whose GPU kernels leave unwritten the rows past the last group, where
-    the rows routed to other devices' experts sit.
+    the local experts run as ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or,
+    for any other impl, ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like
+    :func:`grouped_experts` between tiles and tokamax (capacity is not used here). The rows
+    routed to other devices' experts sort past the last local group, where tokamax's GPU kernels
+    leave their outputs (and gradient rows) unwritten: both are masked out.
     """
     N, k = experts.shape
     E, d, inner = gate_proj.shape
@@ -284,9 +294,11 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     if not e_axes and not m_axes:
         return grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision,
                                impl)
-    impl, _ = _parse_impl(impl, "expert_parallel_experts")
+    impl, tokamax_implementation = _parse_impl(impl, "expert_parallel_experts")
     if impl == "auto":
-        impl = "tiles" if jax.default_backend() == "gpu" else "ragged_dot"
+        impl = "ragged_dot" if jax.default_backend() != "gpu" else _gpu_auto_impl(
+            N * k, E, gate_proj.dtype)
+        impl = "tiles" if impl == "capacity" else impl
     e_total = E
     tok = sharding.batch_axes(N, mesh, rules)
     gather = tuple(a for a in tok if a in e_axes)
@@ -314,6 +326,10 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         if impl == "tiles":
             y = _tiled_experts(xs, key[order], group_sizes, gate, up, down, precision,
                                _tile_rows(n * k // max(1, e_total // e_loc), e_loc))
+        elif impl == "tokamax":  # the where also masks the unwritten gradient rows of xs
+            xs = jnp.where(valid[order][:, None], xs, 0)
+            y = _tokamax_experts(xs, group_sizes, gate, up, down, precision,
+                                 tokamax_implementation)
         else:
             y = _ragged_experts(xs, group_sizes, gate, up, down, precision,
                                 jax.lax.ragged_dot)  # [n*k, d]
