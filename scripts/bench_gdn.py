@@ -9,7 +9,8 @@ the methodology of ../shared/anchors/gdn_anchor_bench.py):
   - the ceilings of this GPU measured in the same run: a bf16 matmul (TFLOP/s) and a device copy
     (GB/s); achieved rates are reported against them;
   - agreement: ours vs FLA, ours vs jla, ours vs our float32 reference (relative L2 error of o and
-    of the final state).
+    of the final state), and our gradients (dq, dk, dv) vs autodiff of the float32 reference for
+    B x T <= --compare-max-tokens.
 FLA (PyTorch) runs first in a subprocess (`--worker fla`, no JAX import), on the same inputs; its
 outputs come back through an .npz file.
 
@@ -202,9 +203,15 @@ def run_jax(args):
         o, s = f(jq, jk, jv, jg, jb)
         row["ours_fwd_ms"] = jax_time(f, jq, jk, jv, jg, jb, reps=args.reps)
         if not args.skip_bwd:
-            row["ours_fwdbwd_ms"] = jax_time(
-                ours_grad(args.impl), jq, jk, jv, jg, jb, reps=args.reps
-            )
+            fg = ours_grad(args.impl)
+            row["ours_fwdbwd_ms"] = jax_time(fg, jq, jk, jv, jg, jb, reps=args.reps)
+            if B * T <= args.compare_max_tokens:  # our backward kernels against autodiff
+                grads = fg(jq, jk, jv, jg, jb)  # of the float32 reference on the same inputs
+                ref_grads = ours_grad("reference")(*(x.astype(jnp.float32) for x in (jq, jk, jv)),
+                                                   jg, jb)
+                for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+                    row[f"err_vs_ref_{name}"] = rel_l2(a, b)
+                del grads, ref_grads
         if not args.skip_ref:
             fr = ours("reference")
             o_ref, s_ref = fr(jq, jk, jv, jg, jb)
@@ -264,7 +271,7 @@ def run_jax(args):
         state = jnp.zeros((B, HV, D, D), jnp.float32)
         row = {"state_bytes": B * HV * D * D * 4}
         for impl, name in ((args.impl, "ours"), ("reference", "ref")):
-            if impl == "reference" and args.skip_ref:
+            if name == "ref" and args.skip_ref:
                 continue
             step = jax.jit(
                 lambda q, k, v, g, b, s, impl=impl: fused_recurrent_gated_delta_rule(
