@@ -44,6 +44,19 @@ def pick_last(x):
     return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1, x, 0.0))
 
 
+def total(x):
+    """sum(x) of a 2-D value as [1, 1], one axis at a time (Triton lowers single-axis
+    reductions only, under an explicit mesh)."""
+    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+def pick_last_of_row(x):
+    """x[0, -1] of a [1, n] value as [1, 1], without slicing (a masked sum)."""
+    n = x.shape[1]
+    last = lax.broadcasted_iota(jnp.int32, (1, n), 1) == n - 1
+    return jnp.sum(jnp.where(last, x, 0.0), axis=1, keepdims=True)
+
+
 def decay_matrix(G_col, G_row, *, strict: bool):
     """exp(G_i - G_j) for j < i (strict) or j <= i, else 0. G_col [C, 1], G_row [1, C] float32.
 
@@ -60,15 +73,21 @@ def decayed_scores(a, b, G, *, strict: bool):
     """(a b^T)_ij exp(G_i - G_j) on j < i (strict) or j <= i, else 0.
 
     a, b [C, d] of one dtype (the matmul operands); G [C] float32. Returns [C, C] float32: the
-    k k^T of stage "kkt" (strict) and the q k^T of stage "o" and its backward (inclusive).
+    k k^T of stage "kkt" (strict) and the q k^T of stage "o" (inclusive).
     """
     return dot(a, b, trans_b=True) * decay_matrix(G[:, None], G[None, :], strict=strict)
 
 
+def col_from_row(x):
+    """[1, C] -> [C, 1] without a transpose (the masked row sums of diag(x)); float32."""
+    row, col = iotas(x.shape[1])
+    return jnp.sum(jnp.where(row == col, x, 0.0), axis=1, keepdims=True)
+
+
 def row_minus_col_sums(M):
-    """sum_j M_ij - sum_j M_ji, [C] float32 for M [C, C]: the gradient w.r.t. G of sum(dX * X)
+    """sum_j M_ij - sum_j M_ji, [C, 1] float32 for M [C, C]: the gradient w.r.t. G of sum(dX * X)
     when X_ij carries the factor exp(G_i - G_j) (M = dX * X)."""
-    return jnp.sum(M, axis=1) - jnp.sum(M, axis=0)
+    return jnp.sum(M, axis=1, keepdims=True) - col_from_row(jnp.sum(M, axis=0, keepdims=True))
 
 
 def solve_unit_lower(A, *, precision=HIGHEST):
@@ -90,3 +109,119 @@ def solve_unit_lower(A, *, precision=HIGHEST):
         T = T - dot(dot(T, L, precision=precision), T, precision=precision)
         s *= 2
     return T
+
+
+# --------------------------------------------------------------------------------------------
+# Backward of one chunk (shared by gpu_triton/ and tpu/). Vectors over the chunk's tokens are
+# columns [C, 1] (G_col, beta_col, d(G), d(beta)); G_row [1, C] is G as a row. Matmul operands
+# in the compute dtype (that of q, k, w, dO), accumulation and the returned gradients float32.
+# --------------------------------------------------------------------------------------------
+
+
+def wy_repr(kc, v, G_col, G_row, beta_col, *, precision=HIGHEST):
+    """Stages "kkt", "solve", "wy" of one chunk: T = (I + A)^-1, w = T (beta exp(G) k),
+    u = T (beta v), with A = strictly_lower(beta k k^T exp(G_i - G_j)).
+
+    kc [C, dk] (compute dtype); v [C, dv] (any dtype). Returns T [C, C], w [C, dk], u [C, dv],
+    float32.
+    """
+    cdt = kc.dtype
+    A = dot(kc, kc, trans_b=True) * beta_col * decay_matrix(G_col, G_row, strict=True)
+    T = solve_unit_lower(A, precision=precision)
+    Tc = T.astype(cdt)
+    w = dot(Tc, (kc.astype(jnp.float32) * (beta_col * jnp.exp(G_col))).astype(cdt))
+    u = dot(Tc, (v.astype(jnp.float32) * beta_col).astype(cdt))
+    return T, w, u
+
+
+def dv_local(q, k, G_col, G_row, do, *, scale):
+    """The part of d(v_new) [C, BV] from the outputs of the same chunk: scale P^T dO with
+    P = lower_incl(q k^T exp(G_i - G_j)). q, k [C, dk] (q unscaled), do [C, BV]."""
+    P = dot(q, k, trans_b=True) * (scale * decay_matrix(G_col, G_row, strict=False))
+    return dot(P.astype(do.dtype), do, trans_a=True)
+
+
+def dstate_step(q, k, w, G_col, g_last, do, dvl, dS, *, scale):
+    """One chunk of the reverse state pass, from dS = d(state at the chunk end) [dk, BV] float32:
+      dv_new = dvl + kd dS,  kd = k exp(g_last - G)                       (total d(v_new))
+      dS'    = exp(g_last) dS + scale (q exp(G))^T dO - w^T dv_new       (d(state at its start))
+    q, k, w [C, dk]; do [C, BV]; dvl [C, BV] float32 (``dv_local``). Returns (dv_new, dS')."""
+    cdt = w.dtype
+    kd = (k.astype(jnp.float32) * jnp.exp(g_last - G_col)).astype(cdt)
+    dv_new = dvl + dot(kd, dS.astype(cdt))
+    qg = (q.astype(jnp.float32) * (scale * jnp.exp(G_col))).astype(cdt)
+    dS = (
+        dS * jnp.exp(g_last)
+        + dot(qg, do.astype(cdt), trans_a=True)
+        - dot(w, dv_new.astype(cdt), trans_a=True)
+    )
+    return dv_new, dS
+
+
+def qk_bwd(q, k, G_col, G_row, do_s, vn_ds, do_vn, s_ds, *, scale):
+    """d(q), d(k), d(G) of one chunk through the states and the intra-chunk attention.
+
+    With S the state at the chunk start, dS the gradient of the state at its end and
+    O = scale [(q S) exp(G) + P v_new], S' = exp(G_last) S + kd^T v_new (kd = k exp(G_last - G)):
+      dP = scale (dO v_new^T) exp(G_i - G_j) on j <= i
+      dq = scale exp(G) (dO S^T) + dP k;   dk = dP^T q + exp(G_last - G) (v_new dS^T)
+      dG = rowsum(dq_state q) + rowsum(M) - colsum(M) - rowsum(dk_state k)
+           + [i = C-1] (exp(G_last) sum(S dS) + sum(dk_state k)),   M = dP * q k^T
+    (dq_state, dk_state the first terms of dq, dk; the w/A paths are ``wy_bwd``'s).
+    Args: q, k [C, dk] (q unscaled); do_s = dO S^T, vn_ds = v_new dS^T [C, dk] float32;
+      do_vn = dO v_new^T [C, C] float32; s_ds = sum(S * dS) (a scalar or [1, 1]).
+    Returns dq [C, dk], dk [C, dk], dG [C, 1], float32.
+    """
+    g_last = pick_last_of_row(G_row)
+    dq_state = do_s * (scale * jnp.exp(G_col))
+    dk_state = vn_ds * jnp.exp(g_last - G_col)
+    dP = do_vn * (scale * decay_matrix(G_col, G_row, strict=False))  # d(q k^T)
+    M = dP * dot(q, k, trans_b=True)
+    dPc = dP.astype(q.dtype)
+    dq = dq_state + dot(dPc, k)
+    dk = dk_state + dot(dPc, q, trans_a=True)
+    dk_state_k = jnp.sum(dk_state * k.astype(jnp.float32), axis=1, keepdims=True)  # [C, 1]
+    d_glast = jnp.exp(g_last) * s_ds + total(dk_state_k)
+    last = lax.broadcasted_iota(jnp.int32, G_col.shape, 0) == G_col.shape[0] - 1
+    dG = (
+        jnp.sum(dq_state * q.astype(jnp.float32), axis=1, keepdims=True)
+        + row_minus_col_sums(M)
+        - dk_state_k
+        + jnp.where(last, d_glast, 0.0)
+    )
+    return dq, dk, dG
+
+
+def wy_bwd(kc, v, G_col, G_row, beta_col, T, dw, du, *, precision=HIGHEST):
+    """Gradients through w = T kb, u = T vb (``wy_repr``; kb = beta exp(G) k, vb = beta v):
+      dT = dw kb^T + du vb^T,  dkb = T^T dw,  dvb = T^T du,  dA = -T^T dT T^T (strictly lower)
+      dk = beta exp(G) dkb + dK k + dK^T k,  dK = diag(beta) dA * Gamma  (Gamma_ij = exp(G_i - G_j))
+      dv = beta dvb
+      dbeta = rowsum(dkb * k exp(G)) + rowsum(dvb * v) + rowsum(dA * kkd)   (kkd = k k^T Gamma)
+      dG = rowsum(dkb * kb) + rowsum(dA * A) - colsum(dA * A)
+    Args: kc [C, dk] (compute dtype); v [C, dv]; T [C, C] float32; dw [C, dk], du [C, dv] (compute
+      dtype; du = the total d(v_new)). Returns dk [C, dk], dv [C, dv], dbeta [C, 1], dG [C, 1],
+      float32.
+    """
+    cdt = kc.dtype
+    k = kc.astype(jnp.float32)
+    v = v.astype(jnp.float32)
+    kkd = dot(kc, kc, trans_b=True) * decay_matrix(G_col, G_row, strict=True)
+    kb, vb = k * (beta_col * jnp.exp(G_col)), v * beta_col
+    Tc = T.astype(cdt)
+    dT = dot(dw, kb.astype(cdt), trans_b=True) + dot(du, vb.astype(cdt), trans_b=True)
+    dkb = dot(Tc, dw, trans_a=True)  # [C, dk]
+    dvb = dot(Tc, du, trans_a=True)  # [C, dv]
+    # C x C products in float32, like the solve. kkd is 0 off the strict lower triangle, so
+    # multiplying by it keeps only the strictly lower part of dA.
+    dA = -dot(dot(T, dT, trans_a=True, precision=precision), T, trans_b=True, precision=precision)
+    dAk = dA * kkd  # [C, C]
+    dkk = (dA * beta_col * decay_matrix(G_col, G_row, strict=True)).astype(cdt)
+    dk = dkb * (beta_col * jnp.exp(G_col)) + dot(dkk, kc) + dot(dkk, kc, trans_a=True)
+    dbeta = (
+        jnp.sum(dkb * k, axis=1, keepdims=True) * jnp.exp(G_col)
+        + jnp.sum(dvb * v, axis=1, keepdims=True)
+        + jnp.sum(dAk, axis=1, keepdims=True)
+    )
+    dG = jnp.sum(dkb * kb, axis=1, keepdims=True) + row_minus_col_sums(dAk * beta_col)
+    return dk, dvb * beta_col, dbeta, dG

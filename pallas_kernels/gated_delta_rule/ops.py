@@ -10,11 +10,13 @@ Backends (``impl``):
                        the environment variable PALLAS_GDN_IMPL, when set, overrides "auto".
 
 Gradients of the Pallas paths: a ``jax.custom_vjp`` whose forward runs the kernels and saves only
-its inputs. Backward of "pallas_triton": the Pallas backward kernels (gpu_triton/bwd.py: they
-recompute w, u and the chunk states with the forward kernels, then run the reverse state pass and
-the per-chunk gradient stages). Backward of "pallas_tpu": ``jax.vjp`` of the chunked jnp reference
-(it recomputes the forward in jnp; correct, not fast). The decode op's backward is ``jax.vjp`` of
-the jnp recurrence on both backends.
+its inputs; its backward runs the Pallas backward kernels of the backend, packed sequences
+(cu_seqlens) included. "pallas_triton" (gpu_triton/bwd.py): recompute w, u and the chunk states
+with the forward kernels, then the reverse state pass and the per-chunk gradient stages.
+"pallas_tpu" (tpu/chunk_bwd.py): recompute the chunk states with the forward kernel, then one
+kernel walks the chunks backwards with d(state) in VMEM and computes every chunk's gradients
+(w, u, (I + A)^-1 recomputed in it). The decode op's backward is ``jax.vjp`` of the jnp
+recurrence on both backends.
 """
 
 from __future__ import annotations
@@ -149,53 +151,33 @@ def _chunk_kernel_op_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens):
 
 
 def _chunk_kernel_op_bwd(cfg, res, cts):
-    if cfg.impl == "pallas_triton":
-        return _triton_bwd(cfg, res, cts)
-    # Backward through the jnp chunked reference (recomputes the forward). See module docstring.
-    *res, cu_seqlens = res
-
-    def f(q, k, v, g, beta, s0):
-        return chunk_gated_delta_rule_ref(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=cfg.scale,
-            initial_state=s0,
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=cfg.use_qk_l2norm,
-            cu_seqlens=cu_seqlens,
-            chunk_size=cfg.chunk_size,
-        )
-
-    _, vjp = jax.vjp(f, *res)
-    return (*vjp(cts), None)
-
-
-def _triton_bwd(cfg, res, cts):
-    """The Pallas Triton backward kernels; cotangents cast to the dtypes of the inputs."""
-    from pallas_kernels.gated_delta_rule.gpu_triton import bwd as triton_bwd
-    from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
-
+    """The backward kernels of cfg.impl; cotangents cast to the dtypes of the inputs."""
     q, k, v, g, beta, s0, cu_seqlens = res
     do, dht = cts
     cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    grads = triton_bwd.chunk_gated_delta_rule_bwd(
-        q.astype(cdt),
-        k.astype(cdt),
-        v.astype(cdt),
-        g,
-        beta,
-        do,
-        dht,
-        scale=cfg.scale,
-        initial_state=s0,
-        use_qk_l2norm=cfg.use_qk_l2norm,
-        cu_seqlens=cu_seqlens,
-        block_sizes=cfg.block_sizes or triton_fwd.BlockSizes(chunk=cfg.chunk_size),
-        interpret=bool(cfg.interpret),
-    )
+    args = (q.astype(cdt), k.astype(cdt), v.astype(cdt), g, beta, do, dht)
+    kw = {
+        "scale": cfg.scale,
+        "initial_state": s0,
+        "use_qk_l2norm": cfg.use_qk_l2norm,
+        "cu_seqlens": cu_seqlens,
+    }
+    if cfg.impl == "pallas_triton":
+        from pallas_kernels.gated_delta_rule.gpu_triton import bwd as triton_bwd
+        from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
+
+        grads = triton_bwd.chunk_gated_delta_rule_bwd(
+            *args,
+            **kw,
+            block_sizes=cfg.block_sizes or triton_fwd.BlockSizes(chunk=cfg.chunk_size),
+            interpret=bool(cfg.interpret),
+        )
+    else:
+        from pallas_kernels.gated_delta_rule.tpu.chunk_bwd import chunk_gated_delta_rule_bwd_tpu
+
+        grads = chunk_gated_delta_rule_bwd_tpu(
+            *args, **kw, chunk_size=cfg.chunk_size, interpret=cfg.interpret
+        )
     primals = (q, k, v, g, beta, s0)
     return (*(None if d is None else d.astype(x.dtype) for d, x in zip(grads, primals)), None)
 

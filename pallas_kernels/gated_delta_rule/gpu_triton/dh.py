@@ -37,7 +37,6 @@ def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, *refs, chunk_s
     dh_ref, dv_ref, dh0_ref = refs
     C = chunk_size
     NC = dh_ref.shape[0]
-    cdt = w_ref.dtype
     dk, BV = dh_ref.shape[1], dh_ref.shape[2]
     dS = jnp.zeros((dk, BV), jnp.float32) if varlen else dht_ref[...].astype(jnp.float32)
 
@@ -50,16 +49,18 @@ def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, *refs, chunk_s
             dS = end * dht_ref[jnp.maximum(r, 0)].astype(jnp.float32) + (1.0 - end) * dS
         dh_ref[c] = dS.astype(dh_ref.dtype)
         G = g_ref[sl].astype(jnp.float32)
-        g_last = km.pick_last(G)
-        kd = (k_ref[sl, :].astype(jnp.float32) * jnp.exp(g_last - G)[:, None]).astype(cdt)
-        dv_new = dvl_ref[sl, :] + km.dot(kd, dS.astype(cdt))  # [C, BV]
-        dv_ref[sl, :] = dv_new.astype(dv_ref.dtype)
-        qg = (q_ref[sl, :].astype(jnp.float32) * (scale * jnp.exp(G))[:, None]).astype(cdt)
-        dS = (
-            dS * jnp.exp(g_last)
-            + km.dot(qg, do_ref[sl, :], trans_a=True)
-            - km.dot(w_ref[sl, :], dv_new.astype(cdt), trans_a=True)
+        dv_new, dS = km.dstate_step(
+            q_ref[sl, :],
+            k_ref[sl, :],
+            w_ref[sl, :],
+            G[:, None],
+            km.pick_last(G),
+            do_ref[sl, :],
+            dvl_ref[sl, :],
+            dS,
+            scale=scale,
         )
+        dv_ref[sl, :] = dv_new.astype(dv_ref.dtype)
         if varlen:  # the first chunk of sequence r hands its dS to d(initial state of r)
             r = reset_ref[c]
 

@@ -12,8 +12,9 @@ gives
   dG = rowsum(dq_state * q) + rowsum(dP * q k^T) - colsum(dP * q k^T) - rowsum(dk_state * k)
        + [i = C-1] (exp(G_last) sum(S * dS) + sum(dk_state * k))
 where dq_state, dk_state are the first terms of dq and of dk. The value dimension is walked in
-blocks of block_v. One program per (chunk, batch, value head); q and k are those of its key head
-(d(q), d(k) per value head; the caller sums the value heads of a key head).
+blocks of block_v; the rest is kernel_math.qk_bwd (shared with the TPU backward). One program per
+(chunk, batch, value head); q and k are those of its key head (d(q), d(k) per value head; the
+caller sums the value heads of a key head).
 """
 
 from __future__ import annotations
@@ -64,28 +65,22 @@ def _kernel(
         dw -= km.dot(dv_ref[:, cols], S, trans_b=True)
         dP += km.dot(do, vn, trans_b=True)
         s_ds += jnp.sum(S.astype(jnp.float32) * dS.astype(jnp.float32), axis=1)
-    cdt = q_ref.dtype
-    q, k = q_ref[...], k_ref[...]
-    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
     G = g_ref[...].astype(jnp.float32)
-    g_last = km.pick_last(G)
-    dq_state = dq_state * (scale * jnp.exp(G))[:, None]
-    dk_state = dk_state * jnp.exp(g_last - G)[:, None]
-    dP = dP * (scale * km.decay_matrix(G[:, None], G[None, :], strict=False))  # d(q k^T)
-    M = dP * km.dot(q, k, trans_b=True)
-    dPc = dP.astype(cdt)
-    dq_ref[...] = dq_state + km.dot(dPc, k)
-    dk_ref[...] = dk_state + km.dot(dPc, q, trans_a=True)
-    dw_ref[...] = dw.astype(dw_ref.dtype)
-    dk_state_k = jnp.sum(dk_state * kf, axis=1)  # [C]
-    d_glast = jnp.exp(g_last) * jnp.sum(s_ds) + jnp.sum(dk_state_k)
-    last = lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1
-    dg_ref[...] = (
-        jnp.sum(dq_state * qf, axis=1)
-        + km.row_minus_col_sums(M)
-        - dk_state_k
-        + jnp.where(last, d_glast, 0.0)
+    dq, dk, dG = km.qk_bwd(
+        q_ref[...],
+        k_ref[...],
+        G[:, None],
+        G[None, :],
+        dq_state,
+        dk_state,
+        dP,
+        jnp.sum(s_ds),
+        scale=scale,
     )
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dw_ref[...] = dw.astype(dw_ref.dtype)
+    dg_ref[...] = jnp.sum(dG, axis=1)  # [C, 1] -> [C]
 
 
 def chunk_bwd_dqkwg(

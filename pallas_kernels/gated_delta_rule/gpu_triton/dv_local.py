@@ -23,8 +23,8 @@ from pallas_kernels.gated_delta_rule import kernel_math as km
 def _kernel(q_ref, k_ref, g_ref, do_ref, dv_ref, *, scale):
     # q_ref, k_ref [C, dk]; g_ref [C]; do_ref [C, BV]; dv_ref [C, BV].
     G = g_ref[...].astype(jnp.float32)
-    P = km.decayed_scores(q_ref[...], k_ref[...], G, strict=False) * scale  # [C, C]
-    dv_ref[...] = km.dot(P.astype(do_ref.dtype), do_ref[...], trans_a=True).astype(dv_ref.dtype)
+    dvl = km.dv_local(q_ref[...], k_ref[...], G[:, None], G[None, :], do_ref[...], scale=scale)
+    dv_ref[...] = dvl.astype(dv_ref.dtype)
 
 
 def chunk_bwd_dv_local(

@@ -11,7 +11,8 @@ From dw and du (= the total gradient of v_new: v_new = u - w S):
   dv  = beta dvb
   dbeta = rowsum(dkb * k exp(G)) + rowsum(dvb * v) + rowsum(dA * kkd)
   dG  = rowsum(dkb * kb) + rowsum(dA * A) - colsum(dA * A)
-dk and dG are added to the partial gradients of stage "dqkwg" (aliased in place).
+(the math: kernel_math.wy_bwd, shared with the TPU backward). dk and dG are added to the partial
+gradients of stage "dqkwg" (aliased in place).
 """
 
 from __future__ import annotations
@@ -47,43 +48,23 @@ def _kernel(
     # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; t_ref [C, C] float32 (the forward's
     # (I + A)^-1); dw_ref [C, dk]; du_ref [C, dv];
     # dk_in_ref, dk_ref [C, dk] float32; dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
-    cdt = k_ref.dtype
-    kc = k_ref[...]
-    k = kc.astype(jnp.float32)
-    v = v_ref[...].astype(jnp.float32)
     G = g_ref[...].astype(jnp.float32)
-    beta = beta_ref[...].astype(jnp.float32)
-    kkd = km.decayed_scores(kc, kc, G, strict=True)
-    T = t_ref[...]
-    kb, vb = k * (beta * jnp.exp(G))[:, None], v * beta[:, None]
-    Tc = T.astype(cdt)
-    dw, du = dw_ref[...], du_ref[...]
-    dT = km.dot(dw, kb.astype(cdt), trans_b=True) + km.dot(du, vb.astype(cdt), trans_b=True)
-    dkb = km.dot(Tc, dw, trans_a=True)  # [C, dk]
-    dvb = km.dot(Tc, du, trans_a=True)  # [C, dv]
-    # C x C products in float32, like the solve. kkd is 0 off the strict lower triangle, so
-    # multiplying by it (or by A) keeps only the strictly lower part of dA.
-    dA = -km.dot(
-        km.dot(T, dT, trans_a=True, precision=solve_precision),
-        T,
-        trans_b=True,
+    beta = beta_ref[...].astype(jnp.float32)[:, None]
+    dk, dv, dbeta, dG = km.wy_bwd(
+        k_ref[...],
+        v_ref[...],
+        G[:, None],
+        G[None, :],
+        beta,
+        t_ref[...],
+        dw_ref[...],
+        du_ref[...],
         precision=solve_precision,
     )
-    dAk = dA * kkd  # [C, C]
-    dkk = (dA * beta[:, None] * km.decay_matrix(G[:, None], G[None, :], strict=True)).astype(cdt)
-    dk_ref[...] = (
-        dk_in_ref[...]
-        + dkb * (beta * jnp.exp(G))[:, None]
-        + km.dot(dkk, kc)
-        + km.dot(dkk, kc, trans_a=True)
-    )
-    dv_ref[...] = (dvb * beta[:, None]).astype(dv_ref.dtype)
-    dbeta_ref[...] = (
-        jnp.sum(dkb * k, axis=1) * jnp.exp(G) + jnp.sum(dvb * v, axis=1) + jnp.sum(dAk, axis=1)
-    )
-    dg_ref[...] = (
-        dg_in_ref[...] + jnp.sum(dkb * kb, axis=1) + km.row_minus_col_sums(dAk * beta[:, None])
-    )
+    dk_ref[...] = dk_in_ref[...] + dk
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dbeta_ref[...] = jnp.sum(dbeta, axis=1)  # [C, 1] -> [C]
+    dg_ref[...] = dg_in_ref[...] + jnp.sum(dG, axis=1)
 
 
 def chunk_bwd_wy(
