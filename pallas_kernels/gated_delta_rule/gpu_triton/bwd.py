@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
 from pallas_kernels.gated_delta_rule.gpu_triton.dh import chunk_bwd_dh
+from pallas_kernels.gated_delta_rule.gpu_triton.dh_split import chunk_bwd_dh_split
 from pallas_kernels.gated_delta_rule.gpu_triton.dqkwg import chunk_bwd_dqkwg
 from pallas_kernels.gated_delta_rule.gpu_triton.dv_local import chunk_bwd_dv_local
 from pallas_kernels.gated_delta_rule.gpu_triton.fwd import (
@@ -103,21 +104,29 @@ def chunk_gated_delta_rule_bwd(
         num_warps=block_sizes.num_warps_dv,
         **common_args,
     )
-    dh, dv_new, dh0 = chunk_bwd_dh(
-        q,
-        k,
-        w,
-        G,
-        do,
-        dv_local,
-        dht.astype(f32) if lay.varlen is None else lay.pad_states(dht.astype(f32)),
-        scale=scale,
-        chunk_reset=lay.chunk_reset,
-        chunk_last=lay.chunk_last,
-        block_v=block_sizes.block_v_dh,
-        num_warps=block_sizes.num_warps_dh,
+    dh_args = {
+        "scale": scale,
+        "block_v": block_sizes.block_v_dh,
+        "num_warps": block_sizes.num_warps_dh,
         **common_args,
-    )
+    }
+    if lay.varlen is None and block_sizes.seq_splits > 1:
+        dh, dv_new, dh0 = chunk_bwd_dh_split(
+            q, k, w, G, do, dv_local, dht.astype(f32), segments=block_sizes.seq_splits, **dh_args
+        )
+    else:
+        dh, dv_new, dh0 = chunk_bwd_dh(
+            q,
+            k,
+            w,
+            G,
+            do,
+            dv_local,
+            dht.astype(f32) if lay.varlen is None else lay.pad_states(dht.astype(f32)),
+            chunk_reset=lay.chunk_reset,
+            chunk_last=lay.chunk_last,
+            **dh_args,
+        )
     dq_, dk_, dw, dG = chunk_bwd_dqkwg(
         q,
         k,

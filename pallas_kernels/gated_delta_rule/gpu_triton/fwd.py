@@ -31,9 +31,9 @@ class BlockSizes:
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
     block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program.
     seq_splits: dense inputs only (ignored with cu_seqlens): cut each sequence into up to this
-    many segments whose state passes run in parallel and are combined exactly (h_split.py), for
-    when B x Hv programs of stage "h" leave the GPU idle (one long sequence); used by the forward
-    and by the backward's recompute. Default 1 (off): not yet measured on a GPU; measure with
+    many segments whose state passes run in parallel and are combined exactly (h_split.py, and
+    dh_split.py for the backward's reverse pass), for when B x Hv programs of stage "h" leave the
+    GPU idle (one long sequence); used by the forward and by the backward. Default 1 (off): not yet measured on a GPU; measure with
     scripts/tune_gdn.py (variants split4 / split8) before turning it on.
     """
 
