@@ -28,20 +28,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
 from pallas_kernels.gated_delta_rule.gpu_triton.dh import chunk_bwd_dh
+from pallas_kernels.gated_delta_rule.gpu_triton.h_split import (
+    as_segments,
+    map_columns,
+    segments_layout,
+)
 
 
 def _segment_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, a_ref, *, chunk_size, scale):
     # q_ref, k_ref, w_ref [L C, dk]; g_ref [L C]; do_ref [L C, BV]; dvl_ref [L C, BV] float32;
-    # a_ref [dk, BV] float32: column block j (program axis 3) of the segment's map [M' | b'];
-    # blocks j < dk / BV are M''s (dO and dv_local enter as zeros).
+    # a_ref [dk, BV] float32: column block j (program axis 3) of the segment's map [M' | b']
+    # (h_split.map_columns; for M''s blocks dO and dv_local enter as zeros).
     C = chunk_size
     L = k_ref.shape[0] // C
-    dk, BV = a_ref.shape
-    j = pl.program_id(3)
-    n_m = dk // BV
+    BV = a_ref.shape[1]
 
     def run(X, with_inputs):
         def body(i, X):
@@ -65,14 +67,7 @@ def _segment_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, a_ref, *, chunk
 
         a_ref[...] = lax.fori_loop(0, L, body, X)
 
-    @pl.when(j < n_m)
-    def _():
-        row, col = km.iotas(dk, BV)
-        run(jnp.where(row == col + j * BV, 1.0, 0.0).astype(jnp.float32), False)
-
-    @pl.when(j >= n_m)
-    def _():
-        run(jnp.zeros((dk, BV), jnp.float32), True)
+    map_columns(run, *a_ref.shape)
 
 
 def chunk_segment_dmaps(
@@ -189,8 +184,7 @@ def chunk_bwd_dh_split(
     Hv, dv = do.shape[2], do.shape[3]
     C = chunk_size
     NC = Tp // C
-    L = -(-NC // max(segments, 1))  # chunks per segment
-    P = -(-NC // L)  # segments actually used (<= segments)
+    L, P = segments_layout(NC, segments)
     kw = {
         "scale": scale,
         "chunk_size": C,
@@ -201,11 +195,7 @@ def chunk_bwd_dh_split(
     }
     if P == 1:
         return chunk_bwd_dh(q, k, w, G, do, dv_local, dht, **kw)
-    # [B, Tp, ...] -> [B P, L C, ...]: zero chunks appended, then the segments as batch rows.
-    q, k, w, G, do, dv_local = (
-        common.pad_to_chunks(x, P * L * C).reshape((B * P, L * C) + x.shape[2:])
-        for x in (q, k, w, G, do, dv_local)
-    )
+    q, k, w, G, do, dv_local = as_segments((q, k, w, G, do, dv_local), P, L, C)
     dmaps = chunk_segment_dmaps(q, k, w, G, do, dv_local, segments=P, **kw)
     ends = segment_end_grads(dmaps, dht)  # [B, P, Hv, dk, dv]
     dh, dv_new, starts = chunk_bwd_dh(

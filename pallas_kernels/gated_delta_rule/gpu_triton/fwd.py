@@ -33,8 +33,9 @@ class BlockSizes:
     seq_splits: dense inputs only (ignored with cu_seqlens): cut each sequence into up to this
     many segments whose state passes run in parallel and are combined exactly (h_split.py, and
     dh_split.py for the backward's reverse pass), for when B x Hv programs of stage "h" leave the
-    GPU idle (one long sequence); used by the forward and by the backward. Default 1 (off): not yet measured on a GPU; measure with
-    scripts/tune_gdn.py (variants split4 / split8) before turning it on.
+    GPU idle (one long sequence); used by the forward and by the backward. Default 1 (off): not
+    yet measured on a GPU; measure with scripts/tune_gdn.py (variants split4 / split8) before
+    turning it on.
     """
 
     chunk: int = 64

@@ -36,22 +36,13 @@ from pallas_kernels.gated_delta_rule import kernel_math as km
 from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h, state_step
 
 
-def _segment_kernel(k_ref, w_ref, u_ref, g_ref, a_ref, *, chunk_size, use_qk_l2norm):
-    # k_ref, w_ref [L C, dk]; u_ref [L C, BV]; g_ref [L C]; a_ref [dk, BV] float32: column block j
-    # (program axis 3) of the segment's map [M | b]; blocks j < dk / BV are M's (no u is read).
-    C = chunk_size
-    L = k_ref.shape[0] // C
-    dk, BV = a_ref.shape
+def map_columns(run, dk: int, BV: int):
+    """In-kernel, shared with dh_split.py: program axis 3 picks column block j of a segment map
+    [M | b] [dk, dk + dv]. Blocks j < dk / BV are M's: ``run(X0, False)`` from the columns of
+    the identity (the inputs entering as zeros); the others b's: ``run(0, True)`` with the
+    inputs of value block j - dk / BV."""
     j = pl.program_id(3)
     n_m = dk // BV
-
-    def run(X, with_u):
-        def body(c, X):
-            sl = pl.ds(pl.multiple_of(c * C, C), C)
-            u = u_ref[sl, :] if with_u else None
-            return state_step(k_ref, w_ref, g_ref, sl, X, u, use_qk_l2norm=use_qk_l2norm)[1]
-
-        a_ref[...] = lax.fori_loop(0, L, body, X)
 
     @pl.when(j < n_m)
     def _():
@@ -61,6 +52,38 @@ def _segment_kernel(k_ref, w_ref, u_ref, g_ref, a_ref, *, chunk_size, use_qk_l2n
     @pl.when(j >= n_m)
     def _():
         run(jnp.zeros((dk, BV), jnp.float32), True)
+
+
+def segments_layout(NC: int, segments: int) -> tuple[int, int]:
+    """(L, P): chunks per segment L = ceil(NC / segments) and segments used P = ceil(NC / L)."""
+    L = -(-NC // max(segments, 1))
+    return L, -(-NC // L)
+
+
+def as_segments(xs, P: int, L: int, C: int):
+    """[B, Tp, ...] -> [B P, L C, ...] for each x of xs: zero chunks appended, then the P
+    segments of every sequence as rows of the batch."""
+    return tuple(
+        common.pad_to_chunks(x, P * L * C).reshape((x.shape[0] * P, L * C) + x.shape[2:])
+        for x in xs
+    )
+
+
+def _segment_kernel(k_ref, w_ref, u_ref, g_ref, a_ref, *, chunk_size, use_qk_l2norm):
+    # k_ref, w_ref [L C, dk]; u_ref [L C, BV]; g_ref [L C]; a_ref [dk, BV] float32: column block j
+    # (program axis 3) of the segment's map [M | b] (map_columns; M's blocks read no u).
+    C = chunk_size
+    L = k_ref.shape[0] // C
+
+    def run(X, with_u):
+        def body(c, X):
+            sl = pl.ds(pl.multiple_of(c * C, C), C)
+            u = u_ref[sl, :] if with_u else None
+            return state_step(k_ref, w_ref, g_ref, sl, X, u, use_qk_l2norm=use_qk_l2norm)[1]
+
+        a_ref[...] = lax.fori_loop(0, L, body, X)
+
+    map_columns(run, *a_ref.shape)
 
 
 def chunk_segment_maps(
@@ -167,8 +190,7 @@ def chunk_fwd_h_split(
     Hv, dv = u.shape[2], u.shape[3]
     C = chunk_size
     NC = Tp // C
-    L = -(-NC // max(segments, 1))  # chunks per segment
-    P = -(-NC // L)  # segments actually used (<= segments)
+    L, P = segments_layout(NC, segments)
     kw = {
         "chunk_size": C,
         "block_v": block_v,
@@ -179,11 +201,7 @@ def chunk_fwd_h_split(
     }
     if P == 1:
         return chunk_fwd_h(k, w, u, G, initial_state, **kw)
-    # [B, Tp, ...] -> [B P, L C, ...]: zero chunks appended, then the segments as batch rows.
-    k, w, u, G = (
-        common.pad_to_chunks(x, P * L * C).reshape((B * P, L * C) + x.shape[2:])
-        for x in (k, w, u, G)
-    )
+    k, w, u, G = as_segments((k, w, u, G), P, L, C)
     maps = chunk_segment_maps(k, w, u, G, segments=P, **kw)
     starts = segment_start_states(maps, initial_state)  # [B, P, Hv, dk, dv]
     h, v_new, ends = chunk_fwd_h(k, w, u, G, starts.reshape(B * P, Hv, dk, dv), **kw)
