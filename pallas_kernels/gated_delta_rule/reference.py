@@ -226,15 +226,6 @@ def _from_chunks(x):
     return jnp.moveaxis(x, 1, 2)
 
 
-def _pad_time(x, Tp):
-    T = x.shape[1]
-    if Tp == T:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, Tp - T)
-    return jnp.pad(x, pad)
-
-
 def chunk_gated_delta_rule_ref(
     q: jax.Array,
     k: jax.Array,
@@ -279,7 +270,7 @@ def chunk_gated_delta_rule_ref(
         qf, kf, vf, gf, bf = (common.gather_aligned(x, layout) for x in (qf, kf, vf, gf, bf))
     else:
         Tp = -(-T // C) * C
-        qf, kf, vf, gf, bf = (_pad_time(x, Tp) for x in (qf, kf, vf, gf, bf))
+        qf, kf, vf, gf, bf = (common.pad_to_chunks(x, Tp) for x in (qf, kf, vf, gf, bf))
 
     qc, kc, vc = _to_chunks(qf, C), _to_chunks(kf, C), _to_chunks(vf, C)  # [B, H, NC, C, D]
     gc, bc = _to_chunks(gf, C), _to_chunks(bf, C)  # [B, H, NC, C]

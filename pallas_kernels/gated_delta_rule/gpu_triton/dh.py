@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta_rule import kernel_math as km
+from pallas_kernels.gated_delta_rule.gpu_triton.h import state_pass_outputs, state_spec
 
 
 def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, *refs, chunk_size, scale, varlen):
@@ -120,13 +121,7 @@ def chunk_bwd_dh(
     if varlen and B != 1:
         raise ValueError("chunk_bwd_dh: varlen needs B == 1")
     kernel = functools.partial(_kernel, chunk_size=C, scale=scale, varlen=varlen)
-    if varlen:
-        N = dht.shape[0]
-        state_spec = pl.BlockSpec((N, None, dk, BV), lambda j, b, h: (0, h, 0, j))
-        state_shape = (N, Hv, dk, dv)
-    else:
-        state_spec = pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j))
-        state_shape = (B, Hv, dk, dv)
+    N = dht.shape[0] if varlen else None
     in_specs = [
         pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
         pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
@@ -134,26 +129,19 @@ def chunk_bwd_dh(
         pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
         pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
         pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-        state_spec,
+        state_spec(dk, BV, N),
     ]
     args = [q, k, w, G, do, dv_local, dht]
     if varlen:
         in_specs += [pl.BlockSpec((NC,), lambda j, b, h: (0,))] * 2
         args += [chunk_reset.astype(jnp.int32), chunk_last.astype(jnp.int32)]
+    out_specs, out_shape = state_pass_outputs(B, Tp, NC, Hv, dk, dv, BV, w.dtype, N)
     return pl.pallas_call(
         kernel,
         grid=(dv // BV, B, Hv),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, NC, None, dk, BV), lambda j, b, h: (b, 0, h, 0, j)),
-            pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-            state_spec,
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((B, NC, Hv, dk, dv), w.dtype),
-            jax.ShapeDtypeStruct((B, Tp, Hv, dv), w.dtype),
-            jax.ShapeDtypeStruct(state_shape, jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_bwd_dh",

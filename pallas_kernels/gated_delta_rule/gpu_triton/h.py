@@ -90,6 +90,32 @@ def _kernel(
         ht_ref[...] = S.astype(ht_ref.dtype)
 
 
+def state_spec(dk: int, BV: int, n_states: int | None = None):
+    """BlockSpec of a float32 state array for the (value block j, batch b, value head h) programs
+    of the state passes (this one and dh.py): [B, Hv, dk, dv] -> block [dk, BV] of (b, h);
+    varlen (``n_states`` = N): [N, Hv, dk, dv] -> all N states of head h, [N, dk, BV]."""
+    if n_states is None:
+        return pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j))
+    return pl.BlockSpec((n_states, None, dk, BV), lambda j, b, h: (0, h, 0, j))
+
+
+def state_pass_outputs(B, Tp, NC, Hv, dk, dv, BV, dtype, n_states=None):
+    """(out_specs, out_shape) shared by the state passes: per-chunk states [B, NC, Hv, dk, dv]
+    and per-token values [B, Tp, Hv, dv] in ``dtype``, and a float32 state array
+    ([B or n_states, Hv, dk, dv], see :func:`state_spec`)."""
+    out_specs = [
+        pl.BlockSpec((None, NC, None, dk, BV), lambda j, b, h: (b, 0, h, 0, j)),
+        pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+        state_spec(dk, BV, n_states),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, NC, Hv, dk, dv), dtype),
+        jax.ShapeDtypeStruct((B, Tp, Hv, dv), dtype),
+        jax.ShapeDtypeStruct((B if n_states is None else n_states, Hv, dk, dv), jnp.float32),
+    ]
+    return out_specs, out_shape
+
+
 def chunk_fwd_h(
     k: jax.Array,
     w: jax.Array,
@@ -149,33 +175,17 @@ def chunk_fwd_h(
             raise ValueError("chunk_fwd_h: varlen needs an initial_state [N, Hv, dk, dv] (zeros)")
         in_specs += [pl.BlockSpec((NC,), lambda j, b, h: (0,))] * 2
         args += [chunk_reset.astype(jnp.int32), chunk_last.astype(jnp.int32)]
-        N = initial_state.shape[0]
+    N = initial_state.shape[0] if varlen else None
     if initial_state is not None:
-        if varlen:
-            in_specs.append(pl.BlockSpec((N, None, dk, BV), lambda j, b, h: (0, h, 0, j)))
-        else:
-            in_specs.append(pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j)))
+        in_specs.append(state_spec(dk, BV, N))
         args.append(initial_state)
-    if varlen:
-        ht_spec = pl.BlockSpec((N, None, dk, BV), lambda j, b, h: (0, h, 0, j))
-        ht_shape = (N, Hv, dk, dv)
-    else:
-        ht_spec = pl.BlockSpec((None, None, dk, BV), lambda j, b, h: (b, h, 0, j))
-        ht_shape = (B, Hv, dk, dv)
+    out_specs, out_shape = state_pass_outputs(B, Tp, NC, Hv, dk, dv, BV, w.dtype, N)
     return pl.pallas_call(
         kernel,
         grid=(dv // BV, B, Hv),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, NC, None, dk, BV), lambda j, b, h: (b, 0, h, 0, j)),
-            pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-            ht_spec,
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((B, NC, Hv, dk, dv), w.dtype),
-            jax.ShapeDtypeStruct((B, Tp, Hv, dv), w.dtype),
-            jax.ShapeDtypeStruct(ht_shape, jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_fwd_h",
