@@ -74,8 +74,10 @@ def _kernel(
             u = u + km.dot(Tc[j], vb[j])
         w_ref[rows[i], :] = w.astype(w_ref.dtype)
         u_ref[rows[i], :] = u.astype(u_ref.dtype)
-        for j in range(nb) if t_ref else ():
-            t_ref[0][rows[i], rows[j]] = T[i, j] if j <= i else jnp.zeros((sub, sub), jnp.float32)
+        if t_ref:  # row block i of T, zeros above the diagonal block
+            for j in range(nb):
+                T_ij = T[i, j] if j <= i else jnp.zeros((sub, sub), jnp.float32)
+                t_ref[0][rows[i], rows[j]] = T_ij
 
 
 def chunk_kkt_solve_wy(
