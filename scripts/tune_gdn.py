@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Where the time of our GDN forward goes, and which launch parameters serve it best (GPU).
+"""Where the time of our GDN forward and backward goes, and which launch parameters serve them
+best (GPU).
 
 For each (B, T) in --shapes (Qwen3-Next heads: Hk 16, Hv 32, dk = dv = 128, bf16, L2 norm in the
-kernel): the median time of each Pallas Triton stage on its own (cumsum, kkt/solve/wy, h, o), then
-of the whole forward under each variant of ``gpu_triton.fwd.BlockSizes`` in VARIANTS, against the
-default. Prints a table and writes ``tune_gdn.json`` under --out. Run on the GPU:
+kernel): the median time of each Pallas Triton stage on its own (forward: cumsum, kkt/solve/wy, h,
+o; backward: the recompute, dv_local, dh, dqkwg, wy_bwd), then of the whole forward and of
+forward + backward under each variant of ``gpu_triton.fwd.BlockSizes`` in VARIANTS. Prints a table and writes ``tune_gdn.json`` under --out. Run on the GPU:
 ``PYTHONPATH=. python3 scripts/tune_gdn.py --out $OUT``.
 """
 
@@ -24,9 +25,14 @@ from bench_gdn import fwd_flops, make_inputs, parse_shapes
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
+from pallas_kernels.gated_delta_rule import common
+from pallas_kernels.gated_delta_rule.gpu_triton.dh import chunk_bwd_dh
+from pallas_kernels.gated_delta_rule.gpu_triton.dqkwg import chunk_bwd_dqkwg
+from pallas_kernels.gated_delta_rule.gpu_triton.dv_local import chunk_bwd_dv_local
 from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h
 from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import chunk_kkt_solve_wy
 from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_fwd_o
+from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 
 VARIANTS = {
     "default": {},
@@ -40,25 +46,30 @@ VARIANTS = {
     "stages4": {"num_stages": 4},
     "split4": {"seq_splits": 4},
     "split8": {"seq_splits": 8},
+    "dh_bv64": {"block_v_dh": 64},
+    "dv_bv128": {"block_v_dv": 128},
+    "dqkwg_bv128": {"block_v_dqkwg": 128},
+    "dqkwg_w8": {"num_warps_dqkwg": 8},
+    "wy_bwd_w8": {"num_warps_wy_bwd": 8},
 }
 
 
-def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int) -> dict:
+def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int, interpret=False) -> dict:
     """Median ms of each forward stage run alone on the same inputs."""
     C = bs.chunk
     G = jax.jit(lambda g: triton_fwd.chunk_local_cumsum(g, C))(g)
     wy = jax.jit(lambda k, v, G, b: chunk_kkt_solve_wy(
         k, v, G, b, chunk_size=C, use_qk_l2norm=True, solve_precision=jax.lax.Precision.DEFAULT,
-        num_warps=bs.num_warps_wy, num_stages=bs.num_stages))
+        num_warps=bs.num_warps_wy, num_stages=bs.num_stages, interpret=interpret))
     w, u = wy(k, v, G, beta)
     hs = jax.jit(lambda k, w, u, G: chunk_fwd_h(
         k, w, u, G, None, chunk_size=C, block_v=bs.block_v_h, use_qk_l2norm=True,
-        num_warps=bs.num_warps_h, num_stages=bs.num_stages))
+        num_warps=bs.num_warps_h, num_stages=bs.num_stages, interpret=interpret))
     h, v_new, _ = hs(k, w, u, G)
     os_ = jax.jit(lambda q, k, G, h, vn: chunk_fwd_o(
         q, k, G, h, vn, scale=q.shape[-1] ** -0.5, out_dtype=jnp.bfloat16, chunk_size=C,
         block_v=bs.block_v_o, use_qk_l2norm=True, num_warps=bs.num_warps_o,
-        num_stages=bs.num_stages))
+        num_stages=bs.num_stages, interpret=interpret))
     ms = {
         "cumsum": median_seconds(jax.jit(lambda g: triton_fwd.chunk_local_cumsum(g, C)), g,
                                  iters=reps),
@@ -69,49 +80,104 @@ def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int) -> dict:
     return {name: s * 1e3 for name, s in ms.items()}
 
 
+def bwd_stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int,
+                    interpret=False) -> dict:
+    """Median ms of each backward stage (bwd.py) run alone, on dense chunk-aligned inputs."""
+    C, T = bs.chunk, q.shape[1]
+    assert T % C == 0, "tune shapes are chunk multiples"
+    scale = q.shape[-1] ** -0.5
+    q, k = (common.l2norm(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
+    do = jnp.ones_like(v) * 0.01
+    G = jax.jit(lambda g: triton_fwd.chunk_local_cumsum(g, C))(g)
+    lay = triton_fwd.chunk_layout(T, C)
+    launch = {"chunk_size": C, "num_stages": bs.num_stages, "interpret": interpret}
+    recompute = jax.jit(lambda k, v, G, b: triton_fwd.chunk_states(
+        k, v, G, b, None, lay, block_sizes=bs, use_qk_l2norm=False,
+        solve_precision=jax.lax.Precision.DEFAULT, interpret=interpret, return_inverse=True))
+    w, h, v_new, _, inverse = recompute(k, v, G, beta)
+    dv_local = jax.jit(lambda q, k, G, do: chunk_bwd_dv_local(
+        q, k, G, do, scale=scale, block_v=bs.block_v_dv, num_warps=bs.num_warps_dv, **launch))
+    dvl = dv_local(q, k, G, do)
+    dht = jnp.zeros((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
+    dh = jax.jit(lambda q, k, w, G, do, dvl, dht: chunk_bwd_dh(
+        q, k, w, G, do, dvl, dht, scale=scale, block_v=bs.block_v_dh,
+        num_warps=bs.num_warps_dh, **launch))
+    dhs, dv_new, _ = dh(q, k, w, G, do, dvl, dht)
+    dqkwg = jax.jit(lambda q, k, G, h, dhs, vn, do, dvn: chunk_bwd_dqkwg(
+        q, k, G, h, dhs, vn, do, dvn, scale=scale, block_v=bs.block_v_dqkwg,
+        num_warps=bs.num_warps_dqkwg, **launch))
+    _, dk_, dw, dG = dqkwg(q, k, G, h, dhs, v_new, do, dv_new)
+    wy_bwd = jax.jit(lambda k, v, G, b, inv, dw, dvn, dk_, dG: chunk_bwd_wy(
+        k, v, G, b, inv, dw, dvn, dk_, dG, solve_precision=jax.lax.Precision.DEFAULT,
+        num_warps=bs.num_warps_wy_bwd, **launch))
+    ms = {
+        "recompute": median_seconds(recompute, k, v, G, beta, iters=reps),
+        "dv_local": median_seconds(dv_local, q, k, G, do, iters=reps),
+        "dh": median_seconds(dh, q, k, w, G, do, dvl, dht, iters=reps),
+        "dqkwg": median_seconds(dqkwg, q, k, G, h, dhs, v_new, do, dv_new, iters=reps),
+        "wy_bwd": median_seconds(wy_bwd, k, v, G, beta, inverse, dw, dv_new, dk_, dG,
+                                 iters=reps),
+    }
+    return {name: s * 1e3 for name, s in ms.items()}
+
+
+def fwd_bwd(bs: triton_fwd.BlockSizes, interpret=False):
+    """Jitted d(sum of o * do)/d(q, k, v, g, beta) through our op with block sizes bs."""
+    def loss(q, k, v, g, b):
+        o, _ = chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True,
+                                      impl="pallas_triton", block_sizes=bs,
+                                      interpret=interpret)
+        return jnp.sum(o.astype(jnp.float32) * 0.01)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="1x32768,8x4096")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    p.add_argument("--interpret", action="store_true",
+                   help="Pallas interpret mode (a CPU smoke run; use tiny --shapes)")
     args = p.parse_args(argv)
+    it = args.interpret
+    os.makedirs(args.out, exist_ok=True)
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {}}
     for B, T in parse_shapes(args.shapes):
         q, k, v, g, beta = make_inputs(B, T)
         q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
         g, beta = jnp.asarray(g), jnp.asarray(beta)
-        row = {"stages_ms": stage_times(q, k, v, g, beta, triton_fwd.BlockSizes(), args.reps),
-               "variants_ms": {}}
+        row = {"stages_ms": stage_times(q, k, v, g, beta, triton_fwd.BlockSizes(), args.reps, it),
+               "bwd_stages_ms": bwd_stage_times(q, k, v, g, beta, triton_fwd.BlockSizes(),
+                                                args.reps, it),
+               "variants_ms": {}, "variants_fwdbwd_ms": {}}
+        print(f"{B}x{T}: stages {row['stages_ms']} backward {row['bwd_stages_ms']}", flush=True)
         for name in args.variants.split(","):
             bs = dataclasses.replace(triton_fwd.BlockSizes(), **VARIANTS[name])
             f = jax.jit(lambda q, k, v, g, b, bs=bs: chunk_gated_delta_rule(
                 q, k, v, g, b, output_final_state=True, use_qk_l2norm_in_kernel=True,
-                impl="pallas_triton", block_sizes=bs))
-            try:
-                row["variants_ms"][name] = median_seconds(f, q, k, v, g, beta,
-                                                          iters=args.reps) * 1e3
-            except Exception as e:  # noqa: BLE001  (a variant the compiler rejects)
-                row["variants_ms"][name] = None
-                print(f"{B}x{T} {name}: {e!r:.200}")
+                impl="pallas_triton", block_sizes=bs, interpret=it))
+            for key, fn in (("variants_ms", f), ("variants_fwdbwd_ms", fwd_bwd(bs, it))):
+                try:
+                    row[key][name] = median_seconds(fn, q, k, v, g, beta, iters=args.reps) * 1e3
+                except Exception as e:  # noqa: BLE001  (a variant the compiler rejects)
+                    row[key][name] = None
+                    print(f"{B}x{T} {name} {key}: {e!r:.200}")
+            print(f"{B}x{T} {name}: fwd {row['variants_ms'][name]} "
+                  f"fwd+bwd {row['variants_fwdbwd_ms'][name]}", flush=True)
         best = min((t, n) for n, t in row["variants_ms"].items() if t is not None)
         row["best"] = best[1]
         row["best_tflops"] = fwd_flops(B, T) / (best[0] * 1e-3) / 1e12
         res["shapes"][f"{B}x{T}"] = row
-        print(f"{B}x{T}: stages {row['stages_ms']}", flush=True)
-    print("\n| shape | " + " | ".join(f"{s} ms" for s in ("cumsum", "wy", "h", "o")) + " |")
-    print("|---|---|---|---|---|")
-    for key, row in res["shapes"].items():
-        print(f"| {key} | " + " | ".join(f"{t:.3f}" for t in row["stages_ms"].values()) + " |")
-    names = args.variants.split(",")
-    print("\n| shape | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for key, row in res["shapes"].items():
-        cells = ["-" if row["variants_ms"][n] is None else f"{row['variants_ms'][n]:.3f}"
-                 for n in names]
-        print(f"| {key} | " + " | ".join(cells) + " |")
-    with open(os.path.join(args.out, "tune_gdn.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, "tune_gdn.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    for field in ("stages_ms", "bwd_stages_ms", "variants_ms", "variants_fwdbwd_ms"):
+        names = list(next(iter(res["shapes"].values()))[field])
+        print(f"\n{field}\n| shape | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for key, row in res["shapes"].items():
+            cells = ["-" if row[field][n] is None else f"{row[field][n]:.3f}" for n in names]
+            print(f"| {key} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
