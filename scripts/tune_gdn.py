@@ -36,7 +36,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 
 VARIANTS = {
     "default": {},
-    "h_bv32": {"block_v_h": 32},
+    "h_bv64": {"block_v_h": 64},
     "h_w8": {"num_warps_h": 8},
     "wy_w2": {"num_warps_wy": 2},
     "wy_w8": {"num_warps_wy": 8},
@@ -48,8 +48,10 @@ VARIANTS = {
     "split8": {"seq_splits": 8},
     "dh_bv64": {"block_v_dh": 64},
     "dv_bv128": {"block_v_dv": 128},
-    "dqkwg_bv128": {"block_v_dqkwg": 128},
+    "dqkwg_bv64": {"block_v_dqkwg": 64},
     "dqkwg_w8": {"num_warps_dqkwg": 8},
+    "dqkwg_bk64": {"block_k_dqkwg": 64},
+    "dqkwg_bk64_bv64": {"block_k_dqkwg": 64, "block_v_dqkwg": 64},
     "wy_bwd_w8": {"num_warps_wy_bwd": 8},
 }
 

@@ -93,11 +93,14 @@ def _check(
 # Each T around a chunk multiple (a single token, one short, exactly, one over, many chunks with a
 # ragged end), both head ratios and both dtypes, initial state and L2 norm on and off. Chunk 16
 # except in one case: interpret mode compiles the forward's blocked solve slowly at chunk 64.
-SMALL_BLOCKS = BlockSizes(chunk=16, block_v_dv=16, block_v_dh=16, block_v_dqkwg=16, block_v_h=16)
+SMALL_BLOCKS = BlockSizes(
+    chunk=16, block_v_dv=16, block_v_dh=16, block_v_dqkwg=16, block_k_dqkwg=16, block_v_h=16
+)
 DENSE_CASES = [
     pytest.param(1, 1, 1, jnp.float32, True, True, {}, id="T1-f32"),
     # Only o is differentiated (zero final-state cotangent); value blocks narrower than dv, so
-    # the dv / dh programs split dv and the dqkwg loop runs over two blocks.
+    # the dv / dh programs split dv and the dqkwg loop runs over two blocks; key blocks narrower
+    # than dk, so the dqkwg programs split dk (partial d(G) summed).
     pytest.param(
         63,
         1,

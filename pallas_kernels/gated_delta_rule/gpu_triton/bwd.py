@@ -138,6 +138,7 @@ def chunk_gated_delta_rule_bwd(
         dv_new,
         scale=scale,
         block_v=block_sizes.block_v_dqkwg,
+        block_k=block_sizes.block_k_dqkwg,
         num_warps=block_sizes.num_warps_dqkwg,
         **common_args,
     )

@@ -13,8 +13,15 @@ gives
        + [i = C-1] (exp(G_last) sum(S * dS) + sum(dk_state * k))
 where dq_state, dk_state are the first terms of dq and of dk. The value dimension is walked in
 blocks of block_v; the rest is kernel_math.qk_bwd (shared with the TPU backward). One program per
-(chunk, batch, value head); q and k are those of its key head (d(q), d(k) per value head; the
-caller sums the value heads of a key head).
+(chunk, batch, value head, block of block_k key columns); q and k are those of its key head
+(d(q), d(k) per value head; the caller sums the value heads of a key head).
+
+Splitting the key dimension is exact: dq, dk, dw of a key block need only that block of q, k, S
+and dS (and the whole dP, recomputed per block), and every term of dG is a sum over key columns
+(q k^T = sum of the blocks' q_b k_b^T; the row sums of dq_state * q and dk_state * k; sum(S dS)),
+so each block's qk_bwd gives a partial dG and the partials are summed. It trades a recomputed
+dO v_new^T per block for accumulators block_k columns wide (fewer registers per program) and
+dk / block_k times as many programs.
 """
 
 from __future__ import annotations
@@ -47,15 +54,16 @@ def _kernel(
     scale,
     block_v,
 ):
-    # q_ref, k_ref [C, dk]; g_ref [C]; h_ref, dh_ref [dk, dv]; vn_ref, do_ref, dv_ref [C, dv];
-    # dq_ref, dk_ref [C, dk] float32; dw_ref [C, dk]; dg_ref [C] float32.
+    # q_ref, k_ref [C, BK]; g_ref [C]; h_ref, dh_ref [BK, dv]; vn_ref, do_ref, dv_ref [C, dv];
+    # dq_ref, dk_ref [C, BK] float32; dw_ref [C, BK]; dg_ref [C] float32 (this key block's
+    # part of d(G)).
     C, dk = q_ref.shape
     dv = vn_ref.shape[1]
     dq_state = jnp.zeros((C, dk), jnp.float32)  # dO S^T
     dk_state = jnp.zeros((C, dk), jnp.float32)  # v_new dS^T
     dw = jnp.zeros((C, dk), jnp.float32)
     dP = jnp.zeros((C, C), jnp.float32)  # dO v_new^T, then d(q k^T)
-    s_ds = jnp.zeros((dk,), jnp.float32)  # sum(S * dS) over the value dimension
+    s_ds = jnp.zeros((dk,), jnp.float32)  # sum(S * dS) over the value dimension (BK rows)
     for j in range(dv // block_v):
         cols = pl.ds(j * block_v, block_v)
         S, dS = h_ref[:, cols], dh_ref[:, cols]
@@ -96,11 +104,15 @@ def chunk_bwd_dqkwg(
     scale: float,
     chunk_size: int = 64,
     block_v: int = 64,
+    block_k: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
 ):
     """d(q), d(k) (state and intra-chunk paths), d(w) and d(G) (same paths) of every chunk.
+
+    block_v: value columns per step of the loop in a program; block_k: key columns per program
+    (both must divide their dimension; block_k >= dk: no split).
 
     Args:
       q, k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked; q unscaled).
@@ -114,26 +126,30 @@ def chunk_bwd_dqkwg(
     Hv, dv = do.shape[2], do.shape[3]
     C = chunk_size
     n = Hv // Hk
-    BV = min(block_v, dv)
-    if dv % BV:
-        raise ValueError(f"chunk_bwd_dqkwg: block_v = {BV} must divide dv = {dv}")
-    key_spec = pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, lax.div(h, n), 0))
-    row_spec = pl.BlockSpec((None, C, None, dk), lambda c, b, h: (b, c, h, 0))
-    val_spec = pl.BlockSpec((None, C, None, dv), lambda c, b, h: (b, c, h, 0))
-    state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda c, b, h: (b, c, h, 0, 0))
-    g_spec = pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h))
-    return pl.pallas_call(
+    BV, BK = min(block_v, dv), min(block_k, dk)
+    for name, blk, dim in (("block_v", BV, dv), ("block_k", BK, dk)):
+        if dim % blk:
+            raise ValueError(f"chunk_bwd_dqkwg: {name} = {blk} must divide {dim}")
+    NK = dk // BK
+    key_spec = pl.BlockSpec((None, C, None, BK), lambda c, b, h, j: (b, c, lax.div(h, n), j))
+    row_spec = pl.BlockSpec((None, C, None, BK), lambda c, b, h, j: (b, c, h, j))
+    val_spec = pl.BlockSpec((None, C, None, dv), lambda c, b, h, j: (b, c, h, 0))
+    state_spec = pl.BlockSpec((None, None, None, BK, dv), lambda c, b, h, j: (b, c, h, j, 0))
+    g_spec = pl.BlockSpec((None, C, None), lambda c, b, h, j: (b, c, h))
+    dg_spec = pl.BlockSpec((None, None, C, None), lambda c, b, h, j: (j, b, c, h))
+    dq, dk_, dw, dG = pl.pallas_call(
         functools.partial(_kernel, scale=scale, block_v=BV),
-        grid=(Tp // C, B, Hv),
+        grid=(Tp // C, B, Hv, NK),
         in_specs=[key_spec, key_spec, g_spec, state_spec, state_spec, val_spec, val_spec, val_spec],
-        out_specs=[row_spec, row_spec, row_spec, g_spec],
+        out_specs=[row_spec, row_spec, row_spec, dg_spec],
         out_shape=[
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), q.dtype),
-            jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
+            jax.ShapeDtypeStruct((NK, B, Tp, Hv), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_bwd_dqkwg",
     )(q, k, G, h, dh, v_new, do, dv_new)
+    return dq, dk_, dw, jnp.sum(dG, axis=0)

@@ -27,19 +27,23 @@ class BlockSizes:
 
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
-    Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128).
+    Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128;
+    block_v_h 32 and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768).
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
-    block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program.
+    block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program;
+    block_k_dqkwg: key columns per "dqkwg" program (less than dk splits the key dimension over
+    programs, each with narrower accumulators; see dqkwg.py).
     seq_splits: dense inputs only (ignored with cu_seqlens): cut each sequence into up to this
     many segments whose state passes run in parallel and are combined exactly (h_split.py, and
     dh_split.py for the backward's reverse pass), for when B x Hv programs of stage "h" leave the
-    GPU idle (one long sequence); used by the forward and by the backward. Default 1 (off): not
-    yet measured on a GPU; measure with scripts/tune_gdn.py (variants split4 / split8) before
-    turning it on.
+    GPU idle (one long sequence); used by the forward and by the backward. Default 1 (off):
+    on an H200 at B = 1 (T 8192 and 32768) 4 and 8 segments were slower, forward and backward
+    (the segment maps cost a second pass over the sequence's keys); measure again with
+    scripts/tune_gdn.py (variants split4 / split8) on other GPUs.
     """
 
     chunk: int = 64
-    block_v_h: int = 64
+    block_v_h: int = 32
     block_v_o: int = 128
     num_warps_wy: int = 4
     num_warps_h: int = 4
@@ -47,7 +51,8 @@ class BlockSizes:
     num_stages: int = 3
     block_v_dv: int = 64
     block_v_dh: int = 32
-    block_v_dqkwg: int = 64
+    block_v_dqkwg: int = 128
+    block_k_dqkwg: int = 128
     num_warps_dv: int = 4
     num_warps_dh: int = 4
     num_warps_dqkwg: int = 4
