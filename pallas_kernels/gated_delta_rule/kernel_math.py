@@ -192,6 +192,41 @@ def qk_bwd(q, k, G_col, G_row, do_s, vn_ds, do_vn, s_ds, *, scale):
     return dq, dk, dG
 
 
+def wy_bwd_values(v, beta_col, T, du):
+    """The value half of ``wy_bwd`` (u = T vb, vb = beta v): du vb^T (its part of dT), dv = beta
+    T^T du and rowsum(T^T du * v) (its part of dbeta). v [C, dv]; T [C, C] float32; du [C, dv]
+    (compute dtype). Returns dT_v [C, C], dv [C, dv], dbeta_v [C, 1], float32. Done first so that
+    a kernel can store dv before the key half, and hold fewer [C, dv] values at once."""
+    cdt = du.dtype
+    v = v.astype(jnp.float32)
+    dT_v = dot(du, (v * beta_col).astype(cdt), trans_b=True)
+    dvb = dot(T.astype(cdt), du, trans_a=True)  # [C, dv]
+    return dT_v, dvb * beta_col, jnp.sum(dvb * v, axis=1, keepdims=True)
+
+
+def wy_bwd_keys(kc, G_col, G_row, beta_col, T, dw, dT_v, *, precision=HIGHEST):
+    """The key half of ``wy_bwd`` given dT_v = du vb^T from ``wy_bwd_values``. kc [C, dk]
+    (compute dtype); T [C, C] float32; dw [C, dk] (compute dtype). Returns dk [C, dk],
+    dbeta_k [C, 1] (the rest of dbeta), dG [C, 1], float32."""
+    cdt = kc.dtype
+    k = kc.astype(jnp.float32)
+    kkd = dot(kc, kc, trans_b=True) * decay_matrix(G_col, G_row, strict=True)
+    kb = k * (beta_col * jnp.exp(G_col))
+    dT = dot(dw, kb.astype(cdt), trans_b=True) + dT_v
+    dkb = dot(T.astype(cdt), dw, trans_a=True)  # [C, dk]
+    # C x C products in float32, like the solve. kkd is 0 off the strict lower triangle, so
+    # multiplying by it keeps only the strictly lower part of dA.
+    dA = -dot(dot(T, dT, trans_a=True, precision=precision), T, trans_b=True, precision=precision)
+    dAk = dA * kkd  # [C, C]
+    dkk = (dA * beta_col * decay_matrix(G_col, G_row, strict=True)).astype(cdt)
+    dk = dkb * (beta_col * jnp.exp(G_col)) + dot(dkk, kc) + dot(dkk, kc, trans_a=True)
+    dbeta_k = jnp.sum(dkb * k, axis=1, keepdims=True) * jnp.exp(G_col) + jnp.sum(
+        dAk, axis=1, keepdims=True
+    )
+    dG = jnp.sum(dkb * kb, axis=1, keepdims=True) + row_minus_col_sums(dAk * beta_col)
+    return dk, dbeta_k, dG
+
+
 def wy_bwd(kc, v, G_col, G_row, beta_col, T, dw, du, *, precision=HIGHEST):
     """Gradients through w = T kb, u = T vb (``wy_repr``; kb = beta exp(G) k, vb = beta v):
       dT = dw kb^T + du vb^T,  dkb = T^T dw,  dvb = T^T du,  dA = -T^T dT T^T (strictly lower)
@@ -199,29 +234,11 @@ def wy_bwd(kc, v, G_col, G_row, beta_col, T, dw, du, *, precision=HIGHEST):
       dv = beta dvb
       dbeta = rowsum(dkb * k exp(G)) + rowsum(dvb * v) + rowsum(dA * kkd)   (kkd = k k^T Gamma)
       dG = rowsum(dkb * kb) + rowsum(dA * A) - colsum(dA * A)
+    (``wy_bwd_values`` then ``wy_bwd_keys``.)
     Args: kc [C, dk] (compute dtype); v [C, dv]; T [C, C] float32; dw [C, dk], du [C, dv] (compute
       dtype; du = the total d(v_new)). Returns dk [C, dk], dv [C, dv], dbeta [C, 1], dG [C, 1],
       float32.
     """
-    cdt = kc.dtype
-    k = kc.astype(jnp.float32)
-    v = v.astype(jnp.float32)
-    kkd = dot(kc, kc, trans_b=True) * decay_matrix(G_col, G_row, strict=True)
-    kb, vb = k * (beta_col * jnp.exp(G_col)), v * beta_col
-    Tc = T.astype(cdt)
-    dT = dot(dw, kb.astype(cdt), trans_b=True) + dot(du, vb.astype(cdt), trans_b=True)
-    dkb = dot(Tc, dw, trans_a=True)  # [C, dk]
-    dvb = dot(Tc, du, trans_a=True)  # [C, dv]
-    # C x C products in float32, like the solve. kkd is 0 off the strict lower triangle, so
-    # multiplying by it keeps only the strictly lower part of dA.
-    dA = -dot(dot(T, dT, trans_a=True, precision=precision), T, trans_b=True, precision=precision)
-    dAk = dA * kkd  # [C, C]
-    dkk = (dA * beta_col * decay_matrix(G_col, G_row, strict=True)).astype(cdt)
-    dk = dkb * (beta_col * jnp.exp(G_col)) + dot(dkk, kc) + dot(dkk, kc, trans_a=True)
-    dbeta = (
-        jnp.sum(dkb * k, axis=1, keepdims=True) * jnp.exp(G_col)
-        + jnp.sum(dvb * v, axis=1, keepdims=True)
-        + jnp.sum(dAk, axis=1, keepdims=True)
-    )
-    dG = jnp.sum(dkb * kb, axis=1, keepdims=True) + row_minus_col_sums(dAk * beta_col)
-    return dk, dvb * beta_col, dbeta, dG
+    dT_v, dv, dbeta_v = wy_bwd_values(v, beta_col, T, du)
+    dk, dbeta_k, dG = wy_bwd_keys(kc, G_col, G_row, beta_col, T, dw, dT_v, precision=precision)
+    return dk, dv, dbeta_v + dbeta_k, dG

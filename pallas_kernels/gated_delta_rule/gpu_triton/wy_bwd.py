@@ -11,7 +11,8 @@ From dw and du (= the total gradient of v_new: v_new = u - w S):
   dv  = beta dvb
   dbeta = rowsum(dkb * k exp(G)) + rowsum(dvb * v) + rowsum(dA * kkd)
   dG  = rowsum(dkb * kb) + rowsum(dA * A) - colsum(dA * A)
-(the math: kernel_math.wy_bwd, shared with the TPU backward). dk and dG are added to the partial
+(the math: kernel_math.wy_bwd_values then wy_bwd_keys, whose composition wy_bwd the TPU backward
+uses). dk and dG are added to the partial
 gradients of stage "dqkwg" (aliased in place).
 """
 
@@ -50,20 +51,14 @@ def _kernel(
     # dk_in_ref, dk_ref [C, dk] float32; dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
     G = g_ref[...].astype(jnp.float32)
     beta = beta_ref[...].astype(jnp.float32)[:, None]
-    dk, dv, dbeta, dG = km.wy_bwd(
-        k_ref[...],
-        v_ref[...],
-        G[:, None],
-        G[None, :],
-        beta,
-        t_ref[...],
-        dw_ref[...],
-        du_ref[...],
-        precision=solve_precision,
+    T = t_ref[...]
+    dT_v, dv, dbeta_v = km.wy_bwd_values(v_ref[...], beta, T, du_ref[...])
+    dv_ref[...] = dv.astype(dv_ref.dtype)  # stored before the key half: fewer live [C, dv] tiles
+    dk, dbeta_k, dG = km.wy_bwd_keys(
+        k_ref[...], G[:, None], G[None, :], beta, T, dw_ref[...], dT_v, precision=solve_precision
     )
     dk_ref[...] = dk_in_ref[...] + dk
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    dbeta_ref[...] = jnp.sum(dbeta, axis=1)  # [C, 1] -> [C]
+    dbeta_ref[...] = jnp.sum(dbeta_v + dbeta_k, axis=1)  # [C, 1] -> [C]
     dg_ref[...] = dg_in_ref[...] + jnp.sum(dG, axis=1)
 
 
@@ -94,7 +89,7 @@ def chunk_bwd_wy(
       dk: [B, Tp, Hv, dk] float32, dG: [B, Tp, Hv] float32: the partial gradients of the other
         paths (stage "dqkwg"), updated in place.
     Returns:
-      dk [B, Tp, Hv, dk] float32 (per value head), dv [B, Tp, Hv, dv] float32,
+      dk [B, Tp, Hv, dk] float32 (per value head), dv [B, Tp, Hv, dv] (the dtype of v),
       dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
     """
     B, Tp, Hk, dkd = k.shape
@@ -113,7 +108,7 @@ def chunk_bwd_wy(
         out_specs=[dk_spec, val_spec, g_spec, g_spec],
         out_shape=[
             jax.ShapeDtypeStruct((B, Tp, Hv, dkd), jnp.float32),
-            jax.ShapeDtypeStruct((B, Tp, Hv, dvd), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dvd), v.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
         ],
