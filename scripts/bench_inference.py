@@ -101,11 +101,12 @@ def run_prefill(args, length: int) -> dict:
             else None}
 
 
-def run_decode(args) -> list[dict]:
+def run_decode(args, record) -> None:
+    """Greedy decode rows (plain, then each --speculative-tokens N), handed to ``record`` one by
+    one as they are measured."""
     cfg = make_config(args)
     dtype = jnp.dtype(args.dtype)
     base = make_params(cfg, dtype)
-    rows = []
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (args.batch, args.prompt_len))
     for weights in ("random", "agreeing"):
         params = base if weights == "random" else agreeing(cfg, base)
@@ -118,13 +119,13 @@ def run_decode(args) -> list[dict]:
             wall = time.perf_counter() - t
             if ref is None:
                 ref = res.tokens
-            rows.append({"kind": "decode", "weights": weights, "speculative_tokens": n,
-                         "batch": args.batch, "prompt": args.prompt_len,
-                         "new_tokens": int(res.tokens.shape[1]),
-                         "decode_tokens_per_s": res.decode_tokens_per_s,
-                         "end_to_end_s": wall, "acceptance_rate": res.acceptance_rate,
-                         "same_tokens_as_plain": bool(np.array_equal(res.tokens, ref))})
-    return rows
+            record({"kind": "decode", "weights": weights, "speculative_tokens": n,
+                    "batch": args.batch, "prompt": args.prompt_len,
+                    "new_tokens": int(res.tokens.shape[1]),
+                    "decode_tokens_per_s": res.decode_tokens_per_s,
+                    "compile_s": res.compile_s, "end_to_end_s": wall,
+                    "acceptance_rate": res.acceptance_rate,
+                    "same_tokens_as_plain": bool(np.array_equal(res.tokens, ref))})
 
 
 def table(rows: list[dict]) -> str:
@@ -183,6 +184,15 @@ def main(argv=None) -> int:
         return 0
 
     rows: list[dict] = []
+
+    def record(row: dict) -> None:  # print the row and rewrite the JSON: a cut-off run keeps it
+        rows.append(row)
+        print(table([row]), flush=True)
+        result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                  "args": vars(args), "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     if not args.skip_prefill:
         for length in [int(x) for x in args.prefill_lengths.split(",") if x]:
             child_out = f"{args.out}.prefill{length}.json"
@@ -191,20 +201,15 @@ def main(argv=None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if os.path.exists(child_out):
                 with open(child_out) as f:
-                    rows.append(json.load(f))
+                    record(json.load(f))
                 os.remove(child_out)
             else:  # the child died without a word (killed)
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append({"kind": "prefill", "tokens": length, "chunk_size": args.chunk_size,
-                             "error": err[:300]})
-            print(table([rows[-1]]), flush=True)
+                record({"kind": "prefill", "tokens": length, "chunk_size": args.chunk_size,
+                        "error": err[:300]})
     if not args.skip_decode:
-        rows += run_decode(args)
+        run_decode(args, record)
     print(table(rows))
-    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "args": vars(args), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 
