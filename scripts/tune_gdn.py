@@ -50,8 +50,8 @@ VARIANTS = {
     "dv_bv128": {"block_v_dv": 128},
     "dqkwg_bv64": {"block_v_dqkwg": 64},
     "dqkwg_w8": {"num_warps_dqkwg": 8},
-    "dqkwg_bk64": {"block_k_dqkwg": 64},
-    "dqkwg_bk64_bv64": {"block_k_dqkwg": 64, "block_v_dqkwg": 64},
+    "dqkwg_bk128": {"block_k_dqkwg": 128},
+    "dqkwg_bk32": {"block_k_dqkwg": 32},
     "wy_bwd_w8": {"num_warps_wy_bwd": 8},
 }
 

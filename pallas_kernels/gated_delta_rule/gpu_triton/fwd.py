@@ -28,7 +28,8 @@ class BlockSizes:
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
     Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128;
-    block_v_h 32 and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768).
+    block_v_h 32 and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768,
+    block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit).
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
     block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program;
     block_k_dqkwg: key columns per "dqkwg" program (less than dk splits the key dimension over
@@ -52,7 +53,7 @@ class BlockSizes:
     block_v_dv: int = 64
     block_v_dh: int = 32
     block_v_dqkwg: int = 128
-    block_k_dqkwg: int = 128
+    block_k_dqkwg: int = 64
     num_warps_dv: int = 4
     num_warps_dh: int = 4
     num_warps_dqkwg: int = 4
