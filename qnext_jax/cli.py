@@ -159,9 +159,11 @@ def _cmd_generate(args) -> int:
     try:
         gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, mesh=mesh,
                         prefill_chunk_size=args.prefill_chunk_size,
-                        speculative_tokens=args.speculative_tokens)
+                        speculative_tokens=args.speculative_tokens,
+                        scan_layers=args.scan_layers)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    params = gen.prepare_params(params)  # once (the scanned layout with --scan-layers)
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
               "eos_token_id": stop_ids}
@@ -297,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the prompt in chunks of this many tokens (bounded memory)")
     g.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft N tokens per step with the MTP head (greedy only)")
+    g.add_argument("--scan-layers", action="store_true",
+                   help="run the layers as a scan over the repeating block of the layer pattern "
+                        "(params and cache stacked per block): compile time of prefill and "
+                        "decode flat in depth")
     g.add_argument("--mesh", default=None,
                    help="shard over a device mesh, e.g. 'data=2,expert=4' (axes data, fsdp, "
                         "expert, tensor; the sizes multiply to the device count)")

@@ -18,6 +18,10 @@ slots past it are invalidated, and each Gated DeltaNet layer returns its conv an
 state after every verified token (see ``Qwen3NextGatedDeltaNet``), of which the accepted one is
 kept. The MTP cache is then rewritten for the accepted tokens with the main model's hidden
 states. The output is the plain greedy output, token for token.
+
+With ``scan_layers`` the model runs its layers as a scan over the repeating block of the layer
+pattern, with params and cache stacked per block (``qnext_jax.cache``); prefill, decode and the
+speculative round are the same functions, and their compile time stays flat in depth.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qnext_jax import sharding
-from qnext_jax.cache import init_cache
+from qnext_jax.cache import init_cache, keep_token_state, track_token_states
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.decoder import BLOCKS, scan_period, stack_layers, unstack_layers
 from qnext_jax.modeling.rope import rope_cos_sin
 
 
@@ -145,6 +150,13 @@ class Generator:
       prefill_chunk_size: feed the prompt in chunks of this many tokens (None: in one piece).
       speculative_tokens: N > 0 drafts N tokens per step with the MTP head (greedy only; the
         config needs ``mtp_num_hidden_layers > 0``).
+      scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
+        pattern (``Qwen3NextForCausalLM(scan_layers=True)``), with the stacked cache
+        (``init_cache(..., scan_layers=True)``): compile time of prefill, decode and the
+        speculative round stays flat in depth. Params may come in either layout;
+        :meth:`prepare_params` converts them (per-layer params are stacked on every call
+        otherwise: convert once when generating repeatedly). A non-periodic layer pattern
+        raises ValueError.
 
     Each distinct (batch, chunk length, cache length) compiles the prefill once; the decode
     step (or the speculative round) compiles once per (batch, cache length).
@@ -152,7 +164,8 @@ class Generator:
 
     def __init__(self, config: Qwen3NextConfig, dtype=jnp.float32, precision=None,
                  gdn_impl: str = "auto", mesh=None, rules=None,
-                 prefill_chunk_size: int | None = None, speculative_tokens: int = 0):
+                 prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
+                 scan_layers: bool = False):
         if prefill_chunk_size is not None and prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
         if speculative_tokens < 0:
@@ -161,16 +174,22 @@ class Generator:
             raise ValueError("speculative_tokens > 0 needs an MTP head, but the config has "
                              "mtp_num_hidden_layers = 0 (was the checkpoint converted with its "
                              "mtp.* tensors?)")
+        if scan_layers:
+            scan_period(config)  # a non-periodic layer pattern fails here
         self.config = config
         self.dtype = dtype
         self.mesh = mesh
         self.rules = sharding.DEFAULT_RULES if rules is None else rules
+        self.scan_layers = scan_layers
         self.param_shardings = None if mesh is None else sharding.param_shardings(
-            config, mesh, self.rules)
+            config, mesh, self.rules, scan_layers=scan_layers)
         self.prefill_chunk_size = prefill_chunk_size
         self.speculative_tokens = speculative_tokens
         self.model = Qwen3NextForCausalLM(config, dtype=dtype, precision=precision,
-                                          gdn_impl=gdn_impl)
+                                          gdn_impl=gdn_impl, scan_layers=scan_layers)
+        convert = stack_layers if scan_layers else unstack_layers
+        self._convert = jax.jit(lambda p: convert(p, config),
+                                **({} if mesh is None else {"out_shardings": self.param_shardings}))
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "with_mtp"),
                                 donate_argnames=("cache", "mtp_state"))
         self._decode = jax.jit(self._decode_fn, static_argnames=("sampling",), donate_argnums=2)
@@ -239,7 +258,6 @@ class Generator:
           new tokens), per-row accepted [B], cache, mtp_state, next token, next draft, hidden).
         """
         N = self.speculative_tokens
-        cfg = self.config
         B = token.shape[0]
         with sharding.activate(self.mesh, self.rules):
             q, pos = cache["index"], cache["positions"]
@@ -257,11 +275,7 @@ class Generator:
             drafts = jnp.stack(drafts, axis=1)  # [B, N]
 
             # Verify [token, drafts] in one forward, keeping the GDN state after every token.
-            vcache = dict(cache)
-            for i in range(cfg.num_hidden_layers):
-                if not cfg.is_full_attention(i):
-                    vcache[f"layers_{i}"] = {**cache[f"layers_{i}"],
-                                             "per_token_states": jnp.zeros((), bool)}
+            vcache = track_token_states(cache)
             ids = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, N+1]
             _, vcache, hidden = self.model.apply({"params": params}, ids, cache=vcache,
                                                  output_hidden_states=True)
@@ -271,13 +285,7 @@ class Generator:
             a = jnp.min(jnp.where(live, per_row, N))
 
             # Roll the main cache back to slot q + a.
-            new = {}
-            for name, layer in vcache.items():
-                if isinstance(layer, dict) and "recurrent_states" in layer:
-                    new[name] = {"conv_state": _take(layer["conv_states"], a),
-                                 "recurrent_state": _take(layer["recurrent_states"], a)}
-                else:
-                    new[name] = layer
+            new = keep_token_state(vcache, a)
             new["index"] = q + a + 1
             new["positions"] = pos + a + 1
             new["valid"] = jnp.logical_and(vcache["valid"], jnp.arange(S)[None] < q + a + 1)
@@ -296,19 +304,30 @@ class Generator:
                     next_draft, mh_a)
 
     # ------------------------------------------------------------------------- helpers
+    def prepare_params(self, params):
+        """``params`` in the layout this Generator runs: stacked (``stack_layers``) with
+        ``scan_layers``, per layer without; params already in that layout are kept. With a
+        mesh, placed on :attr:`param_shardings` (no copy when already there). Converting
+        copies the layers' params (the input stays alive while the caller holds it)."""
+        if (BLOCKS in params) != self.scan_layers:
+            return self._convert(params)
+        if self.mesh is not None:
+            return jax.device_put(params, self.param_shardings)
+        return params
+
     def _place(self, params, input_ids, attention_mask, cache_len: int):
-        """Sharded mode: params onto their shardings (no copy when already there), ids and mask
-        batch-sharded, and a cache created straight into its shardings."""
+        """Params in the model's layout (:meth:`prepare_params`) and, in sharded mode, ids and
+        mask batch-sharded and a cache created straight into its shardings."""
         B, T = input_ids.shape
+        params = self.prepare_params(params)
+        make_cache = lambda: init_cache(self.config, B, cache_len, self.dtype,
+                                        scan_layers=self.scan_layers)
         if self.mesh is None:
-            return params, input_ids, attention_mask, init_cache(self.config, B, cache_len,
-                                                                 self.dtype)
-        params = jax.device_put(params, self.param_shardings)
+            return params, input_ids, attention_mask, make_cache()
         ids_sh = sharding.named(self.mesh, ("batch", "length"), (B, T), self.rules)
         cache_sh = sharding.cache_shardings(self.config, self.mesh, B, cache_len, self.dtype,
-                                            self.rules)
-        cache = jax.jit(lambda: init_cache(self.config, B, cache_len, self.dtype),
-                        out_shardings=cache_sh)()
+                                            self.rules, scan_layers=self.scan_layers)
+        cache = jax.jit(make_cache, out_shardings=cache_sh)()
         return (params, jax.device_put(input_ids, ids_sh),
                 jax.device_put(attention_mask, ids_sh), cache)
 
@@ -479,29 +498,31 @@ class Generator:
 
 @functools.lru_cache(maxsize=8)
 def _generator(config: Qwen3NextConfig, dtype_name: str, gdn_impl: str,
-               prefill_chunk_size: int | None, speculative_tokens: int) -> Generator:
+               prefill_chunk_size: int | None, speculative_tokens: int,
+               scan_layers: bool) -> Generator:
     return Generator(config, dtype=jnp.dtype(dtype_name), gdn_impl=gdn_impl,
                      prefill_chunk_size=prefill_chunk_size,
-                     speculative_tokens=speculative_tokens)
+                     speculative_tokens=speculative_tokens, scan_layers=scan_layers)
 
 
 def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, attention_mask=None, eos_token_id=None, dtype=None,
              gdn_impl: str = "auto", prefill_chunk_size: int | None = None,
-             speculative_tokens: int = 0) -> np.ndarray:
+             speculative_tokens: int = 0, scan_layers: bool = False) -> np.ndarray:
     """Generate ``max_new_tokens`` tokens after ``input_ids``: [B, T] (left-padded with
     ``attention_mask`` 0 where needed) or a list of token-id lists of any lengths (padded
     here). Returns int32 [B, n] numpy, n <= max_new_tokens (shorter when every sequence hit
     eos; finished rows repeat their eos).
 
     ``dtype`` is the compute dtype (default: the dtype of the embedding params);
-    ``prefill_chunk_size`` and ``speculative_tokens``: see :class:`Generator`.
+    ``prefill_chunk_size``, ``speculative_tokens`` and ``scan_layers``: see :class:`Generator`
+    (params in either layout).
     """
     if dtype is None:
         dtype = params["embed_tokens"]["embedding"].dtype
     gen = _generator(config, jnp.dtype(dtype).name, gdn_impl, prefill_chunk_size,
-                     speculative_tokens)
+                     speculative_tokens, scan_layers)
     return gen.generate(params, input_ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         attention_mask=attention_mask, eos_token_id=eos_token_id).tokens

@@ -26,7 +26,7 @@ kv_heads        tensor                      k/v projections, K/V cache
 mlp             tensor                      MoE / shared / dense intermediate dim
 experts         expert                      stacked routed experts [E, ...]
 vocab           tensor                      embedding rows, lm_head columns
-layers          (replicated)                the block axis of scanned-layout params
+layers          (replicated)                the block axis of scanned params, caches
 ==============  ==========================  =============================================
 
 Fallback: a dimension whose size is not divisible by the product of its mesh axes keeps the
@@ -294,7 +294,19 @@ def tree_shardings(mesh, rules=DEFAULT_RULES):
 
 # ----------------------------------------------------------------------------- cache axes
 def cache_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | None, ...]:
-    """Logical axes of one leaf of :func:`qnext_jax.init_cache`'s pytree."""
+    """Logical axes of one leaf of :func:`qnext_jax.init_cache`'s pytree (either layout: leaves
+    of the stacked layout, under ``"blocks"``, get a leading "layers" axis before their layer's
+    axes, as the scanned params do). Also the per-token states of speculative verification
+    (``qnext_jax.cache.track_token_states``).
+
+    Raises:
+      ValueError: a leaf this plan does not know (names the path).
+    """
+    from qnext_jax.modeling.decoder import BLOCKS
+
+    path = tuple(path)
+    if path[:1] == (BLOCKS,):
+        return ("layers",) + cache_logical_axes(path[1:], shape[1:])
     leaf = path[-1]
     if leaf in ("key", "value"):
         return ("batch", "length", "kv_heads", None)
@@ -302,29 +314,47 @@ def cache_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str |
         return ("batch", "heads", None)
     if leaf == "recurrent_state":
         return ("batch", "heads", None, None)
+    if leaf == "conv_states":
+        return ("batch", "length", "heads", None)
+    if leaf == "recurrent_states":
+        return ("batch", "length", "heads", None, None)
     if leaf == "positions":
         return ("batch",)
     if leaf == "valid":
         return ("batch", "length")
     if len(shape) == 0:
         return ()
-    raise ValueError(f"no logical axes known for cache leaf {'/'.join(path)}")
+    raise ValueError(f"no logical axes known for cache leaf {'/'.join(path)} of shape "
+                     f"{tuple(shape)}")
 
 
-def cache_shardings(config, mesh, batch_size: int, max_length: int, dtype=None,
-                    rules=DEFAULT_RULES) -> dict:
-    """A ``NamedSharding`` per leaf of ``init_cache(config, batch_size, max_length)``: batch over
-    the batch axes (data first), heads over tensor (with the divisibility fallback)."""
+def cache_partition_specs(config, mesh, batch_size: int, max_length: int, dtype=None,
+                          rules=DEFAULT_RULES, scan_layers: bool = False) -> dict:
+    """A ``PartitionSpec`` per leaf of ``init_cache(config, batch_size, max_length, dtype,
+    scan_layers=scan_layers)`` (the stacked layout when ``scan_layers``: each stacked leaf keeps
+    its layer's spec behind a replicated block axis)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
     from qnext_jax.cache import init_cache
 
     shapes = jax.eval_shape(lambda: init_cache(config, batch_size, max_length,
-                                               jnp.float32 if dtype is None else dtype))
-    return _map_tree(shapes, lambda p, s: NamedSharding(
-        mesh, logical_to_spec(cache_logical_axes(p, s.shape), s.shape, mesh, rules)))
+                                               jnp.float32 if dtype is None else dtype,
+                                               scan_layers=scan_layers))
+    return _map_tree(shapes, lambda p, s: logical_to_spec(cache_logical_axes(p, s.shape),
+                                                          s.shape, mesh, rules))
+
+
+def cache_shardings(config, mesh, batch_size: int, max_length: int, dtype=None,
+                    rules=DEFAULT_RULES, scan_layers: bool = False) -> dict:
+    """A ``NamedSharding`` per leaf of ``init_cache(config, batch_size, max_length, dtype,
+    scan_layers=scan_layers)``: batch over the batch axes (data first), heads over tensor (with
+    the divisibility fallback), the block axis of the stacked layout replicated."""
+    from jax.sharding import NamedSharding
+
+    return _map_tree(cache_partition_specs(config, mesh, batch_size, max_length, dtype, rules,
+                                           scan_layers),
+                     lambda _, spec: NamedSharding(mesh, spec))
 
 
 def named(mesh, logical: Sequence[str | None], shape: Sequence[int], rules=DEFAULT_RULES):

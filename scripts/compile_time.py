@@ -1,16 +1,21 @@
-"""Compile-time benchmark: jit lower + compile seconds of the model's forward and of the training
-loss's forward + backward, per depth, with the layers unrolled and as a scan over the repeating
-block of the layer pattern (``Qwen3NextForCausalLM(scan_layers=True)``).
+"""Compile-time benchmark: jit lower + compile seconds of the model's forward, of the training
+loss's forward + backward and of generation's cached prefill and decode step, per depth, with the
+layers unrolled and as a scan over the repeating block of the layer pattern
+(``Qwen3NextForCausalLM(scan_layers=True)``, ``Generator(scan_layers=True)``).
 
 Model: the Qwen3-Next-80B-A3B preset's layer pattern (3 Gated DeltaNet + 1 attention, sparse
 MoE everywhere) at a tiny width (hidden 64, vocab 256, 8 experts), so the numbers are the
-compiler's cost of the program's structure, not of its size. The batch is what ``qnext finetune``
-feeds: packed rows with segment ids (``--no-packed``: plain rows). A depth of one period (4
-layers) has no repeating block: its scan cell is n/a. Each program is traced, lowered and
-compiled afresh (no persistent compilation cache); with ``--repeats`` > 1 the minimum is kept.
-``hlo_ops`` counts the instructions of the optimized HLO (a load-independent size measure).
+compiler's cost of the program's structure, not of its size. The forward's batch is what ``qnext
+finetune`` feeds: packed rows with segment ids (``--no-packed``: plain rows). "prefill" and
+"decode" are the Generator's jitted functions (``qnext generate``): one prompt of ``--seq``
+tokens into an empty cache of ``--cache-len`` slots (stacked with scan_layers), and one decode
+step (greedy) on that cache. A depth of one period (4 layers) has no repeating block: its scan
+cell is n/a. Each program is traced, lowered and compiled afresh (no persistent compilation
+cache); with ``--repeats`` > 1 the minimum is kept. ``hlo_ops`` counts the instructions of the
+optimized HLO (a load-independent size measure).
 
   PYTHONPATH=. python3 scripts/compile_time.py --layers 4 8 48 --out compile_time.json
+  PYTHONPATH=. python3 scripts/compile_time.py --programs decode prefill
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.generate import Generator
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.decoder import scan_period
 from qnext_jax.train import loss as L
@@ -36,6 +43,8 @@ TINY_WIDTH = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
               "linear_value_head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
               "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
 MAX_SEGMENTS = 4
+PROGRAMS = ("forward", "fwd+bwd", "prefill", "decode")
+GREEDY = (0.0, None, None)  # Generator's sampling tuple: temperature, top_k, top_p
 
 
 def make_batch(B: int, T: int, packed: bool) -> dict:
@@ -48,9 +57,13 @@ def make_batch(B: int, T: int, packed: bool) -> dict:
     return batch
 
 
-def programs(model: Qwen3NextForCausalLM, packed: bool) -> dict:
-    """The jitted functions measured: "forward" (logits) and "fwd+bwd" (loss and grads)."""
+def programs(model: Qwen3NextForCausalLM, args, names) -> dict:
+    """The measured programs by name: {name: (jitted fn, args, kwargs)} (params left out: they
+    come first). "forward" (logits) and "fwd+bwd" (loss and grads) on a training batch;
+    "prefill" and "decode" are the Generator's jitted functions with a cache."""
+    packed = args.packed
     max_segments = MAX_SEGMENTS if packed else None
+    out = {}
 
     def forward(params, batch):
         kw = L.model_inputs(batch)
@@ -61,16 +74,34 @@ def programs(model: Qwen3NextForCausalLM, packed: bool) -> dict:
     def loss(params, batch):
         return L.loss_fn(params, model, batch, max_segments=max_segments)
 
-    return {"forward": jax.jit(forward),
-            "fwd+bwd": jax.jit(jax.value_and_grad(loss, has_aux=True))}
+    batch = make_batch(args.batch, args.seq, packed)
+    if "forward" in names:
+        out["forward"] = (jax.jit(forward), (batch,), {})
+    if "fwd+bwd" in names:
+        out["fwd+bwd"] = (jax.jit(jax.value_and_grad(loss, has_aux=True)), (batch,), {})
+    if "prefill" in names or "decode" in names:
+        gen = Generator(model.config, scan_layers=model.scan_layers)
+        B = args.batch
+        cache = jax.eval_shape(lambda: init_cache(model.config, B, args.cache_len,
+                                                  scan_layers=model.scan_layers))
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        ids = jax.ShapeDtypeStruct((B, args.seq), jnp.int32)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        if "prefill" in names:
+            out["prefill"] = (gen._prefill, (ids, cache, ids, scalar, key),
+                              {"sampling": GREEDY, "with_mtp": False})
+        if "decode" in names:
+            out["decode"] = (gen._decode, (jax.ShapeDtypeStruct((B,), jnp.int32), cache, key),
+                             {"sampling": GREEDY})
+    return out
 
 
-def measure(fn, params, batch, repeats: int) -> dict:
+def measure(fn, params, fn_args, fn_kwargs, repeats: int) -> dict:
     """Min over ``repeats`` of lower (trace + StableHLO) and compile (XLA) seconds."""
     best = None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        lowered = fn.trace(params, batch).lower()
+        lowered = fn.trace(params, *fn_args, **fn_kwargs).lower()
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -87,7 +118,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[4, 8, 48])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128, help="tokens per row (> 64: chunked GDN)")
+    p.add_argument("--seq", type=int, default=128,
+                   help="tokens per row, or per prompt for prefill (> 64: chunked GDN)")
+    p.add_argument("--cache-len", type=int, default=1024,
+                   help="cache slots of the prefill and decode programs")
+    p.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                    help="segment ids (two documents per row), as qnext finetune feeds")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
@@ -98,7 +133,7 @@ def main() -> None:
     jax.jit(lambda x: x + 1).lower(np.zeros(2)).compile()  # the compiler's one-time start-up
 
     base = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b").replace(**TINY_WIDTH)
-    batch = make_batch(args.batch, args.seq, args.packed)
+    names = [n for n in PROGRAMS if n in args.programs]
     rows = []
     for depth in args.layers:
         config = base.replace(num_hidden_layers=depth)
@@ -114,31 +149,33 @@ def main() -> None:
                 continue
             params = jax.eval_shape(model.init, jax.random.key(0),
                                     jnp.zeros((1, 1), jnp.int32))["params"]
-            for name, fn in programs(model, args.packed).items():
-                row[name] = measure(fn, params, batch, args.repeats)
+            for name, (fn, fn_args, fn_kwargs) in programs(model, args, names).items():
+                row[name] = measure(fn, params, fn_args, fn_kwargs, args.repeats)
             rows.append(row)
             print(f"layers={depth:3d} {'scan  ' if scan else 'unroll'}: " + ", ".join(
                 f"{k} {row[k]['total_s']:.2f} s ({row[k]['hlo_ops']} HLO ops)"
-                for k in ("forward", "fwd+bwd")), flush=True)
+                for k in names), flush=True)
 
     print(f"\njit lower + compile seconds ({jax.default_backend()}, {os.cpu_count()} cores, "
-          f"batch {args.batch} x {args.seq}, packed={args.packed}, remat={args.remat})")
-    head = f"{'layers':>6} | {'forward unrolled':>16} | {'forward scan':>12} | " \
-           f"{'fwd+bwd unrolled':>16} | {'fwd+bwd scan':>12}"
+          f"batch {args.batch} x {args.seq}, cache {args.cache_len}, packed={args.packed}, "
+          f"remat={args.remat})")
+    cols = [f"{name} {kind}" for name in names for kind in ("unrolled", "scan")]
+    head = f"{'layers':>6} | " + " | ".join(f"{c:>{max(len(c), 8)}}" for c in cols)
     print(head + "\n" + "-" * len(head))
     for depth in args.layers:
         cells = []
-        for name in ("forward", "fwd+bwd"):
+        for name in names:
             for scan in (False, True):
                 (row,) = [r for r in rows if r["layers"] == depth and r["scan"] == scan]
                 cells.append(f"{row[name]['total_s']:.2f}" if name in row else "n/a")
-        print(f"{depth:>6} | {cells[0]:>16} | {cells[1]:>12} | {cells[2]:>16} | {cells[3]:>12}")
+        print(f"{depth:>6} | " + " | ".join(f"{c:>{max(len(h), 8)}}"
+                                            for c, h in zip(cells, cols)))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"backend": jax.default_backend(), "jax": jax.__version__,
                        "cpu": platform.processor() or platform.machine(),
                        "cores": os.cpu_count(), "batch": args.batch, "seq": args.seq,
-                       "packed": args.packed, "remat": args.remat, "repeats": args.repeats,
+                       "cache_len": args.cache_len, "programs": names, "packed": args.packed, "remat": args.remat, "repeats": args.repeats,
                        "width": TINY_WIDTH, "results": rows}, f, indent=2)
         print(f"wrote {args.out}")
 

@@ -23,6 +23,10 @@ TINY = dict(
     num_experts_per_tok=3, moe_intermediate_size=16, shared_expert_intermediate_size=16,
 )
 
+# The 80B layer pattern (3 Gated DeltaNet + 1 attention, sparse MoE everywhere) over two periods,
+# with an MTP head: the scanned model's (scan_layers) cached-generation checks.
+SCAN_TWO_PERIODS = {"num_hidden_layers": 8, "mtp_num_hidden_layers": 1}
+
 
 def tiny_config(**overrides) -> Qwen3NextConfig:
     return Qwen3NextConfig(**{**TINY, **overrides})

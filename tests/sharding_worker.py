@@ -3,6 +3,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py \
         model CKPT "expert=8;data=2,expert=4" OUT.json
     python tests/sharding_worker.py moe OUT.json
+    python tests/sharding_worker.py scan OUT.json
     python tests/sharding_worker.py multihost CKPT MESH OUT.json COORD NPROC PID
 
 It needs a fresh process because the device count is fixed when jax is first imported.
@@ -188,6 +189,53 @@ def _nan_tail_ragged_dot(lhs, rhs, group_sizes, precision=None):
     return f(lhs, rhs, group_sizes)
 
 
+def scan_check(out: str) -> None:
+    """Generator(scan_layers=True) on meshes (stacked params and stacked cache sharded;
+    speculative decoding on the second) against the unrolled model on one device; where the
+    stacked params and the cache after a decode step live."""
+    import jax
+    import jax.numpy as jnp
+    from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
+
+    from qnext_jax import sharding
+    from qnext_jax.generate import Generator
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    config = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(config, seed=2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 3)]
+    ref = Generator(config).generate(params, prompts, max_new_tokens=6).tokens
+    result = {"devices": jax.device_count(), "meshes": {}}
+    for spec, n in (("data=2,expert=4", 0), ("tensor=2,expert=4", 2)):
+        mesh = sharding.make_mesh(spec)
+        gen = Generator(config, mesh=mesh, scan_layers=True, speculative_tokens=n)
+        stacked = gen.prepare_params(params)
+        placed = all(leaf.sharding.is_equivalent_to(s, leaf.ndim) for leaf, s in zip(
+            jax.tree.leaves(stacked), jax.tree.leaves(gen.param_shardings), strict=True))
+        tokens = gen.generate(stacked, prompts, max_new_tokens=6).tokens
+        # One decode step by hand: the new stacked cache keeps the cache's shardings.
+        ids = jnp.ones((2, 4), jnp.int32)
+        _, _, _, cache = gen._place(stacked, ids, ids, 8)
+        cache_sh = sharding.cache_shardings(config, mesh, 2, 8, jnp.float32,
+                                            scan_layers=True)
+        if n:
+            cache.pop("mtp")
+            cache_sh.pop("mtp")
+        _, cache = gen._decode(stacked, jnp.zeros((2,), jnp.int32), cache, jax.random.key(0),
+                               sampling=(0.0, None, None))
+        cache_placed = all(leaf.sharding.is_equivalent_to(s, leaf.ndim) for leaf, s in zip(
+            jax.tree.leaves(cache), jax.tree.leaves(cache_sh), strict=True))
+        result["meshes"][spec] = {
+            "tokens_equal": bool(np.array_equal(tokens, ref)), "placed": placed,
+            "cache_placed": cache_placed,
+            "recurrent_spec": list(cache["blocks"]["layers_0"]["recurrent_state"].sharding.spec),
+            "experts_spec": list(stacked["blocks"]["layers_0"]["mlp"]["experts"][
+                "gate_proj"].sharding.spec)}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
 def multihost_check(ckpt: str, mesh_spec: str, out: str, coordinator: str, nproc: str,
                     pid: str) -> None:
     """One process of a multi-process run: restore sharded, logits written by process 0."""
@@ -217,4 +265,5 @@ def multihost_check(ckpt: str, mesh_spec: str, out: str, coordinator: str, nproc
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"model": model_check, "moe": moe_check, "multihost": multihost_check}[cmd](*args)
+    {"model": model_check, "moe": moe_check, "multihost": multihost_check,
+     "scan": scan_check}[cmd](*args)

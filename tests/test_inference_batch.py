@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, tiny_config
+from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
 
 from qnext_jax.generate import Generator, pad_prompts
 from qnext_jax.modeling import attention
@@ -131,3 +131,29 @@ def test_chunked_prefill_equals_one_shot(setup, monkeypatch):
     chunked = gen.generate(params, [prompts[1]], max_new_tokens=NEW, temperature=1.0,
                            seed=3).tokens
     np.testing.assert_array_equal(chunked, one)
+
+
+def test_scan_layers_padded_batch_and_chunked_prefill_equal_unrolled(monkeypatch):
+    """The scanned model (two periods of the 80B pattern) on a batch of unequal prompts, with
+    padding left and in the middle, one-shot and in chunks of 2 (blocked attention over the
+    cache), gives the unrolled model's greedy tokens."""
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(cfg, seed=11)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in LENGTHS]
+    ref = Generator(cfg).generate(params, prompts, max_new_tokens=NEW).tokens
+    scanned = Generator(cfg, scan_layers=True)
+    stacked = scanned.prepare_params(params)
+    np.testing.assert_array_equal(scanned.generate(stacked, prompts, max_new_tokens=NEW).tokens,
+                                  ref)
+    rows = [_junk_padded(prompts[0], [0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1], cfg.vocab_size, 1),
+            _junk_padded(prompts[1], [0, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1], cfg.vocab_size, 2)]
+    out = scanned.generate(stacked, np.stack([r[0] for r in rows]),
+                           attention_mask=np.stack([r[1] for r in rows]),
+                           max_new_tokens=NEW).tokens
+    np.testing.assert_array_equal(out, ref)
+    monkeypatch.setattr(attention, "KV_BLOCK", 4)
+    chunked = Generator(cfg, scan_layers=True, prefill_chunk_size=2)
+    np.testing.assert_array_equal(chunked.generate(stacked, prompts, max_new_tokens=NEW).tokens,
+                                  ref)
+    assert len(chunked._compiled) == 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import init_params, tiny_config
+from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
 
 from qnext_jax.generate import Generator
 
@@ -90,3 +90,26 @@ def test_speculative_needs_mtp_and_greedy(setup):
     with pytest.raises(ValueError, match="greedy only"):
         next(Generator(cfg, speculative_tokens=2).stream(init_params(cfg), [[1, 2]],
                                                          temperature=1.0))
+
+
+def test_scan_layers_speculative_equals_unrolled():
+    """Speculative decoding through the scanned model (stacked cache: per-token GDN states
+    behind the block axis, rolled back per block) gives the unrolled model's greedy tokens: on
+    random params (drafts rejected: every round rolls back to its first token, and the GDN
+    layers weigh fully) and on agreeing ones (partial rollbacks), also after a chunked
+    prefill."""
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, cfg.vocab_size, k).tolist() for k in (4, 7)]
+    plain = Generator(cfg)
+    spec = Generator(cfg, speculative_tokens=3, scan_layers=True)
+    for params, accepted_often in ((init_params(cfg, seed=8), False),
+                                   (agreeing_mtp_params(cfg), True)):
+        ref = plain.generate(params, prompts, max_new_tokens=NEW).tokens
+        stacked = spec.prepare_params(params)
+        out = spec.generate(stacked, prompts, max_new_tokens=NEW)
+        np.testing.assert_array_equal(out.tokens, ref)
+        assert (out.acceptance_rate >= 0.4) == accepted_often, out.acceptance_rate
+    chunked = Generator(cfg, speculative_tokens=3, scan_layers=True, prefill_chunk_size=3)
+    np.testing.assert_array_equal(chunked.generate(stacked, prompts, max_new_tokens=NEW).tokens,
+                                  ref)

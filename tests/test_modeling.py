@@ -8,10 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, tiny_config
+from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
 from np_reference import attention_moe_layer, f64, gated_attention, rms_norm
 
-from qnext_jax.cache import init_cache
+from qnext_jax.cache import (
+    init_cache,
+    keep_token_state,
+    stack_cache,
+    track_token_states,
+    unstack_cache,
+)
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.attention import Qwen3NextAttention
@@ -21,8 +27,8 @@ from qnext_jax.modeling.rope import rope_cos_sin
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _apply(config, dtype=jnp.float32):
-    model = Qwen3NextForCausalLM(config, dtype=dtype, precision=HIGHEST)
+def _apply(config, dtype=jnp.float32, scan_layers=False):
+    model = Qwen3NextForCausalLM(config, dtype=dtype, precision=HIGHEST, scan_layers=scan_layers)
     return jax.jit(lambda p, x, cache=None, mask=None: model.apply(
         {"params": p}, x, cache=cache, attention_mask=mask))
 
@@ -219,7 +225,7 @@ def test_scanned_layers_equal_unrolled_logits_hidden_and_grads():
                for e in scan.params["jaxpr"].eqns) == 4
 
 
-def test_scan_layers_rejects_non_periodic_patterns_and_caches():
+def test_scan_layers_rejects_non_periodic_patterns():
     cfg = tiny_config(**{**SCAN_CFG, "mlp_only_layers": (1,)})  # layer 1 dense, layer 5 MoE
     with pytest.raises(ValueError, match="layer pattern that repeats"):
         scan_period(cfg)
@@ -228,13 +234,135 @@ def test_scan_layers_rejects_non_periodic_patterns_and_caches():
                        jnp.zeros((1, 1), jnp.int32))
     with pytest.raises(ValueError, match="layer pattern that repeats"):
         stack_layers(init_params(cfg), cfg)
+    with pytest.raises(ValueError, match="layer pattern that repeats"):
+        init_cache(cfg, 1, 4, scan_layers=True)
     with pytest.raises(ValueError, match="layer pattern that repeats"):  # one period only
         scan_period(tiny_config(num_hidden_layers=4))
     cfg = tiny_config(**SCAN_CFG)
-    params = init_params(cfg)
     with pytest.raises(ValueError, match="no 'blocks' entry"):
-        unstack_layers(params, cfg)
-    with pytest.raises(NotImplementedError, match="cache-free"):
-        Qwen3NextForCausalLM(cfg, scan_layers=True).apply(
-            {"params": stack_layers(params, cfg)}, jnp.zeros((1, 2), jnp.int32),
-            cache=init_cache(cfg, 1, 4))
+        unstack_layers(init_params(cfg), cfg)
+
+
+# ------------------------------------------------------- scan over layer blocks, with a cache
+def _close(got, ref, what: str, rel: float = 1e-5):
+    ref = np.asarray(ref)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0,
+                               atol=rel * max(float(np.abs(ref).max()), 1e-30), err_msg=what)
+
+
+def _greedy_run(fn, params, cache, prompt, mask, pieces, new: int):
+    """Prefill ``prompt`` [B, T] in ``pieces`` (slot ranges) carrying ``cache``, then ``new``
+    greedy decode steps. Returns (logits of every call, greedy tokens [B, new], cache)."""
+    logits = []
+    for a, b in pieces:
+        out, cache = fn(params, jnp.asarray(prompt[:, a:b]), cache, jnp.asarray(mask[:, a:b]))
+        logits.append(out)
+    tokens = []
+    ones = jnp.ones((prompt.shape[0], 1), jnp.int32)
+    for _ in range(new):
+        tokens.append(jnp.argmax(logits[-1][:, -1], -1).astype(jnp.int32))
+        out, cache = fn(params, tokens[-1][:, None], cache, ones)
+        logits.append(out)
+    return logits, np.stack(tokens, axis=1), cache
+
+
+def test_scanned_cached_generation_equals_unrolled():
+    """The scanned model with its stacked cache against the unrolled model with the per-layer
+    cache, same params, two periods of the 80B pattern (3 GDN + 1 attention): one-shot prefill
+    + decode, chunked prefill (5 + 4) + decode, and a left-padded batch of unequal prompts
+    (junk ids under the mask). Logits of every call within 1e-5 of max |logit|, identical greedy
+    tokens, and the final cache, unstacked, equal to the per-layer one."""
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(cfg, scale=0.1)
+    stacked = stack_layers(params, cfg)
+    unrolled, scanned = _apply(cfg), _apply(cfg, scan_layers=True)
+    B, T, S, NEW = 2, 9, 16, 3
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    padded = np.ones((B, T), np.int32)
+    padded[0, :4] = 0  # row 0: a prompt of 5 behind 4 padded slots
+    cases = {"one-shot": ([(0, T)], np.ones((B, T), np.int32)),
+             "chunked": ([(0, 5), (5, T)], np.ones((B, T), np.int32)),
+             "padded": ([(0, T)], padded)}
+    for name, (pieces, mask) in cases.items():
+        ref_logits, ref_tokens, ref_cache = _greedy_run(
+            unrolled, params, init_cache(cfg, B, S), prompt, mask, pieces, NEW)
+        got_logits, got_tokens, got_cache = _greedy_run(
+            scanned, stacked, init_cache(cfg, B, S, scan_layers=True), prompt, mask, pieces,
+            NEW)
+        np.testing.assert_array_equal(got_tokens, ref_tokens, err_msg=name)
+        for step, (a, b) in enumerate(zip(got_logits, ref_logits, strict=True)):
+            _close(a, b, f"{name}: logits of call {step}")
+        assert "blocks" in got_cache and "layers_0" not in got_cache
+        got_cache = unstack_cache(got_cache, cfg)
+        assert jax.tree.structure(got_cache) == jax.tree.structure(ref_cache)
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got_cache)[0],
+                                jax.tree.leaves(ref_cache), strict=True):
+            _close(a, b, f"{name}: cache{jax.tree_util.keystr(path)}")
+
+
+def test_scanned_model_continues_a_stacked_per_layer_cache_and_catches_wrong_layouts():
+    """A per-layer cache, stacked (stack_cache), continues in the scanned model exactly as in
+    the unrolled one; the same cache with its blocks swapped (block b's state given to block
+    1 - b) is far outside the tolerance of the equality tests, and a cache in the other
+    layout is rejected."""
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(cfg, scale=0.1)
+    stacked = stack_layers(params, cfg)
+    unrolled, scanned = _apply(cfg), _apply(cfg, scan_layers=True)
+    rng = np.random.default_rng(6)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 1)), jnp.int32)
+    _, cache = unrolled(params, prompt, init_cache(cfg, 2, 12))
+    ref, _ = unrolled(params, nxt, cache)
+    got, _ = scanned(stacked, nxt, stack_cache(cache, cfg))
+    _close(got, ref, "decode after stack_cache")
+    swapped = stack_cache(cache, cfg)
+    swapped["blocks"] = jax.tree.map(lambda x: x[::-1], swapped["blocks"])
+    wrong, _ = scanned(stacked, nxt, swapped)
+    err = float(jnp.max(jnp.abs(wrong - ref))) / float(jnp.max(jnp.abs(ref)))
+    assert err > 1e-3, err  # 100x the 1e-5 tolerance: a layout slip cannot pass
+    with pytest.raises(ValueError, match="needs the stacked cache"):
+        scanned(stacked, nxt, cache)
+    with pytest.raises(ValueError, match="needs the per-layer cache"):
+        unrolled(params, nxt, stack_cache(cache, cfg))
+    # The stacked layout: layer b * P + j at [b] of blocks/layers_j, round trip exact.
+    stacked_cache = stack_cache(cache, cfg)
+    np.testing.assert_array_equal(stacked_cache["blocks"]["layers_2"]["recurrent_state"][1],
+                                  cache["layers_6"]["recurrent_state"])
+    np.testing.assert_array_equal(stacked_cache["blocks"]["layers_3"]["key"][0],
+                                  cache["layers_3"]["key"])
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), stacked_cache) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), init_cache(cfg, 2, 12, scan_layers=True))
+    for a, b in zip(jax.tree.leaves(unstack_cache(stacked_cache, cfg)), jax.tree.leaves(cache),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scanned_verify_forward_keeps_the_same_per_token_states():
+    """Speculative verification through the scan: a 3-token forward on a
+    track_token_states cache gives the unrolled model's logits and, rolled back to each token
+    (keep_token_state), its GDN conv and recurrent states."""
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(cfg, scale=0.1)
+    stacked = stack_layers(params, cfg)
+    unrolled, scanned = _apply(cfg), _apply(cfg, scan_layers=True)
+    rng = np.random.default_rng(8)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    verify = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 3)), jnp.int32)
+    _, cache = unrolled(params, prompt, init_cache(cfg, 2, 12))
+    ref_logits, ref_cache = unrolled(params, verify, track_token_states(cache))
+    got_logits, got_cache = scanned(stacked, verify, track_token_states(stack_cache(cache, cfg)))
+    _close(got_logits, ref_logits, "verify logits")
+    assert got_cache["blocks"]["layers_0"]["recurrent_states"].shape[:3] == (2, 2, 3)
+    for a in range(3):
+        ref = keep_token_state(ref_cache, jnp.int32(a))
+        got = unstack_cache(keep_token_state(got_cache, jnp.int32(a)), cfg)
+        assert jax.tree.structure(got) == jax.tree.structure(ref)
+        for i in range(cfg.num_hidden_layers):
+            for key, x in ref[f"layers_{i}"].items():
+                _close(got[f"layers_{i}"][key], x, f"token {a}: layers_{i}/{key}")
+    # Rolled back to token 1: the state of a plain forward over the first 2 tokens.
+    _, plain = unrolled(params, verify[:, :2], cache)
+    kept = keep_token_state(ref_cache, jnp.int32(1))
+    for key in ("conv_state", "recurrent_state"):
+        _close(kept["layers_4"][key], plain["layers_4"][key], f"rollback: {key}")

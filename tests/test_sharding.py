@@ -136,6 +136,49 @@ def test_80b_scanned_layout_specs_have_a_replicated_layer_axis():
     assert specs["embed_tokens"] == per_layer["embed_tokens"]
 
 
+def test_80b_stacked_cache_specs_have_a_replicated_layer_axis():
+    """cache_partition_specs(..., scan_layers=True) matches init_cache(..., scan_layers=True);
+    each stacked leaf keeps its layer's spec behind a replicated block axis."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from qnext_jax.cache import init_cache
+
+    config = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b").replace(mtp_num_hidden_layers=1)
+    mesh = _fake_mesh(data=2, fsdp=4, expert=8, tensor=4)
+    specs = sharding.cache_partition_specs(config, mesh, 16, 64, scan_layers=True)
+    shapes = jax.eval_shape(lambda: init_cache(config, 16, 64, scan_layers=True))
+    assert set(dict(_flat(specs))) == set(dict(_flat(shapes)))
+    per_layer = sharding.cache_partition_specs(config, mesh, 16, 64)
+    for j in range(4):
+        for path, spec in _flat(specs["blocks"][f"layers_{j}"]):
+            layer_spec = dict(_flat(per_layer[f"layers_{j}"]))[path]
+            assert spec == P(None, *layer_spec), (j, path)
+    # Batch 16 over data x fsdp (x expert = 64 does not divide), 32 value heads over tensor;
+    # 2 kv heads do not divide tensor = 4: replicated.
+    assert specs["blocks"]["layers_0"]["recurrent_state"] == P(None, ("data", "fsdp"), "tensor")
+    assert specs["blocks"]["layers_3"]["key"] == P(None, ("data", "fsdp"))
+    assert specs["mtp"] == per_layer["mtp"] and specs["valid"] == per_layer["valid"]
+    # The per-token states of speculative verification, stacked.
+    assert sharding.cache_logical_axes(("blocks", "layers_0", "recurrent_states"), ()) == (
+        "layers", "batch", "length", "heads", None, None)
+
+
+def test_scan_layers_generation_sharded(tmp_path):
+    """8 virtual devices: the scanned Generator with stacked params and cache (and speculative
+    decoding) gives the one-device unrolled tokens; params and the decode step's new cache sit
+    in their stacked shardings."""
+    out = tmp_path / "scan.json"
+    result = _run_worker(["scan", str(out)], out)
+    assert result["devices"] == 8
+    for mesh, r in result["meshes"].items():
+        assert r["tokens_equal"] and r["placed"] and r["cache_placed"], (mesh, r)
+        assert r["experts_spec"][:2] == [None, "expert"], (mesh, r)
+    # [blocks, batch 2, value heads 4, dk, dv]: batch over data, heads over tensor.
+    assert result["meshes"]["data=2,expert=4"]["recurrent_spec"] == [None, "data"]
+    assert result["meshes"]["tensor=2,expert=4"]["recurrent_spec"] == [None, None, "tensor"]
+
+
 def test_indivisible_dims_fall_back_to_replicated():
     from jax.sharding import PartitionSpec as P
 

@@ -15,8 +15,11 @@ Two parameter layouts of the decoder layers:
   attention), the model runs ``jax.lax.scan`` over the L / P blocks of P layers, and
   ``params["blocks"]["layers_{j}"]`` (j < P) holds layer j of every block stacked on a leading
   axis of size L / P: ``params["blocks"]["layers_{j}"][b]`` is ``params["layers_{b * P + j}"]``.
+  The cache of a scanned model is stacked the same way (``init_cache(..., scan_layers=True)``:
+  ``cache["blocks"]["layers_{j}"]``), and the scan carries each block's slice of it in and out.
 
-:func:`stack_layers` and :func:`unstack_layers` convert between the two (exactly).
+:func:`stack_layers` and :func:`unstack_layers` convert between the two (exactly), for params
+and caches alike. Both layouts run the same layers through :func:`run_layers`.
 """
 
 from __future__ import annotations
@@ -187,9 +190,45 @@ def unstack_layers(tree: dict, config: Qwen3NextConfig) -> dict:
     return out
 
 
+def make_layers(config: Qwen3NextConfig, kinds_of: Sequence[int], remat: str = "none",
+                **kwargs) -> list:
+    """Decoder layers named ``layers_0``, ``layers_1``, ...: layer n has the kind (mixer, FFN)
+    of model layer ``kinds_of[n]``. Call inside a module's ``setup``; ``kwargs`` go to each
+    layer (dtype, param_dtype, precision, gdn_impl)."""
+    layer_cls = remat_layer(remat)
+    return [layer_cls(config, full_attention=config.is_full_attention(i),
+                      sparse_moe=config.is_sparse_moe(i), name=f"layers_{n}", **kwargs)
+            for n, i in enumerate(kinds_of)]
+
+
+def run_layers(layers: Sequence[nn.Module], x, cos, sin, token_mask, cache=None,
+               cache_index=None, kv_valid=None, segment_ids=None, cu_seqlens=None):
+    """Run decoder layers in order: the one loop over layers of both parameter layouts (the
+    unrolled model runs all L layers, the scan's body the P layers of a block).
+
+    Args:
+      layers: the modules of :func:`make_layers` (layer n reads ``cache["layers_{n}"]``).
+      x: [B, T, d]; the other arguments as for :class:`Qwen3NextDecoderLayer`.
+      cache: None, or {"layers_{n}": that layer's cache} for these layers.
+    Returns:
+      (x [B, T, d], the output of each layer (a list of [B, T, d]), the new
+      {"layers_{n}": cache} or None without a cache).
+    """
+    outs, new_cache = [], {}
+    for n, layer in enumerate(layers):
+        name = f"layers_{n}"
+        x, new_cache[name] = layer(x, cos, sin, token_mask,
+                                   None if cache is None else cache[name], cache_index,
+                                   kv_valid, segment_ids, cu_seqlens)
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        outs.append(x)
+    return x, outs, (None if cache is None else new_cache)
+
+
 class Qwen3NextLayerBlock(nn.Module):
     """One period of the layer pattern, ``layers_0`` .. ``layers_{P-1}``: the body of the layer
-    scan (cache-free). ``x`` [B, T, d] -> (x, the P layers' outputs [P, B, T, d])."""
+    scan. ``x`` [B, T, d] and the block's cache ({"layers_{j}": ...} or None) -> (x, (the P
+    layers' outputs [P, B, T, d], the block's new cache or None))."""
 
     config: Qwen3NextConfig
     period: int
@@ -199,20 +238,17 @@ class Qwen3NextLayerBlock(nn.Module):
     gdn_impl: str = "auto"
     remat: str = "none"
 
-    @nn.compact
-    def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens):
-        cfg = self.config
-        layer_cls = remat_layer(self.remat)
-        outs = []
-        for j in range(self.period):  # layer j of a block has the kind of layer j
-            x, _ = layer_cls(cfg, full_attention=cfg.is_full_attention(j),
-                             sparse_moe=cfg.is_sparse_moe(j), gdn_impl=self.gdn_impl,
-                             name=f"layers_{j}", dtype=self.dtype, param_dtype=self.param_dtype,
-                             precision=self.precision)(
-                x, cos, sin, token_mask, None, None, None, segment_ids, cu_seqlens)
-            x = sharding.constrain(x, ("batch", "length", "act_embed"))
-            outs.append(x)
-        return x, jnp.stack(outs)  # unused outputs are dead code under jit
+    def setup(self):
+        # Layer j of a block has the kind of layer j (the pattern repeats with period P).
+        self.layers = make_layers(self.config, range(self.period), self.remat,
+                                  gdn_impl=self.gdn_impl, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, precision=self.precision)
+
+    def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens, cache, cache_index,
+                 kv_valid):
+        x, outs, new_cache = run_layers(self.layers, x, cos, sin, token_mask, cache,
+                                        cache_index, kv_valid, segment_ids, cu_seqlens)
+        return x, (jnp.stack(outs), new_cache)  # unused outputs are dead code under jit
 
 
 class Qwen3NextMTP(nn.Module):
@@ -259,9 +295,10 @@ class Qwen3NextForCausalLM(nn.Module):
         the layer inputs) or "dots" (also keep matmul outputs without batch dims).
       scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
         pattern (compile time independent of depth); params in the scanned layout (module
-        docstring; :func:`stack_layers`). Cache-free calls only (training, scoring, packed
-        segments, hidden states): a cache raises NotImplementedError, generate with the
-        per-layer layout. A non-periodic pattern raises ValueError.
+        docstring; :func:`stack_layers`) and, with a cache, the stacked cache of
+        ``init_cache(..., scan_layers=True)`` (the same block axis). Everything the per-layer
+        model runs runs the same way (cached prefill and decode, speculative verification,
+        packed segments, hidden states). A non-periodic pattern raises ValueError.
     """
 
     config: Qwen3NextConfig
@@ -280,19 +317,17 @@ class Qwen3NextForCausalLM(nn.Module):
                                      embedding_init=nn.initializers.normal(cfg.initializer_range))
         if self.scan_layers:
             period = scan_period(cfg)
+            # The block's cache (a scanned input) and new cache (a scanned output) carry the
+            # block axis first, like the params; everything else is the same for every block.
+            b = nn.broadcast
             scanned = nn.scan(Qwen3NextLayerBlock, variable_axes={"params": 0, "intermediates": 0},
-                              split_rngs={"params": True}, in_axes=nn.broadcast,
+                              split_rngs={"params": True}, in_axes=(b, b, b, b, b, 0, b, b),
                               length=cfg.num_hidden_layers // period)
             # The attribute's name is the params key: BLOCKS.
             self.blocks = scanned(cfg, period, gdn_impl=self.gdn_impl, remat=self.remat, **mod)
         else:
-            layer_cls = remat_layer(self.remat)
-            self.layers = [
-                layer_cls(cfg, full_attention=cfg.is_full_attention(i),
-                          sparse_moe=cfg.is_sparse_moe(i), gdn_impl=self.gdn_impl,
-                          name=f"layers_{i}", **mod)
-                for i in range(cfg.num_hidden_layers)
-            ]
+            self.layers = make_layers(cfg, range(cfg.num_hidden_layers), self.remat,
+                                      gdn_impl=self.gdn_impl, **mod)
         self.norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, name="lm_head", std=cfg.initializer_range, **mod)
@@ -339,8 +374,9 @@ class Qwen3NextForCausalLM(nn.Module):
 
         Args:
           input_ids: [B, T] int token ids.
-          cache: None (no state in or out), or the pytree of :func:`qnext_jax.init_cache`; the
-            new tokens are appended after the ``cache["index"]`` slots already filled.
+          cache: None (no state in or out), or the pytree of :func:`qnext_jax.init_cache` (with
+            ``scan_layers=True`` for a scanned model); the new tokens are appended after the
+            ``cache["index"]`` slots already filled.
           attention_mask: [B, T] (1 = token, 0 = padding), for the new tokens only. Positions
             count real tokens only, so left padding does not shift RoPE.
           output_hidden_states: also return the per-layer hidden states.
@@ -353,14 +389,18 @@ class Qwen3NextForCausalLM(nn.Module):
           (logits [B, T, vocab], new cache or None), plus a tuple of hidden states
           (embeddings, after each layer, final normed) [B, T, d] when output_hidden_states.
         Raises:
-          ValueError: a cache too short for the new tokens (checked when not traced).
-          NotImplementedError: a cache with ``scan_layers``.
+          ValueError: a cache too short for the new tokens (checked when not traced), or one
+            whose layout (per layer or stacked) is not the model's.
         """
         cfg = self.config
-        if self.scan_layers and cache is not None:
-            raise NotImplementedError(
-                "scan_layers runs cache-free forward passes only; for cached generation use "
-                "scan_layers=False with the per-layer params (unstack_layers(params, config))")
+        if cache is not None and (BLOCKS in cache) != self.scan_layers:
+            raise ValueError(
+                "the cache's layout does not match the model's: " + (
+                    "scan_layers=True needs the stacked cache of init_cache(..., "
+                    "scan_layers=True) (or cache.stack_cache), got per-layer entries"
+                    if self.scan_layers else
+                    "scan_layers=False needs the per-layer cache of init_cache(...) (or "
+                    f"cache.unstack_cache), got a stacked {BLOCKS!r} entry"))
         B, T = input_ids.shape
         token_mask, positions = self._positions_and_masks(input_ids, attention_mask, cache,
                                                           segment_ids)
@@ -380,19 +420,17 @@ class Qwen3NextForCausalLM(nn.Module):
             kv_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask,
                                                            cache_index, axis=1)
         hidden = [x]
-        new_cache = {}
         if self.scan_layers:
-            x, outs = self.blocks(x, cos, sin, token_mask, segment_ids, cu_seqlens)
+            x, (outs, blocks_cache) = self.blocks(
+                x, cos, sin, token_mask, segment_ids, cu_seqlens,
+                None if cache is None else cache[BLOCKS], cache_index, kv_valid)
+            new_cache = {BLOCKS: blocks_cache}
             if output_hidden_states:  # outs [L / P, P, B, T, d], layer b * P + j at [b, j]
                 hidden.extend(outs.reshape((cfg.num_hidden_layers,) + x.shape))
         else:
-            for i, layer in enumerate(self.layers):
-                name = f"layers_{i}"
-                x, new_cache[name] = layer(x, cos, sin, token_mask,
-                                           None if cache is None else cache[name], cache_index,
-                                           kv_valid, segment_ids, cu_seqlens)
-                x = sharding.constrain(x, ("batch", "length", "act_embed"))
-                hidden.append(x)
+            x, outs, new_cache = run_layers(self.layers, x, cos, sin, token_mask, cache,
+                                            cache_index, kv_valid, segment_ids, cu_seqlens)
+            hidden.extend(outs)
         x = self.norm(x)
         hidden.append(x)
         logits = self.logits(x)
