@@ -44,6 +44,15 @@ from qnext_jax.modeling.decoder import BLOCKS, scan_period, stack_layers, unstac
 from qnext_jax.modeling.rope import rope_cos_sin
 
 
+# Prompt lengths and cache lengths are rounded up to these (fewer distinct compiled shapes).
+PROMPT_BUCKET = 64
+CACHE_BUCKET = 256
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
                   top_p: float | None) -> jax.Array:
     """Draw one token per row of ``logits`` [B, V] (any float dtype) -> int32 [B].
@@ -159,7 +168,10 @@ class Generator:
         raises ValueError.
 
     Each distinct (batch, chunk length, cache length) compiles the prefill once; the decode
-    step (or the speculative round) compiles once per (batch, cache length).
+    step (or the speculative round) compiles once per (batch, cache length). Prompts are padded
+    (masked tail) to a multiple of ``PROMPT_BUCKET`` tokens and caches to a multiple of
+    ``CACHE_BUCKET`` slots, so calls with nearby prompt lengths and max_new_tokens reuse the
+    compiled functions.
     """
 
     def __init__(self, config: Qwen3NextConfig, dtype=jnp.float32, precision=None,
@@ -393,7 +405,9 @@ class Generator:
         sampling = (float(temperature), top_k, top_p)
         timings = {} if timings is None else timings
 
-        C = T if self.prefill_chunk_size is None else min(self.prefill_chunk_size, T)
+        T_bucket = _round_up(T, PROMPT_BUCKET)
+        C = T_bucket if self.prefill_chunk_size is None else min(self.prefill_chunk_size,
+                                                                 T_bucket)
         n_chunks = math.ceil(T / C)
         T_pad = n_chunks * C  # the last chunk gets a masked tail
         ids = np.zeros((B, T_pad), np.int32)
@@ -403,7 +417,7 @@ class Generator:
         # range: their sample is ignored, and no MTP entry of theirs is overwritten).
         last = jnp.asarray(T - 1 - (n_chunks - 1) * C, jnp.int32)
         not_last = jnp.asarray(C, jnp.int32)
-        cache_len = T_pad + max_new_tokens + (N + 1 if N else 0)
+        cache_len = _round_up(T_pad + max_new_tokens + (N + 1 if N else 0), CACHE_BUCKET)
         params, ids_dev, mask_dev, cache = self._place(params, jnp.asarray(ids),
                                                        jnp.asarray(mask), cache_len)
         key = jax.random.key(seed)

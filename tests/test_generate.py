@@ -39,6 +39,20 @@ def test_greedy_generation_equals_uncached_argmax_loop(tiny):
     assert gen._decode._cache_size() == 1
 
 
+def test_nearby_lengths_reuse_compiled_programs(tiny):
+    """Prompt lengths round up to PROMPT_BUCKET and caches to CACHE_BUCKET: other prompt lengths
+    and max_new_tokens inside the buckets run the programs compiled by the first call."""
+    cfg, params = tiny
+    gen = Generator(cfg)
+    rng = np.random.default_rng(1)
+    for T, new in ((5, 6), (9, 3), (1, 12)):
+        ids = rng.integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
+        out = gen.generate(params, ids, max_new_tokens=new).tokens
+        assert out.shape == (2, new)
+    assert len(gen._compiled) == 1
+    assert gen._decode._cache_size() == 1
+
+
 def test_eos_stops_generation(tiny):
     cfg, params = tiny
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 4)).astype(np.int32)
