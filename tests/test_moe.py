@@ -143,6 +143,50 @@ def test_route_float32_softmax_topk_and_renorm():
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6)
 
 
+# bf16 router of 3 experts over d 2: for x = [1, 1] the float32 sums are 1, 1 + 2^-9 and -1,
+# which round to 1, 1, -1 in bf16, a tie of experts 0 and 1 that expert 1 wins unrounded.
+_TIE_X = np.asarray([1.0, 1.0], np.float32)
+_TIE_GATE = np.asarray([[1.0, 1.0, -1.0], [0.0, 2.0 ** -9, 0.0]], np.float32)
+
+
+def test_route_ranks_the_bf16_logits_under_jit():
+    """Fused with the bf16 router matmul under jit, route ranks the logits' bf16 values (a tie
+    here, to the lower id, as transformers' router sees it), not XLA's unrounded float32 sums
+    (its excess precision): bench_moe's T = 1 relative error of 0.16 against transformers was
+    such a tie at the 10th / 11th choice."""
+    x, gate = jnp.asarray(_TIE_X[None], jnp.bfloat16), jnp.asarray(_TIE_GATE, jnp.bfloat16)
+    assert np.asarray(x @ gate).tolist() == [[1.0, 1.0, -1.0]]
+    for norm in (False, True):
+        w, e = jax.jit(lambda x, g, norm=norm: route(x @ g, 2, norm))(x, gate)
+        np.testing.assert_array_equal(np.asarray(e), [[0, 1]])
+        np.testing.assert_array_equal(np.asarray(w)[0, 0], np.asarray(w)[0, 1])
+        _, e1 = jax.jit(lambda x, g, norm=norm: route(x @ g, 1, norm))(x, gate)
+        assert int(e1[0, 0]) == 0
+
+
+def test_sparse_moe_block_bf16_routes_on_its_rounded_logits():
+    """The bf16 block on the tie above, top-1: expert 0 (all zero) must be the one chosen, so
+    the output is the shared expert's alone (zero here) whatever the impl."""
+    from conftest import tiny_config
+
+    cfg = tiny_config(hidden_size=2, num_experts=3, num_experts_per_tok=1, norm_topk_prob=True)
+    x = jnp.asarray(_TIE_X.reshape(1, 1, 2), jnp.bfloat16)
+    ones = lambda *s: jnp.ones(s, jnp.bfloat16)
+    zero_shared = {name: {"kernel": jnp.zeros(s, jnp.bfloat16)} for name, s in (
+        ("gate_proj", (2, 16)), ("up_proj", (2, 16)), ("down_proj", (16, 2)))}
+    p = {"gate": {"kernel": jnp.asarray(_TIE_GATE, jnp.bfloat16)},
+         # expert 0 gives 0, experts 1 and 2 give non-zero outputs
+         "experts": {"gate_proj": ones(3, 2, 16).at[0].set(0), "up_proj": ones(3, 2, 16),
+                     "down_proj": ones(3, 16, 2)},
+         "shared_expert": zero_shared, "shared_expert_gate": {"kernel": jnp.zeros((2, 1),
+                                                                                jnp.bfloat16)}}
+    for impl in ("ragged_dot", "tiles", "capacity"):
+        block = Qwen3NextSparseMoeBlock(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                        moe_impl=impl)
+        y = jax.jit(lambda p, x, block=block: block.apply({"params": p}, x))(p, x)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0, err_msg=impl)
+
+
 def test_sparse_moe_block_matches_numpy(rng):
     from conftest import tiny_config
 

@@ -60,8 +60,23 @@ class Qwen3NextMLP(nn.Module):
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
-    """Top-k routing: (weights [N, k] float32, expert ids [N, k] int32) from logits [N, E]."""
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    """Top-k routing: (weights [N, k] float32, expert ids [N, k] int32) from logits [N, E].
+
+    The softmax sees exactly the values ``router_logits`` hold, as transformers' router does.
+    Under jit XLA may skip the rounding of a bf16 dot's float32 sums to bf16 when a float32 use
+    follows (its "excess precision", taken or not depending on fusion: on the CPU it is), and
+    logits that tie in bf16 were then ranked by their unrounded sums instead of as ties
+    (``lax.top_k`` puts the lower expert id first). With the 80B router (512 experts, top-10)
+    about one token in ten has a bf16 tie between its 10th and 11th choice, and swapping that
+    one expert moves the token's output by ~0.16 relative L2. ``lax.reduce_precision`` rounds
+    the sums back (a no-op on values the logits hold).
+    """
+    logits = router_logits.astype(jnp.float32)
+    info = jnp.finfo(router_logits.dtype)
+    if info.bits < 32:
+        logits = jax.lax.reduce_precision(logits, exponent_bits=info.nexp,
+                                          mantissa_bits=info.nmant)
+    probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
