@@ -6,7 +6,9 @@ directly on the devices, each leaf straight into its sharding (no host copy of t
 mesh over the local devices (``--mesh``, e.g. ``expert=2`` or ``expert=4,tensor=2``; default: all
 devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measures:
 
-* compile time and median time of a prefill of ``--prefill`` tokens (batch 1);
+* compile time and median time of a prefill of ``--prefill`` tokens (batch 1), and its model
+  FLOPs (``bench_train.forward_flops_per_token``: the whole forward, lm_head on every token, as
+  the program computes it) over the measured bf16 matmul rate of all devices together;
 * compile time and median time of one decode step at each ``--batches`` size with a
   ``--context``-token cache (the cache is filled with random K/V and states: a decode step's cost
   does not depend on their values);
@@ -15,7 +17,8 @@ devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measure
   and state read and written, over the copy bandwidth of all devices together (a lower bound
   when weights are replicated);
 
-Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
+``--scan-layers`` runs the layers as a scan over the repeating block (params and cache stacked):
+compile time flat in depth. Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
 scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model on two H200s:
 ``--layers 48 --prefill 8192 32768 --batches 1 32 128``.
 """
@@ -31,12 +34,14 @@ import time
 import jax
 import jax.numpy as jnp
 from bench_common import measure_ceilings, median_seconds
+from bench_train import forward_flops_per_token
 
 from qnext_jax import sharding
 from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert.name_map import abstract_params
 from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.decoder import stack_layers
 
 
 def expected_distinct_experts(tokens: int, num_experts: int, top_k: int) -> float:
@@ -66,11 +71,14 @@ def decode_bytes(cfg: Qwen3NextConfig, params, batch: int, context: int) -> floa
     return float(total)
 
 
-def random_params(cfg, mesh, key):
+def random_params(cfg, mesh, key, scan_layers: bool):
     """Random bf16 params (A_log, dt_bias float32), each leaf created on the devices in its
-    sharding of ``sharding.param_shardings``: no host ever holds the model."""
+    sharding of ``sharding.param_shardings`` (stacked per block with ``scan_layers``): no host
+    ever holds the model."""
     shapes = abstract_params(cfg, jnp.bfloat16)
-    shards = sharding.param_shardings(cfg, mesh)
+    if scan_layers:
+        shapes = jax.eval_shape(lambda p: stack_layers(p, cfg), shapes)
+    shards = sharding.param_shardings(cfg, mesh, scan_layers=scan_layers)
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(key, len(leaves))
 
@@ -84,11 +92,11 @@ def random_params(cfg, mesh, key):
     return jax.tree.unflatten(treedef, out)
 
 
-def random_cache(cfg, mesh, batch, length, context, key):
+def random_cache(cfg, mesh, batch, length, context, key, scan_layers: bool):
     """A cache (in its shardings) whose first ``context`` slots hold random K/V and whose states
     are random."""
     def make(key):
-        cache = init_cache(cfg, batch, length, jnp.bfloat16)
+        cache = init_cache(cfg, batch, length, jnp.bfloat16, scan_layers=scan_layers)
         leaves, treedef = jax.tree.flatten(cache)
         keys = jax.random.split(key, len(leaves))
         leaves = [jax.random.normal(k, x.shape, x.dtype) * 0.1 if x.ndim >= 3 else x
@@ -99,8 +107,8 @@ def random_cache(cfg, mesh, batch, length, context, key):
         cache["valid"] = jnp.arange(length)[None, :].repeat(batch, 0) < context
         return cache
 
-    return jax.jit(make, out_shardings=sharding.cache_shardings(cfg, mesh, batch, length,
-                                                                jnp.bfloat16))(key)
+    return jax.jit(make, out_shardings=sharding.cache_shardings(
+        cfg, mesh, batch, length, jnp.bfloat16, scan_layers=scan_layers))(key)
 
 
 def main():
@@ -112,6 +120,8 @@ def main():
     ap.add_argument("--gdn-impl", default="auto")
     ap.add_argument("--mesh", default=None,
                     help="mesh spec over the local devices (default: expert=<device count>)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="the layers as a scan over the repeating block (compile time flat in depth)")
     ap.add_argument("--out", default="bench_model.json")
     ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
     args = ap.parse_args()
@@ -122,21 +132,23 @@ def main():
         base = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
     cfg = base.replace(num_hidden_layers=args.layers)
     model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                 gdn_impl=args.gdn_impl)
+                                 gdn_impl=args.gdn_impl, scan_layers=args.scan_layers)
     devices = jax.devices()
     dev = devices[0]
     mesh = sharding.make_mesh(args.mesh or f"expert={len(devices)}")
     t = time.perf_counter()
-    params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0)))
+    params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0), args.scan_layers))
     init_s = time.perf_counter() - t
     print(f"params created in {init_s:.1f} s", flush=True)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    bw = measure_ceilings()["copy_gb_per_s"] * 1e9  # one device's; per-device roofline below
+    ceilings = measure_ceilings()  # one device's rates; times the device count below
+    bw, peak = ceilings["copy_gb_per_s"] * 1e9, ceilings["bf16_matmul_tflops"] * 1e12
     n_dev = len(devices)
     rows, record = [], {"device": dev.device_kind, "devices": n_dev,
                         "mesh": sharding.mesh_sizes(mesh), "jax": jax.__version__,
-                        "layers": args.layers, "params": n_params, "init_s": init_s,
-                        "copy_bandwidth_Bps": bw}
+                        "layers": args.layers, "scan_layers": args.scan_layers,
+                        "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw,
+                        "matmul_bf16_flops": peak}
 
     def save():  # after every measurement: a run cut short still leaves what it measured
         record["peak_bytes_in_use"] = max(
@@ -152,19 +164,24 @@ def main():
             return logits[:, -1].argmax(-1), sharding.constrain_cache(cache)
 
     for T in args.prefill:
-        cache = random_cache(cfg, mesh, 1, T + 1, 0, jax.random.key(4))
+        cache = random_cache(cfg, mesh, 1, T + 1, 0, jax.random.key(4), args.scan_layers)
         ids = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
         t = time.perf_counter()
         compiled = jax.jit(step).lower(params, ids, cache).compile()
         compile_s = time.perf_counter() - t
         sec = median_seconds(compiled, params, ids, cache, iters=5)
-        record[f"prefill_{T}"] = {"compile_s": compile_s, "median_s": sec, "tokens_per_s": T / sec}
-        rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None))
+        flops = sum(forward_flops_per_token(cfg, T).values()) * T
+        record[f"prefill_{T}"] = {"compile_s": compile_s, "median_s": sec, "tokens_per_s": T / sec,
+                                  "model_flops": flops,
+                                  "fraction_of_matmul_rate": flops / sec / (peak * n_dev)}
+        rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None,
+                     flops / sec / (peak * n_dev)))
         print(rows[-1], flush=True)
         save()
 
     for B in args.batches:
-        cache = random_cache(cfg, mesh, B, args.context + 8, args.context, jax.random.key(2))
+        cache = random_cache(cfg, mesh, B, args.context + 8, args.context, jax.random.key(2),
+                             args.scan_layers)
         ids = jax.random.randint(jax.random.key(3), (B, 1), 0, cfg.vocab_size)
         t = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=2).lower(params, ids, cache).compile()
@@ -181,7 +198,7 @@ def main():
         record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,
                                   "fraction_of_roofline": roof / sec}
-        rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof))
+        rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof, None))
         print(rows[-1], flush=True)
         save()
 
@@ -190,11 +207,13 @@ def main():
           f"{'demo' if args.smoke else '80B'} width, {args.layers} layers, "
           f"{n_params / 1e9:.2f}e9 params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
           f"{(record['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB")
-    print("| measure | ms | tokens/s | compile s | HBM roofline ms | % of roofline |")
-    print("|---|---|---|---|---|---|")
-    for name, ms, tps, cs, roof in rows:
+    print("| measure | ms | tokens/s | compile s | HBM roofline ms | % of roofline "
+          "| % of matmul rate |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ms, tps, cs, roof, mm in rows:
         extra = f"{roof * 1e3:.3f} | {100 * roof / (ms / 1e3):.0f}%" if roof else "- | -"
-        print(f"| {name} | {ms:.2f} | {tps:,.0f} | {cs:.1f} | {extra} |")
+        rate = f"{100 * mm:.1f}%" if mm is not None else "-"
+        print(f"| {name} | {ms:.2f} | {tps:,.0f} | {cs:.1f} | {extra} | {rate} |")
 
 
 if __name__ == "__main__":
