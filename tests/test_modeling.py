@@ -266,16 +266,23 @@ def _greedy_run(fn, params, cache, prompt, mask, pieces, new: int):
     return logits, np.stack(tokens, axis=1), cache
 
 
-def test_scanned_cached_generation_equals_unrolled():
+@pytest.fixture(scope="module")
+def two_periods():
+    """Two periods of the 80B layer pattern (3 GDN + 1 attention): config, per-layer and stacked
+    params, and the jitted unrolled and scanned models."""
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(cfg, scale=0.1)
+    return (cfg, params, stack_layers(params, cfg), _apply(cfg),
+            _apply(cfg, scan_layers=True))
+
+
+def test_scanned_cached_generation_equals_unrolled(two_periods):
     """The scanned model with its stacked cache against the unrolled model with the per-layer
     cache, same params, two periods of the 80B pattern (3 GDN + 1 attention): one-shot prefill
     + decode, chunked prefill (5 + 4) + decode, and a left-padded batch of unequal prompts
     (junk ids under the mask). Logits of every call within 1e-5 of max |logit|, identical greedy
     tokens, and the final cache, unstacked, equal to the per-layer one."""
-    cfg = tiny_config(**SCAN_TWO_PERIODS)
-    params = init_params(cfg, scale=0.1)
-    stacked = stack_layers(params, cfg)
-    unrolled, scanned = _apply(cfg), _apply(cfg, scan_layers=True)
+    cfg, params, stacked, unrolled, scanned = two_periods
     B, T, S, NEW = 2, 9, 16, 3
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     padded = np.ones((B, T), np.int32)
@@ -300,15 +307,12 @@ def test_scanned_cached_generation_equals_unrolled():
             _close(a, b, f"{name}: cache{jax.tree_util.keystr(path)}")
 
 
-def test_scanned_model_continues_a_stacked_per_layer_cache_and_catches_wrong_layouts():
+def test_scanned_model_continues_a_stacked_per_layer_cache_and_catches_wrong_layouts(two_periods):
     """A per-layer cache, stacked (stack_cache), continues in the scanned model exactly as in
     the unrolled one; the same cache with its blocks swapped (block b's state given to block
     1 - b) is far outside the tolerance of the equality tests, and a cache in the other
     layout is rejected."""
-    cfg = tiny_config(**SCAN_TWO_PERIODS)
-    params = init_params(cfg, scale=0.1)
-    stacked = stack_layers(params, cfg)
-    unrolled, scanned = _apply(cfg), _apply(cfg, scan_layers=True)
+    cfg, params, stacked, unrolled, scanned = two_periods
     rng = np.random.default_rng(6)
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 1)), jnp.int32)
@@ -338,14 +342,11 @@ def test_scanned_model_continues_a_stacked_per_layer_cache_and_catches_wrong_lay
         np.testing.assert_array_equal(a, b)
 
 
-def test_scanned_verify_forward_keeps_the_same_per_token_states():
+def test_scanned_verify_forward_keeps_the_same_per_token_states(two_periods):
     """Speculative verification through the scan: a 3-token forward on a
     track_token_states cache gives the unrolled model's logits and, rolled back to each token
     (keep_token_state), its GDN conv and recurrent states."""
-    cfg = tiny_config(**SCAN_TWO_PERIODS)
-    params = init_params(cfg, scale=0.1)
-    stacked = stack_layers(params, cfg)
-    unrolled, scanned = _apply(cfg), _apply(cfg, scan_layers=True)
+    cfg, params, stacked, unrolled, scanned = two_periods
     rng = np.random.default_rng(8)
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     verify = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 3)), jnp.int32)
