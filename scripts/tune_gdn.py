@@ -37,6 +37,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 VARIANTS = {
     "default": {},
     "h_bv64": {"block_v_h": 64},
+    "h_bv16": {"block_v_h": 16},
     "h_w8": {"num_warps_h": 8},
     "wy_w2": {"num_warps_wy": 2},
     "wy_w8": {"num_warps_wy": 8},
@@ -47,6 +48,7 @@ VARIANTS = {
     "split4": {"seq_splits": 4},
     "split8": {"seq_splits": 8},
     "dh_bv64": {"block_v_dh": 64},
+    "dh_bv16": {"block_v_dh": 16},
     "dv_bv128": {"block_v_dv": 128},
     "dqkwg_bv64": {"block_v_dqkwg": 64},
     "dqkwg_w8": {"num_warps_dqkwg": 8},
