@@ -7,6 +7,24 @@ import json
 import sys
 
 
+def _bounded(kind, check, expected: str):
+    """An argparse type: ``kind(text)``, rejected with ``expected`` when ``check`` fails."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE_INT = _bounded(int, lambda n: n >= 1, "an integer >= 1")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
@@ -91,11 +109,19 @@ def _cmd_generate(args) -> int:
     from qnext_jax.generate import Generator
     from qnext_jax.tokenizer import ByteTokenizer, load_tokenizer
 
+    if args.prompt is not None and args.token_ids is not None and not args.chat:
+        raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
     mesh = _mesh_from_args(args)
     if args.checkpoint is None:
         from qnext_jax.demo import demo_model
 
         config, params = demo_model()
+        if args.dtype is not None:  # as load(..., dtype=) does: floating leaves cast
+            import jax
+            import jax.numpy as jnp
+
+            params = jax.tree.map(lambda x: x.astype(args.dtype)
+                                  if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
         tokenizer = ByteTokenizer()
         print("[qnext] no --checkpoint: using the built-in tiny demo model (random weights, "
               "byte vocabulary; its text is noise)", file=sys.stderr)
@@ -260,6 +286,8 @@ def _cmd_finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pallas_kernels.gated_delta_rule import IMPLS as gdn_impls
+
     p = argparse.ArgumentParser(prog="qnext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -277,15 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)")
     g.add_argument("--checkpoint", help="Orbax checkpoint dir from `qnext convert` (or HF dir)")
-    g.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
+    g.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's "
+                   "tokenizer.json; bytes for the demo model)")
     g.add_argument("--token-ids", help="prompt as token ids, e.g. '1,2,3'")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default=None, help="compute/param dtype (default: checkpoint's)")
-    g.add_argument("--gdn-impl", default="auto", help="Gated DeltaNet backend")
+    g.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=32,
+                   help="tokens to generate (default 32)")
+    g.add_argument("--temperature", default=0.0, help="0 = greedy (default)",
+                   type=_bounded(float, lambda t: t >= 0, "a number >= 0"))
+    g.add_argument("--top-k", type=_POSITIVE_INT, default=None,
+                   help="sample from the k most likely tokens (default: off)")
+    g.add_argument("--top-p", default=None, help="nucleus sampling mass (default: off)",
+                   type=_bounded(float, lambda p: 0 < p <= 1, "a number in (0, 1]"))
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--dtype", default=None, choices=_DTYPES,
+                   help="compute/param dtype (default: the checkpoint's)")
+    g.add_argument("--gdn-impl", default="auto", choices=gdn_impls,
+                   help="Gated DeltaNet backend (default auto: Pallas on GPU/TPU)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON result (tokens, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",
@@ -351,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--aux-coef", type=float, default=None,
                    help="router load-balancing coefficient (default: config's)")
     f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight (0: off)")
-    f.add_argument("--gdn-impl", default="auto", help="Gated DeltaNet backend")
+    f.add_argument("--gdn-impl", default="auto", choices=gdn_impls, help="Gated DeltaNet backend")
     f.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank on the projections (0: full "
                         "fine-tuning); merged into OUT/final")

@@ -396,6 +396,12 @@ class Generator:
         B, T = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None: off), got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or None: off), got {top_p}")
         N = self.speculative_tokens
         if N and temperature > 0:
             raise ValueError("speculative decoding is greedy only: use temperature 0 (or "

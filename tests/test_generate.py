@@ -4,6 +4,7 @@ the scanned model (scan_layers) against the unrolled one."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,36 @@ def test_cli_rejects_bad_token_ids():
         qnext_main(["generate", "--token-ids", "1,99999"])
     with pytest.raises(SystemExit, match="expected integers"):
         qnext_main(["generate", "--token-ids", "1,a"])
+    with pytest.raises(SystemExit, match="not both"):
+        qnext_main(["generate", "--prompt", "Hi", "--token-ids", "1,2"])
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--max-new-tokens", "0", "an integer >= 1"),
+    ("--temperature", "-1", "a number >= 0"),
+    ("--top-k", "0", "an integer >= 1"),
+    ("--top-p", "1.5", "a number in \\(0, 1\\]"),
+    ("--gdn-impl", "bogus", "invalid choice"),
+    ("--dtype", "float8", "invalid choice"),
+])
+def test_cli_rejects_bad_generation_options(flag, value, expected, capsys):
+    """Bad options stop before any model is built, naming the option and what it expects."""
+    with pytest.raises(SystemExit) as e:
+        qnext_main(["generate", "--prompt", "Hi", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err
+    assert re.search(expected, err), err
+
+
+def test_generator_rejects_bad_sampling_values(tiny):
+    cfg, params = tiny
+    gen = Generator(cfg)
+    for kw, match in (({"temperature": -0.5}, "temperature must be >= 0"),
+                      ({"temperature": 1.0, "top_k": 0}, "top_k must be >= 1"),
+                      ({"temperature": 1.0, "top_p": 0.0}, "top_p must be in")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate(params, [[1, 2, 3]], max_new_tokens=2, **kw)
 
 
 @pytest.fixture(scope="module")
