@@ -96,6 +96,7 @@ def _check(
 SMALL_BLOCKS = BlockSizes(
     chunk=16, block_v_dv=16, block_v_dh=16, block_v_dqkwg=16, block_k_dqkwg=16, block_v_h=16
 )
+SAVED = BlockSizes(chunk=16, save_states=True)
 DENSE_CASES = [
     pytest.param(1, 1, 1, jnp.float32, True, True, {}, id="T1-f32"),
     # Only o is differentiated (zero final-state cotangent); value blocks narrower than dv, so
@@ -115,26 +116,8 @@ DENSE_CASES = [
     pytest.param(65, 2, 2, jnp.float32, True, True, {"chunk_size": 64}, id="T65-f32-2:2-C64"),
     pytest.param(200, 1, 2, jnp.bfloat16, False, False, {}, id="T200-bf16-1:2-no_state-no_l2"),
     # The forward keeps w, h, v_new and (I + A)^-1 for the backward (no recompute).
-    pytest.param(
-        65,
-        1,
-        2,
-        jnp.float32,
-        True,
-        True,
-        {"block_sizes": BlockSizes(chunk=16, save_states=True)},
-        id="T65-f32-1:2-saved_states",
-    ),
-    pytest.param(
-        63,
-        1,
-        1,
-        jnp.bfloat16,
-        False,
-        True,
-        {"block_sizes": BlockSizes(chunk=16, save_states=True)},
-        id="T63-bf16-saved_states",
-    ),
+    pytest.param(65, 1, 2, jnp.float32, True, True, {"block_sizes": SAVED}, id="T65-f32-1:2-saved"),
+    pytest.param(63, 1, 1, jnp.bfloat16, False, True, {"block_sizes": SAVED}, id="T63-bf16-saved"),
 ]
 
 
