@@ -157,6 +157,14 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        return self._advance(text)
+
+    def flush(self) -> str:
+        """The text held back at the end (an incomplete UTF-8 sequence, as U+FFFD), so that
+        the increments add up to ``tokenizer.decode(ids)``."""
+        return self._advance(self.tokenizer.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
         new = text.removeprefix(self.text)
         self.text = text
         return new

@@ -214,6 +214,8 @@ def _cmd_generate(args) -> int:
                 sys.stdout.flush()
         if t in stop:
             break
+    if decoder is not None and not args.json:
+        sys.stdout.write(decoder.flush())
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     n_timed = timings.get("decode_tokens", 0)
     decode_tps = n_timed / max(timings["decode_s"], 1e-9)

@@ -16,7 +16,7 @@ from qnext_jax.chat import (
     stop_token_ids,
 )
 from qnext_jax.cli import main as qnext_main
-from qnext_jax.tokenizer import HFTokenizer
+from qnext_jax.tokenizer import ByteTokenizer, HFTokenizer
 
 # A Qwen-style template: system prompt default, loop with loopcontrols-free logic, tojson,
 # raise_exception, whitespace control (trim_blocks / lstrip_blocks matter).
@@ -102,6 +102,13 @@ def test_stop_tokens_and_stream_decoder(ckpt):
     ids = tok.encode("hello there\nhow is it")
     dec = StreamDecoder(tok)
     assert "".join(dec.push(t) for t in ids) == tok.decode(ids) == "hello there\nhow is it"
+    # A text that ends inside a UTF-8 sequence is held back, then flushed as U+FFFD.
+    byte_tok = ByteTokenizer()
+    ids = byte_tok.encode("a\u00e9")[:-1]  # "a" and the first of the two bytes of "é"
+    dec = StreamDecoder(byte_tok)
+    pushed = "".join(dec.push(t) for t in ids)
+    assert pushed == "a"
+    assert pushed + dec.flush() == byte_tok.decode(ids) == "a\ufffd"
 
 
 def test_cli_chat_streams_and_stops(ckpt, capsys):
