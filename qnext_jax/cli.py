@@ -115,13 +115,7 @@ def _cmd_generate(args) -> int:
     if args.checkpoint is None:
         from qnext_jax.demo import demo_model
 
-        config, params = demo_model()
-        if args.dtype is not None:  # as load(..., dtype=) does: floating leaves cast
-            import jax
-            import jax.numpy as jnp
-
-            params = jax.tree.map(lambda x: x.astype(args.dtype)
-                                  if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        config, params = demo_model(dtype=args.dtype)
         tokenizer = ByteTokenizer()
         print("[qnext] no --checkpoint: using the built-in tiny demo model (random weights, "
               "byte vocabulary; its text is noise)", file=sys.stderr)

@@ -5,8 +5,10 @@ noise, not language."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.convert.name_map import FLOAT32_NAMES
 from qnext_jax.modeling import Qwen3NextForCausalLM
 
 DEMO_CONFIG = Qwen3NextConfig(
@@ -19,9 +21,15 @@ DEMO_CONFIG = Qwen3NextConfig(
 )
 
 
-def demo_model(seed: int = 0) -> tuple[Qwen3NextConfig, dict]:
-    """(config, params) of the demo model, params drawn with ``jax.random.key(seed)``."""
+def demo_model(seed: int = 0, dtype=None) -> tuple[Qwen3NextConfig, dict]:
+    """(config, params) of the demo model, params drawn with ``jax.random.key(seed)``; with
+    ``dtype``, floating params cast to it except those ``load(..., dtype=)`` also keeps in
+    float32 (``FLOAT32_NAMES``)."""
     model = Qwen3NextForCausalLM(DEMO_CONFIG)
-    ids = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    ids = jnp.zeros((1, 1), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(seed), ids)["params"]
+    if dtype is not None:
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x if path[-1].key in FLOAT32_NAMES
+            or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype), params)
     return DEMO_CONFIG, params

@@ -95,6 +95,23 @@ def test_cli_demo_model_generates(capsys):
     assert out["prefill_tokens_per_s"] > 0
 
 
+def test_demo_model_dtype_keeps_the_float32_leaves():
+    """``qnext generate --dtype`` on the demo model casts as ``load(..., dtype=)`` does: the
+    GDN decay parameters (FLOAT32_NAMES) stay float32, every other float leaf is cast."""
+    from qnext_jax.convert.name_map import FLOAT32_NAMES
+    from qnext_jax.demo import demo_model
+
+    _, params = demo_model(dtype=jnp.bfloat16)
+    kept = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if path[-1].key in FLOAT32_NAMES:
+            kept.append(path[-1].key)
+            assert x.dtype == jnp.float32, path
+        else:
+            assert x.dtype == jnp.bfloat16, path
+    assert set(kept) == set(FLOAT32_NAMES)
+
+
 def test_cli_rejects_bad_token_ids():
     with pytest.raises(SystemExit, match="token ids must be in"):
         qnext_main(["generate", "--token-ids", "1,99999"])
