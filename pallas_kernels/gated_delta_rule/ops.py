@@ -114,7 +114,7 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=Fals
         from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
 
         bs = _triton_block_sizes(cfg)
-        o, final, *states = triton_fwd.chunk_gated_delta_rule_fwd(
+        o, final, *kept = triton_fwd.chunk_gated_delta_rule_fwd(
             q,
             k,
             v.astype(cdt),
@@ -128,6 +128,7 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=Fals
             interpret=bool(cfg.interpret),
             return_states=keep_states and bs.save_states,
         )
+        states = kept[0] if kept else None
     elif cfg.impl == "pallas_tpu":
         from pallas_kernels.gated_delta_rule.tpu.chunk_fwd import chunk_gated_delta_rule_fwd_tpu
 
@@ -144,10 +145,10 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=Fals
             chunk_size=cfg.chunk_size,
             interpret=cfg.interpret,
         )
-        states = []
+        states = None
     else:
         raise AssertionError(cfg.impl)
-    return o.astype(v.dtype), final, (states[0] if states else None)
+    return o.astype(v.dtype), final, states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
