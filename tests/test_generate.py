@@ -187,7 +187,7 @@ def test_cli_generate_scan_layers(two_periods, monkeypatch, capsys):
 
     with pytest.raises(SystemExit, match="layer pattern that repeats"):
         qnext_main(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--scan-layers"])
-    monkeypatch.setattr(qnext_jax.demo, "demo_model", lambda: two_periods)
+    monkeypatch.setattr(qnext_jax.demo, "demo_model", lambda dtype=None: two_periods)
     runs = []
     for extra in ([], ["--scan-layers"]):
         capsys.readouterr()
