@@ -101,6 +101,26 @@ def run_prefill(args, length: int) -> dict:
             else None}
 
 
+def divergence(cfg, params, dtype, gdn_impl, ids, plain, other) -> dict:
+    """Where ``other`` first leaves the plain greedy tokens, and how close the plain model's
+    choice was there: a teacher-forced forward (no cache) of the prompt and the plain tokens
+    before that step gives the logit of the plain token minus that of the other token, beside
+    the spread (std) of that step's logits. A gap small against the spread is a near tie that
+    rounding (for example bf16 in a differently shaped forward) can flip."""
+    diff = np.nonzero(np.any(plain != other, axis=0))[0]
+    if diff.size == 0:
+        return {"first_difference": None}
+    i = int(diff[0])
+    row = int(np.nonzero(plain[:, i] != other[:, i])[0][0])
+    seq = np.concatenate([ids[row], plain[row, :i]])[None].astype(np.int32)
+    model = Qwen3NextForCausalLM(cfg, dtype=dtype, gdn_impl=gdn_impl)
+    logits, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(seq))
+    last = np.asarray(logits[0, -1], np.float32)
+    return {"first_difference": i,
+            "logit_gap_at_difference": float(last[plain[row, i]] - last[other[row, i]]),
+            "logit_std_at_difference": float(last.std())}
+
+
 def run_decode(args, record) -> None:
     """Greedy decode rows (plain, then each --speculative-tokens N), handed to ``record`` one by
     one as they are measured."""
@@ -119,13 +139,15 @@ def run_decode(args, record) -> None:
             wall = time.perf_counter() - t
             if ref is None:
                 ref = res.tokens
+            diverged = divergence(cfg, params, dtype, args.gdn_impl, ids, ref[:, :res.tokens.shape[1]],
+                                  res.tokens[:, :ref.shape[1]]) if n else {}
             record({"kind": "decode", "weights": weights, "speculative_tokens": n,
                     "batch": args.batch, "prompt": args.prompt_len,
                     "new_tokens": int(res.tokens.shape[1]),
                     "decode_tokens_per_s": res.decode_tokens_per_s,
                     "compile_s": res.compile_s, "end_to_end_s": wall,
                     "acceptance_rate": res.acceptance_rate,
-                    "same_tokens_as_plain": bool(np.array_equal(res.tokens, ref))})
+                    "same_tokens_as_plain": bool(np.array_equal(res.tokens, ref)), **diverged})
 
 
 def table(rows: list[dict]) -> str:
@@ -144,12 +166,16 @@ def table(rows: list[dict]) -> str:
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         out.append(f"{'weights':>9} {'spec N':>6} {'decode tok/s':>12} {'acceptance':>10} "
-                   f"{'== plain':>8}")
+                   f"{'== plain':>8} {'first diff':>10} {'gap/std':>8}")
         for r in dec:
             acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+            first = r.get("first_difference")
+            gap = ("" if first is None
+                   else f"{r['logit_gap_at_difference'] / r['logit_std_at_difference']:.2g}")
             out.append(f"{r['weights']:>9} {r['speculative_tokens']:>6} "
                        f"{r['decode_tokens_per_s']:>12.1f} {acc:>10} "
-                       f"{r['same_tokens_as_plain']!s:>8}")
+                       f"{r['same_tokens_as_plain']!s:>8} {'' if first is None else first:>10} "
+                       f"{gap:>8}")
     return "\n".join(out)
 
 
