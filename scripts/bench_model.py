@@ -114,7 +114,8 @@ def random_cache(cfg, mesh, batch, length, context, key, scan_layers: bool):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--prefill", type=int, nargs="+", default=[8192])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[8192],
+                    help="prompt lengths (none: decode only)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--gdn-impl", default="auto")

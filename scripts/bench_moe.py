@@ -5,7 +5,7 @@ transformers' ``Qwen3NextSparseMoeBlock`` (PyTorch) on the same GPU and the same
     python scripts/bench_moe.py --tokens 1,64 --no-torch --iters 50
 
 Our implementations (``--impls``, qnext_jax.modeling.moe.grouped_experts' ``impl``): tiles,
-capacity, ragged_dot (XLA's, dense on GPU), and tokamax's ragged_dot kernels "tokamax:mosaic"
+gather, capacity, ragged_dot (XLA's, dense on GPU), and tokamax's ragged_dot kernels "tokamax:mosaic"
 (Pallas Mosaic GPU) and "tokamax:triton" (tokamax registers it only when jax-triton imports;
 jax-triton >= 0.4, which tokamax 0.0.17 calls, needs triton >= 3.7). tokamax is the optional
 ``gpu`` extra; on a machine without internet its wheels travel in the ignored .whl/ folder of
@@ -25,7 +25,8 @@ float32 (both implementations).
 
 Reported per T (tokens = batch * length, as one [1, T, d] input):
   * median time (ms) over ``--iters`` timed calls after warm-up (JAX: wall clock around a
-    jitted call + block_until_ready; torch: CUDA events);
+    jitted call + block_until_ready; torch: CUDA events); for T <= 64 also ours per call
+    inside one jitted loop of 32 calls ("loop ms": a decode step's cost, without dispatch);
   * TFLOP/s on the active-expert FLOPs: T * (top_k + 1 shared) * 3 matmuls * 2 * d * I
     (the router's 2 * d * E per token is not counted);
   * GB/s on the expert weights read: the distinct routed experts this input hits (measured from
@@ -201,6 +202,20 @@ def _median_time_torch(fn, x, iters: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+LOOP_STEPS = 32  # block calls per jitted loop for the in-loop time (T <= LOOP_MAX_TOKENS)
+LOOP_MAX_TOKENS = 64
+
+
+def in_loop_seconds(block, params, x, iters: int) -> float:
+    """Seconds per call of ``block`` inside one jitted ``fori_loop`` of LOOP_STEPS calls, each
+    fed the last input plus 1e-3 of the last output (so no call can be skipped): the cost in
+    a decode step, without the host's per-call dispatch that the plain median includes."""
+    def loop(p, x):
+        return jax.lax.fori_loop(0, LOOP_STEPS, lambda _, h: h + 1e-3 * block(p, h), x)
+
+    return median_seconds(jax.jit(loop), params, x, iters=iters) / LOOP_STEPS
+
+
 def rel_l2(got, ref) -> float:
     """||got - ref|| / ||ref|| in float32 (arrays of any dtype)."""
     got, ref = (np.asarray(a, np.float32) for a in (got, ref))
@@ -266,7 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-impls", default="eager,grouped_mm",
                    help="transformers experts implementations to time (speed-up is against the "
                         "fastest that runs)")
-    p.add_argument("--impls", default="tiles,capacity,tokamax:mosaic,tokamax:triton,ragged_dot",
+    p.add_argument("--impls", default="gather,tiles,capacity,tokamax:mosaic,tokamax:triton,ragged_dot",
                    help="our grouped-matmul implementations to time (grouped_experts' impl: "
                         "qnext_jax.modeling.moe.MOE_IMPLS or tokamax:<implementation>; 'auto' is "
                         "tokamax on GPU when installed, else tiles/capacity); failures (e.g. out "
@@ -363,6 +378,8 @@ def main(argv=None) -> int:
                 jax.block_until_ready(got)
                 t_compile = time.perf_counter() - t_compile
                 t_ours = median_seconds(ours, params, x, iters=args.iters)
+                if T <= LOOP_MAX_TOKENS:
+                    row["ours_in_loop_ms"] = in_loop_seconds(ours, params, x, args.iters) * 1e3
             except Exception as e:  # noqa: BLE001 (e.g. ragged_dot's dense expansion on GPU)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 rows.append(row)
@@ -372,6 +389,9 @@ def main(argv=None) -> int:
                        ours_tflops=flops / t_ours / 1e12, ours_weight_gbps=wbytes / t_ours / 1e9,
                        pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["bf16_matmul_tflops"],
                        x_hbm_time=t_ours / (wbytes / (ceil["copy_gb_per_s"] * 1e9)))
+            if "ours_in_loop_ms" in row:
+                row["x_hbm_in_loop"] = row["ours_in_loop_ms"] / 1e3 / (
+                    wbytes / (ceil["copy_gb_per_s"] * 1e9))
             if ours_ref is not None:
                 row["rel_l2_vs_ref"] = rel_l2(got, ours_ref)
             if "hf_ms" in hf_row:
@@ -384,7 +404,7 @@ def main(argv=None) -> int:
                   + (f", transformers {row['hf_ms']:.3f} ms" if "hf_ms" in row else ""),
                   file=sys.stderr)
 
-    head = (f"{'T':>6} {'impl':>14} {'ours ms':>9} {'TFLOP/s':>8} {'%mm':>6} {'GB/s':>7} "
+    head = (f"{'T':>6} {'impl':>14} {'ours ms':>9} {'loop ms (xHBM)':>14} {'TFLOP/s':>8} {'%mm':>6} {'GB/s':>7} "
             f"{'xHBM':>6} {'hit':>4} {'relL2 ref':>13} {'HF ms':>9} {'HF impl':>10} "
             f"{'speedup':>8} {'relL2 HF':>12} {'all':>8} {'other':>9}")
     print(head)
@@ -394,16 +414,19 @@ def main(argv=None) -> int:
             continue
         ref_col = (f"{r['rel_l2_vs_ref']:9.1e}{' BAD' if r['rel_l2_vs_ref'] > 1e-2 else '    '}"
                    if "rel_l2_vs_ref" in r else f"{'-':>13}")
-        other = (f"{r['hf_other_experts']:5d}"
+        other = (f"{r.get('hf_other_experts', '-'):>5}"
                  f"{' BAD' if r.get('hf_other_experts_not_tie') else '    '}")
         hf_cols = (f"{r['hf_ms']:9.3f} {r['hf_impl']:>10} {r['speedup']:7.1f}x "
                    f"{_rel_col(r['rel_l2_vs_hf'])} {r['rel_l2_vs_hf_all']:8.1e} {other}"
                    if "hf_ms" in r else f"{'-':>9} {'-':>10} {'-':>8} {'-':>12} {'-':>8} {'-':>9}")
-        print(f"{r['T']:6d} {r['impl']:>14} {r['ours_ms']:9.3f} {r['ours_tflops']:8.1f} "
+        loop = (f"{r['ours_in_loop_ms']:7.3f} ({r['x_hbm_in_loop']:4.1f}x)"
+                if "ours_in_loop_ms" in r else f"{'-':>14}")
+        print(f"{r['T']:6d} {r['impl']:>14} {r['ours_ms']:9.3f} {loop} {r['ours_tflops']:8.1f} "
               f"{r['pct_matmul_peak']:5.1f}% {r['ours_weight_gbps']:7.0f} {r['x_hbm_time']:5.2f}x "
               f"{r['experts_hit']:4d} {ref_col} {hf_cols}")
     print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, "
-          f"copy {ceil['copy_gb_per_s']:.0f} GB/s; %mm = share of the matmul rate on active "
+          f"copy {ceil['copy_gb_per_s']:.0f} GB/s; loop ms = per call inside a jitted loop of "
+          f"{LOOP_STEPS} (T <= {LOOP_MAX_TOKENS}); %mm = share of the matmul rate on active "
           f"expert FLOPs; xHBM = our time / time to read the touched expert weights; relL2 ref "
           f"= against {args.ref_impl} (BAD above 1e-2); relL2 HF = against transformers on the "
           f"tokens where both chose the same experts (BAD above 1e-2), all = on all tokens, "

@@ -100,13 +100,15 @@ def moe_check(out: str, examples: int = 15) -> None:
     fns = {s: jax.jit(lambda *a, m=m: expert_parallel_experts(
         *a, mesh=m, precision=jax.lax.Precision.HIGHEST, impl="ragged_dot"))
         for s, m in meshes.items()}
-    # The GPU implementations under expert parallelism, on one mesh: padded tiles, and tokamax
-    # as its GPU kernels behave (rows past the last group unwritten: here NaN, also in the
-    # gradient), which the expert-parallel body must mask.
+    # The GPU implementations under expert parallelism: padded tiles, gathered experts (also
+    # with the intermediate dim split over tensor), and tokamax as its GPU kernels behave (rows
+    # past the last group unwritten: here NaN, also in the gradient), which the expert-parallel
+    # body must mask.
     moe._tokamax_ragged_dot = lambda implementation: _nan_tail_ragged_dot
-    for impl in ("tiles", "tokamax"):
-        fns[f"data=2,expert=4/{impl}"] = jax.jit(lambda *a, impl=impl: expert_parallel_experts(
-            *a, mesh=meshes["data=2,expert=4"], precision=jax.lax.Precision.HIGHEST, impl=impl))
+    for s, impl in (("data=2,expert=4", "tiles"), ("data=2,expert=4", "tokamax"),
+                    ("data=2,expert=4", "gather"), ("tensor=2,expert=4", "gather")):
+        fns[f"{s}/{impl}"] = jax.jit(lambda *a, m=meshes[s], impl=impl: expert_parallel_experts(
+            *a, mesh=m, precision=jax.lax.Precision.HIGHEST, impl=impl))
     worst = {s: 0.0 for s in fns}
     # Token counts (one compile each): 3 stays replicated (dispatch by psum), 16 is split over
     # the mesh (dispatch by all-gather, combine by psum_scatter).

@@ -14,13 +14,14 @@ from qnext_jax.modeling.moe import Qwen3NextSparseMoeBlock, _tile_rows, grouped_
 
 HIGHEST = jax.lax.Precision.HIGHEST
 E, D, INNER = 6, 8, 5
-# The implementations of grouped_experts: ragged_dot (CPU, TPU), and for GPUs padded tiles
-# (default and forced small tiles) and capacity buckets (whose overflow branch runs when one
+# The implementations of grouped_experts: ragged_dot (CPU, TPU), and for GPUs gathered experts
+# (decode), padded tiles (default and forced small tiles) and capacity buckets (whose overflow branch runs when one
 # expert gets all rows); tokamax (optional) in test_tokamax_*. The expert-parallel path is
 # checked in tests/test_sharding.py.
 _fns = {(impl, tm): jax.jit(lambda *a, impl=impl, tm=tm: grouped_experts(
     *a, precision=HIGHEST, impl=impl, tile_rows=tm))
-    for impl, tm in (("ragged_dot", None), ("tiles", None), ("tiles", 4), ("capacity", None))}
+    for impl, tm in (("ragged_dot", None), ("gather", None), ("tiles", None), ("tiles", 4),
+                     ("capacity", None))}
 
 
 @settings(max_examples=20, deadline=None, database=None)
@@ -70,6 +71,19 @@ def _grads(impl, args, precision=None):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_gather_gradients_equal_ragged_dot(n):
+    """The gather impl's gradients (through the gathers of the expert weights: scatter-adds,
+    duplicate experts of a token included) against jax.lax.ragged_dot's, float32."""
+    args = _routing_case(np.random.default_rng(n), n, 3, D, INNER, jnp.float32)
+    if n == 5:  # token 0 picks expert 2 twice; expert 2 is also other tokens' choice
+        args = args[:2] + (args[2].at[0].set(jnp.asarray([2, 2, 4])),) + args[3:]
+    for name, g, r in zip(("x", "weights", "gate", "up", "down"), _grads("gather", args, HIGHEST),
+                          _grads("ragged_dot", args, HIGHEST)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"d{name}")
+
+
 def test_tokamax_equals_dense_loop_and_gradients():
     """tokamax's ragged_dot (here on the CPU: its XLA implementation, forced and as its own
     choice) against the float64 loop; its gradients (tokamax's vjp) against autodiff through
@@ -115,17 +129,18 @@ def test_tile_rows_and_bad_impl():
 
 
 def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
-    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes tiles
+    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes gather
     (decode) or capacity; with it, auto takes tokamax beyond decode for bf16/fp16 experts only."""
     from qnext_jax.modeling import moe
 
     monkeypatch.setattr(moe, "_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
     with pytest.raises(ImportError, match=r"qnext-jax\[gpu\]"):
         grouped_experts(*_ZEROS, impl="tokamax")
-    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tiles"
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
+    assert moe._gpu_auto_impl(256, 512, jnp.bfloat16) == "gather"
     assert moe._gpu_auto_impl(10240, 512, jnp.bfloat16) == "capacity"
     monkeypatch.setattr(moe, "_tokamax", lambda: (object(), None))  # installed
-    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "tiles"
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
     assert moe._gpu_auto_impl(640, 512, jnp.bfloat16) == "tokamax"
     assert moe._gpu_auto_impl(10240, 512, jnp.float16) == "tokamax"
     assert moe._gpu_auto_impl(10240, 512, jnp.float32) == "capacity"
@@ -180,7 +195,7 @@ def test_sparse_moe_block_bf16_routes_on_its_rounded_logits():
                      "down_proj": ones(3, 16, 2)},
          "shared_expert": zero_shared, "shared_expert_gate": {"kernel": jnp.zeros((2, 1),
                                                                                 jnp.bfloat16)}}
-    for impl in ("ragged_dot", "tiles", "capacity"):
+    for impl in ("ragged_dot", "gather", "tiles", "capacity"):
         block = Qwen3NextSparseMoeBlock(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                         moe_impl=impl)
         y = jax.jit(lambda p, x, block=block: block.apply({"params": p}, x))(p, x)

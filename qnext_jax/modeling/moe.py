@@ -83,7 +83,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     return weights, experts
 
 
-MOE_IMPLS = ("auto", "ragged_dot", "tiles", "capacity", "tokamax")
+MOE_IMPLS = ("auto", "ragged_dot", "gather", "tiles", "capacity", "tokamax")
 TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
@@ -123,13 +123,14 @@ def _tokamax_ragged_dot(implementation: str | None):
 
 
 def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
-    """``auto`` on GPU: tiles at decode (at most E / 2 rows), else tokamax when installed and the
-    experts are bf16/fp16 (what its Mosaic GPU kernel takes), else capacity. From
+    """``auto`` on GPU: gather at decode (at most E / 2 rows), else tokamax when installed and
+    the experts are bf16/fp16 (what its Mosaic GPU kernel takes), else capacity. From
     scripts/bench_moe.py on an H200 (80B block, bf16): T = 1 tiles 0.42 ms; T = 64 tokamax
     0.93 / capacity 1.18 / tiles 2.90 ms; T = 1024 tokamax 1.51 / capacity 1.87 ms; T = 16384
-    tokamax 7.98 / capacity 11.93 ms."""
+    tokamax 7.98 / capacity 11.93 ms. At decode, gather reads the same weights as the tiles
+    (one expert per row) without their sort, scatter and gather of rows."""
     if rows <= num_experts // 2:
-        return "tiles"
+        return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
         return "tokamax"
     return "capacity"
@@ -155,6 +156,17 @@ def _tokamax_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
     pad = -M % TOKAMAX_ROW_MULTIPLE
     return _ragged_experts(jnp.pad(xs, ((0, pad), (0, 0))), group_sizes, gate_proj, up_proj,
                            down_proj, precision, _tokamax_ragged_dot(implementation))[:M]
+
+
+def _gathered_experts(x, experts, gate_proj, up_proj, down_proj, precision):
+    """Each token's k experts applied straight from their gathered weights, no sort:
+    x [N, d], experts [N, k] ids into the E of gate_proj, up_proj [E, d, I] and down_proj
+    [E, I, d] -> [N, k, d], expert ``experts[n, j]`` of ``x[n]``. Reads N * k experts' weights
+    (duplicates included): for decode, where the tiles' sort and row scatter/gather cost more
+    kernel launches than the matmuls."""
+    h = jax.nn.silu(jnp.einsum("nd,nkdi->nki", x, gate_proj[experts], precision=precision)) * \
+        jnp.einsum("nd,nkdi->nki", x, up_proj[experts], precision=precision)
+    return jnp.einsum("nki,nkid->nkd", h, down_proj[experts], precision=precision)
 
 
 def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
@@ -227,7 +239,9 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     Args:
       x: [N, d] tokens. weights: [N, k] router weights (in x's dtype). experts: [N, k] int ids.
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d].
-      impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"tokamax"``
+      impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"gather"``
+        (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
+        per projection; for decode), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
@@ -238,7 +252,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         per expert, plain batched matmuls; when some expert gets more than C rows a
         ``lax.cond`` runs ``tiles`` instead, so it stays dropless and exact; two larger
         capacities, 2x and 4x the mean, are tried first under ``lax.switch``), or ``"auto"``
-        (on GPU: ``tiles`` when there are at most E / 2 rows (decode), else ``tokamax`` when it
+        (on GPU: ``gather`` when there are at most E / 2 rows (decode), else ``tokamax`` when it
         is installed and the experts are bf16/fp16, else ``capacity``; elsewhere
         ``ragged_dot``).
       tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
@@ -253,6 +267,9 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     if impl == "auto":
         impl = ("ragged_dot" if jax.default_backend() != "gpu" else
                 _gpu_auto_impl(N * k, E, gate_proj.dtype))
+    if impl == "gather":
+        y = _gathered_experts(x, experts, gate_proj, up_proj, down_proj, precision)
+        return jnp.einsum("nkd,nk->nd", y, weights, precision=precision)
     flat = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     token = order // k  # source token of each sorted row
@@ -295,9 +312,10 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     logical ``rules`` ("experts" -> expert axes, "mlp" -> intermediate-dim axes, "batch" -> the
     axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
-    the local experts run as ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or,
-    for any other impl, ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like
-    :func:`grouped_experts` between tiles and tokamax (capacity is not used here). The rows
+    the local experts run as ``gather`` (each token's local experts; the others' slots give
+    0), ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
+    ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like :func:`grouped_experts` between
+    gather and tokamax (capacity runs as tiles here). The rows
     routed to other devices' experts sort past the last local group, where tokamax's GPU kernels
     leave their outputs (and gradient rows) unwritten: both are masked out.
     """
@@ -331,6 +349,14 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         n = x.shape[0]
         e_loc = gate.shape[0]
         first = jax.lax.axis_index(e_axes) * e_loc if e_axes else 0
+        if impl == "gather":
+            local = experts - first  # [n, k]
+            valid = (local >= 0) & (local < e_loc)
+            y = _gathered_experts(x, jnp.clip(local, 0, e_loc - 1), gate, up, down, precision)
+            w = jnp.where(valid, weights, 0).astype(jnp.float32)
+            out = jnp.einsum("nkd,nk->nd", jnp.where(valid[..., None], y, 0), w,
+                             precision=precision, preferred_element_type=jnp.float32)
+            return combine(out).astype(x.dtype)
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
         key = jnp.where(valid, local, e_loc)  # rows for other devices' experts sort last
@@ -351,6 +377,9 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         w = jnp.where(valid, weights.reshape(-1), 0)[order]
         y = jnp.where(w[:, None] != 0, y * w[:, None], 0).astype(jnp.float32)
         out = jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
+        return combine(out).astype(x.dtype)
+
+    def combine(out):  # [n, d] float32 partial sums of this device -> the tokens' rows
         if m_axes:  # partial sums over the intermediate dim
             out = jax.lax.psum(out, m_axes)
         rest = tuple(a for a in e_axes if a not in gather)
@@ -358,7 +387,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
             out = jax.lax.psum(out, rest)
         if gather:  # combine: back to the tokens' devices, summed over the expert group
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
-        return out.astype(x.dtype)
+        return out
 
     fn = jax.shard_map(body, mesh=mesh,
                        in_specs=(tspec, tspec, tspec, P(e0, None, m0), P(e0, None, m0),
