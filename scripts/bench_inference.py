@@ -187,6 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4, help="depth (80B width, reduced depth)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gdn-impl", default="auto")
+    p.add_argument("--matmul-precision", default=None, choices=("default", "high", "highest"),
+                   help="jax_default_matmul_precision (GPUs run float32 matmuls as TF32 by "
+                        "default)")
     p.add_argument("--prefill-lengths", default="131072,262144")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="prefill chunk (attention scores are [heads, chunk, cache length])")
@@ -198,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--one-prefill", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
     if args.one_prefill is not None:  # child process: one prefill length
         try:
