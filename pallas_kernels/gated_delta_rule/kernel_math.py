@@ -27,10 +27,15 @@ def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=None):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def inv_l2norm(x, eps: float = 1e-6):
+    """rsqrt(sum x^2 + eps) of each row of x [n, d], as [n, 1] float32."""
+    x = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + eps)
+
+
 def l2norm(x, eps: float = 1e-6):
     """Rows of x [n, d] scaled to unit L2 norm: x * rsqrt(sum x^2 + eps), in float32."""
-    x = x.astype(jnp.float32)
-    return x * lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + eps)
+    return x.astype(jnp.float32) * inv_l2norm(x, eps)
 
 
 def iotas(n: int, m: int | None = None):
@@ -145,14 +150,15 @@ def dstate_step(q, k, w, G_col, g_last, do, dvl, dS, *, scale):
     """One chunk of the reverse state pass, from dS = d(state at the chunk end) [dk, BV] float32:
       dv_new = dvl + kd dS,  kd = k exp(g_last - G)                       (total d(v_new))
       dS'    = exp(g_last) dS + scale (q exp(G))^T dO - w^T dv_new       (d(state at its start))
-    q, k, w [C, dk]; do [C, BV]; dvl [C, BV] float32 (``dv_local``). Returns (dv_new, dS')."""
+    q, k, w [C, dk]; do [C, BV]; dvl [C, BV] float32 (``dv_local``). Returns (dv_new, dS').
+    The row factors exp(g_last - G) and scale exp(G) scale the [C, BV] operands, not q and k
+    [C, dk]: the pass over chunks is serial, and that is less elementwise work on it."""
     cdt = w.dtype
-    kd = (k.astype(jnp.float32) * jnp.exp(g_last - G_col)).astype(cdt)
-    dv_new = dvl + dot(kd, dS.astype(cdt))
-    qg = (q.astype(jnp.float32) * (scale * jnp.exp(G_col))).astype(cdt)
+    dv_new = dvl + jnp.exp(g_last - G_col) * dot(k.astype(cdt), dS.astype(cdt))
+    dog = (do.astype(jnp.float32) * (scale * jnp.exp(G_col))).astype(cdt)
     dS = (
         dS * jnp.exp(g_last)
-        + dot(qg, do.astype(cdt), trans_a=True)
+        + dot(q.astype(cdt), dog, trans_a=True)
         - dot(w, dv_new.astype(cdt), trans_a=True)
     )
     return dv_new, dS

@@ -26,20 +26,23 @@ def state_step(k_ref, w_ref, g_ref, sl, S, u, *, use_qk_l2norm):
     k_ref, w_ref [Tp, dk] (w in the compute dtype); g_ref [Tp] (G); sl: the chunk's token slice;
     S [dk, BV] float32, the state at the chunk start; u [C, BV] (u of the chunk) or None (zeros).
     Returns v_new = u - w S [C, BV] float32 and the state at the chunk end [dk, BV] float32,
-      exp(G_last) S + kd^T v_new,   kd = k exp(G_last - G) (k L2-normalised if use_qk_l2norm),
-    i.e. S' = M S + kd^T u with M = exp(G_last) I - kd^T w [dk, dk] (matmul operands rounded to
-    the compute dtype, accumulated in float32).
+      exp(G_last) S + k^T (r * v_new),   r = exp(G_last - G) (/ ||k|| per row if use_qk_l2norm),
+    i.e. S' = M S + kd^T u with M = exp(G_last) I - kd^T w [dk, dk], kd = r * k (matmul operands
+    rounded to the compute dtype, accumulated in float32). The row factors r scale v_new
+    [C, BV], not k [C, dk]: the loop over chunks is serial, and this is a quarter of the
+    elementwise work on it at BV = 32.
     """
     cdt = w_ref.dtype
     wS = km.dot(w_ref[sl, :], S.astype(cdt))  # [C, BV]
     v_new = -wS if u is None else u.astype(jnp.float32) - wS
     G = g_ref[sl].astype(jnp.float32)
     g_last = km.pick_last(G)
-    k = k_ref[sl, :].astype(jnp.float32)
+    k = k_ref[sl, :]
+    r = jnp.exp(g_last - G)[:, None]  # [C, 1]
     if use_qk_l2norm:
-        k = km.l2norm(k)
-    kd = (k * jnp.exp(g_last - G)[:, None]).astype(cdt)  # [C, dk]
-    return v_new, S * jnp.exp(g_last) + km.dot(kd, v_new.astype(cdt), trans_a=True)
+        r = r * km.inv_l2norm(k)
+    vd = (v_new * r).astype(cdt)  # [C, BV]
+    return v_new, S * jnp.exp(g_last) + km.dot(k.astype(cdt), vd, trans_a=True)
 
 
 def _kernel(
