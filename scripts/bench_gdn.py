@@ -173,6 +173,7 @@ def run_jax(args):
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "impl": args.impl,
+        "save_states": args.save_states,
         "ceilings": ceil,
         "shapes": {},
         "decode": {},
@@ -187,8 +188,16 @@ def run_jax(args):
         return jax.jit(f)
 
     def ours_grad(impl):
+        block_sizes = None
+        if args.save_states and impl == "pallas_triton":
+            from pallas_kernels.gated_delta_rule.gpu_triton.fwd import BlockSizes
+
+            block_sizes = BlockSizes(save_states=True)
+
         def loss(q, k, v, g, b):
-            o, _ = chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True, impl=impl)
+            o, _ = chunk_gated_delta_rule(
+                q, k, v, g, b, use_qk_l2norm_in_kernel=True, impl=impl, block_sizes=block_sizes
+            )
             return jnp.sum(jnp.square(o.astype(jnp.float32)))
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -342,7 +351,10 @@ def print_table(res):
         return "-" if x is None else f"{x:.{nd}f}"
 
     print()
-    print(f"device {res['device']}, jax {res['jax']}, impl {res['impl']}")
+    print(
+        f"device {res['device']}, jax {res['jax']}, impl {res['impl']}, "
+        f"save_states {res['save_states']}"
+    )
     hdr = (
         "shape",
         "ours fwd",
@@ -409,6 +421,11 @@ def main(argv=None):
     p.add_argument("--skip-jla", action="store_true")
     p.add_argument("--skip-ref", action="store_true")
     p.add_argument("--skip-bwd", action="store_true")
+    p.add_argument(
+        "--save-states",
+        action="store_true",
+        help="forward + backward with BlockSizes(save_states=True) (pallas_triton only)",
+    )
     p.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     p.add_argument("--compare-max-tokens", type=int, default=32768)
     p.add_argument("--worker", choices=["fla"], help=argparse.SUPPRESS)

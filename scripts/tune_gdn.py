@@ -55,6 +55,7 @@ VARIANTS = {
     "dqkwg_bk128": {"block_k_dqkwg": 128},
     "dqkwg_bk32": {"block_k_dqkwg": 32},
     "wy_bwd_w8": {"num_warps_wy_bwd": 8},
+    "save_states": {"save_states": True},
 }
 
 

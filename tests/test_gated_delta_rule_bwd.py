@@ -96,6 +96,7 @@ def _check(
 SMALL_BLOCKS = BlockSizes(
     chunk=16, block_v_dv=16, block_v_dh=16, block_v_dqkwg=16, block_k_dqkwg=16, block_v_h=16
 )
+SAVED = BlockSizes(chunk=16, save_states=True)
 DENSE_CASES = [
     pytest.param(1, 1, 1, jnp.float32, True, True, {}, id="T1-f32"),
     # Only o is differentiated (zero final-state cotangent); value blocks narrower than dv, so
@@ -114,6 +115,9 @@ DENSE_CASES = [
     pytest.param(64, 1, 1, jnp.bfloat16, True, True, {}, id="T64-bf16"),
     pytest.param(65, 2, 2, jnp.float32, True, True, {"chunk_size": 64}, id="T65-f32-2:2-C64"),
     pytest.param(200, 1, 2, jnp.bfloat16, False, False, {}, id="T200-bf16-1:2-no_state-no_l2"),
+    # The forward keeps w, h, v_new and (I + A)^-1 for the backward (no recompute).
+    pytest.param(65, 1, 2, jnp.float32, True, True, {"block_sizes": SAVED}, id="T65-f32-1:2-saved"),
+    pytest.param(63, 1, 1, jnp.bfloat16, False, True, {"block_sizes": SAVED}, id="T63-bf16-saved"),
 ]
 
 
@@ -122,11 +126,33 @@ def test_grad_dense(T, Hk, Hv, dtype, with_state, l2norm, extra):
     _check(T, Hk, Hv, dtype, seed=T, with_state=with_state, l2norm=l2norm, **extra)
 
 
-def test_grad_varlen():
+@pytest.mark.parametrize("save_states", [False, True])
+def test_grad_varlen(save_states):
     """Packed sequences, with an empty one (its d(initial state) is its d(final state)), a
-    one-token one and one spanning several chunks: d(state) restarts at each sequence end."""
+    one-token one and one spanning several chunks: d(state) restarts at each sequence end;
+    with the backward recomputing the forward's states and with the forward keeping them."""
     cu = [0, 5, 5, 40, 41, 60]
-    _check(cu[-1], 1, 2, jnp.float32, seed=11, with_state=True, l2norm=True, cu_seqlens=cu)
+    _check(cu[-1], 1, 2, jnp.float32, seed=11, with_state=True, l2norm=True, cu_seqlens=cu,
+           block_sizes=BlockSizes(chunk=16, save_states=save_states))
+
+
+def test_saved_states_skip_the_recompute():
+    """With BlockSizes.save_states the gradient program runs stages kkt/solve/wy and h once (the
+    forward's), without it twice (the backward recomputes them)."""
+    args = make_inputs(0, 1, 40, 1, 2, 16, 16, jnp.float32, True)
+
+    def program(save):
+        def loss(q, k, v, g, beta, s0):
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, impl="pallas_triton",
+                                          interpret=True,
+                                          block_sizes=BlockSizes(chunk=16, save_states=save))
+            return jnp.sum(o)
+
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args))
+
+    recompute, saved = program(False), program(True)
+    for name in ("gdn_chunk_kkt_solve_wy", "gdn_chunk_fwd_h"):  # (a name shows more than once
+        assert recompute.count(name) == 2 * saved.count(name) > 0, name  # per pallas_call)
 
 
 def test_export_cuda_backward():

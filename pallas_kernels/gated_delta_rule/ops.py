@@ -104,15 +104,17 @@ def _triton_block_sizes(cfg: _Config):
     return cfg.block_sizes or triton_fwd.BlockSizes(chunk=cfg.chunk_size)
 
 
-def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens):
-    """Runs the forward kernels. Returns (o, final_state)."""
+def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=False):
+    """Runs the forward kernels. Returns (o, final_state, states): states are what the Triton
+    forward keeps for the backward when keep_states and BlockSizes.save_states, else None."""
     # One compute dtype for the matmul operands: the dtype of q/k/v (promoted if they differ).
     cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
     q, k = q.astype(cdt), k.astype(cdt)
     if cfg.impl == "pallas_triton":
         from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
 
-        o, final = triton_fwd.chunk_gated_delta_rule_fwd(
+        bs = _triton_block_sizes(cfg)
+        o, final, *kept = triton_fwd.chunk_gated_delta_rule_fwd(
             q,
             k,
             v.astype(cdt),
@@ -122,9 +124,11 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens):
             initial_state=s0,
             use_qk_l2norm=cfg.use_qk_l2norm,
             cu_seqlens=cu_seqlens,
-            block_sizes=_triton_block_sizes(cfg),
+            block_sizes=bs,
             interpret=bool(cfg.interpret),
+            return_states=keep_states and bs.save_states,
         )
+        states = kept[0] if kept else None
     elif cfg.impl == "pallas_tpu":
         from pallas_kernels.gated_delta_rule.tpu.chunk_fwd import chunk_gated_delta_rule_fwd_tpu
 
@@ -141,23 +145,25 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens):
             chunk_size=cfg.chunk_size,
             interpret=cfg.interpret,
         )
+        states = None
     else:
         raise AssertionError(cfg.impl)
-    return o.astype(v.dtype), final
+    return o.astype(v.dtype), final, states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunk_kernel_op(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens):
-    return _kernel_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens)
+    return _kernel_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens)[:2]
 
 
 def _chunk_kernel_op_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens):
-    return (_kernel_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens), (q, k, v, g, beta, s0, cu_seqlens))
+    o, final, states = _kernel_fwd(cfg, q, k, v, g, beta, s0, cu_seqlens, keep_states=True)
+    return (o, final), (q, k, v, g, beta, s0, cu_seqlens, states)
 
 
 def _chunk_kernel_op_bwd(cfg, res, cts):
     """The backward kernels of cfg.impl; cotangents cast to the dtypes of the inputs."""
-    q, k, v, g, beta, s0, cu_seqlens = res
+    q, k, v, g, beta, s0, cu_seqlens, states = res
     do, dht = cts
     cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
     args = (q.astype(cdt), k.astype(cdt), v.astype(cdt), g, beta, do, dht)
@@ -175,6 +181,7 @@ def _chunk_kernel_op_bwd(cfg, res, cts):
             **kw,
             block_sizes=_triton_block_sizes(cfg),
             interpret=bool(cfg.interpret),
+            states=states,
         )
     else:
         from pallas_kernels.gated_delta_rule.tpu.chunk_bwd import chunk_gated_delta_rule_bwd_tpu

@@ -1,9 +1,8 @@
 """The chunked backward on GPU (Pallas, Triton lowering).
 
 Recomputes what the forward produced between its stages (cheaper in memory than storing it):
-G (cumsum), w, u and each chunk's (I + A)^-1 (kkt/solve/wy) and h, v_new (the state pass); keeping
-them from the forward instead was measured on an H200 and gave no gain (forward + backward at
-1x32768: 9.52 ms recomputing, 9.48 ms keeping). Then runs the backward stages
+G (cumsum), w, u and each chunk's (I + A)^-1 (kkt/solve/wy) and h, v_new (the state pass), unless
+the forward kept them (BlockSizes.save_states), then runs the backward stages
   dv_local.py  d(v_new) from the outputs of the same chunk
   dh.py        the reverse pass over chunks: d(state) per chunk, total d(v_new), d(initial state)
   dqkwg.py     d(q), d(k), d(w), d(G) through the states and the intra-chunk attention
@@ -48,6 +47,7 @@ def chunk_gated_delta_rule_bwd(
     block_sizes: BlockSizes | None = None,
     solve_precision=None,
     interpret: bool = False,
+    states=None,
 ):
     """Backward of ``fwd.chunk_gated_delta_rule_fwd`` (validated inputs, same arguments).
 
@@ -59,6 +59,8 @@ def chunk_gated_delta_rule_bwd(
         final state (zeros when it is not used).
       block_sizes: the forward's (default BlockSizes()); solve_precision: as for the forward
         (default: exact float32 for float32 inputs, TF32 else).
+      states: None (recompute), or the forward's (w, h, v_new, inverse) from
+        ``chunk_gated_delta_rule_fwd(..., return_states=True)`` (BlockSizes.save_states).
     Returns:
       dq, dk [B, T, Hk, dk] (summed over the value heads of each key head), dv [B, T, Hv, dv],
       in the compute dtype; dg, dbeta [B, T, Hv] float32 (d(g) of the log decay itself);
@@ -82,19 +84,22 @@ def chunk_gated_delta_rule_bwd(
     Tp = q.shape[1]
     G = chunk_local_cumsum(g, C)
     common_args = {"chunk_size": C, "num_stages": block_sizes.num_stages, "interpret": interpret}
-    w, h, v_new, _, inverse = chunk_states(
-        k,
-        v,
-        G,
-        beta,
-        lay.kernel_initial_state(initial_state, dht.shape),
-        lay,
-        block_sizes=block_sizes,
-        use_qk_l2norm=False,
-        solve_precision=solve_precision,
-        interpret=interpret,
-        return_inverse=True,
-    )
+    if states is None:
+        w, h, v_new, _, inverse = chunk_states(
+            k,
+            v,
+            G,
+            beta,
+            lay.kernel_initial_state(initial_state, dht.shape),
+            lay,
+            block_sizes=block_sizes,
+            use_qk_l2norm=False,
+            solve_precision=solve_precision,
+            interpret=interpret,
+            return_inverse=True,
+        )
+    else:
+        w, h, v_new, inverse = states
     dv_local = chunk_bwd_dv_local(
         q,
         k,

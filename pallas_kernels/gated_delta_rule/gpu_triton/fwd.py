@@ -41,6 +41,10 @@ class BlockSizes:
     on an H200 at B = 1 (T 8192 and 32768) 4 and 8 segments were slower, forward and backward
     (the segment maps cost a second pass over the sequence's keys); measure again with
     scripts/tune_gdn.py (variants split4 / split8) on other GPUs.
+    save_states: under jax.grad, the forward keeps w, h, v_new and each chunk's (I + A)^-1 for
+    the backward, which then skips their recompute (stages kkt/solve/wy and h); costs memory
+    until the backward runs: per token and value head dk + dv values (compute dtype) and C
+    float32, plus one [dk, dv] state per chunk. Default off: not yet measured on a GPU.
     """
 
     chunk: int = 64
@@ -59,6 +63,7 @@ class BlockSizes:
     num_warps_dqkwg: int = 4
     num_warps_wy_bwd: int = 4
     seq_splits: int = 1
+    save_states: bool = False
 
 
 def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
@@ -217,6 +222,7 @@ def chunk_gated_delta_rule_fwd(
     block_sizes: BlockSizes = BlockSizes(),
     solve_precision=None,
     interpret: bool = False,
+    return_states: bool = False,
 ):
     """Forward of the chunked gated delta rule (validated inputs).
 
@@ -225,7 +231,9 @@ def chunk_gated_delta_rule_fwd(
       chunk-aligned and the state pass restarts at each one). q/k/v share one dtype, the compute
       dtype of the matmuls. solve_precision: precision of the (I + A)^-1 matmuls (float32
       operands); default exact float32 for float32 inputs and TF32 for bf16 inputs.
-    Returns: o [B, T, Hv, dv] in v.dtype, final_state [N, Hv, dk, dv] float32.
+    Returns: o [B, T, Hv, dv] in v.dtype, final_state [N, Hv, dk, dv] float32; with
+      return_states also (w, h, v_new, inverse) on the chunk-aligned axis (chunk_states with
+      return_inverse), for bwd.chunk_gated_delta_rule_bwd(states=...).
     """
     C = block_sizes.chunk
     cdt = k.dtype
@@ -237,7 +245,7 @@ def chunk_gated_delta_rule_fwd(
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_shape = (N, v.shape[2], k.shape[3], v.shape[3])
     G = chunk_local_cumsum(g, C)
-    _, h, v_new, final = chunk_states(
+    w, h, v_new, final, *inverse = chunk_states(
         k,
         v,
         G,
@@ -248,6 +256,7 @@ def chunk_gated_delta_rule_fwd(
         use_qk_l2norm=use_qk_l2norm,
         solve_precision=solve_precision,
         interpret=interpret,
+        return_inverse=return_states,
     )
     o = chunk_fwd_o(
         q,
@@ -264,7 +273,9 @@ def chunk_gated_delta_rule_fwd(
         num_stages=block_sizes.num_stages,
         interpret=interpret,
     )
-    if lay.varlen is None:
-        return lay.from_chunks(o), final
-    s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
-    return lay.from_chunks(o), jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))
+    if lay.varlen is not None:
+        s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
+        final = jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))
+    if return_states:
+        return lay.from_chunks(o), final, (w, h, v_new, *inverse)
+    return lay.from_chunks(o), final
