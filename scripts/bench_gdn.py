@@ -173,7 +173,7 @@ def run_jax(args):
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "impl": args.impl,
-        "save_states": args.save_states,
+        "save_states": not args.recompute,
         "ceilings": ceil,
         "shapes": {},
         "decode": {},
@@ -189,10 +189,10 @@ def run_jax(args):
 
     def ours_grad(impl):
         block_sizes = None
-        if args.save_states and impl == "pallas_triton":
+        if args.recompute and impl == "pallas_triton":
             from pallas_kernels.gated_delta_rule.gpu_triton.fwd import BlockSizes
 
-            block_sizes = BlockSizes(save_states=True)
+            block_sizes = BlockSizes(save_states=False)
 
         def loss(q, k, v, g, b):
             o, _ = chunk_gated_delta_rule(
@@ -422,9 +422,10 @@ def main(argv=None):
     p.add_argument("--skip-ref", action="store_true")
     p.add_argument("--skip-bwd", action="store_true")
     p.add_argument(
-        "--save-states",
+        "--recompute",
         action="store_true",
-        help="forward + backward with BlockSizes(save_states=True) (pallas_triton only)",
+        help="forward + backward with BlockSizes(save_states=False): the backward recomputes "
+        "the forward's states (pallas_triton only)",
     )
     p.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     p.add_argument("--compare-max-tokens", type=int, default=32768)

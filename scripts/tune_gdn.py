@@ -55,7 +55,7 @@ VARIANTS = {
     "dqkwg_bk128": {"block_k_dqkwg": 128},
     "dqkwg_bk32": {"block_k_dqkwg": 32},
     "wy_bwd_w8": {"num_warps_wy_bwd": 8},
-    "save_states": {"save_states": True},
+    "recompute": {"save_states": False},
 }
 
 
@@ -127,12 +127,14 @@ def bwd_stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int,
 
 
 def fwd_bwd(bs: triton_fwd.BlockSizes, interpret=False):
-    """Jitted d(sum of o * do)/d(q, k, v, g, beta) through our op with block sizes bs."""
+    """Jitted d(sum of o^2)/d(q, k, v, g, beta) through our op with block sizes bs."""
     def loss(q, k, v, g, b):
         o, _ = chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True,
                                       impl="pallas_triton", block_sizes=bs,
                                       interpret=interpret)
-        return jnp.sum(o.astype(jnp.float32) * 0.01)
+        # Not linear in o: with a constant d(o), XLA drops the forward's o stage and whatever
+        # only feeds it, and forward + backward looked the same with and without save_states.
+        return jnp.sum(jnp.square(o.astype(jnp.float32)))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 

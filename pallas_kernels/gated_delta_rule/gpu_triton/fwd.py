@@ -44,7 +44,9 @@ class BlockSizes:
     save_states: under jax.grad, the forward keeps w, h, v_new and each chunk's (I + A)^-1 for
     the backward, which then skips their recompute (stages kkt/solve/wy and h); costs memory
     until the backward runs: per token and value head dk + dv values (compute dtype) and C
-    float32, plus one [dk, dv] state per chunk. Default off: not yet measured on a GPU.
+    float32, plus one [dk, dv] state per chunk (1.2 GB at 1 x 32768 tokens, 32 heads of 128,
+    bf16). Default on: scripts/bench_gdn.py on an H200 (bf16, Hk 16 / Hv 32, loss sum(o^2))
+    measured forward + backward at 1 x 32768 in 9.74 ms with it and 11.99 ms without.
     """
 
     chunk: int = 64
@@ -63,7 +65,7 @@ class BlockSizes:
     num_warps_dqkwg: int = 4
     num_warps_wy_bwd: int = 4
     seq_splits: int = 1
-    save_states: bool = False
+    save_states: bool = True
 
 
 def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
