@@ -18,7 +18,9 @@ devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measure
   when weights are replicated);
 
 ``--scan-layers`` runs the layers as a scan over the repeating block (params and cache stacked):
-compile time flat in depth. Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
+compile time flat in depth. ``--profile DIR`` also traces a few decode steps of each batch size
+(``scripts/profile_summary.py DIR/decode_b1 --steps 5`` then lists the kernels, busy and idle
+time of a step). Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
 scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model on two H200s:
 ``--layers 48 --prefill 8192 32768 --batches 1 32 128``.
 """
@@ -29,6 +31,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import time
 
 import jax
@@ -42,6 +45,8 @@ from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert.name_map import abstract_params
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.decoder import stack_layers
+
+PROFILE_STEPS = 5  # decode steps traced per batch size with --profile
 
 
 def expected_distinct_experts(tokens: int, num_experts: int, top_k: int) -> float:
@@ -124,6 +129,9 @@ def main():
     ap.add_argument("--scan-layers", action="store_true",
                     help="the layers as a scan over the repeating block (compile time flat in depth)")
     ap.add_argument("--out", default="bench_model.json")
+    ap.add_argument("--profile", default=None,
+                    help="also trace PROFILE_STEPS decode steps of each batch with jax.profiler "
+                         "into PROFILE/decode_b<B> (summarise with scripts/profile_summary.py)")
     ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
     args = ap.parse_args()
 
@@ -195,6 +203,11 @@ def main():
             return tok
 
         sec = median_seconds(one, params, ids, iters=20, warmup=3)
+        if args.profile:
+            with jax.profiler.trace(os.path.join(args.profile, f"decode_b{B}"),
+                                    create_perfetto_trace=True):
+                for _ in range(PROFILE_STEPS):
+                    jax.block_until_ready(one(params, ids))
         roof = decode_bytes(cfg, params, B, args.context) / (bw * n_dev)
         record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,
