@@ -26,14 +26,25 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _token_ids(text: str) -> list[int]:
+    entries = [e for part in text.split(",") for e in (part.split() or [""])]
     try:
-        ids = [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in entries] if text.strip() else []
     except ValueError:
         raise SystemExit(f"--token-ids: expected integers separated by commas or spaces, "
                          f"got {text!r}") from None
     if not ids:
         raise SystemExit("--token-ids: no token ids given")
     return ids
+
+
+def _check_gdn_impl(impl: str) -> None:
+    """--gdn-impl names a kernel for another platform than JAX's: stop before building."""
+    import jax
+
+    needs = {"pallas_triton": "gpu", "pallas_tpu": "tpu"}.get(impl)
+    if needs is not None and jax.default_backend() != needs:
+        raise SystemExit(f"--gdn-impl {impl} runs on a {needs.upper()}; this JAX's backend is "
+                         f"{jax.default_backend()}: use auto or reference")
 
 
 def _cmd_convert(args) -> int:
@@ -111,6 +122,13 @@ def _cmd_generate(args) -> int:
 
     if args.prompt is not None and args.token_ids is not None and not args.chat:
         raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
+    _check_gdn_impl(args.gdn_impl)
+    if args.checkpoint is None and args.speculative_tokens:
+        raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
+                         "model has none")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        print("[qnext] --top-k / --top-p shape sampling only; --temperature 0 decodes greedily",
+              file=sys.stderr)
     mesh = _mesh_from_args(args)
     if args.checkpoint is None:
         from qnext_jax.demo import demo_model
@@ -122,13 +140,16 @@ def _cmd_generate(args) -> int:
     else:
         from qnext_jax.convert import load
 
-        if mesh is None:
-            config, params = load(args.checkpoint, dtype=args.dtype)
-        else:  # every leaf read straight into its shard of the mesh
-            from qnext_jax.sharding import tree_shardings
+        try:
+            if mesh is None:
+                config, params = load(args.checkpoint, dtype=args.dtype)
+            else:  # every leaf read straight into its shard of the mesh
+                from qnext_jax.sharding import tree_shardings
 
-            config, params = load(args.checkpoint, mesh=mesh, dtype=args.dtype,
-                                  shardings=tree_shardings(mesh))
+                config, params = load(args.checkpoint, mesh=mesh, dtype=args.dtype,
+                                      shardings=tree_shardings(mesh))
+        except FileNotFoundError as e:
+            raise SystemExit(f"--checkpoint: {e}") from None
         tokenizer = load_tokenizer(args.checkpoint)
     rope_scaling = None
     if args.rope_scaling is not None:
@@ -254,6 +275,7 @@ def _cmd_finetune(args) -> int:
     from qnext_jax.train.run import finetune
     from qnext_jax.train.step import TrainConfig
 
+    _check_gdn_impl(args.gdn_impl)
     mesh = _mesh_from_args(args)
     opt = OptimizerConfig(
         learning_rate=args.lr, warmup_steps=args.warmup_steps,
@@ -282,7 +304,9 @@ def _cmd_finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pallas_kernels.gated_delta_rule import IMPLS as gdn_impls
+    from pallas_kernels.gated_delta_rule import IMPLS
+
+    gdn_impls = [i for i in IMPLS if i != "pallas_mosaic_gpu"]  # not implemented yet
 
     p = argparse.ArgumentParser(prog="qnext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

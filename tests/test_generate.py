@@ -119,6 +119,29 @@ def test_cli_rejects_bad_token_ids():
         qnext_main(["generate", "--token-ids", "1,a"])
     with pytest.raises(SystemExit, match="not both"):
         qnext_main(["generate", "--prompt", "Hi", "--token-ids", "1,2"])
+    for empty_entry in ("1,,2", "1,2,", ",1"):
+        with pytest.raises(SystemExit, match="expected integers"):
+            qnext_main(["generate", "--token-ids", empty_entry])
+
+
+def test_cli_clear_errors_before_building(tmp_path, capsys):
+    """A missing checkpoint, a kernel for another platform, the demo model with options it
+    cannot serve: one line naming the option, no traceback, before any model is built."""
+    with pytest.raises(SystemExit, match="--checkpoint: .*neither a converted checkpoint"):
+        qnext_main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "Hi"])
+    for impl, platform in (("pallas_triton", "GPU"), ("pallas_tpu", "TPU")):  # on the CPU
+        with pytest.raises(SystemExit, match=f"--gdn-impl {impl} runs on a {platform}"):
+            qnext_main(["generate", "--prompt", "Hi", "--gdn-impl", impl])
+    with pytest.raises(SystemExit) as e:  # listed in the op's IMPLS, not implemented
+        qnext_main(["generate", "--prompt", "Hi", "--gdn-impl", "pallas_mosaic_gpu"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--speculative-tokens needs a --checkpoint"):
+        qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "2"])
+
+
+def test_cli_warns_that_greedy_ignores_top_k(capsys):
+    qnext_main(["generate", "--prompt", "Hi", "--max-new-tokens", "1", "--top-k", "5", "--json"])
+    assert "--temperature 0 decodes greedily" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value,expected", [

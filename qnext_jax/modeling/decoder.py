@@ -130,8 +130,9 @@ def scan_period(config: Qwen3NextConfig) -> int:
             return p
     raise ValueError(
         f"scan_layers needs a layer pattern that repeats, but the {L} layers (layer_types, "
-        f"sparse MoE per layer: {kinds}) have no period P < {L} dividing num_hidden_layers; "
-        "use scan_layers=False")
+        f"sparse MoE per layer: {kinds}) have no period P < {L} dividing num_hidden_layers "
+        "(one period is nothing to scan); run them unscanned: scan_layers=False (qnext: without "
+        "--scan-layers)")
 
 
 def unstacked_ndim(path: Sequence, shape: Sequence[int]) -> int:
