@@ -116,6 +116,14 @@ def random_cache(cfg, mesh, batch, length, context, key, scan_layers: bool):
         cfg, mesh, batch, length, jnp.bfloat16, scan_layers=scan_layers))(key)
 
 
+def _row_text(row) -> str:
+    """One measured row as a line: name, ms, tokens/s, compile s (roofline / matmul share)."""
+    name, ms, tps, cs, roof, mm = row
+    extra = (f", HBM roofline {roof * 1e3:.3f} ms" if roof else "") + (
+        f", {100 * mm:.1f}% of the matmul rate" if mm is not None else "")
+    return f"{name}: {ms:.2f} ms, {tps:,.0f} tokens/s, compile {cs:.1f} s{extra}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -185,7 +193,7 @@ def main():
                                   "fraction_of_matmul_rate": flops / sec / (peak * n_dev)}
         rows.append((f"prefill 1 x {T}", sec * 1e3, T / sec, compile_s, None,
                      flops / sec / (peak * n_dev)))
-        print(rows[-1], flush=True)
+        print(_row_text(rows[-1]), flush=True)
         save()
 
     for B in args.batches:
@@ -213,13 +221,13 @@ def main():
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,
                                   "fraction_of_roofline": roof / sec}
         rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof, None))
-        print(rows[-1], flush=True)
+        print(_row_text(rows[-1]), flush=True)
         save()
 
     save()
     print(f"\n{n_dev} x {dev.device_kind}, mesh {record['mesh']}, jax {jax.__version__}, "
           f"{'demo' if args.smoke else '80B'} width, {args.layers} layers, "
-          f"{n_params / 1e9:.2f}e9 params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
+          f"{n_params:.4g} params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
           f"{(record['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB")
     print("| measure | ms | tokens/s | compile s | HBM roofline ms | % of roofline "
           "| % of matmul rate |")

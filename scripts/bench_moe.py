@@ -272,7 +272,8 @@ def _rel_col(v) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tokens", default="1,64,1024,16384", help="comma-separated T values")
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
     p.add_argument("--torch-iters", type=int, default=None,
