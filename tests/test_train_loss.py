@@ -74,7 +74,7 @@ def test_loss_and_grads_match_transformers(tmp_path):
                   labels=torch.from_numpy(labels), output_router_logits=True)
     out.loss.backward()
     ref_loss = float(out.loss.detach())
-    ref_aux = float(out.aux_loss)
+    ref_aux = float(out.aux_loss.detach())
     grads_t = {n: p.grad.detach().numpy() for n, p in model_t.named_parameters()}
 
     config, params = load(tmp_path)
