@@ -128,7 +128,8 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     scripts/bench_moe.py on an H200 (80B block, bf16): T = 1 tiles 0.42 ms; T = 64 tokamax
     0.93 / capacity 1.18 / tiles 2.90 ms; T = 1024 tokamax 1.51 / capacity 1.87 ms; T = 16384
     tokamax 7.98 / capacity 11.93 ms. At decode, gather reads the same weights as the tiles
-    (one expert per row) without their sort, scatter and gather of rows."""
+    (one expert per row) without their sort, scatter and gather of rows: T = 1 gather 0.20 ms
+    (0.10 ms inside a jitted loop) against tiles 0.42 (0.21) and tokamax 0.24 (0.15)."""
     if rows <= num_experts // 2:
         return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
@@ -313,7 +314,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
     the local experts run as ``gather`` (each token's local experts; the others' slots give
-    0), ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
+    0, though every device gathers all k slots' weights, clipped to its own experts), ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
     ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like :func:`grouped_experts` between
     gather and tokamax (capacity runs as tiles here). The rows
     routed to other devices' experts sort past the last local group, where tokamax's GPU kernels
