@@ -314,11 +314,12 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
     the local experts run as ``gather`` (each token's local experts; the others' slots give
-    0, though every device gathers all k slots' weights, clipped to its own experts), ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
+    0, though every device gathers all k slots' weights, clipped to its own experts),
+    ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
     ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like :func:`grouped_experts` between
-    gather and tokamax (capacity runs as tiles here). The rows
-    routed to other devices' experts sort past the last local group, where tokamax's GPU kernels
-    leave their outputs (and gradient rows) unwritten: both are masked out.
+    gather and tokamax (capacity runs as tiles here). The rows routed to other devices' experts
+    sort past the last local group, where tokamax's GPU kernels leave their outputs (and
+    gradient rows) unwritten: both are masked out.
     """
     N, k = experts.shape
     E, d, inner = gate_proj.shape
@@ -355,6 +356,8 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
             valid = (local >= 0) & (local < e_loc)
             y = _gathered_experts(x, jnp.clip(local, 0, e_loc - 1), gate, up, down, precision)
             w = jnp.where(valid, weights, 0).astype(jnp.float32)
+            # The slots of other devices' experts ran a clipped stand-in expert: their outputs
+            # are dropped, not weighted by 0 (an inf there would give NaN).
             out = jnp.einsum("nkd,nk->nd", jnp.where(valid[..., None], y, 0), w,
                              precision=precision, preferred_element_type=jnp.float32)
             return combine(out).astype(x.dtype)
