@@ -2,7 +2,7 @@
 
 Layout (a plain dict, jit- and shard-friendly)::
 
-    {"layers_{i}": {"key", "value": [B, S, Hkv, hd]}            # full-attention layer i
+    {"layers_{i}": {"key", "value": [B, Hkv, S, hd]}            # full-attention layer i
                 or {"conv_state": [B, conv_dim, K-1],            # Gated DeltaNet layer i
                     "recurrent_state": [B, Hv, dk, dv] float32},
      "mtp": {"layers_0": {"key", "value": ...}},                 # when the model has an MTP head
@@ -34,7 +34,7 @@ from qnext_jax.modeling.decoder import BLOCKS, scan_period, stack_layers, unstac
 
 
 def _kv(config: Qwen3NextConfig, batch_size: int, max_length: int, dtype, lead=()) -> dict:
-    shape = lead + (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    shape = lead + (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
 

@@ -309,7 +309,7 @@ def cache_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str |
         return ("layers",) + cache_logical_axes(path[1:], shape[1:])
     leaf = path[-1]
     if leaf in ("key", "value"):
-        return ("batch", "length", "kv_heads", None)
+        return ("batch", "kv_heads", "length", None)
     if leaf == "conv_state":
         return ("batch", "heads", None)
     if leaf == "recurrent_state":

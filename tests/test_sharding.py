@@ -196,7 +196,7 @@ def test_indivisible_dims_fall_back_to_replicated():
                           linear_num_value_heads=4, linear_key_head_dim=16,
                           linear_value_head_dim=16, num_experts=16, vocab_size=256)
     assert sharding.logical_to_spec(sharding.cache_logical_axes(("layers_3", "key"), ()),
-                                    (2, 16, 1, 16), mesh) == P("data")
+                                    (2, 1, 16, 16), mesh) == P("data")
     assert sharding.logical_to_spec(
         sharding.cache_logical_axes(("layers_0", "recurrent_state"), ()),
         (2, cfg.linear_num_value_heads, 16, 16), mesh) == P("data", "tensor")
