@@ -99,18 +99,18 @@ def test_padded_batch_equals_each_sequence_alone(setup):
 def test_blocked_attention_matches_numpy(rng):
     B, T, K, G, D, S = 2, 5, 2, 3, 4, 19
     q = rng.standard_normal((B, T, K, G, D)).astype(np.float32)
-    k = rng.standard_normal((B, S, K, D)).astype(np.float32)
-    v = rng.standard_normal((B, S, K, D)).astype(np.float32)
+    k = rng.standard_normal((B, K, S, D)).astype(np.float32)  # the cache layout
+    v = rng.standard_normal((B, K, S, D)).astype(np.float32)
     mask = rng.random((B, T, S)) < 0.5
     mask[:, :, 9] = True  # every query sees a key; some blocks are fully masked
     mask[:, :, :8] = False
     out = attention.blocked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                       jnp.asarray(mask), 0.5, block=4)
-    logits = np.einsum("btkgd,bskd->bkgts", q.astype(np.float64), k) * 0.5
+    logits = np.einsum("btkgd,bksd->bkgts", q.astype(np.float64), k) * 0.5
     logits = np.where(mask[:, None, None], logits, -np.inf)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    ref = np.einsum("bkgts,bskd->btkgd", probs, v)
+    ref = np.einsum("bkgts,bksd->btkgd", probs, v)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
 
