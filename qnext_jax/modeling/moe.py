@@ -35,6 +35,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe import (
+    gathered_expert_outputs,
+    gathered_experts,
+    gathered_experts_reference,
+)
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.layers import dense
@@ -83,7 +88,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     return weights, experts
 
 
-MOE_IMPLS = ("auto", "ragged_dot", "gather", "tiles", "capacity", "tokamax")
+MOE_IMPLS = ("auto", "ragged_dot", "gather", "gather_pallas", "tiles", "capacity", "tokamax")
 TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
@@ -159,17 +164,6 @@ def _tokamax_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
                            down_proj, precision, _tokamax_ragged_dot(implementation))[:M]
 
 
-def _gathered_experts(x, experts, gate_proj, up_proj, down_proj, precision):
-    """Each token's k experts applied straight from their gathered weights, no sort:
-    x [N, d], experts [N, k] ids into the E of gate_proj, up_proj [E, d, I] and down_proj
-    [E, I, d] -> [N, k, d], expert ``experts[n, j]`` of ``x[n]``. Reads N * k experts' weights
-    (duplicates included): for decode, where the tiles' sort and row scatter/gather cost more
-    kernel launches than the matmuls."""
-    h = jax.nn.silu(jnp.einsum("nd,nkdi->nki", x, gate_proj[experts], precision=precision)) * \
-        jnp.einsum("nd,nkdi->nki", x, up_proj[experts], precision=precision)
-    return jnp.einsum("nki,nkid->nkd", h, down_proj[experts], precision=precision)
-
-
 def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
     """The static per-expert capacities the ``capacity`` impl compiles, smallest first:
     mean + CAPACITY_SIGMAS sqrt(mean) + 8, then 2x and 4x the mean (where larger), multiples
@@ -242,7 +236,9 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d].
       impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"gather"``
         (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
-        per projection; for decode), ``"tokamax"``
+        per projection; for decode), ``"gather_pallas"`` (the same with
+        ``pallas_kernels.moe.gathered_experts``' Pallas Triton kernels, which read the chosen
+        experts' weights in place: GPU only, I and d multiples of 32 and 64), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
@@ -269,8 +265,10 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         impl = ("ragged_dot" if jax.default_backend() != "gpu" else
                 _gpu_auto_impl(N * k, E, gate_proj.dtype))
     if impl == "gather":
-        y = _gathered_experts(x, experts, gate_proj, up_proj, down_proj, precision)
-        return jnp.einsum("nkd,nk->nd", y, weights, precision=precision)
+        return gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
+                                          precision)
+    if impl == "gather_pallas":
+        return gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj)
     flat = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     token = order // k  # source token of each sorted row
@@ -315,6 +313,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
     the local experts run as ``gather`` (each token's local experts; the others' slots give
     0, though every device gathers all k slots' weights, clipped to its own experts),
+    ``gather_pallas`` (the same through the Pallas kernels, other devices' slots weighted 0),
     ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
     ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like :func:`grouped_experts` between
     gather and tokamax (capacity runs as tiles here). The rows routed to other devices' experts
@@ -354,13 +353,20 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         if impl == "gather":
             local = experts - first  # [n, k]
             valid = (local >= 0) & (local < e_loc)
-            y = _gathered_experts(x, jnp.clip(local, 0, e_loc - 1), gate, up, down, precision)
+            y = gathered_expert_outputs(x, jnp.clip(local, 0, e_loc - 1), gate, up, down,
+                                        precision)
             w = jnp.where(valid, weights, 0).astype(jnp.float32)
             # The slots of other devices' experts ran a clipped stand-in expert: their outputs
             # are dropped, not weighted by 0 (an inf there would give NaN).
             out = jnp.einsum("nkd,nk->nd", jnp.where(valid[..., None], y, 0), w,
                              precision=precision, preferred_element_type=jnp.float32)
             return combine(out).astype(x.dtype)
+        if impl == "gather_pallas":  # other devices' slots: weight 0, own expert 0 read
+            local = experts - first
+            valid = (local >= 0) & (local < e_loc)
+            out = gathered_experts(x, jnp.where(valid, weights, 0).astype(x.dtype),
+                                   jnp.where(valid, local, 0), gate, up, down)
+            return combine(out.astype(jnp.float32)).astype(x.dtype)
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
         key = jnp.where(valid, local, e_loc)  # rows for other devices' experts sort last
