@@ -9,7 +9,7 @@ import pytest
 from pallas_kernels.moe import gathered_experts, gathered_experts_reference
 
 E, D, INNER = 8, 64, 64
-BLOCKS = {"block_i": 32, "block_d": 32, "interpret": True}  # two blocks and two loop steps each
+BLOCKS = {"block_i": 32, "block_d": 32, "block_r": 32, "interpret": True}  # 2 blocks, 2 steps
 
 
 def _case(seed, n, k, dtype, duplicate=False):
@@ -65,7 +65,7 @@ def test_gradients_equal_the_reference():
 
 def test_bad_shapes():
     x, w, e, g, u, dn = _case(0, 1, 2, jnp.float32)
-    with pytest.raises(ValueError, match="must be a multiple of its block"):
+    with pytest.raises(ValueError, match="must be a multiple of its blocks"):
         gathered_experts(x, w, e, g, u, dn, block_i=48, block_d=32, interpret=True)
     with pytest.raises(ValueError, match=r"must both be \[N = 1, k\]"):
         gathered_experts(x, w[:, :1], e, g, u, dn, interpret=True)

@@ -53,25 +53,25 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, h_ref, *, k, block_d):
+def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, h_ref, *, k, block_r):
     r, j = pl.program_id(0), pl.program_id(1)
     e, n = ids_ref[r], r // k
     BI = h_ref.shape[-1]
     cols = pl.ds(j * BI, BI)
 
     def body(t, acc):
-        rows = pl.ds(pl.multiple_of(t * block_d, block_d), block_d)
+        rows = pl.ds(pl.multiple_of(t * block_r, block_r), block_r)
         xs = x_ref[n, rows].astype(jnp.float32)[:, None]  # [BD, 1]
         g = acc[0] + jnp.sum(xs * gate_ref[e, rows, cols].astype(jnp.float32), axis=0)
         u = acc[1] + jnp.sum(xs * up_ref[e, rows, cols].astype(jnp.float32), axis=0)
         return g, u
 
     zero = jnp.zeros((BI,), jnp.float32)
-    g, u = lax.fori_loop(0, x_ref.shape[1] // block_d, body, (zero, zero))
+    g, u = lax.fori_loop(0, x_ref.shape[1] // block_r, body, (zero, zero))
     h_ref[0, :] = (jax.nn.silu(g) * u).astype(h_ref.dtype)
 
 
-def _down_kernel(ids_ref, w_ref, h_ref, down_ref, o_ref, *, k, block_i):
+def _down_kernel(ids_ref, w_ref, h_ref, down_ref, o_ref, *, k, block_r):
     n, c = pl.program_id(0), pl.program_id(1)
     BD = o_ref.shape[-1]
     cols = pl.ds(c * BD, BD)
@@ -81,18 +81,18 @@ def _down_kernel(ids_ref, w_ref, h_ref, down_ref, o_ref, *, k, block_i):
         e = ids_ref[r]
 
         def body(t, acc_e):
-            rows = pl.ds(pl.multiple_of(t * block_i, block_i), block_i)
+            rows = pl.ds(pl.multiple_of(t * block_r, block_r), block_r)
             hs = h_ref[r, rows].astype(jnp.float32)[:, None]  # [BI, 1]
             return acc_e + jnp.sum(hs * down_ref[e, rows, cols].astype(jnp.float32), axis=0)
 
-        y = lax.fori_loop(0, h_ref.shape[1] // block_i, body, jnp.zeros((BD,), jnp.float32))
+        y = lax.fori_loop(0, h_ref.shape[1] // block_r, body, jnp.zeros((BD,), jnp.float32))
         return acc + w_ref[n, j].astype(jnp.float32) * y
 
     out = lax.fori_loop(0, k, expert, jnp.zeros((BD,), jnp.float32))
     o_ref[0, :] = out.astype(o_ref.dtype)
 
 
-def _check(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d):
+def _check(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d, block_r):
     N, d = x.shape
     E, d_w, inner = gate_proj.shape
     if weights.shape != experts.shape or experts.shape[0] != N:
@@ -102,22 +102,23 @@ def _check(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d)
         raise ValueError(f"gathered_experts: expected gate_proj, up_proj [E, d = {d}, I] and "
                          f"down_proj [E, I, d]; got {gate_proj.shape}, {up_proj.shape}, "
                          f"{down_proj.shape}")
-    for name, size, block in (("I", inner, block_i), ("d", d, block_d)):
+    for name, size, block in (("I", inner, block_i), ("d", d, block_d), ("I", inner, block_r),
+                              ("d", d, block_r)):
         if size % block:
             raise ValueError(f"gathered_experts: {name} = {size} must be a multiple of its "
-                             f"block ({block})")
+                             f"blocks (block_i {block_i}, block_d {block_d}, block_r {block_r})")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gathered(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d, num_warps,
-              interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _gathered(x, weights, experts, gate_proj, up_proj, down_proj, blocks, interpret):
     N, d = x.shape
     k = experts.shape[1]
     inner = gate_proj.shape[2]
     ids = experts.reshape(-1).astype(jnp.int32)
+    block_i, block_d, block_r, num_warps = blocks
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
     h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, k=k, block_d=block_d),
+        functools.partial(_gate_up_kernel, k=k, block_r=block_r),
         grid=(N * k, inner // block_i),
         in_specs=[_whole(ids.shape), _whole(x.shape), _whole(gate_proj.shape),
                   _whole(up_proj.shape)],
@@ -126,7 +127,7 @@ def _gathered(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block
         compiler_params=params, interpret=interpret, name="moe_gathered_gate_up",
     )(ids, x, gate_proj, up_proj)
     return pl.pallas_call(
-        functools.partial(_down_kernel, k=k, block_i=block_i),
+        functools.partial(_down_kernel, k=k, block_r=block_r),
         grid=(N, d // block_d),
         in_specs=[_whole(ids.shape), _whole(weights.shape), _whole(h.shape),
                   _whole(down_proj.shape)],
@@ -136,14 +137,12 @@ def _gathered(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block
     )(ids, weights, h, down_proj)
 
 
-def _gathered_fwd(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d,
-                  num_warps, interpret):
-    out = _gathered(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d,
-                    num_warps, interpret)
+def _gathered_fwd(x, weights, experts, gate_proj, up_proj, down_proj, blocks, interpret):
+    out = _gathered(x, weights, experts, gate_proj, up_proj, down_proj, blocks, interpret)
     return out, (x, weights, experts, gate_proj, up_proj, down_proj)
 
 
-def _gathered_bwd(block_i, block_d, num_warps, interpret, res, dout):
+def _gathered_bwd(blocks, interpret, res, dout):
     x, weights, experts, gate_proj, up_proj, down_proj = res
     _, vjp = jax.vjp(lambda x, w, g, u, dn: gathered_experts_reference(x, w, experts, g, u, dn),
                      x, weights, gate_proj, up_proj, down_proj)
@@ -156,7 +155,8 @@ _gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, block_i: int = 32,
-                     block_d: int = 64, num_warps: int = 4, interpret: bool = False):
+                     block_d: int = 16, block_r: int = 128, num_warps: int = 4,
+                     interpret: bool = False):
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) with the SwiGLU experts
     ``down(silu(x gate) * (x up))``, reading the chosen experts' weights in place.
 
@@ -165,13 +165,15 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, bloc
         expert ids in [0, E) (not checked: an id out of range reads out of bounds).
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d], in x's dtype.
       block_i, block_d: intermediate columns per "gate_up" program and output columns per "down"
-        program (dividing I and d); num_warps: Triton warps; interpret: run in Pallas interpret
-        mode (CPU tests).
+        program (dividing I and d; the defaults give 16 programs per row and 128 per token at the
+        80B's I 512, d 2048); block_r: rows of weights per step of either kernel's reduction
+        (dividing I and d); num_warps: Triton warps; interpret: run in Pallas interpret mode
+        (CPU tests).
     Returns:
       [N, d] in x's dtype; float32 sums inside.
     Raises:
       ValueError: shapes that do not match, or blocks that do not divide I and d.
     """
-    _check(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d)
-    return _gathered(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d,
-                     num_warps, interpret)
+    _check(x, weights, experts, gate_proj, up_proj, down_proj, block_i, block_d, block_r)
+    return _gathered(x, weights, experts, gate_proj, up_proj, down_proj,
+                     (block_i, block_d, block_r, num_warps), interpret)

@@ -238,7 +238,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
         per projection; for decode), ``"gather_pallas"`` (the same with
         ``pallas_kernels.moe.gathered_experts``' Pallas Triton kernels, which read the chosen
-        experts' weights in place: GPU only, I and d multiples of 32 and 64), ``"tokamax"``
+        experts' weights in place: GPU only, I and d multiples of 128), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
