@@ -93,7 +93,7 @@ def test_gather_pallas_impl_equals_dense_loop(monkeypatch):
     from qnext_jax.modeling import moe
 
     monkeypatch.setattr(moe, "gathered_experts", functools.partial(
-        gathered_experts, block_i=16, block_d=16, block_r=16, interpret=True))
+        gathered_experts, block_i=16, block_d=8, block_r=8, splits=2, interpret=True))
     args = _routing_case(np.random.default_rng(4), 3, 2, 16, 32, jnp.float32)
     got = grouped_experts(*args, impl="gather_pallas")
     np.testing.assert_allclose(np.asarray(got), routed_experts(*(np.asarray(a) for a in args)),

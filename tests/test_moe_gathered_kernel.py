@@ -6,10 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.moe import gathered_experts, gathered_experts_reference
+from pallas_kernels.moe import (
+    gathered_expert_outputs,
+    gathered_expert_outputs_reference,
+    gathered_experts,
+    gathered_experts_reference,
+)
 
 E, D, INNER = 8, 64, 64
-BLOCKS = {"block_i": 32, "block_d": 32, "block_r": 32, "interpret": True}  # 2 blocks, 2 steps
+# 4 column blocks in either kernel, 2 splits of d in gate_up; 2 (gate_up) and 4 (down) steps.
+BLOCKS = {"block_i": 16, "block_d": 16, "block_r": 16, "splits": 2, "interpret": True}
 
 
 def _case(seed, n, k, dtype, duplicate=False):
@@ -48,6 +54,18 @@ def test_values_vs_numpy(n, k, dtype, duplicate):
                                atol=tol * np.abs(ref).max())
 
 
+def test_expert_outputs_float32_unweighted():
+    """gathered_expert_outputs (what expert parallelism masks and weights itself): each slot's
+    expert output in float32, against the jnp reference on the same bf16 values."""
+    x, _, experts, gate, up, down = _case(5, 2, 3, jnp.bfloat16, duplicate=True)
+    got = gathered_expert_outputs(x, experts, gate, up, down, **BLOCKS)
+    assert got.shape == (2, 3, D) and got.dtype == jnp.float32
+    x, gate, up, down = (a.astype(jnp.float32) for a in (x, gate, up, down))
+    ref = np.asarray(gathered_expert_outputs_reference(
+        x, experts, gate, up, down, precision=jax.lax.Precision.HIGHEST))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max())
+
+
 def test_gradients_equal_the_reference():
     args = _case(7, 2, 3, jnp.float32, duplicate=True)
     probe = jnp.asarray(np.random.default_rng(3).standard_normal((2, D)), jnp.float32)
@@ -65,12 +83,18 @@ def test_gradients_equal_the_reference():
 
 def test_bad_shapes():
     x, w, e, g, u, dn = _case(0, 1, 2, jnp.float32)
-    with pytest.raises(ValueError, match="must be a multiple of its blocks"):
-        gathered_experts(x, w, e, g, u, dn, block_i=48, block_d=32, interpret=True)
+    with pytest.raises(ValueError, match="I = 64 must be a multiple of block_i = 48"):
+        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "block_i": 48})
+    with pytest.raises(ValueError, match="I = 64 must be a multiple of block_r = 128"):
+        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "block_r": 128, "splits": 1})
+    with pytest.raises(ValueError, match="d = 64 must be a multiple of block_d = 128"):
+        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "block_d": 128})
+    with pytest.raises(ValueError, match=r"d = 64 must be a multiple of splits \* block_r = 48"):
+        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "splits": 3})
     with pytest.raises(ValueError, match=r"must both be \[N = 1, k\]"):
-        gathered_experts(x, w[:, :1], e, g, u, dn, interpret=True)
+        gathered_experts(x, w[:, :1], e, g, u, dn, **BLOCKS)
     with pytest.raises(ValueError, match="down_proj"):
-        gathered_experts(x, w, e, g, u, dn[:, :, :32], interpret=True)
+        gathered_experts(x, w, e, g, u, dn[:, :, :32], **BLOCKS)
 
 
 def test_export_cuda():

@@ -7,8 +7,10 @@ its jnp reference.
 
 from pallas_kernels.moe.gathered_experts import (
     gathered_expert_outputs,
+    gathered_expert_outputs_reference,
     gathered_experts,
     gathered_experts_reference,
 )
 
-__all__ = ["gathered_expert_outputs", "gathered_experts", "gathered_experts_reference"]
+__all__ = ["gathered_expert_outputs", "gathered_expert_outputs_reference", "gathered_experts",
+           "gathered_experts_reference"]

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.moe import (
     gathered_expert_outputs,
+    gathered_expert_outputs_reference,
     gathered_experts,
     gathered_experts_reference,
 )
@@ -238,7 +239,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
         per projection; for decode), ``"gather_pallas"`` (the same with
         ``pallas_kernels.moe.gathered_experts``' Pallas Triton kernels, which read the chosen
-        experts' weights in place: GPU only, I and d multiples of 128), ``"tokamax"``
+        experts' weights in place: GPU only, I a multiple of 128 and d of 512), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
@@ -313,12 +314,12 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
     the local experts run as ``gather`` (each token's local experts; the others' slots give
     0, though every device gathers all k slots' weights, clipped to its own experts),
-    ``gather_pallas`` (the same through the Pallas kernels, other devices' slots weighted 0),
-    ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
-    ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like :func:`grouped_experts` between
-    gather and tokamax (capacity runs as tiles here). The rows routed to other devices' experts
-    sort past the last local group, where tokamax's GPU kernels leave their outputs (and
-    gradient rows) unwritten: both are masked out.
+    ``gather_pallas`` (the same through the Pallas kernels), ``tiles``, ``tokamax``
+    (``"tokamax:<implementation>"`` too) or, for any other impl, ``jax.lax.ragged_dot``;
+    ``auto`` on GPU chooses like :func:`grouped_experts` between gather and tokamax (capacity
+    runs as tiles here). The rows routed to other devices' experts sort past the last local
+    group, where tokamax's GPU kernels leave their outputs (and gradient rows) unwritten: both
+    are masked out.
     """
     N, k = experts.shape
     E, d, inner = gate_proj.shape
@@ -350,23 +351,18 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         n = x.shape[0]
         e_loc = gate.shape[0]
         first = jax.lax.axis_index(e_axes) * e_loc if e_axes else 0
-        if impl == "gather":
+        if impl in ("gather", "gather_pallas"):
             local = experts - first  # [n, k]
             valid = (local >= 0) & (local < e_loc)
-            y = gathered_expert_outputs(x, jnp.clip(local, 0, e_loc - 1), gate, up, down,
-                                        precision)
+            local = jnp.clip(local, 0, e_loc - 1)
+            y = (gathered_expert_outputs(x, local, gate, up, down) if impl == "gather_pallas"
+                 else gathered_expert_outputs_reference(x, local, gate, up, down, precision))
             w = jnp.where(valid, weights, 0).astype(jnp.float32)
             # The slots of other devices' experts ran a clipped stand-in expert: their outputs
             # are dropped, not weighted by 0 (an inf there would give NaN).
             out = jnp.einsum("nkd,nk->nd", jnp.where(valid[..., None], y, 0), w,
                              precision=precision, preferred_element_type=jnp.float32)
             return combine(out).astype(x.dtype)
-        if impl == "gather_pallas":  # other devices' slots: weight 0, own expert 0 read
-            local = experts - first
-            valid = (local >= 0) & (local < e_loc)
-            out = gathered_experts(x, jnp.where(valid, weights, 0).astype(x.dtype),
-                                   jnp.where(valid, local, 0), gate, up, down)
-            return combine(out.astype(jnp.float32)).astype(x.dtype)
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
         key = jnp.where(valid, local, e_loc)  # rows for other devices' experts sort last
