@@ -84,6 +84,22 @@ def test_gather_gradients_equal_ragged_dot(n):
                                    err_msg=f"d{name}")
 
 
+def test_gather_pallas_impl_equals_dense_loop(monkeypatch):
+    """grouped_experts(impl="gather_pallas") runs pallas_kernels.moe.gathered_experts (here in
+    interpret mode; its own tests are tests/test_moe_gathered_kernel.py)."""
+    import functools
+
+    from pallas_kernels.moe import gathered_experts
+    from qnext_jax.modeling import moe
+
+    monkeypatch.setattr(moe, "gathered_experts", functools.partial(
+        gathered_experts, block_i=16, block_d=8, block_r=8, splits=2, interpret=True))
+    args = _routing_case(np.random.default_rng(4), 3, 2, 16, 32, jnp.float32)
+    got = grouped_experts(*args, impl="gather_pallas")
+    np.testing.assert_allclose(np.asarray(got), routed_experts(*(np.asarray(a) for a in args)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_tokamax_equals_dense_loop_and_gradients():
     """tokamax's ragged_dot (here on the CPU: its XLA implementation, forced and as its own
     choice) against the float64 loop; its gradients (tokamax's vjp) against autodiff through

@@ -35,6 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe import (
+    gathered_expert_outputs,
+    gathered_expert_outputs_reference,
+    gathered_experts,
+    gathered_experts_reference,
+)
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.layers import dense
@@ -83,7 +89,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     return weights, experts
 
 
-MOE_IMPLS = ("auto", "ragged_dot", "gather", "tiles", "capacity", "tokamax")
+MOE_IMPLS = ("auto", "ragged_dot", "gather", "gather_pallas", "tiles", "capacity", "tokamax")
 TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
@@ -159,17 +165,6 @@ def _tokamax_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
                            down_proj, precision, _tokamax_ragged_dot(implementation))[:M]
 
 
-def _gathered_experts(x, experts, gate_proj, up_proj, down_proj, precision):
-    """Each token's k experts applied straight from their gathered weights, no sort:
-    x [N, d], experts [N, k] ids into the E of gate_proj, up_proj [E, d, I] and down_proj
-    [E, I, d] -> [N, k, d], expert ``experts[n, j]`` of ``x[n]``. Reads N * k experts' weights
-    (duplicates included): for decode, where the tiles' sort and row scatter/gather cost more
-    kernel launches than the matmuls."""
-    h = jax.nn.silu(jnp.einsum("nd,nkdi->nki", x, gate_proj[experts], precision=precision)) * \
-        jnp.einsum("nd,nkdi->nki", x, up_proj[experts], precision=precision)
-    return jnp.einsum("nki,nkid->nkd", h, down_proj[experts], precision=precision)
-
-
 def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
     """The static per-expert capacities the ``capacity`` impl compiles, smallest first:
     mean + CAPACITY_SIGMAS sqrt(mean) + 8, then 2x and 4x the mean (where larger), multiples
@@ -242,7 +237,9 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d].
       impl: ``"ragged_dot"`` (``jax.lax.ragged_dot``: native on TPU and CPU), ``"gather"``
         (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
-        per projection; for decode), ``"tokamax"``
+        per projection; for decode), ``"gather_pallas"`` (the same with
+        ``pallas_kernels.moe.gathered_experts``' Pallas Triton kernels, which read the chosen
+        experts' weights in place: GPU only, I a multiple of 128 and d of 512), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
@@ -269,8 +266,10 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         impl = ("ragged_dot" if jax.default_backend() != "gpu" else
                 _gpu_auto_impl(N * k, E, gate_proj.dtype))
     if impl == "gather":
-        y = _gathered_experts(x, experts, gate_proj, up_proj, down_proj, precision)
-        return jnp.einsum("nkd,nk->nd", y, weights, precision=precision)
+        return gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
+                                          precision)
+    if impl == "gather_pallas":
+        return gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj)
     flat = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     token = order // k  # source token of each sorted row
@@ -315,11 +314,12 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
     the local experts run as ``gather`` (each token's local experts; the others' slots give
     0, though every device gathers all k slots' weights, clipped to its own experts),
-    ``tiles``, ``tokamax`` (``"tokamax:<implementation>"`` too) or, for any other impl,
-    ``jax.lax.ragged_dot``; ``auto`` on GPU chooses like :func:`grouped_experts` between
-    gather and tokamax (capacity runs as tiles here). The rows routed to other devices' experts
-    sort past the last local group, where tokamax's GPU kernels leave their outputs (and
-    gradient rows) unwritten: both are masked out.
+    ``gather_pallas`` (the same through the Pallas kernels), ``tiles``, ``tokamax``
+    (``"tokamax:<implementation>"`` too) or, for any other impl, ``jax.lax.ragged_dot``;
+    ``auto`` on GPU chooses like :func:`grouped_experts` between gather and tokamax (capacity
+    runs as tiles here). The rows routed to other devices' experts sort past the last local
+    group, where tokamax's GPU kernels leave their outputs (and gradient rows) unwritten: both
+    are masked out.
     """
     N, k = experts.shape
     E, d, inner = gate_proj.shape
@@ -351,10 +351,12 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         n = x.shape[0]
         e_loc = gate.shape[0]
         first = jax.lax.axis_index(e_axes) * e_loc if e_axes else 0
-        if impl == "gather":
+        if impl in ("gather", "gather_pallas"):
             local = experts - first  # [n, k]
             valid = (local >= 0) & (local < e_loc)
-            y = _gathered_experts(x, jnp.clip(local, 0, e_loc - 1), gate, up, down, precision)
+            local = jnp.clip(local, 0, e_loc - 1)
+            y = (gathered_expert_outputs(x, local, gate, up, down) if impl == "gather_pallas"
+                 else gathered_expert_outputs_reference(x, local, gate, up, down, precision))
             w = jnp.where(valid, weights, 0).astype(jnp.float32)
             # The slots of other devices' experts ran a clipped stand-in expert: their outputs
             # are dropped, not weighted by 0 (an inf there would give NaN).
