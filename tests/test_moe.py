@@ -89,11 +89,12 @@ def test_gather_pallas_impl_equals_dense_loop(monkeypatch):
     interpret mode; its own tests are tests/test_moe_gathered_kernel.py)."""
     import functools
 
-    from pallas_kernels.moe import gathered_experts
+    from pallas_kernels.moe import BlockSizes, gathered_experts
     from qnext_jax.modeling import moe
 
     monkeypatch.setattr(moe, "gathered_experts", functools.partial(
-        gathered_experts, block_i=16, block_d=8, block_r=8, splits=2, interpret=True))
+        gathered_experts, blocks=BlockSizes(block_i=16, block_d=8, block_r=8, splits=2),
+        interpret=True))
     args = _routing_case(np.random.default_rng(4), 3, 2, 16, 32, jnp.float32)
     got = grouped_experts(*args, impl="gather_pallas")
     np.testing.assert_allclose(np.asarray(got), routed_experts(*(np.asarray(a) for a in args)),
@@ -145,21 +146,24 @@ def test_tile_rows_and_bad_impl():
 
 
 def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
-    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes gather
-    (decode) or capacity; with it, auto takes tokamax beyond decode for bf16/fp16 experts only."""
+    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes
+    gather_pallas (decode; gather where its blocks do not divide d and I) or capacity; with it,
+    auto takes tokamax beyond decode for bf16/fp16 experts only."""
     from qnext_jax.modeling import moe
 
+    big, small = (512, 2048, 512), (512, 64, 32)  # [E, d, I]: the 80B's, and a tiny one
     monkeypatch.setattr(moe, "_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
     with pytest.raises(ImportError, match=r"qnext-jax\[gpu\]"):
         grouped_experts(*_ZEROS, impl="tokamax")
-    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
-    assert moe._gpu_auto_impl(256, 512, jnp.bfloat16) == "gather"
-    assert moe._gpu_auto_impl(10240, 512, jnp.bfloat16) == "capacity"
+    assert moe._gpu_auto_impl(10, big, jnp.bfloat16) == "gather_pallas"
+    assert moe._gpu_auto_impl(256, big, jnp.bfloat16) == "gather_pallas"
+    assert moe._gpu_auto_impl(256, small, jnp.bfloat16) == "gather"
+    assert moe._gpu_auto_impl(257, big, jnp.bfloat16) == "capacity"
     monkeypatch.setattr(moe, "_tokamax", lambda: (object(), None))  # installed
-    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
-    assert moe._gpu_auto_impl(640, 512, jnp.bfloat16) == "tokamax"
-    assert moe._gpu_auto_impl(10240, 512, jnp.float16) == "tokamax"
-    assert moe._gpu_auto_impl(10240, 512, jnp.float32) == "capacity"
+    assert moe._gpu_auto_impl(10, big, jnp.bfloat16) == "gather_pallas"
+    assert moe._gpu_auto_impl(640, big, jnp.bfloat16) == "tokamax"
+    assert moe._gpu_auto_impl(10240, big, jnp.float16) == "tokamax"
+    assert moe._gpu_auto_impl(10240, big, jnp.float32) == "capacity"
 
 
 def test_route_float32_softmax_topk_and_renorm():

@@ -1,12 +1,15 @@
 """The decode MoE kernel (pallas_kernels.moe.gathered_experts) in Pallas interpret mode against a
 float64 numpy loop, its gradients against the jnp reference's, and its CUDA lowering."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.moe import (
+    BlockSizes,
     gathered_expert_outputs,
     gathered_expert_outputs_reference,
     gathered_experts,
@@ -15,7 +18,8 @@ from pallas_kernels.moe import (
 
 E, D, INNER = 8, 64, 64
 # 4 column blocks in either kernel, 2 splits of d in gate_up; 2 (gate_up) and 4 (down) steps.
-BLOCKS = {"block_i": 16, "block_d": 16, "block_r": 16, "splits": 2, "interpret": True}
+SMALL = BlockSizes(block_i=16, block_d=16, block_r=16, splits=2)
+BLOCKS = {"blocks": SMALL, "interpret": True}
 
 
 def _case(seed, n, k, dtype, duplicate=False):
@@ -84,13 +88,14 @@ def test_gradients_equal_the_reference():
 def test_bad_shapes():
     x, w, e, g, u, dn = _case(0, 1, 2, jnp.float32)
     with pytest.raises(ValueError, match="I = 64 must be a multiple of block_i = 48"):
-        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "block_i": 48})
+        gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, block_i=48), interpret=True)
     with pytest.raises(ValueError, match="I = 64 must be a multiple of block_r = 128"):
-        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "block_r": 128, "splits": 1})
+        gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, block_r=128, splits=1),
+                         interpret=True)
     with pytest.raises(ValueError, match="d = 64 must be a multiple of block_d = 128"):
-        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "block_d": 128})
+        gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, block_d=128), interpret=True)
     with pytest.raises(ValueError, match=r"d = 64 must be a multiple of splits \* block_r = 48"):
-        gathered_experts(x, w, e, g, u, dn, **{**BLOCKS, "splits": 3})
+        gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, splits=3), interpret=True)
     with pytest.raises(ValueError, match=r"must both be \[N = 1, k\]"):
         gathered_experts(x, w[:, :1], e, g, u, dn, **BLOCKS)
     with pytest.raises(ValueError, match="down_proj"):

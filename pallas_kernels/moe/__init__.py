@@ -6,11 +6,12 @@ its jnp reference.
 """
 
 from pallas_kernels.moe.gathered_experts import (
+    BlockSizes,
     gathered_expert_outputs,
     gathered_expert_outputs_reference,
     gathered_experts,
     gathered_experts_reference,
 )
 
-__all__ = ["gathered_expert_outputs", "gathered_expert_outputs_reference", "gathered_experts",
+__all__ = ["BlockSizes", "gathered_expert_outputs", "gathered_expert_outputs_reference", "gathered_experts",
            "gathered_experts_reference"]

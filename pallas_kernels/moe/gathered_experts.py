@@ -33,6 +33,7 @@ take the grouped-matmul paths anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -41,6 +42,37 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles and launch parameters of the two kernels (powers of 2 for Triton).
+
+    block_i: intermediate columns per "gate_up" program (dividing I); block_d: output columns
+    per "down" program (dividing d); block_r: weight rows per step of either kernel's reduction
+    (dividing I and d / splits); splits: the slices of d that "gate_up" splits its reduction
+    into (partial sums added in jnp); num_warps: Triton warps.
+    The defaults suit the 80B's d 2048, I 512 on an H200: grids of N k x 4 x 8 ("gate_up") and
+    N k x 16 ("down") programs, each reading 128 KB of weights in 2 and 4 steps of 128 rows.
+    Measured there (one token, 80B MoE block, in a jitted loop): 0.042 ms; block_r 64: 0.048,
+    32: 0.058; splits 4: 0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms.
+    """
+
+    block_i: int = 128
+    block_d: int = 128
+    block_r: int = 128
+    splits: int = 8
+    num_warps: int = 4
+
+    def mismatch(self, d: int, inner: int) -> str | None:
+        """Why these blocks do not fit d and I (a message), or None when they do."""
+        for name, size, multiple, of in (
+                ("I", inner, self.block_i, "block_i"), ("I", inner, self.block_r, "block_r"),
+                ("d", d, self.block_d, "block_d"),
+                ("d", d, self.splits * self.block_r, "splits * block_r")):
+            if size % multiple:
+                return f"{name} = {size} must be a multiple of {of} = {multiple}"
+        return None
 
 
 def gathered_expert_outputs_reference(x, experts, gate_proj, up_proj, down_proj,
@@ -104,7 +136,7 @@ def _down_kernel(ids_ref, h_ref, down_ref, y_ref, *, block_r):
                                 jnp.zeros((BD,), jnp.float32))
 
 
-def _check(x, experts, gate_proj, up_proj, down_proj, block_i, block_d, block_r, splits):
+def _check(x, experts, gate_proj, up_proj, down_proj, blocks):
     N, d = x.shape
     E, d_w, inner = gate_proj.shape
     if experts.ndim != 2 or experts.shape[0] != N:
@@ -113,12 +145,8 @@ def _check(x, experts, gate_proj, up_proj, down_proj, block_i, block_d, block_r,
         raise ValueError(f"gathered_experts: expected gate_proj, up_proj [E, d = {d}, I] and "
                          f"down_proj [E, I, d]; got {gate_proj.shape}, {up_proj.shape}, "
                          f"{down_proj.shape}")
-    for name, size, multiple, of in (
-            ("I", inner, block_i, "block_i"), ("I", inner, block_r, "block_r"),
-            ("d", d, block_d, "block_d"), ("d", d, splits * block_r, "splits * block_r")):
-        if size % multiple:
-            raise ValueError(f"gathered_experts: {name} = {size} must be a multiple of {of} "
-                             f"= {multiple}")
+    if (why := blocks.mismatch(d, inner)) is not None:
+        raise ValueError(f"gathered_experts: {why}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -126,25 +154,24 @@ def _outputs(x, experts, gate_proj, up_proj, down_proj, blocks, interpret):
     N, k = experts.shape
     d, inner = gate_proj.shape[1:]
     ids = experts.reshape(-1).astype(jnp.int32)
-    block_i, block_d, block_r, splits, num_warps = blocks
-    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+    bi, bd, br, splits = blocks.block_i, blocks.block_d, blocks.block_r, blocks.splits
+    params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
     part = jax.ShapeDtypeStruct((splits, N * k, inner), jnp.float32)
     g_part, u_part = pl.pallas_call(
-        functools.partial(_gate_up_kernel, k=k, block_r=block_r,
-                          steps=d // splits // block_r),
-        grid=(N * k, inner // block_i, splits),
+        functools.partial(_gate_up_kernel, k=k, block_r=br, steps=d // splits // br),
+        grid=(N * k, inner // bi, splits),
         in_specs=[_whole(ids.shape), _whole(x.shape), _whole(gate_proj.shape),
                   _whole(up_proj.shape)],
-        out_specs=[pl.BlockSpec((1, 1, block_i), lambda r, c, s: (s, r, c))] * 2,
+        out_specs=[pl.BlockSpec((1, 1, bi), lambda r, c, s: (s, r, c))] * 2,
         out_shape=[part, part],
         compiler_params=params, interpret=interpret, name="moe_gathered_gate_up",
     )(ids, x, gate_proj, up_proj)
     h = (jax.nn.silu(g_part.sum(0)) * u_part.sum(0)).astype(x.dtype)  # [N*k, I]
     y = pl.pallas_call(
-        functools.partial(_down_kernel, block_r=block_r),
-        grid=(N * k, d // block_d),
+        functools.partial(_down_kernel, block_r=br),
+        grid=(N * k, d // bd),
         in_specs=[_whole(ids.shape), _whole(h.shape), _whole(down_proj.shape)],
-        out_specs=pl.BlockSpec((1, block_d), lambda r, c: (r, c)),
+        out_specs=pl.BlockSpec((1, bd), lambda r, c: (r, c)),
         out_shape=jax.ShapeDtypeStruct((N * k, d), jnp.float32),
         compiler_params=params, interpret=interpret, name="moe_gathered_down",
     )(ids, h, down_proj)
@@ -167,9 +194,8 @@ def _outputs_bwd(blocks, interpret, res, dy):
 _outputs.defvjp(_outputs_fwd, _outputs_bwd)
 
 
-def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, block_i: int = 128,
-                            block_d: int = 128, block_r: int = 128, splits: int = 8,
-                            num_warps: int = 4, interpret: bool = False):
+def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *,
+                            blocks: BlockSizes = BlockSizes(), interpret: bool = False):
     """Each token's k expert outputs ``expert_{experts[n, j]}(x[n])``, unweighted, by the two
     Pallas kernels, reading the chosen experts' weights in place.
 
@@ -177,23 +203,15 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, block_
       x: [N, d] tokens (bf16 or float32). experts: [N, k] int expert ids in [0, E) (not
         checked: an id out of range reads out of bounds).
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d], in x's dtype.
-      block_i: intermediate columns per "gate_up" program (dividing I); block_d: output columns
-        per "down" program (dividing d); block_r: weight rows per step of either kernel's
-        reduction (dividing I and d / splits); splits: the slices of d that "gate_up" splits
-        its reduction into (partial sums added in jnp); num_warps: Triton warps; interpret: run
-        in Pallas interpret mode (CPU tests). Powers of 2 for Triton. The defaults suit the
-        80B's d 2048, I 512 on an H200: grids of N k x 4 x 8 ("gate_up") and N k x 16
-        ("down") programs, each reading 128 KB of weights in 2 and 4 steps of 128 rows. Measured
-        there (one token, 80B MoE block, in a jitted loop): 0.042 ms; block_r 64: 0.048, 32:
-        0.058; splits 4: 0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms.
+      blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
+        tests).
     Returns:
       [N, k, d] float32. The gradient is that of :func:`gathered_expert_outputs_reference`.
     Raises:
       ValueError: shapes that do not match, or blocks that do not divide I and d.
     """
-    _check(x, experts, gate_proj, up_proj, down_proj, block_i, block_d, block_r, splits)
-    return _outputs(x, experts, gate_proj, up_proj, down_proj,
-                    (block_i, block_d, block_r, splits, num_warps), interpret)
+    _check(x, experts, gate_proj, up_proj, down_proj, blocks)
+    return _outputs(x, experts, gate_proj, up_proj, down_proj, blocks, interpret)
 
 
 def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, **options):
@@ -201,8 +219,8 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, **optio
     ``down(silu(x gate) * (x up))``, reading the chosen experts' weights in place.
 
     Args:
-      x, experts, gate_proj, up_proj, down_proj, and the keyword ``options`` (block_i, block_d,
-        block_r, splits, num_warps, interpret): as for :func:`gathered_expert_outputs`.
+      x, experts, gate_proj, up_proj, down_proj, and the keyword ``options`` (blocks,
+        interpret): as for :func:`gathered_expert_outputs`.
       weights: [N, k] router weights.
     Returns:
       [N, d] in x's dtype; float32 sums inside, the router weights applied in float32.

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe import BlockSizes as GatheredBlocks
 from pallas_kernels.moe import (
     gathered_expert_outputs,
     gathered_expert_outputs_reference,
@@ -128,16 +129,17 @@ def _tokamax_ragged_dot(implementation: str | None):
     return functools.partial(tokamax.ragged_dot, implementation=implementation)
 
 
-def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
-    """``auto`` on GPU: gather at decode (at most E / 2 rows), else tokamax when installed and
-    the experts are bf16/fp16 (what its Mosaic GPU kernel takes), else capacity. From
-    scripts/bench_moe.py on an H200 (80B block, bf16): T = 1 tiles 0.42 ms; T = 64 tokamax
-    0.93 / capacity 1.18 / tiles 2.90 ms; T = 1024 tokamax 1.51 / capacity 1.87 ms; T = 16384
-    tokamax 7.98 / capacity 11.93 ms. At decode, gather reads the same weights as the tiles
-    (one expert per row) without their sort, scatter and gather of rows: T = 1 gather 0.20 ms
-    (0.10 ms inside a jitted loop) against tiles 0.42 (0.21) and tokamax 0.24 (0.15)."""
+def _gpu_auto_impl(rows: int, gate_proj_shape, dtype) -> str:
+    """``auto`` on GPU: at decode (at most E / 2 rows) gather_pallas (gather where the kernels'
+    blocks do not divide d and I), else tokamax when installed and the experts are bf16/fp16
+    (what its Mosaic GPU kernel takes), else capacity. From scripts/bench_moe.py on an H200 (80B
+    block, bf16), ms per call inside a jitted loop, gather_pallas / gather / tokamax: T = 1
+    0.083 / 0.105 / 0.145; T = 8 0.170 / 0.337 / 0.227; T = 16 0.281 / 0.620 / 0.326; T = 32
+    0.483 / 1.180 / 0.494; T = 64 tokamax 0.69 against gather_pallas 0.81 (plain calls: T = 1024
+    tokamax 1.51 / capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms)."""
+    num_experts, d, inner = gate_proj_shape
     if rows <= num_experts // 2:
-        return "gather"
+        return "gather" if GatheredBlocks().mismatch(d, inner) else "gather_pallas"
     if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
         return "tokamax"
     return "capacity"
@@ -239,7 +241,8 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
         per projection; for decode), ``"gather_pallas"`` (the same with
         ``pallas_kernels.moe.gathered_experts``' Pallas Triton kernels, which read the chosen
-        experts' weights in place: GPU only, I a multiple of 128 and d of 512), ``"tokamax"``
+        experts' weights in place: GPU only, with their default blocks I a multiple of 128 and d
+        of 1024), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
@@ -250,9 +253,9 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         per expert, plain batched matmuls; when some expert gets more than C rows a
         ``lax.cond`` runs ``tiles`` instead, so it stays dropless and exact; two larger
         capacities, 2x and 4x the mean, are tried first under ``lax.switch``), or ``"auto"``
-        (on GPU: ``gather`` when there are at most E / 2 rows (decode), else ``tokamax`` when it
-        is installed and the experts are bf16/fp16, else ``capacity``; elsewhere
-        ``ragged_dot``).
+        (on GPU: ``gather_pallas`` when there are at most E / 2 rows (decode; ``gather`` where
+        its blocks do not divide d and I), else ``tokamax`` when it is installed and the
+        experts are bf16/fp16, else ``capacity``; elsewhere ``ragged_dot``).
       tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
     Returns:
       [N, d]: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
@@ -264,7 +267,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     E = gate_proj.shape[0]
     if impl == "auto":
         impl = ("ragged_dot" if jax.default_backend() != "gpu" else
-                _gpu_auto_impl(N * k, E, gate_proj.dtype))
+                _gpu_auto_impl(N * k, gate_proj.shape, gate_proj.dtype))
     if impl == "gather":
         return gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
                                           precision)
@@ -332,7 +335,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     impl, tokamax_implementation = _parse_impl(impl, "expert_parallel_experts")
     if impl == "auto":
         impl = "ragged_dot" if jax.default_backend() != "gpu" else _gpu_auto_impl(
-            N * k, E, gate_proj.dtype)
+            N * k, gate_proj.shape, gate_proj.dtype)
         impl = "tiles" if impl == "capacity" else impl
     e_total = E
     tok = sharding.batch_axes(N, mesh, rules)

@@ -29,7 +29,9 @@ class BlockSizes:
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
     Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128;
     block_v_h 32 and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768,
-    block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit).
+    block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit; num_warps_wy 2 from
+    the forward at 1x32768 and 8x4096, 2.43 / 2.29-2.36 ms against 2.78 / 2.47 with 4 warps
+    and 4.53 / 4.25 with 1; 2 warps elsewhere were slower, by up to 5x in "dqkwg" and "wy_bwd").
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
     block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program;
     block_k_dqkwg: key columns per "dqkwg" program (less than dk splits the key dimension over
@@ -52,7 +54,7 @@ class BlockSizes:
     chunk: int = 64
     block_v_h: int = 32
     block_v_o: int = 128
-    num_warps_wy: int = 4
+    num_warps_wy: int = 2
     num_warps_h: int = 4
     num_warps_o: int = 4
     num_stages: int = 3
