@@ -37,14 +37,17 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def _check_gdn_impl(impl: str) -> None:
-    """--gdn-impl names a kernel for another platform than JAX's: stop before building."""
+def _check_impls(gdn_impl: str, moe_impl: str = "auto") -> None:
+    """--gdn-impl / --moe-impl name a kernel for another platform than JAX's: stop before
+    building."""
     import jax
 
-    needs = {"pallas_triton": "gpu", "pallas_tpu": "tpu"}.get(impl)
-    if needs is not None and jax.default_backend() != needs:
-        raise SystemExit(f"--gdn-impl {impl} runs on a {needs.upper()}; this JAX's backend is "
-                         f"{jax.default_backend()}: use auto or reference")
+    for flag, impl, fallback in (("--gdn-impl", gdn_impl, "auto or reference"),
+                                 ("--moe-impl", moe_impl, "auto")):
+        needs = {"pallas_triton": "gpu", "pallas_tpu": "tpu", "gather_pallas": "gpu"}.get(impl)
+        if needs is not None and jax.default_backend() != needs:
+            raise SystemExit(f"{flag} {impl} runs on a {needs.upper()}; this JAX's backend is "
+                             f"{jax.default_backend()}: use {fallback}")
 
 
 def _cmd_convert(args) -> int:
@@ -122,7 +125,7 @@ def _cmd_generate(args) -> int:
 
     if args.prompt is not None and args.token_ids is not None and not args.chat:
         raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
-    _check_gdn_impl(args.gdn_impl)
+    _check_impls(args.gdn_impl, args.moe_impl)
     if args.checkpoint is None and args.speculative_tokens:
         raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
                          "model has none")
@@ -198,7 +201,8 @@ def _cmd_generate(args) -> int:
                          f"{min(ids)}..{max(ids)}")
     dtype = params["embed_tokens"]["embedding"].dtype
     try:
-        gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, mesh=mesh,
+        gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
+                        mesh=mesh,
                         prefill_chunk_size=args.prefill_chunk_size,
                         speculative_tokens=args.speculative_tokens,
                         scan_layers=args.scan_layers)
@@ -275,7 +279,7 @@ def _cmd_finetune(args) -> int:
     from qnext_jax.train.run import finetune
     from qnext_jax.train.step import TrainConfig
 
-    _check_gdn_impl(args.gdn_impl)
+    _check_impls(args.gdn_impl)
     mesh = _mesh_from_args(args)
     opt = OptimizerConfig(
         learning_rate=args.lr, warmup_steps=args.warmup_steps,
@@ -305,6 +309,7 @@ def _cmd_finetune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pallas_kernels.gated_delta_rule import IMPLS
+    from qnext_jax.modeling.moe import MOE_IMPLS
 
     gdn_impls = [i for i in IMPLS if i != "pallas_mosaic_gpu"]  # not implemented yet
 
@@ -341,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute/param dtype (default: the checkpoint's)")
     g.add_argument("--gdn-impl", default="auto", choices=gdn_impls,
                    help="Gated DeltaNet backend (default auto: Pallas on GPU/TPU)")
+    g.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS,
+                   help="routed experts' implementation (default auto: by platform and token "
+                        "count; gather_pallas: the GPU decode kernel, unscanned models)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON result (tokens, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",

@@ -149,7 +149,7 @@ class Generator:
     """Holds the model and its jitted prefill/decode functions for one config.
 
     Args:
-      config, dtype, precision, gdn_impl: the model (see ``Qwen3NextForCausalLM``).
+      config, dtype, precision, gdn_impl, moe_impl: the model (see ``Qwen3NextForCausalLM``).
       mesh: a ``jax.sharding.Mesh`` from :func:`qnext_jax.sharding.make_mesh`, or None: run
         sharded: params are placed with :attr:`param_shardings` (restore them straight into
         these with ``load(..., shardings=gen.param_shardings)``), the cache is created sharded
@@ -175,7 +175,7 @@ class Generator:
     """
 
     def __init__(self, config: Qwen3NextConfig, dtype=jnp.float32, precision=None,
-                 gdn_impl: str = "auto", mesh=None, rules=None,
+                 gdn_impl: str = "auto", moe_impl: str = "auto", mesh=None, rules=None,
                  prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
                  scan_layers: bool = False):
         if prefill_chunk_size is not None and prefill_chunk_size < 1:
@@ -198,7 +198,8 @@ class Generator:
         self.prefill_chunk_size = prefill_chunk_size
         self.speculative_tokens = speculative_tokens
         self.model = Qwen3NextForCausalLM(config, dtype=dtype, precision=precision,
-                                          gdn_impl=gdn_impl, scan_layers=scan_layers)
+                                          gdn_impl=gdn_impl, moe_impl=moe_impl,
+                                          scan_layers=scan_layers)
         convert = stack_layers if scan_layers else unstack_layers
         self._convert = jax.jit(lambda p: convert(p, config),
                                 **({} if mesh is None else {"out_shardings": self.param_shardings}))

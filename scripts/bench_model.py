@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--gdn-impl", default="auto")
+    ap.add_argument("--moe-impl", default="auto",
+                    help="routed experts' impl (qnext_jax.modeling.moe.MOE_IMPLS)")
     ap.add_argument("--mesh", default=None,
                     help="mesh spec over the local devices (default: expert=<device count>)")
     ap.add_argument("--scan-layers", action="store_true",
@@ -149,7 +151,8 @@ def main():
         base = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
     cfg = base.replace(num_hidden_layers=args.layers)
     model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                 gdn_impl=args.gdn_impl, scan_layers=args.scan_layers)
+                                 gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
+                                 scan_layers=args.scan_layers)
     devices = jax.devices()
     dev = devices[0]
     mesh = sharding.make_mesh(args.mesh or f"expert={len(devices)}")
@@ -164,6 +167,7 @@ def main():
     rows, record = [], {"device": dev.device_kind, "devices": n_dev,
                         "mesh": sharding.mesh_sizes(mesh), "jax": jax.__version__,
                         "layers": args.layers, "scan_layers": args.scan_layers,
+                        "gdn_impl": args.gdn_impl, "moe_impl": args.moe_impl,
                         "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw,
                         "matmul_bf16_flops": peak}
 

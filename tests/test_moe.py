@@ -146,24 +146,21 @@ def test_tile_rows_and_bad_impl():
 
 
 def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
-    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes
-    gather_pallas (decode; gather where its blocks do not divide d and I) or capacity; with it,
-    auto takes tokamax beyond decode for bf16/fp16 experts only."""
+    """Without tokamax, impl="tokamax" names the extra to install and auto on GPU takes gather
+    (decode) or capacity; with it, auto takes tokamax beyond decode for bf16/fp16 experts only."""
     from qnext_jax.modeling import moe
 
-    big, small = (512, 2048, 512), (512, 64, 32)  # [E, d, I]: the 80B's, and a tiny one
     monkeypatch.setattr(moe, "_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
     with pytest.raises(ImportError, match=r"qnext-jax\[gpu\]"):
         grouped_experts(*_ZEROS, impl="tokamax")
-    assert moe._gpu_auto_impl(10, big, jnp.bfloat16) == "gather_pallas"
-    assert moe._gpu_auto_impl(256, big, jnp.bfloat16) == "gather_pallas"
-    assert moe._gpu_auto_impl(256, small, jnp.bfloat16) == "gather"
-    assert moe._gpu_auto_impl(257, big, jnp.bfloat16) == "capacity"
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
+    assert moe._gpu_auto_impl(256, 512, jnp.bfloat16) == "gather"
+    assert moe._gpu_auto_impl(10240, 512, jnp.bfloat16) == "capacity"
     monkeypatch.setattr(moe, "_tokamax", lambda: (object(), None))  # installed
-    assert moe._gpu_auto_impl(10, big, jnp.bfloat16) == "gather_pallas"
-    assert moe._gpu_auto_impl(640, big, jnp.bfloat16) == "tokamax"
-    assert moe._gpu_auto_impl(10240, big, jnp.float16) == "tokamax"
-    assert moe._gpu_auto_impl(10240, big, jnp.float32) == "capacity"
+    assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
+    assert moe._gpu_auto_impl(640, 512, jnp.bfloat16) == "tokamax"
+    assert moe._gpu_auto_impl(10240, 512, jnp.float16) == "tokamax"
+    assert moe._gpu_auto_impl(10240, 512, jnp.float32) == "capacity"
 
 
 def test_route_float32_softmax_topk_and_renorm():
@@ -233,3 +230,24 @@ def test_sparse_moe_block_matches_numpy(rng):
     y = block.apply({"params": p}, x)
     ref = sparse_moe(jax.tree.map(np.asarray, p), f64(x.reshape(10, -1)), 3, False)
     np.testing.assert_allclose(np.asarray(y).reshape(10, -1), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_model_moe_impl_reaches_every_moe_layer(scan_layers):
+    """Qwen3NextForCausalLM(moe_impl=...) reaches the sparse-MoE layers, scanned or not: gather
+    gives auto's (ragged_dot on CPU) logits; an unknown impl fails naming itself."""
+    from conftest import tiny_config
+
+    from qnext_jax.modeling.decoder import Qwen3NextForCausalLM
+
+    cfg = tiny_config(mtp_num_hidden_layers=1, num_hidden_layers=8)  # scans 2 blocks of 4
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 7)))
+    base = Qwen3NextForCausalLM(cfg, scan_layers=scan_layers)
+    params = base.init(jax.random.key(0), ids)["params"]
+    want, _ = base.apply({"params": params}, ids)
+    got, _ = Qwen3NextForCausalLM(cfg, scan_layers=scan_layers, moe_impl="gather").apply(
+        {"params": params}, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bogus"):
+        Qwen3NextForCausalLM(cfg, scan_layers=scan_layers, moe_impl="bogus").apply(
+            {"params": params}, ids)

@@ -35,7 +35,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.moe import BlockSizes as GatheredBlocks
 from pallas_kernels.moe import (
     gathered_expert_outputs,
     gathered_expert_outputs_reference,
@@ -129,17 +128,17 @@ def _tokamax_ragged_dot(implementation: str | None):
     return functools.partial(tokamax.ragged_dot, implementation=implementation)
 
 
-def _gpu_auto_impl(rows: int, gate_proj_shape, dtype) -> str:
-    """``auto`` on GPU: at decode (at most E / 2 rows) gather_pallas (gather where the kernels'
-    blocks do not divide d and I), else tokamax when installed and the experts are bf16/fp16
-    (what its Mosaic GPU kernel takes), else capacity. From scripts/bench_moe.py on an H200 (80B
-    block, bf16), ms per call inside a jitted loop, gather_pallas / gather / tokamax: T = 1
-    0.083 / 0.105 / 0.145; T = 8 0.170 / 0.337 / 0.227; T = 16 0.281 / 0.620 / 0.326; T = 32
-    0.483 / 1.180 / 0.494; T = 64 tokamax 0.69 against gather_pallas 0.81 (plain calls: T = 1024
-    tokamax 1.51 / capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms)."""
-    num_experts, d, inner = gate_proj_shape
+def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
+    """``auto`` on GPU: gather at decode (at most E / 2 rows), else tokamax when installed and
+    the experts are bf16/fp16 (what its Mosaic GPU kernel takes), else capacity. From
+    scripts/bench_moe.py on an H200 (80B block, bf16), ms per call inside a jitted loop, gather
+    / tokamax / gather_pallas: T = 1 0.105 / 0.145 / 0.083; T = 8 0.337 / 0.227 / 0.170;
+    T = 32 1.180 / 0.494 / 0.483; T = 64 tokamax 0.69 (plain calls: T = 1024 tokamax 1.51 /
+    capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms). gather_pallas is faster
+    at decode but not auto's choice: under a layer scan its kernel operands, the layer's slice
+    of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's moe_impl)."""
     if rows <= num_experts // 2:
-        return "gather" if GatheredBlocks().mismatch(d, inner) else "gather_pallas"
+        return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
         return "tokamax"
     return "capacity"
@@ -253,9 +252,9 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         per expert, plain batched matmuls; when some expert gets more than C rows a
         ``lax.cond`` runs ``tiles`` instead, so it stays dropless and exact; two larger
         capacities, 2x and 4x the mean, are tried first under ``lax.switch``), or ``"auto"``
-        (on GPU: ``gather_pallas`` when there are at most E / 2 rows (decode; ``gather`` where
-        its blocks do not divide d and I), else ``tokamax`` when it is installed and the
-        experts are bf16/fp16, else ``capacity``; elsewhere ``ragged_dot``).
+        (on GPU: ``gather`` when there are at most E / 2 rows (decode), else ``tokamax`` when it
+        is installed and the experts are bf16/fp16, else ``capacity``; elsewhere
+        ``ragged_dot``).
       tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
     Returns:
       [N, d]: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
@@ -267,7 +266,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     E = gate_proj.shape[0]
     if impl == "auto":
         impl = ("ragged_dot" if jax.default_backend() != "gpu" else
-                _gpu_auto_impl(N * k, gate_proj.shape, gate_proj.dtype))
+                _gpu_auto_impl(N * k, E, gate_proj.dtype))
     if impl == "gather":
         return gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
                                           precision)
@@ -335,7 +334,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     impl, tokamax_implementation = _parse_impl(impl, "expert_parallel_experts")
     if impl == "auto":
         impl = "ragged_dot" if jax.default_backend() != "gpu" else _gpu_auto_impl(
-            N * k, gate_proj.shape, gate_proj.dtype)
+            N * k, E, gate_proj.dtype)
         impl = "tiles" if impl == "capacity" else impl
     e_total = E
     tok = sharding.batch_axes(N, mesh, rules)
