@@ -63,6 +63,8 @@ VARIANTS = {
     "dqkwg_bk32": {"block_k_dqkwg": 32},
     "wy_bwd_w8": {"num_warps_wy_bwd": 8},
     "recompute": {"save_states": False},
+    "fuse_o": {"fuse_o": True},
+    "fuse_o_bv64": {"fuse_o": True, "block_v_h": 64},
 }
 
 
@@ -151,6 +153,8 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    p.add_argument("--skip-stages", action="store_true",
+                   help="time the variants only, not each stage of the default")
     p.add_argument("--interpret", action="store_true",
                    help="Pallas interpret mode (a CPU smoke run; use tiny --shapes)")
     args = p.parse_args(argv)
@@ -161,11 +165,13 @@ def main(argv=None):
         q, k, v, g, beta = make_inputs(B, T)
         q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
         g, beta = jnp.asarray(g), jnp.asarray(beta)
-        row = {"stages_ms": stage_times(q, k, v, g, beta, triton_fwd.BlockSizes(), args.reps, it),
-               "bwd_stages_ms": bwd_stage_times(q, k, v, g, beta, triton_fwd.BlockSizes(),
-                                                args.reps, it),
-               "variants_ms": {}, "variants_fwdbwd_ms": {}}
-        print(f"{B}x{T}: stages {row['stages_ms']} backward {row['bwd_stages_ms']}", flush=True)
+        row = {"variants_ms": {}, "variants_fwdbwd_ms": {}}
+        if not args.skip_stages:
+            bs0 = triton_fwd.BlockSizes()
+            row["stages_ms"] = stage_times(q, k, v, g, beta, bs0, args.reps, it)
+            row["bwd_stages_ms"] = bwd_stage_times(q, k, v, g, beta, bs0, args.reps, it)
+            print(f"{B}x{T}: stages {row['stages_ms']} backward {row['bwd_stages_ms']}",
+                  flush=True)
         for name in args.variants.split(","):
             bs = dataclasses.replace(triton_fwd.BlockSizes(), **VARIANTS[name])
             f = jax.jit(lambda q, k, v, g, b, bs=bs: chunk_gated_delta_rule(
@@ -185,7 +191,8 @@ def main(argv=None):
         res["shapes"][f"{B}x{T}"] = row
         with open(os.path.join(args.out, "tune_gdn.json"), "w") as f:
             json.dump(res, f, indent=1)
-    for field in ("stages_ms", "bwd_stages_ms", "variants_ms", "variants_fwdbwd_ms"):
+    fields = ("variants_ms", "variants_fwdbwd_ms")
+    for field in fields if args.skip_stages else ("stages_ms", "bwd_stages_ms") + fields:
         names = list(next(iter(res["shapes"].values()))[field])
         print(f"\n{field}\n| shape | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")

@@ -120,6 +120,10 @@ DENSE_CASES = [
                  id="T65-f32-1:2-recompute"),
     pytest.param(63, 1, 1, jnp.bfloat16, False, True, {"block_sizes": RECOMPUTE},
                  id="T63-bf16-recompute"),
+    # Stage "o" inside the state pass, which then also writes the states the backward keeps.
+    pytest.param(65, 1, 2, jnp.float32, True, True,
+                 {"block_sizes": BlockSizes(chunk=16, block_v_h=16, fuse_o=True)},
+                 id="T65-f32-1:2-fuse_o"),
 ]
 
 
@@ -157,8 +161,10 @@ def test_saved_states_skip_the_recompute():
         assert recompute.count(name) == 2 * saved.count(name) > 0, name  # per pallas_call)
 
 
-def test_export_cuda_backward():
-    """The backward lowers to Triton for CUDA (dense and packed sequences)."""
+@pytest.mark.parametrize("fuse_o", [False, True])
+def test_export_cuda_backward(fuse_o):
+    """The backward lowers to Triton for CUDA (dense and packed sequences), also after the
+    forward with stage "o" inside the state pass."""
     S = jax.ShapeDtypeStruct
     bf, f32 = jnp.bfloat16, jnp.float32
     T, Hk, Hv, D = 100, 2, 4, 128
@@ -175,6 +181,7 @@ def test_export_cuda_backward():
             use_qk_l2norm_in_kernel=True,
             cu_seqlens=cu,
             impl="pallas_triton",
+            block_sizes=BlockSizes(fuse_o=fuse_o),
         )
         return jnp.sum(o.astype(f32)) + jnp.sum(st)
 
@@ -193,3 +200,4 @@ def test_export_cuda_backward():
         text = _export_cuda(grad_fn, args).mlir_module()
         for name in BWD_KERNELS:
             assert name in text, (name, cu)
+        assert ("gdn_chunk_fwd_h_o" in text) == fuse_o, cu

@@ -15,7 +15,7 @@ from jax import lax
 
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
-from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h
+from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h, chunk_fwd_h_o
 from pallas_kernels.gated_delta_rule.gpu_triton.h_split import chunk_fwd_h_split
 from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import chunk_kkt_solve_wy
 from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_fwd_o
@@ -49,6 +49,10 @@ class BlockSizes:
     float32, plus one [dk, dv] state per chunk (1.2 GB at 1 x 32768 tokens, 32 heads of 128,
     bf16). Default on: scripts/bench_gdn.py on an H200 (bf16, Hk 16 / Hv 32, loss sum(o^2))
     measured forward + backward at 1 x 32768 in 9.74 ms with it and 11.99 ms without.
+    fuse_o: compute stage "o" inside stage "h" (h.chunk_fwd_h_o, block_v_h columns per program):
+    the per-chunk states and v_new are then written only for the backward's saved states and
+    never read back. Unsplit passes only (with seq_splits > 1 on dense inputs it is ignored).
+    Default off until measured (scripts/tune_gdn.py variant fuse_o).
     """
 
     chunk: int = 64
@@ -68,6 +72,7 @@ class BlockSizes:
     num_warps_wy_bwd: int = 4
     seq_splits: int = 1
     save_states: bool = True
+    fuse_o: bool = False
 
 
 def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
@@ -147,6 +152,37 @@ def chunk_layout(T: int, chunk: int, cu_seqlens: jax.Array | None = None) -> Chu
     )
 
 
+def chunk_wy(k, v, G, beta, *, block_sizes: BlockSizes, use_qk_l2norm: bool, solve_precision,
+             interpret: bool, return_inverse: bool = False):
+    """Stages "kkt/solve/wy" with the launch parameters of ``block_sizes``: w, u (and T with
+    return_inverse), as kkt_solve_wy.chunk_kkt_solve_wy."""
+    return chunk_kkt_solve_wy(
+        k,
+        v,
+        G,
+        beta,
+        chunk_size=block_sizes.chunk,
+        use_qk_l2norm=use_qk_l2norm,
+        solve_precision=solve_precision,
+        num_warps=block_sizes.num_warps_wy,
+        num_stages=block_sizes.num_stages,
+        return_inverse=return_inverse,
+        interpret=interpret,
+    )
+
+
+def _h_args(block_sizes: BlockSizes, use_qk_l2norm: bool, interpret: bool) -> dict:
+    """The keyword arguments of the state passes (stage "h") from ``block_sizes``."""
+    return {
+        "chunk_size": block_sizes.chunk,
+        "block_v": block_sizes.block_v_h,
+        "use_qk_l2norm": use_qk_l2norm,
+        "num_warps": block_sizes.num_warps_h,
+        "num_stages": block_sizes.num_stages,
+        "interpret": interpret,
+    }
+
+
 def chunk_states(
     k,
     v,
@@ -172,28 +208,10 @@ def chunk_states(
       the final state [B or n_pad, Hv, dk, dv] float32 (see gpu_triton.h.chunk_fwd_h); with
       return_inverse, then T [B, Tp, Hv, C] float32 (see kkt_solve_wy.chunk_kkt_solve_wy).
     """
-    C = block_sizes.chunk
-    w, u, *inverse = chunk_kkt_solve_wy(
-        k,
-        v,
-        G,
-        beta,
-        chunk_size=C,
-        use_qk_l2norm=use_qk_l2norm,
-        solve_precision=solve_precision,
-        num_warps=block_sizes.num_warps_wy,
-        num_stages=block_sizes.num_stages,
-        return_inverse=return_inverse,
-        interpret=interpret,
-    )
-    h_args = {
-        "chunk_size": C,
-        "block_v": block_sizes.block_v_h,
-        "use_qk_l2norm": use_qk_l2norm,
-        "num_warps": block_sizes.num_warps_h,
-        "num_stages": block_sizes.num_stages,
-        "interpret": interpret,
-    }
+    w, u, *inverse = chunk_wy(k, v, G, beta, block_sizes=block_sizes,
+                              use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision,
+                              interpret=interpret, return_inverse=return_inverse)
+    h_args = _h_args(block_sizes, use_qk_l2norm, interpret)
     if lay.varlen is None and block_sizes.seq_splits > 1:
         h, v_new, final = chunk_fwd_h_split(
             k, w, u, G, initial_state, segments=block_sizes.seq_splits, **h_args
@@ -249,34 +267,45 @@ def chunk_gated_delta_rule_fwd(
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_shape = (N, v.shape[2], k.shape[3], v.shape[3])
     G = chunk_local_cumsum(g, C)
-    w, h, v_new, final, *inverse = chunk_states(
-        k,
-        v,
-        G,
-        beta,
-        lay.kernel_initial_state(initial_state, state_shape),
-        lay,
-        block_sizes=block_sizes,
-        use_qk_l2norm=use_qk_l2norm,
-        solve_precision=solve_precision,
-        interpret=interpret,
-        return_inverse=return_states,
-    )
-    o = chunk_fwd_o(
-        q,
-        k,
-        G,
-        h,
-        v_new,
-        scale=scale,
-        out_dtype=v.dtype,
-        chunk_size=C,
-        block_v=block_sizes.block_v_o,
-        use_qk_l2norm=use_qk_l2norm,
-        num_warps=block_sizes.num_warps_o,
-        num_stages=block_sizes.num_stages,
-        interpret=interpret,
-    )
+    initial = lay.kernel_initial_state(initial_state, state_shape)
+    if block_sizes.fuse_o and (lay.varlen is not None or block_sizes.seq_splits == 1):
+        w, u, *inverse = chunk_wy(k, v, G, beta, block_sizes=block_sizes,
+                                  use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision,
+                                  interpret=interpret, return_inverse=return_states)
+        o, *states, final = chunk_fwd_h_o(
+            q, k, w, u, G, initial, scale=scale, out_dtype=v.dtype, store_states=return_states,
+            chunk_reset=lay.chunk_reset, chunk_last=lay.chunk_last,
+            **_h_args(block_sizes, use_qk_l2norm, interpret))
+        h, v_new = states if return_states else (None, None)
+    else:
+        w, h, v_new, final, *inverse = chunk_states(
+            k,
+            v,
+            G,
+            beta,
+            initial,
+            lay,
+            block_sizes=block_sizes,
+            use_qk_l2norm=use_qk_l2norm,
+            solve_precision=solve_precision,
+            interpret=interpret,
+            return_inverse=return_states,
+        )
+        o = chunk_fwd_o(
+            q,
+            k,
+            G,
+            h,
+            v_new,
+            scale=scale,
+            out_dtype=v.dtype,
+            chunk_size=C,
+            block_v=block_sizes.block_v_o,
+            use_qk_l2norm=use_qk_l2norm,
+            num_warps=block_sizes.num_warps_o,
+            num_stages=block_sizes.num_stages,
+            interpret=interpret,
+        )
     if lay.varlen is not None:
         s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
         final = jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))
