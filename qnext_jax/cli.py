@@ -37,9 +37,9 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def _check_impls(gdn_impl: str, moe_impl: str = "auto") -> None:
-    """--gdn-impl / --moe-impl name a kernel for another platform than JAX's: stop before
-    building."""
+def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = False) -> None:
+    """--gdn-impl / --moe-impl name a kernel for another platform than JAX's, or
+    --moe-impl gather_pallas with --scan-layers: stop before building."""
     import jax
 
     for flag, impl, fallback in (("--gdn-impl", gdn_impl, "auto or reference"),
@@ -48,6 +48,10 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto") -> None:
         if needs is not None and jax.default_backend() != needs:
             raise SystemExit(f"{flag} {impl} runs on a {needs.upper()}; this JAX's backend is "
                              f"{jax.default_backend()}: use {fallback}")
+    if moe_impl == "gather_pallas" and scan_layers:
+        raise SystemExit("--moe-impl gather_pallas with --scan-layers: under the layer scan XLA "
+                         "copies each layer's expert weights whole for the kernel (the 80B "
+                         "decoded 3.7x slower); use auto, or drop --scan-layers")
 
 
 def _cmd_convert(args) -> int:
@@ -125,7 +129,7 @@ def _cmd_generate(args) -> int:
 
     if args.prompt is not None and args.token_ids is not None and not args.chat:
         raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
-    _check_impls(args.gdn_impl, args.moe_impl)
+    _check_impls(args.gdn_impl, args.moe_impl, args.scan_layers)
     if args.checkpoint is None and args.speculative_tokens:
         raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
                          "model has none")

@@ -518,10 +518,10 @@ class Generator:
 
 
 @functools.lru_cache(maxsize=8)
-def _generator(config: Qwen3NextConfig, dtype_name: str, gdn_impl: str,
+def _generator(config: Qwen3NextConfig, dtype_name: str, gdn_impl: str, moe_impl: str,
                prefill_chunk_size: int | None, speculative_tokens: int,
                scan_layers: bool) -> Generator:
-    return Generator(config, dtype=jnp.dtype(dtype_name), gdn_impl=gdn_impl,
+    return Generator(config, dtype=jnp.dtype(dtype_name), gdn_impl=gdn_impl, moe_impl=moe_impl,
                      prefill_chunk_size=prefill_chunk_size,
                      speculative_tokens=speculative_tokens, scan_layers=scan_layers)
 
@@ -529,20 +529,22 @@ def _generator(config: Qwen3NextConfig, dtype_name: str, gdn_impl: str,
 def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, attention_mask=None, eos_token_id=None, dtype=None,
-             gdn_impl: str = "auto", prefill_chunk_size: int | None = None,
-             speculative_tokens: int = 0, scan_layers: bool = False) -> np.ndarray:
+             gdn_impl: str = "auto", moe_impl: str = "auto",
+             prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
+             scan_layers: bool = False) -> np.ndarray:
     """Generate ``max_new_tokens`` tokens after ``input_ids``: [B, T] (left-padded with
     ``attention_mask`` 0 where needed) or a list of token-id lists of any lengths (padded
     here). Returns int32 [B, n] numpy, n <= max_new_tokens (shorter when every sequence hit
     eos; finished rows repeat their eos).
 
-    ``dtype`` is the compute dtype (default: the dtype of the embedding params);
+    ``dtype`` is the compute dtype (default: the dtype of the embedding params); ``gdn_impl``,
+    ``moe_impl``: see ``Qwen3NextForCausalLM``;
     ``prefill_chunk_size``, ``speculative_tokens`` and ``scan_layers``: see :class:`Generator`
     (params in either layout).
     """
     if dtype is None:
         dtype = params["embed_tokens"]["embedding"].dtype
-    gen = _generator(config, jnp.dtype(dtype).name, gdn_impl, prefill_chunk_size,
+    gen = _generator(config, jnp.dtype(dtype).name, gdn_impl, moe_impl, prefill_chunk_size,
                      speculative_tokens, scan_layers)
     return gen.generate(params, input_ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -45,6 +45,7 @@ from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert.name_map import abstract_params
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.decoder import stack_layers
+from qnext_jax.modeling.moe import MOE_IMPLS
 
 PROFILE_STEPS = 5  # decode steps traced per batch size with --profile
 
@@ -132,8 +133,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--gdn-impl", default="auto")
-    ap.add_argument("--moe-impl", default="auto",
-                    help="routed experts' impl (qnext_jax.modeling.moe.MOE_IMPLS)")
+    ap.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS,
+                    help="routed experts' impl (decode paths serve decode steps only)")
     ap.add_argument("--mesh", default=None,
                     help="mesh spec over the local devices (default: expert=<device count>)")
     ap.add_argument("--scan-layers", action="store_true",

@@ -4,12 +4,12 @@ transformers' ``Qwen3NextSparseMoeBlock`` (PyTorch) on the same GPU and the same
     python scripts/bench_moe.py --out moe_bench.json             # T in 1, 64, 1024, 16384
     python scripts/bench_moe.py --tokens 1,64 --no-torch --iters 50
 
-Our implementations (``--impls``, qnext_jax.modeling.moe.grouped_experts' ``impl``): tiles, gather_pallas,
-gather, capacity, ragged_dot (XLA's, dense on GPU), and tokamax's ragged_dot kernels "tokamax:mosaic"
-(Pallas Mosaic GPU) and "tokamax:triton" (tokamax registers it only when jax-triton imports;
-jax-triton >= 0.4, which tokamax 0.0.17 calls, needs triton >= 3.7). tokamax is the optional
-``gpu`` extra; on a machine without internet its wheels travel in the ignored .whl/ folder of
-the checkout (run with ``carry: [".whl"]``):
+Our implementations (``--impls``, qnext_jax.modeling.moe.grouped_experts' ``impl``): tiles, gather,
+gather_pallas, capacity, ragged_dot (XLA's, dense on GPU), and tokamax's ragged_dot kernels
+"tokamax:mosaic" (Pallas Mosaic GPU) and "tokamax:triton" (tokamax registers it only when
+jax-triton imports; jax-triton >= 0.4, which tokamax 0.0.17 calls, needs triton >= 3.7). tokamax is
+the optional ``gpu`` extra; on a machine without internet its wheels travel in the ignored .whl/
+folder of the checkout (run with ``carry: [".whl"]``):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. && \

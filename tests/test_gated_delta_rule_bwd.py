@@ -122,8 +122,8 @@ DENSE_CASES = [
                  id="T63-bf16-recompute"),
     # Stage "o" inside the state pass, which then also writes the states the backward keeps.
     pytest.param(65, 1, 2, jnp.float32, True, True,
-                 {"block_sizes": BlockSizes(chunk=16, block_v_h=16, fuse_o=True)},
-                 id="T65-f32-1:2-fuse_o"),
+                 {"dv": 32, "block_sizes": BlockSizes(chunk=16, block_v_h=16, fuse_o=True)},
+                 id="T65-f32-1:2-fuse_o-2blocks"),
 ]
 
 
@@ -132,14 +132,15 @@ def test_grad_dense(T, Hk, Hv, dtype, with_state, l2norm, extra):
     _check(T, Hk, Hv, dtype, seed=T, with_state=with_state, l2norm=l2norm, **extra)
 
 
-@pytest.mark.parametrize("save_states", [False, True])
-def test_grad_varlen(save_states):
+@pytest.mark.parametrize("save_states,fuse_o", [(False, False), (True, False), (True, True)])
+def test_grad_varlen(save_states, fuse_o):
     """Packed sequences, with an empty one (its d(initial state) is its d(final state)), a
     one-token one and one spanning several chunks: d(state) restarts at each sequence end;
-    with the backward recomputing the forward's states and with the forward keeping them."""
+    with the backward recomputing the forward's states, with the forward keeping them, and
+    with the forward's stage "o" inside its state pass."""
     cu = [0, 5, 5, 40, 41, 60]
     _check(cu[-1], 1, 2, jnp.float32, seed=11, with_state=True, l2norm=True, cu_seqlens=cu,
-           block_sizes=BlockSizes(chunk=16, save_states=save_states))
+           block_sizes=BlockSizes(chunk=16, save_states=save_states, fuse_o=fuse_o))
 
 
 def test_saved_states_skip_the_recompute():

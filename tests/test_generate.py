@@ -124,7 +124,7 @@ def test_cli_rejects_bad_token_ids():
             qnext_main(["generate", "--token-ids", empty_entry])
 
 
-def test_cli_clear_errors_before_building(tmp_path, capsys):
+def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     """A missing checkpoint, a kernel for another platform, the demo model with options it
     cannot serve: one line naming the option, no traceback, before any model is built."""
     with pytest.raises(SystemExit, match="--checkpoint: .*neither a converted checkpoint"):
@@ -139,6 +139,9 @@ def test_cli_clear_errors_before_building(tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--speculative-tokens needs a --checkpoint"):
         qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "2"])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # past the platform check
+    with pytest.raises(SystemExit, match="--moe-impl gather_pallas with --scan-layers"):
+        qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "gather_pallas", "--scan-layers"])
 
 
 def test_cli_warns_that_greedy_ignores_top_k(capsys):

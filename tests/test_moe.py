@@ -233,21 +233,65 @@ def test_sparse_moe_block_matches_numpy(rng):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_model_moe_impl_reaches_every_moe_layer(scan_layers):
-    """Qwen3NextForCausalLM(moe_impl=...) reaches the sparse-MoE layers, scanned or not: gather
-    gives auto's (ragged_dot on CPU) logits; an unknown impl fails naming itself."""
+def test_model_moe_impl_reaches_every_moe_layer(scan_layers, monkeypatch):
+    """Qwen3NextForCausalLM(moe_impl=...) reaches every sparse-MoE layer, scanned or not, and
+    the MTP head's; a decode path serves calls of at most E / 2 token-slots and a larger call
+    (a prefill) runs auto; the logits equal auto's; an unknown impl fails naming itself."""
     from conftest import tiny_config
 
+    from qnext_jax.modeling import moe
     from qnext_jax.modeling.decoder import Qwen3NextForCausalLM
 
     cfg = tiny_config(mtp_num_hidden_layers=1, num_hidden_layers=8)  # scans 2 blocks of 4
-    ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 7)))
+    sparse = sum(cfg.is_sparse_moe(i) for i in range(cfg.num_hidden_layers))
+    impls = []
+    real = moe.grouped_experts
+
+    def recording(*args, impl="auto", **kwargs):
+        impls.append(impl)
+        return real(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(moe, "grouped_experts", recording)
+    rng = np.random.default_rng(5)
+    decode = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 1)))  # k token-slots <= E / 2
+    prefill = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, cfg.num_experts)))
+    assert cfg.num_experts_per_tok <= cfg.num_experts // 2
     base = Qwen3NextForCausalLM(cfg, scan_layers=scan_layers)
-    params = base.init(jax.random.key(0), ids)["params"]
-    want, _ = base.apply({"params": params}, ids)
-    got, _ = Qwen3NextForCausalLM(cfg, scan_layers=scan_layers, moe_impl="gather").apply(
-        {"params": params}, ids)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    params = base.init(jax.random.key(0), decode)["params"]
+    gather = Qwen3NextForCausalLM(cfg, scan_layers=scan_layers, moe_impl="gather")
+    for ids, used in ((decode, "gather"), (prefill, "auto")):
+        want, _ = base.apply({"params": params}, ids)
+        impls.clear()
+        got, _ = gather.apply({"params": params}, ids)
+        if scan_layers:  # the body (one block of layers) is traced more than once
+            assert set(impls) == {used} and len(impls) % (sparse // 2) == 0, ids.shape
+        else:
+            assert impls == [used] * sparse, ids.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    impls.clear()
+    hidden = jnp.zeros((1, 1, cfg.hidden_size))
+    gather.apply({"params": params}, hidden, decode, jnp.zeros((1, 1), jnp.int32),
+                 method=Qwen3NextForCausalLM.mtp_logits)
+    assert impls == ["gather"]
     with pytest.raises(ValueError, match="bogus"):
         Qwen3NextForCausalLM(cfg, scan_layers=scan_layers, moe_impl="bogus").apply(
-            {"params": params}, ids)
+            {"params": params}, decode)
+
+
+def test_expert_parallel_gather_pallas_names_the_per_device_shard():
+    """gather_pallas under a mesh that splits the intermediate dim below the kernel's blocks:
+    an error naming the per-device shard, before any kernel is built."""
+    import types
+
+    from qnext_jax import sharding
+    from qnext_jax.modeling.moe import expert_parallel_experts
+
+    mesh = types.SimpleNamespace(shape={**dict.fromkeys(sharding.MESH_AXES, 1), "expert": 2,
+                                        "tensor": 8})
+    E, d, inner = 2, 1024, 512  # I / tensor = 64: less than block_i = 128
+    gate = jnp.zeros((E, d, inner), jnp.bfloat16)
+    down = jnp.zeros((E, inner, d), jnp.bfloat16)
+    args = (jnp.zeros((1, d), jnp.bfloat16), jnp.ones((1, 2)), jnp.zeros((1, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"I = 512 / 8 over \('tensor',\): I = 64 must be a "
+                                         r"multiple of block_i = 128"):
+        expert_parallel_experts(*args, gate, gate, down, mesh, impl="gather_pallas")

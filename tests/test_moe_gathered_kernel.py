@@ -87,8 +87,10 @@ def test_gradients_equal_the_reference():
 
 def test_bad_shapes():
     x, w, e, g, u, dn = _case(0, 1, 2, jnp.float32)
-    with pytest.raises(ValueError, match="I = 64 must be a multiple of block_i = 48"):
+    with pytest.raises(ValueError, match="block_i = 48 must be a power of 2"):
         gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, block_i=48), interpret=True)
+    with pytest.raises(ValueError, match="I = 64 must be a multiple of block_i = 128"):
+        gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, block_i=128), interpret=True)
     with pytest.raises(ValueError, match="I = 64 must be a multiple of block_r = 128"):
         gathered_experts(x, w, e, g, u, dn, blocks=replace(SMALL, block_r=128, splits=1),
                          interpret=True)

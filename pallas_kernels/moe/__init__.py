@@ -13,5 +13,5 @@ from pallas_kernels.moe.gathered_experts import (
     gathered_experts_reference,
 )
 
-__all__ = ["BlockSizes", "gathered_expert_outputs", "gathered_expert_outputs_reference", "gathered_experts",
-           "gathered_experts_reference"]
+__all__ = ["BlockSizes", "gathered_expert_outputs", "gathered_expert_outputs_reference",
+           "gathered_experts", "gathered_experts_reference"]

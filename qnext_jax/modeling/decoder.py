@@ -297,7 +297,9 @@ class Qwen3NextForCausalLM(nn.Module):
       precision: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 cross-checks on GPU).
       gdn_impl: the Gated DeltaNet backend (``"auto"``, ``"reference"``, ...).
       moe_impl: the routed experts' implementation (``qnext_jax.modeling.moe.MOE_IMPLS``;
-        ``"auto"`` chooses by platform and token count, see ``moe.grouped_experts``). E.g.
+        ``"auto"`` chooses by platform and token count, see ``moe.grouped_experts``; the decode
+        paths ``gather`` and ``gather_pallas`` serve calls of at most E / 2 token-slots, larger
+        ones (prefill) run auto). E.g.
         ``"gather_pallas"``, the decode kernel that reads only the chosen experts' weights in
         place: on one H200, 8 unscanned layers of the 80B decode at batch 1 in 2.12 ms a step
         against 2.24 with auto's jnp gather; not under ``scan_layers``, where each layer's

@@ -29,12 +29,14 @@ cheap side at decode batch sizes. The router and the shared expert run outside t
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.moe import BlockSizes as GatheredBlockSizes
 from pallas_kernels.moe import (
     gathered_expert_outputs,
     gathered_expert_outputs_reference,
@@ -90,6 +92,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
 
 
 MOE_IMPLS = ("auto", "ragged_dot", "gather", "gather_pallas", "tiles", "capacity", "tokamax")
+DECODE_IMPLS = ("gather", "gather_pallas")  # per-token weight gathers: for a few tokens
 TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
@@ -336,6 +339,11 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         impl = "ragged_dot" if jax.default_backend() != "gpu" else _gpu_auto_impl(
             N * k, E, gate_proj.dtype)
         impl = "tiles" if impl == "capacity" else impl
+    if impl == "gather_pallas":
+        parts = math.prod(mesh.shape[a] for a in m_axes)
+        if (why := GatheredBlockSizes().mismatch(d, inner // parts)) is not None:
+            raise ValueError(f"expert_parallel_experts: gather_pallas runs on each device's "
+                             f"shard of the experts, I = {inner} / {parts} over {m_axes}: {why}")
     e_total = E
     tok = sharding.batch_axes(N, mesh, rules)
     gather = tuple(a for a in tok if a in e_axes)
@@ -407,7 +415,10 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
 class Qwen3NextExperts(nn.Module):
     """The stacked routed experts: gate_proj, up_proj [E, d, I] and down_proj [E, I, d].
 
-    ``impl``: the grouped-matmul implementation of :func:`grouped_experts` (one device).
+    ``impl``: the implementation of :func:`grouped_experts` (one device) or
+    :func:`expert_parallel_experts` (under a mesh); the decode paths (``DECODE_IMPLS``, which
+    gather each token's experts' weights) serve calls of at most E / 2 token-slots, as auto's
+    choice does, and a larger call (a prefill) runs ``auto``.
     """
 
     num_experts: int
@@ -422,6 +433,9 @@ class Qwen3NextExperts(nn.Module):
     @nn.compact
     def __call__(self, x, weights, experts):
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
+        impl = self.impl
+        if impl in DECODE_IMPLS and experts.size > E // 2:  # a prefill: not a decode path
+            impl = "auto"
         init = nn.initializers.normal(self.std)
         gate = self.param("gate_proj", init, (E, d, inner), self.param_dtype)
         up = self.param("up_proj", init, (E, d, inner), self.param_dtype)
@@ -432,9 +446,9 @@ class Qwen3NextExperts(nn.Module):
             mesh, rules = active
             return expert_parallel_experts(x, weights.astype(self.dtype), experts, cast(gate),
                                            cast(up), cast(down), mesh, rules, self.precision,
-                                           self.impl)
+                                           impl)
         return grouped_experts(x, weights.astype(self.dtype), experts, cast(gate), cast(up),
-                               cast(down), self.precision, impl=self.impl)
+                               cast(down), self.precision, impl=impl)
 
 
 class Qwen3NextSparseMoeBlock(nn.Module):

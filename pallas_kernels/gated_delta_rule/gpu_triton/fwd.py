@@ -51,7 +51,8 @@ class BlockSizes:
     measured forward + backward at 1 x 32768 in 9.74 ms with it and 11.99 ms without.
     fuse_o: compute stage "o" inside stage "h" (h.chunk_fwd_h_o, block_v_h columns per program):
     the per-chunk states and v_new are then written only for the backward's saved states and
-    never read back. Unsplit passes only (with seq_splits > 1 on dense inputs it is ignored).
+    never read back; block_v_o and num_warps_o are then unused. Unsplit passes only (with
+    seq_splits > 1 on dense inputs it is ignored).
     Default off until measured (scripts/tune_gdn.py variant fuse_o).
     """
 
@@ -171,6 +172,11 @@ def chunk_wy(k, v, G, beta, *, block_sizes: BlockSizes, use_qk_l2norm: bool, sol
     )
 
 
+def _split_states(block_sizes: BlockSizes, lay: ChunkLayout) -> bool:
+    """Whether stage "h" runs split along the sequence (h_split.py): dense inputs only."""
+    return lay.varlen is None and block_sizes.seq_splits > 1
+
+
 def _h_args(block_sizes: BlockSizes, use_qk_l2norm: bool, interpret: bool) -> dict:
     """The keyword arguments of the state passes (stage "h") from ``block_sizes``."""
     return {
@@ -212,7 +218,7 @@ def chunk_states(
                               use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision,
                               interpret=interpret, return_inverse=return_inverse)
     h_args = _h_args(block_sizes, use_qk_l2norm, interpret)
-    if lay.varlen is None and block_sizes.seq_splits > 1:
+    if _split_states(block_sizes, lay):
         h, v_new, final = chunk_fwd_h_split(
             k, w, u, G, initial_state, segments=block_sizes.seq_splits, **h_args
         )
@@ -268,7 +274,7 @@ def chunk_gated_delta_rule_fwd(
     state_shape = (N, v.shape[2], k.shape[3], v.shape[3])
     G = chunk_local_cumsum(g, C)
     initial = lay.kernel_initial_state(initial_state, state_shape)
-    if block_sizes.fuse_o and (lay.varlen is not None or block_sizes.seq_splits == 1):
+    if block_sizes.fuse_o and not _split_states(block_sizes, lay):
         w, u, *inverse = chunk_wy(k, v, G, beta, block_sizes=block_sizes,
                                   use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision,
                                   interpret=interpret, return_inverse=return_states)
