@@ -93,6 +93,12 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
 
 MOE_IMPLS = ("auto", "ragged_dot", "gather", "gather_pallas", "tiles", "capacity", "tokamax")
 DECODE_IMPLS = ("gather", "gather_pallas")  # per-token weight gathers: for a few tokens
+
+
+def _decode_sized(rows: int, num_experts: int) -> bool:
+    """A call of ``rows`` token-slots (tokens x top-k) is decode-sized: at most E / 2, where
+    gathering each slot's expert weights reads no more than the experts themselves."""
+    return rows <= num_experts // 2
 TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
@@ -140,7 +146,7 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms). gather_pallas is faster
     at decode but not auto's choice: under a layer scan its kernel operands, the layer's slice
     of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's moe_impl)."""
-    if rows <= num_experts // 2:
+    if _decode_sized(rows, num_experts):
         return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
         return "tokamax"
@@ -361,7 +367,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         n = x.shape[0]
         e_loc = gate.shape[0]
         first = jax.lax.axis_index(e_axes) * e_loc if e_axes else 0
-        if impl in ("gather", "gather_pallas"):
+        if impl in DECODE_IMPLS:
             local = experts - first  # [n, k]
             valid = (local >= 0) & (local < e_loc)
             local = jnp.clip(local, 0, e_loc - 1)
@@ -434,7 +440,7 @@ class Qwen3NextExperts(nn.Module):
     def __call__(self, x, weights, experts):
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
         impl = self.impl
-        if impl in DECODE_IMPLS and experts.size > E // 2:  # a prefill: not a decode path
+        if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
             impl = "auto"
         init = nn.initializers.normal(self.std)
         gate = self.param("gate_proj", init, (E, d, inner), self.param_dtype)
