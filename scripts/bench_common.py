@@ -3,6 +3,7 @@ each script's own folder is on sys.path when it runs)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -21,6 +22,16 @@ def median_seconds(fn, *args, iters: int = 10, warmup: int = 2) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def trace_calls(fn, *args, log_dir: str, calls: int = 5) -> None:
+    """Trace ``calls`` blocked calls of ``fn(*args)`` (already compiled: call it once before)
+    with ``jax.profiler`` into ``log_dir``, with a perfetto trace that
+    scripts/profile_summary.py reads (``--steps calls`` for per-call figures)."""
+    os.makedirs(log_dir, exist_ok=True)
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
 
 
 def measure_ceilings(iters: int = 10) -> dict:

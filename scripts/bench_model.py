@@ -36,7 +36,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from bench_common import measure_ceilings, median_seconds
+from bench_common import measure_ceilings, median_seconds, trace_calls
 from bench_train import forward_flops_per_token
 
 from qnext_jax import sharding
@@ -217,10 +217,8 @@ def main():
 
         sec = median_seconds(one, params, ids, iters=20, warmup=3)
         if args.profile:
-            with jax.profiler.trace(os.path.join(args.profile, f"decode_b{B}"),
-                                    create_perfetto_trace=True):
-                for _ in range(PROFILE_STEPS):
-                    jax.block_until_ready(one(params, ids))
+            trace_calls(one, params, ids, log_dir=os.path.join(args.profile, f"decode_b{B}"),
+                        calls=PROFILE_STEPS)
         roof = decode_bytes(cfg, params, B, args.context) / (bw * n_dev)
         record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,

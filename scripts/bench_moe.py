@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import measure_ceilings, median_seconds
+from bench_common import measure_ceilings, median_seconds, trace_calls
 
 D, E, TOP_K, INNER, SHARED = 2048, 512, 10, 512, 512
 
@@ -292,6 +292,9 @@ def main(argv=None) -> int:
     p.add_argument("--dims", default=None,
                    help="d,experts,top_k,I,shared_I instead of the 80B block (smoke runs)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--profile", default=None,
+                   help="also trace 5 calls of ours per T and impl with jax.profiler into "
+                        "PROFILE/T<T>_<impl> (summarise with scripts/profile_summary.py)")
     args = p.parse_args(argv)
     if args.dims:
         global D, E, TOP_K, INNER, SHARED
@@ -381,6 +384,9 @@ def main(argv=None) -> int:
                 t_ours = median_seconds(ours, params, x, iters=args.iters)
                 if T <= LOOP_MAX_TOKENS:
                     row["ours_in_loop_ms"] = in_loop_seconds(ours, params, x, args.iters) * 1e3
+                if args.profile:
+                    trace_calls(ours, params, x, log_dir=os.path.join(
+                        args.profile, f"T{T}_{impl.replace(':', '_')}"))
             except Exception as e:  # noqa: BLE001 (e.g. ragged_dot's dense expansion on GPU)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 rows.append(row)

@@ -20,7 +20,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
-from bench_common import median_seconds
+from bench_common import median_seconds, trace_calls
 from bench_gdn import fwd_flops, make_inputs, parse_shapes
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
@@ -155,6 +155,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--skip-stages", action="store_true",
                    help="time the variants only, not each stage of the default")
+    p.add_argument("--profile", default=None,
+                   help="also trace 5 forward + backward calls of each variant with jax.profiler "
+                        "into PROFILE/<shape>_<variant> (summarise with scripts/profile_summary.py)")
     p.add_argument("--interpret", action="store_true",
                    help="Pallas interpret mode (a CPU smoke run; use tiny --shapes)")
     args = p.parse_args(argv)
@@ -183,6 +186,10 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001  (a variant the compiler rejects)
                     row[key][name] = None
                     print(f"{B}x{T} {name} {key}: {e!r:.200}")
+                    continue
+                if args.profile and key == "variants_fwdbwd_ms":
+                    trace_calls(fn, q, k, v, g, beta,
+                                log_dir=os.path.join(args.profile, f"{B}x{T}_{name}"))
             print(f"{B}x{T} {name}: fwd {row['variants_ms'][name]} "
                   f"fwd+bwd {row['variants_fwdbwd_ms'][name]}", flush=True)
         best = min((t, n) for n, t in row["variants_ms"].items() if t is not None)
