@@ -63,8 +63,6 @@ VARIANTS = {
     "dqkwg_bk32": {"block_k_dqkwg": 32},
     "wy_bwd_w8": {"num_warps_wy_bwd": 8},
     "recompute": {"save_states": False},
-    "fuse_o": {"fuse_o": True},
-    "fuse_o_bv64": {"fuse_o": True, "block_v_h": 64},
 }
 
 

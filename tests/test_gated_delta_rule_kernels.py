@@ -14,7 +14,6 @@ from pallas_kernels.gated_delta_rule import (
     fused_recurrent_gated_delta_rule,
     resolve_impl,
 )
-from pallas_kernels.gated_delta_rule.gpu_triton.fwd import BlockSizes
 
 KERNELS = ["pallas_triton", "pallas_tpu"]
 
@@ -113,38 +112,6 @@ def test_chunk_kernel_varlen(impl, dtype):
     assert st.shape == (N, 2, 16, 16)
     assert rel_err(o, o_ref) < TOL[dtype]
     assert rel_err(st, st_ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize(
-    "T,Hk,Hv,with_state,dtype,cu",
-    [(65, 1, 2, True, jnp.float32, None), (200, 2, 2, False, jnp.bfloat16, None),
-     (150, 1, 2, True, jnp.float32, [0, 5, 5, 70, 71, 150])],
-    ids=["T65-f32-1:2-state", "T200-bf16-2:2", "varlen-f32"],
-)
-def test_fused_output_in_state_pass(T, Hk, Hv, with_state, dtype, cu):
-    """BlockSizes.fuse_o: stage "o" inside the state pass (two value blocks per head) gives the
-    float64 recurrence's outputs and final states, dense and packed; the program has the fused
-    pass and no separate stage "o"."""
-    N = 1 if cu is None else len(cu) - 1
-    q, k, v, g, beta, s0 = make_inputs(T + Hv, 1 if cu else 2, T, Hk, Hv, 16, 32, dtype,
-                                       with_state, **({} if cu is None else {"N": N}))
-    q, k = q * 2.0, k * 0.5  # exercise the in-kernel L2 norm
-    bs = BlockSizes(chunk=16, block_v_h=16, fuse_o=True)
-    cu_arr = None if cu is None else jnp.asarray(cu, jnp.int32)
-
-    def f(q, k, v, g, beta, s0):
-        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu_arr,
-                                      output_final_state=True, use_qk_l2norm_in_kernel=True,
-                                      impl="pallas_triton", interpret=True, block_sizes=bs)
-
-    o, st = jax.jit(f)(q, k, v, g, beta, s0)
-    o_ref, st_ref = numpy_gdn(q, k, v, g, beta, initial_state=s0, l2norm=True,
-                              **({} if cu is None else {"cu_seqlens": np.asarray(cu)}))
-    assert o.shape == o_ref.shape and o.dtype == dtype
-    assert rel_err(o, o_ref) < TOL[dtype]
-    assert rel_err(st, st_ref) < TOL[dtype]
-    program = str(jax.make_jaxpr(f)(q, k, v, g, beta, s0))
-    assert "gdn_chunk_fwd_h_o" in program and "gdn_chunk_fwd_o" not in program
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas_triton"])

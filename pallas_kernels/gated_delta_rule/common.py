@@ -123,6 +123,25 @@ def l2norm(x: jax.Array, dtype=jnp.float32) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
 
 
+def l2norm_bwd(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """The gradient of :func:`l2norm` at x for the cotangent dy (x's shape): with
+    r = rsqrt(sum(x^2) + eps) and y = x r, d(x) = r (dy - y sum(y dy)), float32. Recomputed
+    from x itself (no float32 copy of x kept from the forward): one elementwise pass with two
+    row sums, which XLA fuses with the op producing dy."""
+    x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+    y = x * r
+    return r * (dy - y * jnp.sum(y * dy, axis=-1, keepdims=True))
+
+
+def value_head_group(n: int, cap: int = 4) -> int:
+    """Value heads per program of the GPU backward stages "dqkwg" and "wy_bwd" for n value
+    heads per key head: the largest power of two dividing n, at most ``cap`` (Triton blocks
+    are powers of two). The program sums d(q), d(k) over its group, so those leave the
+    kernels per group of heads, not per value head."""
+    return min(n & -n, cap)
+
+
 def default_scale(dk: int, scale) -> float:
     return dk**-0.5 if scale is None else scale
 

@@ -153,6 +153,47 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     return "capacity"
 
 
+@jax.custom_vjp
+def _permute_rows(x, perm, inverse):
+    """``x[perm]`` for a permutation ``perm`` of x's rows (``inverse`` its inverse), whose
+    gradient is the gather ``g[inverse]``: XLA's transpose of a gather is a scatter-add,
+    2.6 ms of the 7.8 ms 80B MoE block at 16384 tokens on an H200 when the combine was one."""
+    return x.at[perm].get(unique_indices=True)
+
+
+def _permute_rows_fwd(x, perm, inverse):
+    return _permute_rows(x, perm, inverse), inverse
+
+
+def _permute_rows_bwd(inverse, g):
+    return g.at[inverse].get(unique_indices=True), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def _sort_by_expert(x, keys, k: int):
+    """Rows of x [N, d] repeated for each of their k slots and sorted by ``keys`` [N*k] (stable):
+    (xs [N*k, d], order, inverse) with xs[r] = x[order[r] // k] and ``inverse`` the slot ->
+    sorted-row permutation that :func:`_combine_sorted` takes back."""
+    order = jnp.argsort(keys, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(
+        jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    return _permute_rows(jnp.repeat(x, k, axis=0), order, inverse), order, inverse
+
+
+def _combine_sorted(y, order, inverse, weights, valid=None):
+    """[N, d] float32: sum_j weights[n, j] y[inverse[n k + j]], y [N*k, d] the experts' rows in
+    sorted order; rows whose ``valid`` [N, k] is False are dropped (masked, so their values never
+    reach the sum). Gathers, no scatter-add, forward and backward."""
+    N, k = weights.shape
+    rows = _permute_rows(y, inverse, order).reshape(N, k, -1).astype(jnp.float32)
+    w = weights.astype(jnp.float32)[..., None]
+    if valid is not None:
+        rows = jnp.where(valid[..., None], rows, 0)
+    return jnp.sum(rows * w, axis=1)
+
+
 def _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision, ragged_dot):
     """Expert MLP of rows sorted by expert: one grouped matmul per projection with
     ``ragged_dot`` (``jax.lax.ragged_dot`` or tokamax's: lhs [M, K], rhs [E, K, N],
@@ -282,10 +323,8 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     if impl == "gather_pallas":
         return gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj)
     flat = experts.reshape(-1)  # [N*k]
-    order = jnp.argsort(flat, stable=True)
-    token = order // k  # source token of each sorted row
+    xs, order, inverse = _sort_by_expert(x, flat, k)  # [N*k, d]
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = x[token]  # [N*k, d]
     if impl == "tiles":
         y = _tiled_experts(xs, flat[order], group_sizes, gate_proj, up_proj, down_proj,
                            precision, tile_rows or _tile_rows(N * k, E))
@@ -305,8 +344,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     else:
         y = _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
                             jax.lax.ragged_dot)  # [N*k, d]
-    y = y * weights.reshape(-1)[order][:, None]
-    return jnp.zeros_like(x).at[token].add(y)
+    return _combine_sorted(y, order, inverse, weights).astype(x.dtype)
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -382,10 +420,8 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
         key = jnp.where(valid, local, e_loc)  # rows for other devices' experts sort last
-        order = jnp.argsort(key, stable=True)
-        token = order // k
+        xs, order, inverse = _sort_by_expert(x, key, k)  # [n*k, d]
         group_sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
-        xs = x[token]  # [n*k, d]; rows past sum(group_sizes) give 0
         if impl == "tiles":
             y = _tiled_experts(xs, key[order], group_sizes, gate, up, down, precision,
                                _tile_rows(n * k // max(1, e_total // e_loc), e_loc))
@@ -396,9 +432,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         else:
             y = _ragged_experts(xs, group_sizes, gate, up, down, precision,
                                 jax.lax.ragged_dot)  # [n*k, d]
-        w = jnp.where(valid, weights.reshape(-1), 0)[order]
-        y = jnp.where(w[:, None] != 0, y * w[:, None], 0).astype(jnp.float32)
-        out = jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
+        out = _combine_sorted(y, order, inverse, weights, valid.reshape(n, k))
         return combine(out).astype(x.dtype)
 
     def combine(out):  # [n, d] float32 partial sums of this device -> the tokens' rows

@@ -8,12 +8,11 @@ the forward kept them (BlockSizes.save_states), then runs the backward stages
   dqkwg.py     d(q), d(k), d(w), d(G) through the states and the intra-chunk attention
   wy_bwd.py    d(k), d(v), d(beta), d(G) through w and u (A and its inverse recomputed)
 and d(g) = the reverse chunk-local cumsum of d(G). With use_qk_l2norm, the kernels take the
-normalised q, k and the gradient goes back through the L2 norm with jax.vjp of common.l2norm.
+normalised q, k and the gradient goes back through the L2 norm with common.l2norm_bwd.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import common
@@ -74,10 +73,9 @@ def chunk_gated_delta_rule_bwd(
     f32 = jnp.float32
     if solve_precision is None:
         solve_precision = km.mm_precision(cdt)
+    q_in, k_in = q, k
     if use_qk_l2norm:
-        (q, k), l2norm_vjp = jax.vjp(
-            lambda a, b: (common.l2norm(a), common.l2norm(b)), q.astype(f32), k.astype(f32)
-        )
+        q, k = common.l2norm(q), common.l2norm(k)
     lay = chunk_layout(T, C, cu_seqlens)
     q, k, v, do = (lay.to_chunks(x.astype(cdt)) for x in (q, k, v, do))
     g, beta = (lay.to_chunks(x.astype(f32)) for x in (g, beta))
@@ -163,10 +161,11 @@ def chunk_gated_delta_rule_bwd(
         **common_args,
     )
     dg = chunk_local_cumsum(dG, C, reverse=True)
-    dq_, dk_ = (x.reshape(B, Tp, Hk, n, dk).sum(axis=3) for x in (dq_, dk_))
+    groups = n // common.value_head_group(n)  # dq_, dk_ come summed over each group
+    dq_, dk_ = (x.reshape(B, Tp, Hk, groups, dk).sum(axis=3) for x in (dq_, dk_))
     dq_, dk_, dv_, dg, dbeta = (lay.from_chunks(x) for x in (dq_, dk_, dv_, dg, dbeta))
     if use_qk_l2norm:
-        dq_, dk_ = l2norm_vjp((dq_, dk_))
+        dq_, dk_ = common.l2norm_bwd(q_in, dq_), common.l2norm_bwd(k_in, dk_)
     if initial_state is None:
         dh0 = None
     elif lay.varlen is not None:  # an empty sequence passes its initial state through

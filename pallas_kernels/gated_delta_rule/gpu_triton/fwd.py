@@ -15,7 +15,7 @@ from jax import lax
 
 from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
-from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h, chunk_fwd_h_o
+from pallas_kernels.gated_delta_rule.gpu_triton.h import chunk_fwd_h
 from pallas_kernels.gated_delta_rule.gpu_triton.h_split import chunk_fwd_h_split
 from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import chunk_kkt_solve_wy
 from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_fwd_o
@@ -32,6 +32,9 @@ class BlockSizes:
     block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit; num_warps_wy 2 from
     the forward at 1x32768 and 8x4096, 2.43 / 2.29-2.36 ms against 2.78 / 2.47 with 4 warps
     and 4.53 / 4.25 with 1; 2 warps elsewhere were slower, by up to 5x in "dqkwg" and "wy_bwd").
+    Stage "o" computed inside stage "h" (no h / v_new round trip) was slower there: forward
+    3.26 against 2.41 ms at 1x32768 and 2.80 against 2.20 at 8x4096 (each value-block program
+    recomputes q k^T on the serial pass), so the two stay separate.
     Backward (bwd.py): block_v_dv / block_v_dh: value columns per program in stages "dv" / "dh";
     block_v_dqkwg: value columns per step of the loop inside a stage "dqkwg" program;
     block_k_dqkwg: key columns per "dqkwg" program (less than dk splits the key dimension over
@@ -49,11 +52,6 @@ class BlockSizes:
     float32, plus one [dk, dv] state per chunk (1.2 GB at 1 x 32768 tokens, 32 heads of 128,
     bf16). Default on: scripts/bench_gdn.py on an H200 (bf16, Hk 16 / Hv 32, loss sum(o^2))
     measured forward + backward at 1 x 32768 in 9.74 ms with it and 11.99 ms without.
-    fuse_o: compute stage "o" inside stage "h" (h.chunk_fwd_h_o, block_v_h columns per program):
-    the per-chunk states and v_new are then written only for the backward's saved states and
-    never read back; block_v_o and num_warps_o are then unused. Unsplit passes only (with
-    seq_splits > 1 on dense inputs it is ignored).
-    Default off until measured (scripts/tune_gdn.py variant fuse_o).
     """
 
     chunk: int = 64
@@ -73,7 +71,6 @@ class BlockSizes:
     num_warps_wy_bwd: int = 4
     seq_splits: int = 1
     save_states: bool = True
-    fuse_o: bool = False
 
 
 def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
@@ -153,42 +150,6 @@ def chunk_layout(T: int, chunk: int, cu_seqlens: jax.Array | None = None) -> Chu
     )
 
 
-def chunk_wy(k, v, G, beta, *, block_sizes: BlockSizes, use_qk_l2norm: bool, solve_precision,
-             interpret: bool, return_inverse: bool = False):
-    """Stages "kkt/solve/wy" with the launch parameters of ``block_sizes``: w, u (and T with
-    return_inverse), as kkt_solve_wy.chunk_kkt_solve_wy."""
-    return chunk_kkt_solve_wy(
-        k,
-        v,
-        G,
-        beta,
-        chunk_size=block_sizes.chunk,
-        use_qk_l2norm=use_qk_l2norm,
-        solve_precision=solve_precision,
-        num_warps=block_sizes.num_warps_wy,
-        num_stages=block_sizes.num_stages,
-        return_inverse=return_inverse,
-        interpret=interpret,
-    )
-
-
-def _split_states(block_sizes: BlockSizes, lay: ChunkLayout) -> bool:
-    """Whether stage "h" runs split along the sequence (h_split.py): dense inputs only."""
-    return lay.varlen is None and block_sizes.seq_splits > 1
-
-
-def _h_args(block_sizes: BlockSizes, use_qk_l2norm: bool, interpret: bool) -> dict:
-    """The keyword arguments of the state passes (stage "h") from ``block_sizes``."""
-    return {
-        "chunk_size": block_sizes.chunk,
-        "block_v": block_sizes.block_v_h,
-        "use_qk_l2norm": use_qk_l2norm,
-        "num_warps": block_sizes.num_warps_h,
-        "num_stages": block_sizes.num_stages,
-        "interpret": interpret,
-    }
-
-
 def chunk_states(
     k,
     v,
@@ -214,11 +175,29 @@ def chunk_states(
       the final state [B or n_pad, Hv, dk, dv] float32 (see gpu_triton.h.chunk_fwd_h); with
       return_inverse, then T [B, Tp, Hv, C] float32 (see kkt_solve_wy.chunk_kkt_solve_wy).
     """
-    w, u, *inverse = chunk_wy(k, v, G, beta, block_sizes=block_sizes,
-                              use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision,
-                              interpret=interpret, return_inverse=return_inverse)
-    h_args = _h_args(block_sizes, use_qk_l2norm, interpret)
-    if _split_states(block_sizes, lay):
+    C = block_sizes.chunk
+    w, u, *inverse = chunk_kkt_solve_wy(
+        k,
+        v,
+        G,
+        beta,
+        chunk_size=C,
+        use_qk_l2norm=use_qk_l2norm,
+        solve_precision=solve_precision,
+        num_warps=block_sizes.num_warps_wy,
+        num_stages=block_sizes.num_stages,
+        return_inverse=return_inverse,
+        interpret=interpret,
+    )
+    h_args = {
+        "chunk_size": C,
+        "block_v": block_sizes.block_v_h,
+        "use_qk_l2norm": use_qk_l2norm,
+        "num_warps": block_sizes.num_warps_h,
+        "num_stages": block_sizes.num_stages,
+        "interpret": interpret,
+    }
+    if lay.varlen is None and block_sizes.seq_splits > 1:
         h, v_new, final = chunk_fwd_h_split(
             k, w, u, G, initial_state, segments=block_sizes.seq_splits, **h_args
         )
@@ -273,45 +252,34 @@ def chunk_gated_delta_rule_fwd(
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_shape = (N, v.shape[2], k.shape[3], v.shape[3])
     G = chunk_local_cumsum(g, C)
-    initial = lay.kernel_initial_state(initial_state, state_shape)
-    if block_sizes.fuse_o and not _split_states(block_sizes, lay):
-        w, u, *inverse = chunk_wy(k, v, G, beta, block_sizes=block_sizes,
-                                  use_qk_l2norm=use_qk_l2norm, solve_precision=solve_precision,
-                                  interpret=interpret, return_inverse=return_states)
-        o, *states, final = chunk_fwd_h_o(
-            q, k, w, u, G, initial, scale=scale, out_dtype=v.dtype, store_states=return_states,
-            chunk_reset=lay.chunk_reset, chunk_last=lay.chunk_last,
-            **_h_args(block_sizes, use_qk_l2norm, interpret))
-        h, v_new = states if return_states else (None, None)
-    else:
-        w, h, v_new, final, *inverse = chunk_states(
-            k,
-            v,
-            G,
-            beta,
-            initial,
-            lay,
-            block_sizes=block_sizes,
-            use_qk_l2norm=use_qk_l2norm,
-            solve_precision=solve_precision,
-            interpret=interpret,
-            return_inverse=return_states,
-        )
-        o = chunk_fwd_o(
-            q,
-            k,
-            G,
-            h,
-            v_new,
-            scale=scale,
-            out_dtype=v.dtype,
-            chunk_size=C,
-            block_v=block_sizes.block_v_o,
-            use_qk_l2norm=use_qk_l2norm,
-            num_warps=block_sizes.num_warps_o,
-            num_stages=block_sizes.num_stages,
-            interpret=interpret,
-        )
+    w, h, v_new, final, *inverse = chunk_states(
+        k,
+        v,
+        G,
+        beta,
+        lay.kernel_initial_state(initial_state, state_shape),
+        lay,
+        block_sizes=block_sizes,
+        use_qk_l2norm=use_qk_l2norm,
+        solve_precision=solve_precision,
+        interpret=interpret,
+        return_inverse=return_states,
+    )
+    o = chunk_fwd_o(
+        q,
+        k,
+        G,
+        h,
+        v_new,
+        scale=scale,
+        out_dtype=v.dtype,
+        chunk_size=C,
+        block_v=block_sizes.block_v_o,
+        use_qk_l2norm=use_qk_l2norm,
+        num_warps=block_sizes.num_warps_o,
+        num_stages=block_sizes.num_stages,
+        interpret=interpret,
+    )
     if lay.varlen is not None:
         s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
         final = jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))

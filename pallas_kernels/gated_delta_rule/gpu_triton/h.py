@@ -5,10 +5,6 @@ One program per (value block, batch, value head); it walks the NC chunks in orde
   v_new[c] = u[c] - w[c] S                        [C, BV]
   S        = exp(G_last) S + (k exp(G_last - G))^T v_new[c]
 The state S [dk, BV] stays in float32 for the whole pass.
-
-:func:`chunk_fwd_h_o` fuses stage "o" into the pass: each chunk's output block is computed from
-the state and v_new the program holds (as o.py does from the stored ones), so h and v_new are
-written only when asked for (the backward's saved states), and never read back.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta_rule import kernel_math as km
-from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_output
 
 
 def state_step(k_ref, w_ref, g_ref, sl, S, u, *, use_qk_l2norm):
@@ -51,30 +46,21 @@ def state_step(k_ref, w_ref, g_ref, sl, S, u, *, use_qk_l2norm):
 
 
 def _kernel(
-    k_ref, w_ref, u_ref, g_ref, *refs, chunk_size, use_qk_l2norm, has_initial_state, varlen,
-    fuse_o=False, store_states=True, scale=1.0
+    k_ref, w_ref, u_ref, g_ref, *refs, chunk_size, use_qk_l2norm, has_initial_state, varlen
 ):
     # k_ref, w_ref [Tp, dk]; u_ref [Tp, BV]; g_ref [Tp]; h0_ref [dk, BV] ([N, dk, BV] if varlen);
     # varlen: reset_ref, last_ref [NC] int32 (sequence index where a chunk starts / ends one,
-    # else -1); fuse_o: q_ref [Tp, dk]. Outputs: with store_states h_ref [NC, dk, BV] and vn_ref
-    # [Tp, BV]; ht_ref [dk, BV] ([N, dk, BV] if varlen); fuse_o: o_ref [Tp, BV].
+    # else -1); h_ref [NC, dk, BV]; vn_ref [Tp, BV]; ht_ref [dk, BV] ([N, dk, BV] if varlen).
     refs = list(refs)
-    reset_ref = last_ref = h0_ref = q_ref = h_ref = vn_ref = o_ref = None
+    reset_ref = last_ref = h0_ref = None
     if varlen:
         reset_ref, last_ref = refs.pop(0), refs.pop(0)
     if has_initial_state:
         h0_ref = refs.pop(0)
-    if fuse_o:
-        q_ref = refs.pop(0)
-    if store_states:
-        h_ref, vn_ref = refs.pop(0), refs.pop(0)
-    ht_ref = refs.pop(0)
-    if fuse_o:
-        o_ref = refs.pop(0)
+    h_ref, vn_ref, ht_ref = refs
     C = chunk_size
-    NC = k_ref.shape[0] // C
-    dk, BV = k_ref.shape[1], u_ref.shape[1]
-    cdt = w_ref.dtype
+    NC = h_ref.shape[0]
+    dk, BV = h_ref.shape[1], h_ref.shape[2]
     if has_initial_state and not varlen:
         S = h0_ref[...].astype(jnp.float32)
     else:
@@ -90,16 +76,9 @@ def _kernel(
             else:
                 init = jnp.zeros_like(S)
             S = start * init + (1.0 - start) * S
-        h_c = S.astype(cdt)
-        if store_states:
-            h_ref[c] = h_c
+        h_ref[c] = S.astype(h_ref.dtype)
         v_new, S = state_step(k_ref, w_ref, g_ref, sl, S, u_ref[sl, :], use_qk_l2norm=use_qk_l2norm)
-        if store_states:
-            vn_ref[sl, :] = v_new.astype(cdt)
-        if fuse_o:
-            o_ref[sl, :] = chunk_output(q_ref[sl, :], k_ref[sl, :], g_ref[sl], h_c,
-                                        v_new.astype(cdt), scale=scale,
-                                        use_qk_l2norm=use_qk_l2norm).astype(o_ref.dtype)
+        vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
         if varlen:
             e = last_ref[c]
 
@@ -140,71 +119,6 @@ def state_pass_outputs(B, Tp, NC, Hv, dk, dv, BV, dtype, n_states=None):
     return out_specs, out_shape
 
 
-def _state_pass(k, w, u, G, initial_state, q, *, scale, out_dtype, store_states, chunk_reset,
-                chunk_last, chunk_size, block_v, use_qk_l2norm, num_warps, num_stages,
-                interpret, name):
-    """The pallas_call of :func:`chunk_fwd_h` (q None) and :func:`chunk_fwd_h_o`."""
-    B, Tp, Hk, dk = k.shape
-    Hv, dv = u.shape[2], u.shape[3]
-    C = chunk_size
-    NC = Tp // C
-    n = Hv // Hk
-    BV = min(block_v, dv)
-    if dv % BV:
-        raise ValueError(f"{name}: block_v = {BV} must divide dv = {dv}")
-    varlen = chunk_reset is not None
-    fuse_o = q is not None
-    kernel = functools.partial(
-        _kernel,
-        chunk_size=C,
-        use_qk_l2norm=use_qk_l2norm,
-        has_initial_state=initial_state is not None,
-        varlen=varlen,
-        fuse_o=fuse_o,
-        store_states=store_states,
-        scale=scale,
-    )
-    key_spec = pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0))
-    token_spec = pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j))
-    in_specs = [
-        key_spec,
-        pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, h, 0)),
-        token_spec,
-        pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
-    ]
-    args = [k, w, u, G]
-    if varlen:
-        if B != 1:
-            raise ValueError(f"{name}: varlen needs B == 1")
-        if initial_state is None:
-            raise ValueError(f"{name}: varlen needs an initial_state [N, Hv, dk, dv] (zeros)")
-        in_specs += [pl.BlockSpec((NC,), lambda j, b, h: (0,))] * 2
-        args += [chunk_reset.astype(jnp.int32), chunk_last.astype(jnp.int32)]
-    N = initial_state.shape[0] if varlen else None
-    if initial_state is not None:
-        in_specs.append(state_spec(dk, BV, N))
-        args.append(initial_state)
-    if fuse_o:
-        in_specs.append(key_spec)
-        args.append(q)
-    out_specs, out_shape = state_pass_outputs(B, Tp, NC, Hv, dk, dv, BV, w.dtype, N)
-    if not store_states:
-        out_specs, out_shape = out_specs[2:], out_shape[2:]
-    if fuse_o:
-        out_specs.append(token_spec)
-        out_shape.append(jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype))
-    return pl.pallas_call(
-        kernel,
-        grid=(dv // BV, B, Hv),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=name,
-    )(*args)
-
-
 def chunk_fwd_h(
     k: jax.Array,
     w: jax.Array,
@@ -234,46 +148,48 @@ def chunk_fwd_h(
       v_new [B, Tp, Hv, dv] (compute dtype), final_state [B or N, Hv, dk, dv] float32 (varlen: rows
       of sequences with no token are left unwritten).
     """
-    return _state_pass(k, w, u, G, initial_state, None, scale=1.0, out_dtype=None,
-                       store_states=True, chunk_reset=chunk_reset, chunk_last=chunk_last,
-                       chunk_size=chunk_size, block_v=block_v, use_qk_l2norm=use_qk_l2norm,
-                       num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                       name="gdn_chunk_fwd_h")
-
-
-def chunk_fwd_h_o(
-    q: jax.Array,
-    k: jax.Array,
-    w: jax.Array,
-    u: jax.Array,
-    G: jax.Array,
-    initial_state: jax.Array | None,
-    *,
-    scale: float,
-    out_dtype,
-    store_states: bool = False,
-    chunk_reset: jax.Array | None = None,
-    chunk_last: jax.Array | None = None,
-    chunk_size: int = 64,
-    block_v: int = 32,
-    use_qk_l2norm: bool = False,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    interpret: bool = False,
-):
-    """The state pass with stage "o" fused: the chunk outputs computed where the states are.
-
-    Args:
-      q: [B, Tp, Hk, dk] (compute dtype); scale: the output scale; out_dtype: o's dtype;
-      store_states: also write h and v_new (for the backward). The rest as :func:`chunk_fwd_h`.
-    Returns:
-      o [B, Tp, Hv, dv] in out_dtype, then h and v_new when store_states, then final_state (as
-      :func:`chunk_fwd_h`).
-    """
-    *states, final, o = _state_pass(
-        k, w, u, G, initial_state, q, scale=scale, out_dtype=out_dtype,
-        store_states=store_states, chunk_reset=chunk_reset, chunk_last=chunk_last,
-        chunk_size=chunk_size, block_v=block_v, use_qk_l2norm=use_qk_l2norm,
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name="gdn_chunk_fwd_h_o")
-    return (o, *states, final)
+    B, Tp, Hk, dk = k.shape
+    Hv, dv = u.shape[2], u.shape[3]
+    C = chunk_size
+    NC = Tp // C
+    n = Hv // Hk
+    BV = min(block_v, dv)
+    if dv % BV:
+        raise ValueError(f"chunk_fwd_h: block_v = {BV} must divide dv = {dv}")
+    varlen = chunk_reset is not None
+    kernel = functools.partial(
+        _kernel,
+        chunk_size=C,
+        use_qk_l2norm=use_qk_l2norm,
+        has_initial_state=initial_state is not None,
+        varlen=varlen,
+    )
+    in_specs = [
+        pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
+        pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+        pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
+    ]
+    args = [k, w, u, G]
+    if varlen:
+        if B != 1:
+            raise ValueError("chunk_fwd_h: varlen needs B == 1")
+        if initial_state is None:
+            raise ValueError("chunk_fwd_h: varlen needs an initial_state [N, Hv, dk, dv] (zeros)")
+        in_specs += [pl.BlockSpec((NC,), lambda j, b, h: (0,))] * 2
+        args += [chunk_reset.astype(jnp.int32), chunk_last.astype(jnp.int32)]
+    N = initial_state.shape[0] if varlen else None
+    if initial_state is not None:
+        in_specs.append(state_spec(dk, BV, N))
+        args.append(initial_state)
+    out_specs, out_shape = state_pass_outputs(B, Tp, NC, Hv, dk, dv, BV, w.dtype, N)
+    return pl.pallas_call(
+        kernel,
+        grid=(dv // BV, B, Hv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdn_chunk_fwd_h",
+    )(*args)

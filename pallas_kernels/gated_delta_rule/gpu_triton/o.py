@@ -17,30 +17,19 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
-def chunk_output(q, k, G, h, v_new, *, scale, use_qk_l2norm):
-    """The output block of one chunk (also computed inside the state pass, h.chunk_fwd_h_o).
-
-    q, k [C, dk] as loaded; G [C] (chunk-local cumsum of g); h [dk, BV] (the state at the chunk
-    start) and v_new [C, BV], both in the compute dtype. Returns [C, BV] float32:
-    scale * [(q h) exp(G) + lower_incl(q k^T exp(G_i - G_j)) v_new].
-    """
-    cdt = h.dtype
-    q = q.astype(jnp.float32)
-    k = k.astype(jnp.float32)
+def _kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, use_qk_l2norm):
+    # q_ref, k_ref [C, dk]; g_ref [C]; h_ref [dk, BV]; vn_ref [C, BV]; o_ref [C, BV].
+    cdt = h_ref.dtype
+    q = q_ref[...].astype(jnp.float32)
+    k = k_ref[...].astype(jnp.float32)
     if use_qk_l2norm:
         q, k = km.l2norm(q), km.l2norm(k)
     q = (q * scale).astype(cdt)
     k = k.astype(cdt)
-    G = G.astype(jnp.float32)
-    o_inter = km.dot(q, h) * jnp.exp(G)[:, None]  # [C, BV]
+    G = g_ref[...].astype(jnp.float32)
+    o_inter = km.dot(q, h_ref[...]) * jnp.exp(G)[:, None]  # [C, BV]
     attn = km.decayed_scores(q, k, G, strict=False)  # [C, C]
-    return o_inter + km.dot(attn.astype(cdt), v_new)
-
-
-def _kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, use_qk_l2norm):
-    # q_ref, k_ref [C, dk]; g_ref [C]; h_ref [dk, BV]; vn_ref [C, BV]; o_ref [C, BV].
-    o = chunk_output(q_ref[...], k_ref[...], g_ref[...], h_ref[...], vn_ref[...], scale=scale,
-                     use_qk_l2norm=use_qk_l2norm)
+    o = o_inter + km.dot(attn.astype(cdt), vn_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
 

@@ -17,7 +17,7 @@ float32 in VMEM scratch (d(final state) at the last chunk):
 state and its gradient are both at hand in the reverse walk). d(initial state) is the dS left at
 the first chunk; d(g) = the reverse chunk-local cumsum of d(G) (jnp); dq, dk are summed over the
 value heads of each key head (jnp). With use_qk_l2norm the kernels take the normalised q, k and
-the gradient goes back through the L2 norm with jax.vjp of common.l2norm.
+the gradient goes back through the L2 norm with common.l2norm_bwd.
 
 Varlen (cu_seqlens, chunk-aligned layout of chunk_fwd.prepare): the walk restarts from a
 sequence's d(final state) at its last chunk and writes its d(initial state) at its first chunk.
@@ -147,11 +147,9 @@ def chunk_gated_delta_rule_bwd_tpu(
     f32 = jnp.float32
     if solve_precision is None:
         solve_precision = km.HIGHEST
+    q_in, k_in = q, k
     if use_qk_l2norm:
-        (q, k), l2norm_vjp = jax.vjp(
-            lambda a, b: (common.l2norm(a), common.l2norm(b)), q.astype(f32), k.astype(f32)
-        )
-        q, k = q.astype(cdt), k.astype(cdt)
+        q, k = common.l2norm(q).astype(cdt), common.l2norm(k).astype(cdt)
     varlen = cu_seqlens is not None
     p = chunk_fwd.prepare(q, k, v, g, beta, cu_seqlens, C)
     do_h = p.from_tokens(do.astype(cdt))  # [B, Hv, Tp, dv]
@@ -221,7 +219,7 @@ def chunk_gated_delta_rule_bwd_tpu(
         p.to_tokens(x) for x in (dq_, dk_, dv_, dg, dbeta.reshape(B, Hv, Tp))
     )
     if use_qk_l2norm:
-        dq_, dk_ = l2norm_vjp((dq_, dk_))
+        dq_, dk_ = common.l2norm_bwd(q_in, dq_), common.l2norm_bwd(k_in, dk_)
     if initial_state is None:
         dh0 = None
     elif varlen:  # an empty sequence passes its initial state through
