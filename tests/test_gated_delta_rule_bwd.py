@@ -120,9 +120,7 @@ DENSE_CASES = [
                  id="T65-f32-1:2-recompute"),
     pytest.param(63, 1, 1, jnp.bfloat16, False, True, {"block_sizes": RECOMPUTE},
                  id="T63-bf16-recompute"),
-    # Value heads per key head that are not a power of two (one head per "dqkwg" / "wy_bwd"
-    # program, three programs per key head) and above the group cap (8 = two groups of 4):
-    # d(q), d(k) summed over the groups outside the kernels.
+    # Three and eight value heads per key head: d(q), d(k) summed over them.
     pytest.param(33, 2, 6, jnp.float32, True, True, {}, id="T33-f32-2:6"),
     pytest.param(17, 1, 8, jnp.float32, False, True, {}, id="T17-f32-1:8"),
 ]

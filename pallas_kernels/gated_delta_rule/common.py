@@ -134,14 +134,6 @@ def l2norm_bwd(x: jax.Array, dy: jax.Array) -> jax.Array:
     return r * (dy - y * jnp.sum(y * dy, axis=-1, keepdims=True))
 
 
-def value_head_group(n: int, cap: int = 4) -> int:
-    """Value heads per program of the GPU backward stages "dqkwg" and "wy_bwd" for n value
-    heads per key head: the largest power of two dividing n, at most ``cap`` (Triton blocks
-    are powers of two). The program sums d(q), d(k) over its group, so those leave the
-    kernels per group of heads, not per value head."""
-    return min(n & -n, cap)
-
-
 def default_scale(dk: int, scale) -> float:
     return dk**-0.5 if scale is None else scale
 

@@ -161,8 +161,7 @@ def chunk_gated_delta_rule_bwd(
         **common_args,
     )
     dg = chunk_local_cumsum(dG, C, reverse=True)
-    groups = n // common.value_head_group(n)  # dq_, dk_ come summed over each group
-    dq_, dk_ = (x.reshape(B, Tp, Hk, groups, dk).sum(axis=3) for x in (dq_, dk_))
+    dq_, dk_ = (x.reshape(B, Tp, Hk, n, dk).sum(axis=3) for x in (dq_, dk_))
     dq_, dk_, dv_, dg, dbeta = (lay.from_chunks(x) for x in (dq_, dk_, dv_, dg, dbeta))
     if use_qk_l2norm:
         dq_, dk_ = common.l2norm_bwd(q_in, dq_), common.l2norm_bwd(k_in, dk_)

@@ -13,10 +13,11 @@ gives
        + [i = C-1] (exp(G_last) sum(S * dS) + sum(dk_state * k))
 where dq_state, dk_state are the first terms of dq and of dk. The value dimension is walked in
 blocks of block_v; the rest is kernel_math.qk_bwd (shared with the TPU backward). One program per
-(chunk, batch, group of value heads, block of block_k key columns), the group's heads in turn
-(common.value_head_group: all the value heads of a key head when their number is a power of
-two); q and k are those of their key head and d(q), d(k) leave summed over the group (the
-caller sums the groups of a key head, if there are several).
+(chunk, batch, value head, block of block_k key columns); q and k are those of its key head
+(d(q), d(k) per value head; the caller sums the value heads of a key head). Programs serving
+all the value heads of a key head in turn, summing d(q), d(k) in the kernel (half the float32
+traffic), were about 2x slower in this stage and in "wy_bwd" on an H200 (1x32768: 3.56 and
+3.62 ms against 1.81 and 1.59).
 
 Splitting the key dimension is exact: dq, dk, dw of a key block need only that block of q, k, S
 and dS (and the whole dP, recomputed per block), and every term of dG is a sum over key columns
@@ -36,7 +37,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
@@ -57,40 +57,41 @@ def _kernel(
     scale,
     block_v,
 ):
-    # q_ref, k_ref [C, BK] (the key head); per value head i of the program's group of m:
-    # g_ref [C, m]; h_ref, dh_ref [m, BK, dv]; vn_ref, do_ref, dv_ref [C, m, dv]; outputs
-    # dw_ref [C, m, BK] and dg_ref [C, m] float32 (this key block's part of d(G));
-    # dq_ref, dk_ref [C, BK] float32, summed over the group.
+    # q_ref, k_ref [C, BK]; g_ref [C]; h_ref, dh_ref [BK, dv]; vn_ref, do_ref, dv_ref [C, dv];
+    # dq_ref, dk_ref [C, BK] float32; dw_ref [C, BK]; dg_ref [C] float32 (this key block's
+    # part of d(G)).
     C, dk = q_ref.shape
-    m, dv = vn_ref.shape[1], vn_ref.shape[2]
-    q, k = q_ref[...], k_ref[...]
-    dq_sum = jnp.zeros((C, dk), jnp.float32)
-    dk_sum = jnp.zeros((C, dk), jnp.float32)
-    for i in range(m):
-        dq_state = jnp.zeros((C, dk), jnp.float32)  # dO S^T
-        dk_state = jnp.zeros((C, dk), jnp.float32)  # v_new dS^T
-        dw = jnp.zeros((C, dk), jnp.float32)
-        dP = jnp.zeros((C, C), jnp.float32)  # dO v_new^T, then d(q k^T)
-        s_ds = jnp.zeros((dk,), jnp.float32)  # sum(S * dS) over the value dimension (BK rows)
-        for j in range(dv // block_v):
-            cols = pl.ds(j * block_v, block_v)
-            S, dS = h_ref[i, :, cols], dh_ref[i, :, cols]
-            do, vn = do_ref[:, i, cols], vn_ref[:, i, cols]
-            dq_state += km.dot(do, S, trans_b=True)
-            dk_state += km.dot(vn, dS, trans_b=True)
-            dw -= km.dot(dv_ref[:, i, cols], S, trans_b=True)
-            dP += km.dot(do, vn, trans_b=True)
-            s_ds += jnp.sum(S.astype(jnp.float32) * dS.astype(jnp.float32), axis=1)
-        G = g_ref[:, i].astype(jnp.float32)
-        dq, dk_, dG = km.qk_bwd(
-            q, k, G[:, None], G[None, :], dq_state, dk_state, dP, jnp.sum(s_ds), scale=scale
-        )
-        dq_sum += dq
-        dk_sum += dk_
-        dw_ref[:, i, :] = dw.astype(dw_ref.dtype)
-        dg_ref[:, i] = jnp.sum(dG, axis=1)  # [C, 1] -> [C]
-    dq_ref[...] = dq_sum
-    dk_ref[...] = dk_sum
+    dv = vn_ref.shape[1]
+    dq_state = jnp.zeros((C, dk), jnp.float32)  # dO S^T
+    dk_state = jnp.zeros((C, dk), jnp.float32)  # v_new dS^T
+    dw = jnp.zeros((C, dk), jnp.float32)
+    dP = jnp.zeros((C, C), jnp.float32)  # dO v_new^T, then d(q k^T)
+    s_ds = jnp.zeros((dk,), jnp.float32)  # sum(S * dS) over the value dimension (BK rows)
+    for j in range(dv // block_v):
+        cols = pl.ds(j * block_v, block_v)
+        S, dS = h_ref[:, cols], dh_ref[:, cols]
+        do, vn = do_ref[:, cols], vn_ref[:, cols]
+        dq_state += km.dot(do, S, trans_b=True)
+        dk_state += km.dot(vn, dS, trans_b=True)
+        dw -= km.dot(dv_ref[:, cols], S, trans_b=True)
+        dP += km.dot(do, vn, trans_b=True)
+        s_ds += jnp.sum(S.astype(jnp.float32) * dS.astype(jnp.float32), axis=1)
+    G = g_ref[...].astype(jnp.float32)
+    dq, dk, dG = km.qk_bwd(
+        q_ref[...],
+        k_ref[...],
+        G[:, None],
+        G[None, :],
+        dq_state,
+        dk_state,
+        dP,
+        jnp.sum(s_ds),
+        scale=scale,
+    )
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dw_ref[...] = dw.astype(dw_ref.dtype)
+    dg_ref[...] = jnp.sum(dG, axis=1)  # [C, 1] -> [C]
 
 
 def chunk_bwd_dqkwg(
@@ -114,43 +115,39 @@ def chunk_bwd_dqkwg(
     """d(q), d(k) (state and intra-chunk paths), d(w) and d(G) (same paths) of every chunk.
 
     block_v: value columns per step of the loop in a program; block_k: key columns per program
-    (both must divide their dimension; block_k >= dk: no split). Each program serves the
-    m = common.value_head_group(Hv // Hk) value heads of a group (one key head) in turn.
+    (both must divide their dimension; block_k >= dk: no split).
 
     Args:
       q, k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked; q unscaled).
       G: [B, Tp, Hv] float32; h, dh: [B, NC, Hv, dk, dv] (the states at the chunk starts, and
         d(state at the chunk ends) from dh.py); v_new, do, dv_new: [B, Tp, Hv, dv].
     Returns:
-      dq, dk [B, Tp, Hv // m, dk] float32 (summed over each group of m value heads);
-      dw [B, Tp, Hv, dk] (compute dtype); dG [B, Tp, Hv] float32.
+      dq, dk [B, Tp, Hv, dk] float32 (per value head); dw [B, Tp, Hv, dk] (compute dtype);
+      dG [B, Tp, Hv] float32.
     """
     B, Tp, Hk, dk = q.shape
     Hv, dv = do.shape[2], do.shape[3]
     C = chunk_size
     n = Hv // Hk
-    m = common.value_head_group(n)
-    per_key = n // m  # groups per key head
     BV, BK = min(block_v, dv), min(block_k, dk)
     for name, blk, dim in (("block_v", BV, dv), ("block_k", BK, dk)):
         if dim % blk:
             raise ValueError(f"chunk_bwd_dqkwg: {name} = {blk} must divide {dim}")
     NK = dk // BK
-    key_spec = pl.BlockSpec((None, C, None, BK), lambda c, b, h, j: (b, c, lax.div(h, per_key), j))
-    sum_spec = pl.BlockSpec((None, C, None, BK), lambda c, b, h, j: (b, c, h, j))
-    row_spec = pl.BlockSpec((None, C, m, BK), lambda c, b, h, j: (b, c, h, j))
-    val_spec = pl.BlockSpec((None, C, m, dv), lambda c, b, h, j: (b, c, h, 0))
-    state_spec = pl.BlockSpec((None, None, m, BK, dv), lambda c, b, h, j: (b, c, h, j, 0))
-    g_spec = pl.BlockSpec((None, C, m), lambda c, b, h, j: (b, c, h))
-    dg_spec = pl.BlockSpec((None, None, C, m), lambda c, b, h, j: (j, b, c, h))
+    key_spec = pl.BlockSpec((None, C, None, BK), lambda c, b, h, j: (b, c, lax.div(h, n), j))
+    row_spec = pl.BlockSpec((None, C, None, BK), lambda c, b, h, j: (b, c, h, j))
+    val_spec = pl.BlockSpec((None, C, None, dv), lambda c, b, h, j: (b, c, h, 0))
+    state_spec = pl.BlockSpec((None, None, None, BK, dv), lambda c, b, h, j: (b, c, h, j, 0))
+    g_spec = pl.BlockSpec((None, C, None), lambda c, b, h, j: (b, c, h))
+    dg_spec = pl.BlockSpec((None, None, C, None), lambda c, b, h, j: (j, b, c, h))
     dq, dk_, dw, dG = pl.pallas_call(
         functools.partial(_kernel, scale=scale, block_v=BV),
-        grid=(Tp // C, B, Hv // m, NK),
+        grid=(Tp // C, B, Hv, NK),
         in_specs=[key_spec, key_spec, g_spec, state_spec, state_spec, val_spec, val_spec, val_spec],
-        out_specs=[sum_spec, sum_spec, row_spec, dg_spec],
+        out_specs=[row_spec, row_spec, row_spec, dg_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Tp, Hv // m, dk), jnp.float32),
-            jax.ShapeDtypeStruct((B, Tp, Hv // m, dk), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), q.dtype),
             jax.ShapeDtypeStruct((NK, B, Tp, Hv), jnp.float32),
         ],

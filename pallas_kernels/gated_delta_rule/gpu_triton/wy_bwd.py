@@ -13,8 +13,7 @@ From dw and du (= the total gradient of v_new: v_new = u - w S):
   dG  = rowsum(dkb * kb) + rowsum(dA * A) - colsum(dA * A)
 (the math: kernel_math.wy_bwd_values then wy_bwd_keys, whose composition wy_bwd the TPU backward
 uses). dk and dG are added to the partial
-gradients of stage "dqkwg" (aliased in place); dk, like that stage's, summed over each program's
-group of value heads.
+gradients of stage "dqkwg" (aliased in place).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule import common
 from pallas_kernels.gated_delta_rule import kernel_math as km
 
 
@@ -48,25 +46,20 @@ def _kernel(
     *,
     solve_precision,
 ):
-    # k_ref [C, dk] (the key head); per value head i of the program's group of m: v_ref [C, m,
-    # dv]; g_ref, beta_ref [C, m]; t_ref [C, m, C] float32 (the forward's (I + A)^-1); dw_ref
-    # [C, m, dk]; du_ref [C, m, dv]; dg_in_ref, dg_ref, dbeta_ref [C, m] float32; dv_ref [C, m,
-    # dv]; dk_in_ref, dk_ref [C, dk] float32, summed over the group.
-    k = k_ref[...]
-    dk_sum = dk_in_ref[...]
-    for i in range(v_ref.shape[1]):
-        G = g_ref[:, i].astype(jnp.float32)
-        beta = beta_ref[:, i].astype(jnp.float32)[:, None]
-        T = t_ref[:, i, :]
-        dT_v, dv, dbeta_v = km.wy_bwd_values(v_ref[:, i, :], beta, T, du_ref[:, i, :])
-        dv_ref[:, i, :] = dv.astype(dv_ref.dtype)  # stored before the key half: fewer live tiles
-        dk, dbeta_k, dG = km.wy_bwd_keys(
-            k, G[:, None], G[None, :], beta, T, dw_ref[:, i, :], dT_v, precision=solve_precision
-        )
-        dk_sum += dk
-        dbeta_ref[:, i] = jnp.sum(dbeta_v + dbeta_k, axis=1)  # [C, 1] -> [C]
-        dg_ref[:, i] = dg_in_ref[:, i] + jnp.sum(dG, axis=1)
-    dk_ref[...] = dk_sum
+    # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; t_ref [C, C] float32 (the forward's
+    # (I + A)^-1); dw_ref [C, dk]; du_ref [C, dv];
+    # dk_in_ref, dk_ref [C, dk] float32; dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
+    G = g_ref[...].astype(jnp.float32)
+    beta = beta_ref[...].astype(jnp.float32)[:, None]
+    T = t_ref[...]
+    dT_v, dv, dbeta_v = km.wy_bwd_values(v_ref[...], beta, T, du_ref[...])
+    dv_ref[...] = dv.astype(dv_ref.dtype)  # stored before the key half: fewer live [C, dv] tiles
+    dk, dbeta_k, dG = km.wy_bwd_keys(
+        k_ref[...], G[:, None], G[None, :], beta, T, dw_ref[...], dT_v, precision=solve_precision
+    )
+    dk_ref[...] = dk_in_ref[...] + dk
+    dbeta_ref[...] = jnp.sum(dbeta_v + dbeta_k, axis=1)  # [C, 1] -> [C]
+    dg_ref[...] = dg_in_ref[...] + jnp.sum(dG, axis=1)
 
 
 def chunk_bwd_wy(
@@ -88,38 +81,33 @@ def chunk_bwd_wy(
 ):
     """Gradients through w = T (beta exp(G) k) and u = T (beta v), T from the forward.
 
-    Each program serves the m = common.value_head_group(Hv // Hk) value heads of a group (one
-    key head) in turn, as stage "dqkwg" does.
-
     Args:
       k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked); v: [B, Tp, Hv, dv].
       G, beta: [B, Tp, Hv] float32; inverse: [B, Tp, Hv, C] float32, each chunk's T (from
         ``chunk_kkt_solve_wy(..., return_inverse=True)``); dw: [B, Tp, Hv, dk], du: [B, Tp, Hv,
         dv] (compute dtype).
-      dk: [B, Tp, Hv // m, dk] float32 (summed over each group), dG: [B, Tp, Hv] float32: the
-        partial gradients of the other paths (stage "dqkwg"), updated in place.
+      dk: [B, Tp, Hv, dk] float32, dG: [B, Tp, Hv] float32: the partial gradients of the other
+        paths (stage "dqkwg"), updated in place.
     Returns:
-      dk [B, Tp, Hv // m, dk] float32 (summed over each group of m value heads), dv [B, Tp, Hv,
-      dv] (the dtype of v), dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
+      dk [B, Tp, Hv, dk] float32 (per value head), dv [B, Tp, Hv, dv] (the dtype of v),
+      dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
     """
     B, Tp, Hk, dkd = k.shape
     Hv, dvd = v.shape[2], v.shape[3]
     C = chunk_size
-    m = common.value_head_group(Hv // Hk)
-    per_key = Hv // Hk // m  # groups per key head
-    key_spec = pl.BlockSpec((None, C, None, dkd), lambda c, b, h: (b, c, lax.div(h, per_key), 0))
+    n = Hv // Hk
+    key_spec = pl.BlockSpec((None, C, None, dkd), lambda c, b, h: (b, c, lax.div(h, n), 0))
     dk_spec = pl.BlockSpec((None, C, None, dkd), lambda c, b, h: (b, c, h, 0))
-    row_spec = pl.BlockSpec((None, C, m, dkd), lambda c, b, h: (b, c, h, 0))
-    val_spec = pl.BlockSpec((None, C, m, dvd), lambda c, b, h: (b, c, h, 0))
-    g_spec = pl.BlockSpec((None, C, m), lambda c, b, h: (b, c, h))
-    t_spec = pl.BlockSpec((None, C, m, C), lambda c, b, h: (b, c, h, 0))
+    val_spec = pl.BlockSpec((None, C, None, dvd), lambda c, b, h: (b, c, h, 0))
+    g_spec = pl.BlockSpec((None, C, None), lambda c, b, h: (b, c, h))
+    t_spec = pl.BlockSpec((None, C, None, C), lambda c, b, h: (b, c, h, 0))
     return pl.pallas_call(
         functools.partial(_kernel, solve_precision=solve_precision),
-        grid=(Tp // C, B, Hv // m),
-        in_specs=[key_spec, val_spec, g_spec, g_spec, t_spec, row_spec, val_spec, dk_spec, g_spec],
+        grid=(Tp // C, B, Hv),
+        in_specs=[key_spec, val_spec, g_spec, g_spec, t_spec, dk_spec, val_spec, dk_spec, g_spec],
         out_specs=[dk_spec, val_spec, g_spec, g_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Tp, Hv // m, dkd), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dkd), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv, dvd), v.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
