@@ -175,24 +175,6 @@ def test_route_float32_softmax_topk_and_renorm():
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6)
 
 
-def test_route_gpu_top_k_padding_keeps_the_choice(monkeypatch):
-    """On GPU the probabilities are padded to GPU_TOPK_MIN_N columns for XLA's TopK kernel:
-    the same experts, weights and tie order (lower id first) as lax.top_k on the 512 columns,
-    here on bf16-rounded logits with many ties, and rows of any leading shape."""
-    from qnext_jax.modeling import moe
-
-    rng = np.random.default_rng(0)
-    logits = jnp.asarray(np.round(rng.standard_normal((2, 33, 512)) * 4) / 4, jnp.bfloat16)
-    want_w, want_e = route(logits, 10, norm_topk_prob=True)
-    monkeypatch.setattr(moe.jax, "default_backend", lambda: "gpu")
-    padded = str(jax.make_jaxpr(lambda x: route(x, 10, True))(logits))
-    assert f"{moe.GPU_TOPK_MIN_N}]" in padded
-    got_w, got_e = route(logits, 10, norm_topk_prob=True)
-    np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
-    np.testing.assert_array_equal(np.asarray(got_w), np.asarray(want_w))
-    assert got_e.shape == (2, 33, 10) and int(np.asarray(want_e).max()) < 512
-
-
 # bf16 router of 3 experts over d 2: for x = [1, 1] the float32 sums are 1, 1 + 2^-9 and -1,
 # which round to 1, 1, -1 in bf16, a tie of experts 0 and 1 that expert 1 wins unrounded.
 _TIE_X = np.asarray([1.0, 1.0], np.float32)

@@ -67,21 +67,6 @@ class Qwen3NextMLP(nn.Module):
         return dense(self.hidden_size, name="down_proj", **proj)(h)
 
 
-GPU_TOPK_MIN_N = 1024  # XLA's GPU TopK kernel (k <= 16) takes rows of at least this many
-
-
-def _top_k(probs: jax.Array, k: int):
-    """``lax.top_k`` of probabilities [N, E] (values >= 0). On GPU with E below
-    GPU_TOPK_MIN_N and k <= 16 the rows are padded with -1 to that width, so XLA runs its TopK
-    kernel instead of sorting every row (the sort took 0.3 ms of the 80B block's 7.9 at 16384
-    tokens on an H200); the padding is never chosen."""
-    E = probs.shape[-1]
-    if jax.default_backend() == "gpu" and E < GPU_TOPK_MIN_N and k <= 16:
-        pad = [(0, 0)] * (probs.ndim - 1) + [(0, GPU_TOPK_MIN_N - E)]
-        probs = jnp.pad(probs, pad, constant_values=-1.0)
-    return jax.lax.top_k(probs, k)
-
-
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     """Top-k routing: (weights [N, k] float32, expert ids [N, k] int32) from logits [N, E].
 
@@ -100,7 +85,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
         logits = jax.lax.reduce_precision(logits, exponent_bits=info.nexp,
                                           mantissa_bits=info.nmant)
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = _top_k(probs, top_k)
+    weights, experts = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts
