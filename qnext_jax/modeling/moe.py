@@ -143,7 +143,8 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     scripts/bench_moe.py on an H200 (80B block, bf16), ms per call inside a jitted loop, gather
     / tokamax / gather_pallas: T = 1 0.105 / 0.145 / 0.083; T = 8 0.337 / 0.227 / 0.170;
     T = 32 1.180 / 0.494 / 0.483; T = 64 tokamax 0.69 (plain calls: T = 1024 tokamax 1.51 /
-    capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms). gather_pallas is faster
+    capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms; both with the scatter-add
+    combine of then, tokamax 5.33 ms with the gathered one). gather_pallas is faster
     at decode but not auto's choice: under a layer scan its kernel operands, the layer's slice
     of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's moe_impl)."""
     if _decode_sized(rows, num_experts):
