@@ -18,9 +18,9 @@ devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measure
   when weights are replicated);
 
 ``--scan-layers`` runs the layers as a scan over the repeating block (params and cache stacked):
-compile time flat in depth. ``--profile DIR`` also traces a few decode steps of each batch size
-(``scripts/profile_summary.py DIR/decode_b1 --steps 5`` then lists the kernels, busy and idle
-time of a step). Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
+compile time flat in depth. ``--profile DIR`` also traces two prefills of each length and a few
+decode steps of each batch size (``scripts/profile_summary.py DIR/decode_b1 --steps 5``, or
+``DIR/prefill_8192 --steps 2``, then lists the kernels, busy and idle time of a call). Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
 scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model on two H200s:
 ``--layers 48 --prefill 8192 32768 --batches 1 32 128``.
 """
@@ -141,8 +141,9 @@ def main():
                     help="the layers as a scan over the repeating block (compile time flat in depth)")
     ap.add_argument("--out", default="bench_model.json")
     ap.add_argument("--profile", default=None,
-                    help="also trace PROFILE_STEPS decode steps of each batch with jax.profiler "
-                         "into PROFILE/decode_b<B> (summarise with scripts/profile_summary.py)")
+                    help="also trace 2 prefills of each length into PROFILE/prefill_<T> and "
+                         "PROFILE_STEPS decode steps of each batch into PROFILE/decode_b<B> with "
+                         "jax.profiler (summarise with scripts/profile_summary.py)")
     ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
     args = ap.parse_args()
 
@@ -192,6 +193,9 @@ def main():
         compiled = jax.jit(step).lower(params, ids, cache).compile()
         compile_s = time.perf_counter() - t
         sec = median_seconds(compiled, params, ids, cache, iters=5)
+        if args.profile:
+            trace_calls(compiled, params, ids, cache,
+                        log_dir=os.path.join(args.profile, f"prefill_{T}"), calls=2)
         flops = sum(forward_flops_per_token(cfg, T).values()) * T
         record[f"prefill_{T}"] = {"compile_s": compile_s, "median_s": sec, "tokens_per_s": T / sec,
                                   "model_flops": flops,
