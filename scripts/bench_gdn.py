@@ -307,7 +307,8 @@ def run_jax(args):
                 jax.block_until_ready(st)
                 ts.append(time.perf_counter() - t)
             row[f"{name}_step_ms"] = statistics.median(ts) * 1e3
-            # Device time without dispatch: 32 steps inside one jitted loop.
+            # Device time without dispatch: 32 steps inside one jitted loop, unrolled (a rolled
+            # fori_loop added about 0.01 ms a step on an H200: 0.0145 against 0.0049 at B = 1).
             n_in = 32
 
             def loop(q, k, v, g, b, s, impl=impl, n_in=n_in):
@@ -324,7 +325,7 @@ def run_jax(args):
                         impl=impl,
                     )[1]
 
-                return jax.lax.fori_loop(0, n_in, body, s)
+                return jax.lax.fori_loop(0, n_in, body, s, unroll=True)
 
             lj = jax.jit(loop, donate_argnums=5)
             st = lj(jq, jk, jv, jg, jb, st)

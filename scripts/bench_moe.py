@@ -207,11 +207,13 @@ LOOP_MAX_TOKENS = 64
 
 
 def in_loop_seconds(block, params, x, iters: int) -> float:
-    """Seconds per call of ``block`` inside one jitted ``fori_loop`` of LOOP_STEPS calls, each
-    fed the last input plus 1e-3 of the last output (so no call can be skipped): the cost in
-    a decode step, without the host's per-call dispatch that the plain median includes."""
+    """Seconds per call of ``block`` inside one jitted, unrolled ``fori_loop`` of LOOP_STEPS
+    calls, each fed the last input plus 1e-3 of the last output (so no call can be skipped):
+    the cost in a decode step, without the host's per-call dispatch that the plain median
+    includes (a rolled loop added about 0.01 ms an iteration on an H200)."""
     def loop(p, x):
-        return jax.lax.fori_loop(0, LOOP_STEPS, lambda _, h: h + 1e-3 * block(p, h), x)
+        return jax.lax.fori_loop(0, LOOP_STEPS, lambda _, h: h + 1e-3 * block(p, h), x,
+                                 unroll=True)
 
     return median_seconds(jax.jit(loop), params, x, iters=iters) / LOOP_STEPS
 

@@ -175,6 +175,24 @@ def test_route_float32_softmax_topk_and_renorm():
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6)
 
 
+def test_route_gpu_argmax_top_k_equals_top_k(monkeypatch):
+    """On GPU, from ARGMAX_TOP_K_MIN_ROWS tokens, top-k is k rounds of argmax: the same experts,
+    weights and tie order (lower id first) as lax.top_k, here on bf16-rounded logits with many
+    ties and a leading batch axis; fewer rows keep lax.top_k."""
+    from qnext_jax.modeling import moe
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(np.round(rng.standard_normal((2, 600, 64)) * 4) / 4, jnp.bfloat16)
+    want_w, want_e = route(logits, 10, norm_topk_prob=True)
+    monkeypatch.setattr(moe.jax, "default_backend", lambda: "gpu")
+    program = str(jax.make_jaxpr(lambda x: route(x, 10, True))(logits))
+    assert "argmax" in program and "top_k" not in program
+    got_w, got_e = route(logits, 10, norm_topk_prob=True)
+    np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
+    np.testing.assert_array_equal(np.asarray(got_w), np.asarray(want_w))
+    assert "top_k" in str(jax.make_jaxpr(lambda x: route(x, 10, True))(logits[:1, :100]))
+
+
 # bf16 router of 3 experts over d 2: for x = [1, 1] the float32 sums are 1, 1 + 2^-9 and -1,
 # which round to 1, 1, -1 in bf16, a tie of experts 0 and 1 that expert 1 wins unrounded.
 _TIE_X = np.asarray([1.0, 1.0], np.float32)

@@ -67,6 +67,29 @@ class Qwen3NextMLP(nn.Module):
         return dense(self.hidden_size, name="down_proj", **proj)(h)
 
 
+ARGMAX_TOP_K_MIN_ROWS = 1024  # GPU: from this many tokens, top-k by repeated argmax
+
+
+def _top_k(probs: jax.Array, k: int):
+    """``lax.top_k`` over the last axis of probabilities [..., E]. On GPU with at least
+    ARGMAX_TOP_K_MIN_ROWS rows it is k rounds of argmax, each masking its winner: the same
+    experts and weights, ties to the lower id as top_k puts them (argmax takes the first
+    maximum), where XLA's top_k sorts every row: 0.23-0.27 against 0.51 ms for 16384 x 512 on an
+    H200, equal on random and on heavily tied bf16 logits. Fewer rows keep top_k (one kernel
+    against k at decode)."""
+    rows = math.prod(probs.shape[:-1])
+    if jax.default_backend() != "gpu" or rows < ARGMAX_TOP_K_MIN_ROWS:
+        return jax.lax.top_k(probs, k)
+    ids = jnp.arange(probs.shape[-1], dtype=jnp.int32)
+    left, weights, experts = probs, [], []
+    for _ in range(k):
+        e = jnp.argmax(left, axis=-1).astype(jnp.int32)
+        weights.append(jnp.take_along_axis(probs, e[..., None], axis=-1)[..., 0])
+        experts.append(e)
+        left = jnp.where(ids == e[..., None], -jnp.inf, left)
+    return jnp.stack(weights, axis=-1), jnp.stack(experts, axis=-1)
+
+
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
     """Top-k routing: (weights [N, k] float32, expert ids [N, k] int32) from logits [N, E].
 
@@ -85,7 +108,7 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
         logits = jax.lax.reduce_precision(logits, exponent_bits=info.nexp,
                                           mantissa_bits=info.nmant)
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
+    weights, experts = _top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts
