@@ -114,48 +114,6 @@ def test_blocked_attention_matches_numpy(rng):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_attention_matches_numpy(rng):
-    """The fused path (jax.nn.dot_product_attention; its XLA implementation here, cuDNN's on a
-    GPU) on the cache layout, with grouped heads and a random mask: numpy's softmax attention;
-    a query with no key stays finite."""
-    B, T, K, G, D, S = 2, 5, 2, 3, 8, 19
-    q = rng.standard_normal((B, T, K * G, D)).astype(np.float32)
-    k = rng.standard_normal((B, K, S, D)).astype(np.float32)
-    v = rng.standard_normal((B, K, S, D)).astype(np.float32)
-    mask = rng.random((B, T, S)) < 0.5
-    mask[:, :, 3] = True
-    mask[1, 4] = False  # no key at all
-    out = np.asarray(attention.fused_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                               jnp.asarray(mask), 0.5, "xla"))
-    qg = q.reshape(B, T, K, G, D).astype(np.float64)
-    logits = np.einsum("btkgd,bksd->bkgts", qg, k) * 0.5
-    logits = np.where(mask[:, None, None], logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    ref = np.einsum("bkgts,bksd->btkgd", probs, v).reshape(B, T, K * G, D)
-    seen = mask.any(-1)
-    assert out.shape == (B, T, K * G, D) and np.isfinite(out).all()
-    np.testing.assert_allclose(out[seen], ref[seen], rtol=1e-5, atol=1e-5)
-
-
-def test_fused_attention_impl_choice(monkeypatch):
-    """cuDNN only on a GPU, for bf16/fp16 and the head dims it takes (256 from Hopper on)."""
-    assert attention.fused_attention_impl(jnp.bfloat16, 256) is None  # this CPU
-    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
-
-    class Device:
-        compute_capability = "9.0"
-
-    monkeypatch.setattr(attention.jax, "devices", lambda: [Device()])
-    assert attention.fused_attention_impl(jnp.bfloat16, 256) == "cudnn"
-    assert attention.fused_attention_impl(jnp.float16, 128) == "cudnn"
-    assert attention.fused_attention_impl(jnp.float32, 256) is None
-    assert attention.fused_attention_impl(jnp.bfloat16, 260) is None
-    Device.compute_capability = "8.0"
-    assert attention.fused_attention_impl(jnp.bfloat16, 256) is None
-    assert attention.fused_attention_impl(jnp.bfloat16, 128) == "cudnn"
-
-
 def test_chunked_prefill_equals_one_shot(setup, monkeypatch):
     cfg, params, prompts, _, alone = setup
     # Small KV blocks: the chunks attend over the cache block by block (online softmax), as a
@@ -173,13 +131,6 @@ def test_chunked_prefill_equals_one_shot(setup, monkeypatch):
     chunked = gen.generate(params, [prompts[1]], max_new_tokens=NEW, temperature=1.0,
                            seed=3).tokens
     np.testing.assert_array_equal(chunked, one)
-    # The same through the fused path (its XLA implementation here; cuDNN's on a GPU).
-    monkeypatch.setattr(attention, "fused_attention_impl", lambda dtype, head_dim: "xla")
-    fused = Generator(cfg, prefill_chunk_size=2)
-    np.testing.assert_array_equal(fused.generate(params, prompts, max_new_tokens=NEW).tokens,
-                                  alone)
-    assert fused.generate(params, [prompts[1]], max_new_tokens=NEW, temperature=1.0,
-                          seed=3).tokens.tolist() == one.tolist()
 
 
 def test_scan_layers_padded_batch_and_chunked_prefill_equal_unrolled(monkeypatch):

@@ -19,9 +19,8 @@ from qnext_jax.modeling.norms import RMSNorm
 from qnext_jax.modeling.rope import apply_rope
 
 
-# Multi-token steps over a cache longer than 2 * KV_BLOCK slots (a long prompt's prefill) attend
-# through cuDNN's fused attention where fused_attention_impl allows it, else block by block with
-# an online softmax: memory O(T * KV_BLOCK), not O(T * S).
+# Multi-token steps over a cache longer than 2 * KV_BLOCK slots (chunked prefill of a long
+# prompt) attend block by block with an online softmax: memory O(T * KV_BLOCK), not O(T * S).
 KV_BLOCK = 4096
 
 
@@ -63,38 +62,6 @@ def blocked_attention(qh, keys, values, mask, scale, block, precision=None, dtyp
     (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n))
     out = acc / l[..., None]  # [B, K, G, T, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype)
-
-
-def fused_attention_impl(dtype, head_dim: int) -> str | None:
-    """The ``implementation`` of ``jax.nn.dot_product_attention`` that multi-token steps over a
-    long cache use, or None for :func:`blocked_attention`: "cudnn" (cuDNN's fused flash
-    attention: the T x S scores never reach HBM) on a GPU for bf16/fp16 with a head dim cuDNN
-    takes (a multiple of 8, at most 256 from Hopper on, 128 before). On an H200 the blocked XLA
-    softmax wrote and re-read its float32 scores: about 100 ms of a 330 ms 32768-token prefill of
-    8 layers (2 of them attention)."""
-    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        return None
-    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
-    limit = 256 if float(capability) >= 9.0 else 128
-    return "cudnn" if head_dim % 8 == 0 and head_dim <= limit else None
-
-
-def fused_attention(q, keys, values, mask, scale, implementation):
-    """Softmax attention through ``jax.nn.dot_product_attention``.
-
-    Args:
-      q: [B, T, H, D] queries (H a multiple of Hkv; head h reads key head h // (H / Hkv));
-      keys, values: [B, Hkv, S, D] (the cache layout); mask: [B, T, S] bool (given to the kernel
-        as a [B, 1, T, S] additive bias of large negative values, so a query with no key gets a
-        finite average of the values, never NaN); scale: logit scale;
-      implementation: "cudnn" or "xla" (see :func:`fused_attention_impl`).
-    Returns:
-      [B, T, H, D] in q's dtype.
-    """
-    k, v = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2)  # [B, S, Hkv, D]
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                        mask=mask[:, None], scale=scale,
-                                        implementation=implementation)
 
 
 class Qwen3NextAttention(nn.Module):
@@ -159,13 +126,8 @@ class Qwen3NextAttention(nn.Module):
         G = H // Hkv
         qh = q.reshape(B, T, Hkv, G, hd)
         if cache is not None and T > 1 and S > 2 * KV_BLOCK:  # long cache: bounded memory
-            impl = fused_attention_impl(self.dtype, hd)
-            if impl is None:
-                attn = blocked_attention(qh, keys, values, mask, hd ** -0.5, KV_BLOCK,
-                                         self.precision, self.dtype)
-            else:
-                attn = fused_attention(q.astype(self.dtype), keys, values, mask, hd ** -0.5,
-                                       impl)
+            attn = blocked_attention(qh, keys, values, mask, hd ** -0.5, KV_BLOCK,
+                                     self.precision, self.dtype)
         else:
             logits = jnp.einsum("BTKGD,BKSD->BKGTS", qh, keys, precision=self.precision)
             logits = logits.astype(jnp.float32) * (hd ** -0.5)
