@@ -20,7 +20,8 @@ devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measure
 ``--scan-layers`` runs the layers as a scan over the repeating block (params and cache stacked):
 compile time flat in depth. ``--profile DIR`` also traces two prefills of each length and a few
 decode steps of each batch size (``scripts/profile_summary.py DIR/decode_b1 --steps 5``, or
-``DIR/prefill_8192 --steps 2``, then lists the kernels, busy and idle time of a call). Prints a table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
+``DIR/prefill_8192 --steps 2``, then lists the kernels, busy and idle time of a call). Prints a
+table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
 scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model on two H200s:
 ``--layers 48 --prefill 8192 32768 --batches 1 32 128``.
 """

@@ -386,14 +386,17 @@ def main(argv=None) -> int:
                 t_ours = median_seconds(ours, params, x, iters=args.iters)
                 if T <= LOOP_MAX_TOKENS:
                     row["ours_in_loop_ms"] = in_loop_seconds(ours, params, x, args.iters) * 1e3
-                if args.profile:
-                    trace_calls(ours, params, x, log_dir=os.path.join(
-                        args.profile, f"T{T}_{impl.replace(':', '_')}"))
             except Exception as e:  # noqa: BLE001 (e.g. ragged_dot's dense expansion on GPU)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 rows.append(row)
                 print(f"[bench_moe] T={T} {impl}: {row['error']}", file=sys.stderr)
                 continue
+            if args.profile:  # after the timings, which a profiler failure must not lose
+                try:
+                    trace_calls(ours, params, x, log_dir=os.path.join(
+                        args.profile, f"T{T}_{impl.replace(':', '_')}"))
+                except Exception as e:  # noqa: BLE001
+                    row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             row.update(ours_ms=t_ours * 1e3, ours_compile_s=t_compile,
                        ours_tflops=flops / t_ours / 1e12, ours_weight_gbps=wbytes / t_ours / 1e9,
                        pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["bf16_matmul_tflops"],

@@ -131,6 +131,25 @@ def test_grad_dense(T, Hk, Hv, dtype, with_state, l2norm, extra):
     _check(T, Hk, Hv, dtype, seed=T, with_state=with_state, l2norm=l2norm, **extra)
 
 
+def test_l2norm_bwd_equals_autodiff():
+    """common.l2norm_bwd (the backward's L2-norm gradient, recomputed from x) against jax.vjp
+    of common.l2norm in float32, on rows of very different norms, from float32 and bf16 x."""
+    from pallas_kernels.gated_delta_rule import common
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 7, 2, 16)) * rng.choice([1e-2, 1.0, 30.0], (3, 7, 2, 1))
+    x, dy = jnp.asarray(x, jnp.float32), jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    _, vjp = jax.vjp(common.l2norm, x)
+    want = vjp(dy)[0]
+    got = common.l2norm_bwd(x, dy)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    got_bf16 = common.l2norm_bwd(x.astype(jnp.bfloat16), dy)  # bf16 x, as the kernels take it
+    want_bf16 = jax.vjp(common.l2norm, x.astype(jnp.bfloat16).astype(jnp.float32))[1]
+    np.testing.assert_allclose(np.asarray(got_bf16), np.asarray(want_bf16(dy)[0]), rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("save_states", [False, True])
 def test_grad_varlen(save_states):
     """Packed sequences, with an empty one (its d(initial state) is its d(final state)), a
