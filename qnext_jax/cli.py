@@ -200,9 +200,12 @@ def _cmd_generate(args) -> int:
         raise SystemExit("give --prompt TEXT or --token-ids IDS")
     if not ids:
         raise SystemExit("the prompt has no tokens")
-    if max(ids) >= config.vocab_size or min(ids) < 0:
-        raise SystemExit(f"token ids must be in [0, vocab_size = {config.vocab_size}), got "
-                         f"{min(ids)}..{max(ids)}")
+    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < config.vocab_size]
+    if bad:
+        shown = ", ".join(f"{t} at position {i}" for i, t in bad[:5])
+        raise SystemExit(f"token ids of the prompt must be in [0, vocab_size = "
+                         f"{config.vocab_size}): got {shown}"
+                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     dtype = params["embed_tokens"]["embedding"].dtype
     try:
         gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,

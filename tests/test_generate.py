@@ -113,8 +113,9 @@ def test_demo_model_dtype_keeps_the_float32_leaves():
 
 
 def test_cli_rejects_bad_token_ids():
-    with pytest.raises(SystemExit, match="token ids must be in"):
-        qnext_main(["generate", "--token-ids", "1,99999"])
+    with pytest.raises(SystemExit, match=r"must be in \[0, vocab_size = 260\): got 99999 at "
+                                         r"position 1, -2 at position 2$"):
+        qnext_main(["generate", "--token-ids", "1,99999,-2"])
     with pytest.raises(SystemExit, match="expected integers"):
         qnext_main(["generate", "--token-ids", "1,a"])
     with pytest.raises(SystemExit, match="not both"):
