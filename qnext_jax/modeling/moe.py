@@ -74,9 +74,9 @@ def _top_k(probs: jax.Array, k: int):
     """``lax.top_k`` over the last axis of probabilities [..., E]. On GPU with at least
     ARGMAX_TOP_K_MIN_ROWS rows it is k rounds of argmax, each masking its winner: the same
     experts and weights, ties to the lower id as top_k puts them (argmax takes the first
-    maximum; rows holding NaN may differ), where XLA's top_k sorts every row: 0.23-0.27 against 0.51 ms for 16384 x 512 on an
-    H200, equal on random and on heavily tied bf16 logits. Fewer rows keep top_k (one kernel
-    against k at decode)."""
+    maximum; rows holding NaN may differ), where XLA's top_k sorts every row: 0.23-0.27
+    against 0.51 ms for 16384 x 512 on an H200, equal on random and on heavily tied bf16
+    logits. Fewer rows keep top_k (one kernel against k at decode)."""
     rows = math.prod(probs.shape[:-1])
     if jax.default_backend() != "gpu" or rows < ARGMAX_TOP_K_MIN_ROWS:
         return jax.lax.top_k(probs, k)
@@ -122,6 +122,8 @@ def _decode_sized(rows: int, num_experts: int) -> bool:
     """A call of ``rows`` token-slots (tokens x top-k) is decode-sized: at most E / 2, where
     gathering each slot's expert weights reads no more than the experts themselves."""
     return rows <= num_experts // 2
+
+
 TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
@@ -209,19 +211,19 @@ def _sort_by_expert(x, keys, k: int):
 def _combine_sorted(y, order, inverse, weights, valid=None):
     """[N, d] float32: sum_j weights[n, j] y[inverse[n k + j]], y [N*k, d] the experts' rows in
     sorted order; rows whose ``valid`` [N, k] is False are dropped (masked, so their values never
-    reach the sum). Gathers, no scatter-add, forward and backward; the weighted sum is
-    rematerialised in the backward, so what it keeps is the [N, k, d] rows in y's dtype, not a
-    float32 copy."""
+    reach the sum). Gathers, no scatter-add, forward and backward."""
     N, k = weights.shape
-    rows = _permute_rows(y, inverse, order).reshape(N, k, -1)
-    if valid is not None:
-        rows = jnp.where(valid[..., None], rows, jnp.zeros((), rows.dtype))
-    return _weighted_sum(rows, weights)
+    return _weighted_sum(_permute_rows(y, inverse, order).reshape(N, k, -1), weights, valid)
 
 
 @jax.checkpoint
-def _weighted_sum(rows, weights):
-    """sum_j weights[n, j] rows[n, j] in float32: rows [N, k, d], weights [N, k] -> [N, d]."""
+def _weighted_sum(rows, weights, valid=None):
+    """sum_j weights[n, j] rows[n, j] in float32: rows [N, k, d], weights [N, k] -> [N, d];
+    rows whose ``valid`` [N, k] is False are masked out, not weighted by 0 (a stand-in
+    expert's or an unwritten row's inf or NaN never reaches the sum). Rematerialised in the
+    backward, which so keeps the rows in their dtype, not a float32 copy."""
+    if valid is not None:
+        rows = jnp.where(valid[..., None], rows, jnp.zeros((), rows.dtype))
     w = weights.astype(jnp.float32)[..., None]
     return jnp.sum(rows.astype(jnp.float32) * w, axis=1)
 
@@ -445,12 +447,8 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
             local = jnp.clip(local, 0, e_loc - 1)
             y = (gathered_expert_outputs(x, local, gate, up, down) if impl == "gather_pallas"
                  else gathered_expert_outputs_reference(x, local, gate, up, down, precision))
-            w = jnp.where(valid, weights, 0).astype(jnp.float32)
-            # The slots of other devices' experts ran a clipped stand-in expert: their outputs
-            # are dropped, not weighted by 0 (an inf there would give NaN).
-            out = jnp.einsum("nkd,nk->nd", jnp.where(valid[..., None], y, 0), w,
-                             precision=precision, preferred_element_type=jnp.float32)
-            return combine(out).astype(x.dtype)
+            # The slots of other devices' experts ran a clipped stand-in expert: dropped.
+            return combine(_weighted_sum(y, weights, valid)).astype(x.dtype)
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
         key = jnp.where(valid, local, e_loc)  # rows for other devices' experts sort last
