@@ -37,14 +37,19 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = False) -> None:
-    """--gdn-impl / --moe-impl name a kernel for another platform than JAX's, or
+def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = False,
+                 attn_impl: str = "auto") -> None:
+    """--gdn-impl / --moe-impl / --attn-impl name a kernel for another platform than JAX's, or
     --moe-impl gather_pallas with --scan-layers: stop before building."""
     import jax
 
-    for flag, impl, fallback in (("--gdn-impl", gdn_impl, "auto or reference"),
-                                 ("--moe-impl", moe_impl, "auto")):
-        needs = {"pallas_triton": "gpu", "pallas_tpu": "tpu", "gather_pallas": "gpu"}.get(impl)
+    tokamax_attn = dict.fromkeys(("tokamax", "tokamax:mosaic", "tokamax:triton"), "gpu")
+    for flag, impl, fallback, needs_of in (
+            ("--gdn-impl", gdn_impl, "auto or reference", {"pallas_triton": "gpu",
+                                                           "pallas_tpu": "tpu"}),
+            ("--moe-impl", moe_impl, "auto", {"gather_pallas": "gpu"}),
+            ("--attn-impl", attn_impl, "auto or xla", tokamax_attn)):
+        needs = needs_of.get(impl)
         if needs is not None and jax.default_backend() != needs:
             raise SystemExit(f"{flag} {impl} runs on a {needs.upper()}; this JAX's backend is "
                              f"{jax.default_backend()}: use {fallback}")
@@ -129,7 +134,7 @@ def _cmd_generate(args) -> int:
 
     if args.prompt is not None and args.token_ids is not None and not args.chat:
         raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
-    _check_impls(args.gdn_impl, args.moe_impl, args.scan_layers)
+    _check_impls(args.gdn_impl, args.moe_impl, args.scan_layers, args.attn_impl)
     if args.checkpoint is None and args.speculative_tokens:
         raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
                          "model has none")
@@ -209,7 +214,7 @@ def _cmd_generate(args) -> int:
     dtype = params["embed_tokens"]["embedding"].dtype
     try:
         gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
-                        mesh=mesh,
+                        attn_impl=args.attn_impl, mesh=mesh,
                         prefill_chunk_size=args.prefill_chunk_size,
                         speculative_tokens=args.speculative_tokens,
                         scan_layers=args.scan_layers)
@@ -316,6 +321,7 @@ def _cmd_finetune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pallas_kernels.gated_delta_rule import IMPLS
+    from qnext_jax.modeling.attention import ATTN_IMPLS
     from qnext_jax.modeling.moe import MOE_IMPLS
 
     gdn_impls = [i for i in IMPLS if i != "pallas_mosaic_gpu"]  # not implemented yet
@@ -356,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS,
                    help="routed experts' implementation (default auto: by platform and token "
                         "count; gather_pallas: the GPU decode kernel, unscanned models)")
+    g.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
+                   help="softmax attention (default auto: tokamax's flash attention for bf16 "
+                        "prompts on GPU when installed, else xla)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON result (tokens, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",

@@ -149,7 +149,8 @@ class Generator:
     """Holds the model and its jitted prefill/decode functions for one config.
 
     Args:
-      config, dtype, precision, gdn_impl, moe_impl: the model (see ``Qwen3NextForCausalLM``).
+      config, dtype, precision, gdn_impl, moe_impl, attn_impl: the model (see
+        ``Qwen3NextForCausalLM``).
       mesh: a ``jax.sharding.Mesh`` from :func:`qnext_jax.sharding.make_mesh`, or None: run
         sharded: params are placed with :attr:`param_shardings` (restore them straight into
         these with ``load(..., shardings=gen.param_shardings)``), the cache is created sharded
@@ -177,7 +178,7 @@ class Generator:
     def __init__(self, config: Qwen3NextConfig, dtype=jnp.float32, precision=None,
                  gdn_impl: str = "auto", moe_impl: str = "auto", mesh=None, rules=None,
                  prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
-                 scan_layers: bool = False):
+                 scan_layers: bool = False, attn_impl: str = "auto"):
         if prefill_chunk_size is not None and prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
         if speculative_tokens < 0:
@@ -199,7 +200,7 @@ class Generator:
         self.speculative_tokens = speculative_tokens
         self.model = Qwen3NextForCausalLM(config, dtype=dtype, precision=precision,
                                           gdn_impl=gdn_impl, moe_impl=moe_impl,
-                                          scan_layers=scan_layers)
+                                          attn_impl=attn_impl, scan_layers=scan_layers)
         convert = stack_layers if scan_layers else unstack_layers
         self._convert = jax.jit(lambda p: convert(p, config),
                                 **({} if mesh is None else {"out_shardings": self.param_shardings}))
@@ -519,17 +520,17 @@ class Generator:
 
 @functools.lru_cache(maxsize=8)
 def _generator(config: Qwen3NextConfig, dtype_name: str, gdn_impl: str, moe_impl: str,
-               prefill_chunk_size: int | None, speculative_tokens: int,
+               attn_impl: str, prefill_chunk_size: int | None, speculative_tokens: int,
                scan_layers: bool) -> Generator:
     return Generator(config, dtype=jnp.dtype(dtype_name), gdn_impl=gdn_impl, moe_impl=moe_impl,
-                     prefill_chunk_size=prefill_chunk_size,
+                     attn_impl=attn_impl, prefill_chunk_size=prefill_chunk_size,
                      speculative_tokens=speculative_tokens, scan_layers=scan_layers)
 
 
 def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, attention_mask=None, eos_token_id=None, dtype=None,
-             gdn_impl: str = "auto", moe_impl: str = "auto",
+             gdn_impl: str = "auto", moe_impl: str = "auto", attn_impl: str = "auto",
              prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
              scan_layers: bool = False) -> np.ndarray:
     """Generate ``max_new_tokens`` tokens after ``input_ids``: [B, T] (left-padded with
@@ -538,14 +539,14 @@ def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int 
     eos; finished rows repeat their eos).
 
     ``dtype`` is the compute dtype (default: the dtype of the embedding params); ``gdn_impl``,
-    ``moe_impl``: see ``Qwen3NextForCausalLM``;
+    ``moe_impl``, ``attn_impl``: see ``Qwen3NextForCausalLM``;
     ``prefill_chunk_size``, ``speculative_tokens`` and ``scan_layers``: see :class:`Generator`
     (params in either layout).
     """
     if dtype is None:
         dtype = params["embed_tokens"]["embedding"].dtype
-    gen = _generator(config, jnp.dtype(dtype).name, gdn_impl, moe_impl, prefill_chunk_size,
-                     speculative_tokens, scan_layers)
+    gen = _generator(config, jnp.dtype(dtype).name, gdn_impl, moe_impl, attn_impl,
+                     prefill_chunk_size, speculative_tokens, scan_layers)
     return gen.generate(params, input_ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         attention_mask=attention_mask, eos_token_id=eos_token_id).tokens

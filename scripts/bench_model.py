@@ -45,6 +45,7 @@ from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert.name_map import abstract_params
 from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.attention import ATTN_IMPLS
 from qnext_jax.modeling.decoder import stack_layers
 from qnext_jax.modeling.moe import MOE_IMPLS
 
@@ -136,6 +137,8 @@ def main():
     ap.add_argument("--gdn-impl", default="auto")
     ap.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS,
                     help="routed experts' impl (decode paths serve decode steps only)")
+    ap.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
+                    help="softmax attention's impl")
     ap.add_argument("--mesh", default=None,
                     help="mesh spec over the local devices (default: expert=<device count>)")
     ap.add_argument("--scan-layers", action="store_true",
@@ -155,7 +158,7 @@ def main():
     cfg = base.replace(num_hidden_layers=args.layers)
     model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                  gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
-                                 scan_layers=args.scan_layers)
+                                 attn_impl=args.attn_impl, scan_layers=args.scan_layers)
     devices = jax.devices()
     dev = devices[0]
     mesh = sharding.make_mesh(args.mesh or f"expert={len(devices)}")
@@ -171,6 +174,7 @@ def main():
                         "mesh": sharding.mesh_sizes(mesh), "jax": jax.__version__,
                         "layers": args.layers, "scan_layers": args.scan_layers,
                         "gdn_impl": args.gdn_impl, "moe_impl": args.moe_impl,
+                        "attn_impl": args.attn_impl,
                         "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw,
                         "matmul_bf16_flops": peak}
 

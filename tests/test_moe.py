@@ -150,13 +150,13 @@ def test_without_tokamax_and_gpu_auto_choice(monkeypatch):
     (decode) or capacity; with it, auto takes tokamax beyond decode for bf16/fp16 experts only."""
     from qnext_jax.modeling import moe
 
-    monkeypatch.setattr(moe, "_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
+    monkeypatch.setattr(moe, "import_tokamax", lambda: (None, ImportError("No module 'tokamax'")))
     with pytest.raises(ImportError, match=r"qnext-jax\[gpu\]"):
         grouped_experts(*_ZEROS, impl="tokamax")
     assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
     assert moe._gpu_auto_impl(256, 512, jnp.bfloat16) == "gather"
     assert moe._gpu_auto_impl(10240, 512, jnp.bfloat16) == "capacity"
-    monkeypatch.setattr(moe, "_tokamax", lambda: (object(), None))  # installed
+    monkeypatch.setattr(moe, "import_tokamax", lambda: (object(), None))  # installed
     assert moe._gpu_auto_impl(10, 512, jnp.bfloat16) == "gather"
     assert moe._gpu_auto_impl(640, 512, jnp.bfloat16) == "tokamax"
     assert moe._gpu_auto_impl(10240, 512, jnp.float16) == "tokamax"

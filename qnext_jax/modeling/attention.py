@@ -3,10 +3,15 @@
 q_proj gives H * 2 * head_dim per token, viewed per head as [query | gate]; QK-norm (zero-centred
 RMSNorm over head_dim) before partial RoPE; GQA; float32 softmax; the output is
 ``o_proj(attn * sigmoid(gate))``.
+
+Two implementations of the softmax attention (``attn_impl``): XLA (:func:`xla_attention`, the
+reference and the CPU/TPU path) and, for multi-token steps over a cache on GPU, tokamax's flash
+attention (:func:`flash_attention`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.modeling.layers import NEG_INF, dense
+from qnext_jax.modeling.layers import NEG_INF, dense, import_tokamax
 from qnext_jax.modeling.norms import RMSNorm
 from qnext_jax.modeling.rope import apply_rope
 
@@ -64,11 +69,132 @@ def blocked_attention(qh, keys, values, mask, scale, block, precision=None, dtyp
     return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype)
 
 
+def xla_attention(q, keys, values, kv_valid, q_slot, scale, *, cached, segment_ids=None,
+                  precision=None, dtype=jnp.float32):
+    """Causal softmax attention in XLA: whole [T, S] float32 scores, or for a multi-token step
+    over a cache of more than 2 * KV_BLOCK slots (``cached``) :func:`blocked_attention`.
+
+    Args:
+      q: [B, T, H, D]; keys, values: [B, Hkv, S, D]; kv_valid: [B, S] bool; q_slot: [T] int,
+        each query's slot (it sees valid keys at slots <= its own); scale: logit scale.
+      cached: keys/values are a cache (the blocked path may apply; segment_ids are ignored).
+      segment_ids: [B, T] int or None (no cache): a query sees only keys of its own segment.
+    Returns:
+      [B, T, H, D] in ``dtype``.
+    """
+    B, T, H, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
+    mask = jnp.logical_and(kv_valid[:, None, :], causal[None])  # [B, T, S]
+    if segment_ids is not None and not cached:  # packed documents: block-diagonal
+        mask = jnp.logical_and(mask, segment_ids[:, :, None] == segment_ids[:, None, :])
+    qh = q.reshape(B, T, Hkv, H // Hkv, D)
+    if cached and T > 1 and S > 2 * KV_BLOCK:  # long cache: bounded memory
+        out = blocked_attention(qh, keys, values, mask, scale, KV_BLOCK, precision, dtype)
+    else:
+        logits = jnp.einsum("BTKGD,BKSD->BKGTS", qh, keys, precision=precision)
+        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32) * scale, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        out = jnp.einsum("BKGTS,BKSD->BTKGD", probs, values, precision=precision)
+    return out.reshape(B, T, H, D)
+
+
+ATTN_IMPLS = ("auto", "xla", "tokamax", "tokamax:mosaic", "tokamax:triton")
+
+
+def check_attn_impl(impl: str) -> None:
+    """Raise ValueError unless ``impl`` is one of ATTN_IMPLS."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+
+
+@functools.cache
+def _import_flash():
+    """(``tokamax.ops.gpu``, None) or (None, the ImportError importing it raised): tokamax's GPU
+    ops module also imports jax-triton (both in the ``gpu`` extra)."""
+    tokamax, error = import_tokamax()
+    if tokamax is None:
+        return None, error
+    try:
+        from tokamax.ops import gpu
+    except ImportError as e:
+        return None, e
+    return gpu, None
+
+
+def _flash_ops(impl: str) -> list:
+    """[(tokamax flash-attention op, logit bias of a masked key)] for ``impl`` ("tokamax":
+    Mosaic GPU, else Triton). The key mask goes in as an additive bias: the Mosaic GPU kernel
+    with a boolean mask failed to lower inside the 80B prefill (H200, jax 0.11.2, tokamax
+    0.0.17). That kernel gets -inf, the value of its own masks (with -1e30 some real rows came
+    out NaN); the Triton kernel, which masks with the float32 minimum itself, gets -1e30 (checked
+    on the H200; -inf was not tried there)."""
+    tokamax_gpu, error = _import_flash()
+    if tokamax_gpu is None:
+        raise ImportError(f"attn_impl={impl!r} needs the optional tokamax and jax-triton "
+                          "packages: pip install 'qnext-jax[gpu]'") from error
+    ops = {"mosaic": (tokamax_gpu.PallasMosaicFlashAttention, -jnp.inf),
+           "triton": (tokamax_gpu.PallasTritonFlashAttention, -1e30)}
+    names = [impl.partition(":")[2]] if ":" in impl else ["mosaic", "triton"]
+    return [(ops[n][0](), ops[n][1]) for n in names]
+
+
+def flash_attention(q, keys, values, kv_valid, q_slot, scale, impl="tokamax", precision=None):
+    """Causal softmax attention over a K/V cache with tokamax's flash-attention kernels (GPU).
+
+    The query at slot ``q_slot[t]`` attends to the keys at slots ``<= q_slot[t]`` that
+    ``kv_valid`` marks; the kernels skip the K/V blocks past the last query's slot, and memory
+    stays O(T + S) (no [T, S] logits).
+
+    Args:
+      q: [B, T, H, D] queries (H a multiple of Hkv; bf16/fp16 for the Mosaic GPU kernel).
+      keys, values: [B, Hkv, S, D] (the cache layout; transposed to [B, S, Hkv, D] in q's
+        dtype here).
+      kv_valid: [B, S] bool, the slots holding real tokens.
+      q_slot: [T] int32, each query's slot.
+      scale: logit scale (head_dim ** -0.5).
+      impl: "tokamax" (Mosaic GPU on Hopper, else Triton), "tokamax:mosaic" or "tokamax:triton".
+      precision: matmul precision, or None for the default.
+    Returns:
+      [B, T, H, D] in q's dtype; a query with no visible key gets an unspecified row (NaN
+      from the Mosaic GPU kernel: the caller masks padding queries). The model calls it for
+      steps with a cache only (inference); training runs the XLA path.
+    Raises:
+      ImportError without tokamax; NotImplementedError when no kernel takes the inputs.
+    """
+    k, v = (jnp.swapaxes(x, 1, 2).astype(q.dtype) for x in (keys, values))
+    kwargs = dict(is_causal=True, q_indices=q_slot[None, None, :], logits_scale=scale)
+    if precision is not None:
+        kwargs["precision"] = precision
+    errors = []
+    for op, masked in _flash_ops(impl):
+        bias = jnp.where(kv_valid, 0.0, masked).astype(jnp.float32)[:, None, None, :]
+        try:
+            return op(q, k, v, bias=bias, **kwargs)
+        except NotImplementedError as e:
+            errors.append(f"{type(op).__name__}: {e}")
+    raise NotImplementedError(f"no tokamax flash-attention kernel takes these inputs ({q.dtype} "
+                              f"queries of shape {q.shape}): " + "; ".join(errors))
+
+
+def _use_flash(impl: str, dtype, T: int, cached: bool) -> bool:
+    """Whether ``impl`` runs this call through :func:`flash_attention`: only calls with a cache
+    (prefill, speculative verification) do, and "auto" only for multi-token bf16/fp16 steps on
+    GPU with tokamax (and jax-triton) installed."""
+    if not cached or impl == "xla":
+        return False
+    if impl != "auto":
+        return True
+    return (T > 1 and jax.default_backend() == "gpu" and _import_flash()[0] is not None
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
 class Qwen3NextAttention(nn.Module):
     config: Qwen3NextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: Any = None
+    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, token_mask, cache=None, cache_index=None, kv_valid=None,
@@ -88,6 +214,7 @@ class Qwen3NextAttention(nn.Module):
         Returns:
           (y [B, T, d], new cache or None)
         """
+        check_attn_impl(self.attn_impl)
         cfg = self.config
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -106,8 +233,7 @@ class Qwen3NextAttention(nn.Module):
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Hkv, T, hd]
         if cache is None:
             keys, values, new_cache = k, v, None
-            q_slot = jnp.arange(T)
-            mask = token_mask[:, None, :]  # [B, 1, S=T]
+            q_slot, key_valid = jnp.arange(T), token_mask
         else:
             keys = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
                                                        cache_index, axis=2)
@@ -115,25 +241,17 @@ class Qwen3NextAttention(nn.Module):
                 cache["value"], v.astype(cache["value"].dtype), cache_index, axis=2)
             new_cache = {"key": keys, "value": values}
             keys, values = keys.astype(self.dtype), values.astype(self.dtype)
-            q_slot = cache_index + jnp.arange(T)
-            mask = kv_valid[:, None, :]
-        S = keys.shape[2]
-        causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
-        mask = jnp.logical_and(mask, causal[None])  # [B, T, S]
-        if segment_ids is not None and cache is None:  # packed documents: block-diagonal
-            mask = jnp.logical_and(mask, segment_ids[:, :, None] == segment_ids[:, None, :])
+            q_slot, key_valid = cache_index + jnp.arange(T), kv_valid
 
-        G = H // Hkv
-        qh = q.reshape(B, T, Hkv, G, hd)
-        if cache is not None and T > 1 and S > 2 * KV_BLOCK:  # long cache: bounded memory
-            attn = blocked_attention(qh, keys, values, mask, hd ** -0.5, KV_BLOCK,
-                                     self.precision, self.dtype)
+        if _use_flash(self.attn_impl, self.dtype, T, cache is not None):
+            attn = flash_attention(q.astype(self.dtype), keys, values, key_valid, q_slot,
+                                   hd ** -0.5, "tokamax" if self.attn_impl == "auto"
+                                   else self.attn_impl, self.precision)
+            attn = jnp.where(token_mask[:, :, None, None], attn, 0)  # no visible key: padding
         else:
-            logits = jnp.einsum("BTKGD,BKSD->BKGTS", qh, keys, precision=self.precision)
-            logits = logits.astype(jnp.float32) * (hd ** -0.5)
-            logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            attn = jnp.einsum("BKGTS,BKSD->BTKGD", probs, values, precision=self.precision)
+            attn = xla_attention(q, keys, values, key_valid, q_slot, hd ** -0.5,
+                                 cached=cache is not None, segment_ids=segment_ids,
+                                 precision=self.precision, dtype=self.dtype)
         attn = attn.reshape(B, T, H * hd) * jax.nn.sigmoid(gate.reshape(B, T, H * hd))
         y = dense(cfg.hidden_size, name="o_proj", **proj)(attn)
         return y, new_cache

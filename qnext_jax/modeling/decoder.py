@@ -52,6 +52,7 @@ class Qwen3NextDecoderLayer(nn.Module):
     precision: Any = None
     gdn_impl: str = "auto"
     moe_impl: str = "auto"
+    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, token_mask, cache=None, cache_index=None, kv_valid=None,
@@ -61,7 +62,8 @@ class Qwen3NextDecoderLayer(nn.Module):
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm)(x)
         if self.full_attention:
-            h, new_cache = Qwen3NextAttention(cfg, name="self_attn", **mod)(
+            h, new_cache = Qwen3NextAttention(cfg, attn_impl=self.attn_impl, name="self_attn",
+                                              **mod)(
                 h, cos, sin, token_mask, cache, cache_index, kv_valid, segment_ids)
         else:
             h, new_cache = Qwen3NextGatedDeltaNet(cfg, gdn_impl=self.gdn_impl,
@@ -196,7 +198,7 @@ def make_layers(config: Qwen3NextConfig, kinds_of: Sequence[int], remat: str = "
                 **kwargs) -> list:
     """Decoder layers named ``layers_0``, ``layers_1``, ...: layer n has the kind (mixer, FFN)
     of model layer ``kinds_of[n]``. Call inside a module's ``setup``; ``kwargs`` go to each
-    layer (dtype, param_dtype, precision, gdn_impl, moe_impl)."""
+    layer (dtype, param_dtype, precision, gdn_impl, moe_impl, attn_impl)."""
     layer_cls = remat_layer(remat)
     return [layer_cls(config, full_attention=config.is_full_attention(i),
                       sparse_moe=config.is_sparse_moe(i), name=f"layers_{n}", **kwargs)
@@ -239,12 +241,14 @@ class Qwen3NextLayerBlock(nn.Module):
     precision: Any = None
     gdn_impl: str = "auto"
     moe_impl: str = "auto"
+    attn_impl: str = "auto"
     remat: str = "none"
 
     def setup(self):
         # Layer j of a block has the kind of layer j (the pattern repeats with period P).
         self.layers = make_layers(self.config, range(self.period), self.remat,
-                                  gdn_impl=self.gdn_impl, moe_impl=self.moe_impl, dtype=self.dtype,
+                                  gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
+                                  attn_impl=self.attn_impl, dtype=self.dtype,
                                   param_dtype=self.param_dtype, precision=self.precision)
 
     def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens, cache, cache_index,
@@ -262,6 +266,7 @@ class Qwen3NextMTP(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     moe_impl: str = "auto"
+    attn_impl: str = "auto"
 
     @nn.compact
     def __call__(self, next_embeds, hidden, cos, sin, token_mask, cache=None, cache_index=None,
@@ -278,7 +283,7 @@ class Qwen3NextMTP(nn.Module):
             name = f"layers_{i}"
             x, new_caches[name] = Qwen3NextDecoderLayer(
                 cfg, full_attention=True, sparse_moe=cfg.num_experts > 0,
-                moe_impl=self.moe_impl, name=name, **mod)(
+                moe_impl=self.moe_impl, attn_impl=self.attn_impl, name=name, **mod)(
                 x, cos, sin, token_mask, None if cache is None else cache[name], cache_index,
                 kv_valid, segment_ids)
         x = RMSNorm(name="norm", **norm)(x)
@@ -305,6 +310,11 @@ class Qwen3NextForCausalLM(nn.Module):
         against 2.24 with auto's jnp gather; not under ``scan_layers``, where each layer's
         expert weights are a slice of the stacked params that XLA copies whole to pass to a
         kernel (the 80B on two H200s: 53.3 against 14.5 ms a step).
+      attn_impl: the softmax attention over a cache (``attention.ATTN_IMPLS``): "xla"
+        (einsum softmax, blocked over K/V for long caches), "tokamax" / "tokamax:mosaic" /
+        "tokamax:triton" (tokamax's flash-attention kernels, GPU), or "auto": tokamax for
+        multi-token bf16/fp16 calls (prefill) on GPU when installed, else xla. Calls without
+        a cache (training, plain forward) always run xla.
       remat: rematerialisation of each decoder layer for training: "none", "full" (keep only
         the layer inputs) or "dots" (also keep matmul outputs without batch dims).
       scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
@@ -321,6 +331,7 @@ class Qwen3NextForCausalLM(nn.Module):
     precision: Any = None
     gdn_impl: str = "auto"
     moe_impl: str = "auto"
+    attn_impl: str = "auto"
     remat: str = "none"
     scan_layers: bool = False
 
@@ -340,15 +351,16 @@ class Qwen3NextForCausalLM(nn.Module):
                               length=cfg.num_hidden_layers // period)
             # The attribute's name is the params key: BLOCKS.
             self.blocks = scanned(cfg, period, gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
-                                  remat=self.remat, **mod)
+                                  attn_impl=self.attn_impl, remat=self.remat, **mod)
         else:
             self.layers = make_layers(cfg, range(cfg.num_hidden_layers), self.remat,
-                                      gdn_impl=self.gdn_impl, moe_impl=self.moe_impl, **mod)
+                                      gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
+                                      attn_impl=self.attn_impl, **mod)
         self.norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, name="lm_head", std=cfg.initializer_range, **mod)
         if cfg.mtp_num_hidden_layers > 0:
-            self.mtp = Qwen3NextMTP(cfg, moe_impl=self.moe_impl, **mod)
+            self.mtp = Qwen3NextMTP(cfg, moe_impl=self.moe_impl, attn_impl=self.attn_impl, **mod)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: [B, T, d] -> [B, T, vocab] (the embedding's transpose when tied)."""

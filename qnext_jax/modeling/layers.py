@@ -1,6 +1,9 @@
-"""Shared building blocks: the bias-free linear layer every projection of the model uses."""
+"""Shared building blocks: the bias-free linear layer every projection of the model uses, and
+the optional tokamax import (attention and grouped-matmul kernels on GPU)."""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,3 +18,14 @@ def dense(features: int, *, name: str, dtype, param_dtype, precision, std: float
 
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+@functools.cache
+def import_tokamax():
+    """(the tokamax module, None) or (None, the ImportError importing it raised); tried once:
+    the import takes seconds."""
+    try:
+        import tokamax
+    except ImportError as e:
+        return None, e
+    return tokamax, None

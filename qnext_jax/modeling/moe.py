@@ -45,7 +45,7 @@ from pallas_kernels.moe import (
 )
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.modeling.layers import dense
+from qnext_jax.modeling.layers import dense, import_tokamax
 
 
 class Qwen3NextMLP(nn.Module):
@@ -139,23 +139,12 @@ def _parse_impl(impl: str, fn: str) -> tuple[str, str | None]:
     return name, implementation or None
 
 
-@functools.cache
-def _tokamax():
-    """(the tokamax module, None) or (None, the ImportError importing it raised); tried once:
-    the import takes seconds."""
-    try:
-        import tokamax
-    except ImportError as e:
-        return None, e
-    return tokamax, None
-
-
 def _tokamax_ragged_dot(implementation: str | None):
     """``tokamax.ragged_dot`` (same arguments as ``jax.lax.ragged_dot``) with its
     ``implementation``: "mosaic" (Pallas Mosaic GPU, bf16/fp16 on sm90+), "triton" (registered
     by tokamax only when jax-triton imports), "xla" (``jax.lax.ragged_dot``), or None: the first
     of those that takes the inputs. Raises ImportError when tokamax is not installed."""
-    tokamax, error = _tokamax()
+    tokamax, error = import_tokamax()
     if tokamax is None:
         raise ImportError("grouped_experts(impl='tokamax') needs the optional tokamax package: "
                           "pip install 'qnext-jax[gpu]' (or pip install tokamax)") from error
@@ -174,7 +163,7 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's moe_impl)."""
     if _decode_sized(rows, num_experts):
         return "gather"
-    if dtype in (jnp.bfloat16, jnp.float16) and _tokamax()[0] is not None:
+    if dtype in (jnp.bfloat16, jnp.float16) and import_tokamax()[0] is not None:
         return "tokamax"
     return "capacity"
 

@@ -1,0 +1,140 @@
+"""The flash-attention path (``attn_impl="tokamax*"``, tokamax's kernels on GPU) on the CPU: its
+wiring (cache layout, key mask as a bias, causal mask at each query's slot, padding queries)
+with a stand-in for the kernels that follows tokamax's documented contract, and with tokamax's
+own XLA implementation when tokamax is installed; the choice between paths and bad names."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import init_params, tiny_config
+
+from qnext_jax.cache import init_cache
+from qnext_jax.generate import Generator
+from qnext_jax.modeling import Qwen3NextForCausalLM, attention
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def contract_op(q, k, v, *, bias, is_causal, q_indices, logits_scale, precision=None):
+    """tokamax's dot-product attention contract: q [B, T, H, D], k/v [B, S, Hkv, D] (query head
+    h reads K/V head h // (H / Hkv)), softmax(logits_scale * q k^T + bias) with key s hidden
+    from query t when s > q_indices[t] (is_causal)."""
+    assert is_causal
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST) * logits_scale + bias
+    visible = jnp.arange(k.shape[1])[None, :] <= q_indices[0, 0][:, None]  # [T, S]
+    p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, v, precision=HIGHEST).astype(q.dtype)
+
+
+def _tokamax_xla_op():
+    """tokamax's XLA dot-product attention (its reference implementation), or skip."""
+    pytest.importorskip("tokamax")
+    from tokamax._src.ops.attention.base import DotProductAttention
+
+    return DotProductAttention()
+
+
+OPS = {"contract": lambda: contract_op, "tokamax_xla": _tokamax_xla_op}
+
+
+@pytest.fixture(params=[("contract", -jnp.inf), ("contract", -1e30), ("tokamax_xla", -jnp.inf)],
+                ids=["contract-inf", "contract-finite", "tokamax-xla"])
+def flash_op(request, monkeypatch):
+    """Route flash_attention to a CPU op, with the masked-key bias of the Mosaic GPU (-inf) or
+    the Triton (finite) kernel."""
+    name, masked = request.param
+    op = OPS[name]()
+    monkeypatch.setattr(attention, "_flash_ops", lambda impl: [(op, masked)])
+    return op
+
+
+def test_flash_attention_matches_float64(flash_op, rng):
+    """GQA over a cache with left padding, a hole (a masked tail of an earlier chunk) and a
+    query offset, at odd sizes; padding queries are the caller's."""
+    B, T, S, H, Hkv, D, start = 2, 7, 23, 6, 2, 8, 11
+    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)  # the cache layout
+    v = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+    valid = np.arange(S)[None, :] < start + T
+    valid = np.repeat(valid, B, 0)
+    valid[1, :4] = False  # left padding
+    valid[1, 7:9] = False  # a hole before the new tokens
+    q_slot = start + np.arange(T, dtype=np.int32)
+    out = attention.flash_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                    jnp.asarray(valid), jnp.asarray(q_slot), 0.3)
+    G = H // Hkv
+    logits = np.einsum("bthd,bhsd->bhts", q.astype(np.float64), np.repeat(k, G, 1)) * 0.3
+    mask = valid[:, None, None, :] & (np.arange(S)[None, :] <= q_slot[:, None])
+    logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ref = np.einsum("bhts,bhsd->bthd", probs, np.repeat(v, G, 1))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_model_flash_path_equals_xla_path(flash_op):
+    """Cached prefill of a left-padded batch in chunks (masked tails), then decode: the same
+    logits through the flash path as through the XLA softmax, and the same greedy tokens."""
+    cfg = tiny_config()
+    params = init_params(cfg, seed=4)
+    rng = np.random.default_rng(9)
+    ids = rng.integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    mask = np.ones((2, 9), np.int32)
+    mask[1, :5] = 0
+
+    def prefill(impl):
+        model = Qwen3NextForCausalLM(cfg, attn_impl=impl)
+        cache = init_cache(cfg, 2, 16)
+        logits, _ = model.apply({"params": params}, jnp.asarray(ids), cache=cache,
+                                attention_mask=jnp.asarray(mask))
+        return np.asarray(logits)
+
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(prefill("tokamax")[valid], prefill("xla")[valid], rtol=2e-5,
+                               atol=2e-5)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 8)]
+    ref = Generator(cfg, attn_impl="xla").generate(params, prompts, max_new_tokens=4).tokens
+    flash = Generator(cfg, attn_impl="tokamax", prefill_chunk_size=3)
+    np.testing.assert_array_equal(flash.generate(params, prompts, max_new_tokens=4).tokens, ref)
+
+
+def test_auto_choice(monkeypatch):
+    """auto: flash for multi-token bf16/fp16 calls with a cache on a GPU with tokamax's GPU ops;
+    XLA on the CPU, without a cache (training), for one token (decode), float32, or when
+    tokamax.ops.gpu does not import (as without jax-triton)."""
+    assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)  # CPU
+    assert not attention._use_flash("tokamax", jnp.bfloat16, 64, cached=False)
+    assert not attention._use_flash("xla", jnp.bfloat16, 64, cached=True)
+    assert attention._use_flash("tokamax:triton", jnp.float32, 1, cached=True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_import_flash", lambda: (object(), None))  # installed
+    assert attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
+    assert attention._use_flash("auto", jnp.float16, 2, cached=True)
+    assert not attention._use_flash("auto", jnp.bfloat16, 1, cached=True)
+    assert not attention._use_flash("auto", jnp.float32, 64, cached=True)
+    assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=False)
+    monkeypatch.setattr(attention, "_import_flash", lambda: (None, ImportError("jax_triton")))
+    assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
+
+
+def test_unknown_attn_impl_is_named():
+    cfg = tiny_config()
+    model = Qwen3NextForCausalLM(cfg, attn_impl="flash")
+    with pytest.raises(ValueError, match=r"attn_impl must be one of .*'tokamax:mosaic'.*'flash'"):
+        model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+
+
+def test_tokamax_missing_names_the_install(monkeypatch):
+    """Without tokamax's GPU ops (tokamax or jax-triton missing) an explicit tokamax impl names
+    the extra to install."""
+    monkeypatch.setattr(attention, "_import_flash",
+                        lambda: (None, ModuleNotFoundError("No module named 'jax_triton'")))
+    with pytest.raises(ImportError, match=r"tokamax and jax-triton .*qnext-jax\[gpu\]"):
+        attention.flash_attention(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 1, 3, 4)),
+                                  jnp.zeros((1, 1, 3, 4)), jnp.ones((1, 3), bool),
+                                  jnp.arange(2), 0.5, "tokamax")
