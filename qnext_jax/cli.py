@@ -43,7 +43,9 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
     --moe-impl gather_pallas with --scan-layers: stop before building."""
     import jax
 
-    tokamax_attn = dict.fromkeys(("tokamax", "tokamax:mosaic", "tokamax:triton"), "gpu")
+    from qnext_jax.modeling.attention import ATTN_IMPLS
+
+    tokamax_attn = {i: "gpu" for i in ATTN_IMPLS if i.startswith("tokamax")}
     for flag, impl, fallback, needs_of in (
             ("--gdn-impl", gdn_impl, "auto or reference", {"pallas_triton": "gpu",
                                                            "pallas_tpu": "tpu"}),
@@ -363,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed experts' implementation (default auto: by platform and token "
                         "count; gather_pallas: the GPU decode kernel, unscanned models)")
     g.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
-                   help="softmax attention (default auto: tokamax's flash attention for bf16 "
-                        "prompts on GPU when installed, else xla)")
+                   help="prompt's softmax attention over the cache (default auto: tokamax's "
+                        "flash attention for bf16 on GPU when installed, else xla)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON result (tokens, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",

@@ -40,6 +40,7 @@ from qnext_jax import sharding
 from qnext_jax.cache import init_cache, keep_token_state, track_token_states
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.attention import check_attn_impl
 from qnext_jax.modeling.decoder import BLOCKS, scan_period, stack_layers, unstack_layers
 from qnext_jax.modeling.rope import rope_cos_sin
 
@@ -187,6 +188,7 @@ class Generator:
             raise ValueError("speculative_tokens > 0 needs an MTP head, but the config has "
                              "mtp_num_hidden_layers = 0 (was the checkpoint converted with its "
                              "mtp.* tensors?)")
+        check_attn_impl(attn_impl)
         if scan_layers:
             scan_period(config)  # a non-periodic layer pattern fails here
         self.config = config

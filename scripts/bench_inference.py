@@ -29,6 +29,7 @@ import numpy as np
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.generate import Generator
 from qnext_jax.modeling import Qwen3NextForCausalLM
+from qnext_jax.modeling.attention import ATTN_IMPLS
 
 TINY = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
             "num_key_value_heads": 2, "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
@@ -87,12 +88,13 @@ def run_prefill(args, length: int) -> dict:
     dev = jax.devices()[0]
     stats0 = dev.memory_stats() or {}
     chunk = min(args.chunk_size, length)
-    gen = Generator(cfg, dtype=dtype, gdn_impl=args.gdn_impl, prefill_chunk_size=chunk)
+    gen = Generator(cfg, dtype=dtype, gdn_impl=args.gdn_impl, attn_impl=args.attn_impl,
+                    prefill_chunk_size=chunk)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, length)).astype(np.int32)
     res = gen.generate(params, ids, max_new_tokens=2)
     stats = dev.memory_stats() or {}
     return {"kind": "prefill", "tokens": length, "chunk_size": chunk, "layers": cfg.num_hidden_layers,
-            "dtype": dtype.name, "prefill_s": res.prefill_s, "compile_s": res.compile_s,
+            "dtype": dtype.name, "attn_impl": args.attn_impl, "prefill_s": res.prefill_s, "compile_s": res.compile_s,
             "prefill_tokens_per_s": res.prefill_tokens_per_s,
             "params_bytes": int(sum(x.nbytes for x in jax.tree.leaves(params))),
             "bytes_in_use_before": stats0.get("bytes_in_use"),
@@ -132,7 +134,8 @@ def run_decode(args, record) -> None:
         params = base if weights == "random" else agreeing(cfg, base)
         ref = None
         for n in [0] + [int(x) for x in args.speculative_tokens.split(",") if x]:
-            gen = Generator(cfg, dtype=dtype, gdn_impl=args.gdn_impl, speculative_tokens=n)
+            gen = Generator(cfg, dtype=dtype, gdn_impl=args.gdn_impl, attn_impl=args.attn_impl,
+                            speculative_tokens=n)
             gen.generate(params, ids, max_new_tokens=4)  # warm-up: compile everything
             t = time.perf_counter()
             res = gen.generate(params, ids, max_new_tokens=args.new_tokens)
@@ -187,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4, help="depth (80B width, reduced depth)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gdn-impl", default="auto")
+    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
+                   help="softmax attention of the prefill over the cache")
     p.add_argument("--matmul-precision", default=None, choices=("default", "high", "highest"),
                    help="jax_default_matmul_precision (GPUs run float32 matmuls as TF32 by "
                         "default)")

@@ -5,12 +5,15 @@ own XLA implementation when tokamax is installed; the choice between paths and b
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, tiny_config
+from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
 
+from qnext_jax import sharding
 from qnext_jax.cache import init_cache
 from qnext_jax.generate import Generator
 from qnext_jax.modeling import Qwen3NextForCausalLM, attention
@@ -42,13 +45,24 @@ def _tokamax_xla_op():
 OPS = {"contract": lambda: contract_op, "tokamax_xla": _tokamax_xla_op}
 
 
+class Counted:
+    """An op that counts its calls (each trace of the flash path calls it once)."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.op(*args, **kwargs)
+
+
 @pytest.fixture(params=[("contract", -jnp.inf), ("contract", -1e30), ("tokamax_xla", -jnp.inf)],
                 ids=["contract-inf", "contract-finite", "tokamax-xla"])
 def flash_op(request, monkeypatch):
     """Route flash_attention to a CPU op, with the masked-key bias of the Mosaic GPU (-inf) or
     the Triton (finite) kernel."""
     name, masked = request.param
-    op = OPS[name]()
+    op = Counted(OPS[name]())
     monkeypatch.setattr(attention, "_flash_ops", lambda impl: [(op, masked)])
     return op
 
@@ -79,8 +93,9 @@ def test_flash_attention_matches_float64(flash_op, rng):
 
 def test_model_flash_path_equals_xla_path(flash_op):
     """Cached prefill of a left-padded batch in chunks (masked tails), then decode: the same
-    logits through the flash path as through the XLA softmax, and the same greedy tokens."""
-    cfg = tiny_config()
+    logits through the flash path as through the XLA softmax, and the same greedy tokens. Eight
+    layers: the padding queries' rows (NaN from a kernel when unmasked) feed later layers."""
+    cfg = tiny_config(num_hidden_layers=8)
     params = init_params(cfg, seed=4)
     rng = np.random.default_rng(9)
     ids = rng.integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
@@ -94,39 +109,126 @@ def test_model_flash_path_equals_xla_path(flash_op):
                                 attention_mask=jnp.asarray(mask))
         return np.asarray(logits)
 
+    flash, calls = prefill("tokamax"), flash_op.calls
+    assert calls == 2  # the two attention layers
+    assert np.isfinite(flash).all()
     valid = mask.astype(bool)
-    np.testing.assert_allclose(prefill("tokamax")[valid], prefill("xla")[valid], rtol=2e-5,
-                               atol=2e-5)
+    np.testing.assert_allclose(flash[valid], prefill("xla")[valid], rtol=2e-5, atol=2e-5)
+    assert flash_op.calls == calls  # xla: no flash call
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 8)]
     ref = Generator(cfg, attn_impl="xla").generate(params, prompts, max_new_tokens=4).tokens
-    flash = Generator(cfg, attn_impl="tokamax", prefill_chunk_size=3)
-    np.testing.assert_array_equal(flash.generate(params, prompts, max_new_tokens=4).tokens, ref)
+    gen = Generator(cfg, attn_impl="tokamax", prefill_chunk_size=3)
+    np.testing.assert_array_equal(gen.generate(params, prompts, max_new_tokens=4).tokens, ref)
+    assert flash_op.calls > calls
+
+
+def test_scan_and_speculative_flash_path_equals_xla_path(monkeypatch):
+    """The layer scan with the MTP head and speculative decoding (verification of 3 tokens over
+    the cache): the flash path is taken and gives the XLA path's greedy tokens."""
+    op = Counted(contract_op)
+    monkeypatch.setattr(attention, "_flash_ops", lambda impl: [(op, -jnp.inf)])
+    cfg = tiny_config(**SCAN_TWO_PERIODS)
+    params = init_params(cfg, seed=6)
+    prompts = [np.random.default_rng(2).integers(0, cfg.vocab_size, n).tolist() for n in (4, 6)]
+    kw = {"speculative_tokens": 2, "scan_layers": True}
+    ref = Generator(cfg, attn_impl="xla", **kw).generate(params, prompts, max_new_tokens=6)
+    assert op.calls == 0
+    out = Generator(cfg, attn_impl="tokamax", **kw).generate(params, prompts, max_new_tokens=6)
+    assert op.calls > 0
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
 
 
 def test_auto_choice(monkeypatch):
-    """auto: flash for multi-token bf16/fp16 calls with a cache on a GPU with tokamax's GPU ops;
-    XLA on the CPU, without a cache (training), for one token (decode), float32, or when
-    tokamax.ops.gpu does not import (as without jax-triton)."""
-    assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)  # CPU
-    assert not attention._use_flash("tokamax", jnp.bfloat16, 64, cached=False)
-    assert not attention._use_flash("xla", jnp.bfloat16, 64, cached=True)
-    assert attention._use_flash("tokamax:triton", jnp.float32, 1, cached=True)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    """auto: flash for multi-token bf16/fp16 calls with a cache on a GPU with tokamax's GPU ops
+    and no mesh sharding the attention; XLA on the CPU, without a cache (training), for one
+    token (decode), float32, when tokamax.ops.gpu does not import (as without jax-triton), or
+    under a data/tensor mesh. An explicit tokamax impl takes every multi-token cached call."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     monkeypatch.setattr(attention, "_import_flash", lambda: (object(), None))  # installed
+    assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
+    assert attention._use_flash("tokamax:triton", jnp.float32, 2, cached=True)
+    for impl in ("tokamax", "xla"):
+        assert not attention._use_flash(impl, jnp.bfloat16, 64, cached=False)
+        assert not attention._use_flash(impl, jnp.bfloat16, 1, cached=True)
+    assert not attention._use_flash("xla", jnp.bfloat16, 64, cached=True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
     assert attention._use_flash("auto", jnp.float16, 2, cached=True)
     assert not attention._use_flash("auto", jnp.bfloat16, 1, cached=True)
     assert not attention._use_flash("auto", jnp.float32, 64, cached=True)
     assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=False)
+    for shape, flash in (({"expert": 2}, True), ({"tensor": 2, "expert": 2}, False),
+                         ({"data": 2}, False)):
+        mesh = types.SimpleNamespace(shape=shape)
+        monkeypatch.setattr(sharding, "active_mesh", lambda m=mesh: (m, ()))
+        assert attention._use_flash("auto", jnp.bfloat16, 64, cached=True) == flash
+    monkeypatch.setattr(sharding, "active_mesh", lambda: None)
     monkeypatch.setattr(attention, "_import_flash", lambda: (None, ImportError("jax_triton")))
     assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
+
+
+TRITON_MASKED = float(np.float32(-1e30))  # the Triton kernel's masked-key bias, as recorded
+
+
+class FakeKernel:
+    """A tokamax attention op class that records the masked-key bias it got and can refuse."""
+
+    log: list
+    refuse = False
+
+    def __call__(self, q, k, v, *, bias, **kwargs):
+        self.log.append((type(self).__name__, float(jnp.min(bias))))
+        if self.refuse:
+            raise NotImplementedError("not on this GPU")
+        return contract_op(q, k, v, bias=bias, **kwargs)
+
+
+@pytest.mark.parametrize("hopper", [True, False])
+def test_kernel_choice_and_masked_bias(monkeypatch, rng, hopper):
+    """"tokamax": Mosaic GPU (bias -inf) on Hopper, Triton (bias -1e30) when Mosaic refuses the
+    inputs or off Hopper; "tokamax:<kernel>" takes that kernel alone; nothing taking the inputs
+    names both refusals; a non-tokamax impl is refused."""
+    log = []
+    mosaic = type("PallasMosaicFlashAttention", (FakeKernel,), {"log": log})
+    triton = type("PallasTritonFlashAttention", (FakeKernel,), {"log": log})
+    gpu = types.SimpleNamespace(PallasMosaicFlashAttention=mosaic,
+                                PallasTritonFlashAttention=triton)
+    monkeypatch.setattr(attention, "_import_flash", lambda: (gpu, None))
+    monkeypatch.setattr(attention, "_is_hopper", lambda: hopper)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((1, 2, 2, 4), (1, 1, 5, 4), (1, 1, 5, 4)))
+    valid, q_slot = jnp.arange(5)[None] > 0, jnp.arange(3, 5)
+    args = (q, k, v, valid, q_slot, 0.5)
+    ref = contract_op(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                      bias=jnp.where(valid, 0.0, -jnp.inf)[:, None, None], is_causal=True,
+                      q_indices=q_slot[None, None], logits_scale=0.5)
+    np.testing.assert_allclose(np.asarray(attention.flash_attention(*args)), np.asarray(ref),
+                               rtol=1e-6)
+    first = ("PallasMosaicFlashAttention", -np.inf) if hopper else (
+        "PallasTritonFlashAttention", TRITON_MASKED)
+    assert log == [first]
+    log.clear()
+    attention.flash_attention(*args, impl="tokamax:mosaic")
+    assert log == [("PallasMosaicFlashAttention", -np.inf)]
+    log.clear()
+    mosaic.refuse = True
+    attention.flash_attention(*args)
+    assert log == ([("PallasMosaicFlashAttention", -np.inf)] if hopper else []) + [
+        ("PallasTritonFlashAttention", TRITON_MASKED)]
+    triton.refuse = True
+    with pytest.raises(NotImplementedError, match="PallasTritonFlashAttention: not on this"):
+        attention.flash_attention(*args)
+    with pytest.raises(ValueError, match="impl must be one of .*'tokamax:triton'.*'xla'"):
+        attention.flash_attention(*args, impl="xla")
 
 
 def test_unknown_attn_impl_is_named():
     cfg = tiny_config()
     model = Qwen3NextForCausalLM(cfg, attn_impl="flash")
     with pytest.raises(ValueError, match=r"attn_impl must be one of .*'tokamax:mosaic'.*'flash'"):
-        model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32)))
+    with pytest.raises(ValueError, match=r"attn_impl must be one of .*'flash'"):
+        Generator(cfg, attn_impl="flash")
 
 
 def test_tokamax_missing_names_the_install(monkeypatch):

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.layers import NEG_INF, dense, import_tokamax
 from qnext_jax.modeling.norms import RMSNorm
@@ -124,10 +125,12 @@ def _import_flash():
 
 def _flash_ops(impl: str) -> list:
     """[(tokamax flash-attention op, logit bias of a masked key)] for ``impl`` ("tokamax":
-    Mosaic GPU, else Triton). The key mask goes in as an additive bias: the Mosaic GPU kernel
+    Mosaic GPU on Hopper, falling back to Triton; Triton elsewhere). The key mask goes in as an additive bias: the Mosaic GPU kernel
     with a boolean mask failed to lower inside the 80B prefill (H200, jax 0.11.2, tokamax
     0.0.17). That kernel gets -inf, the value of its own masks (with -1e30 some real rows came
-    out NaN); the Triton kernel, which masks with the float32 minimum itself, gets -1e30 (checked
+    out NaN); on sm90 a row whose first key blocks are all masked stays finite because
+    ``q_indices`` gives the kernel a key range, which turns on its guard for rows with no key
+    seen yet. The Triton kernel, which masks with the float32 minimum itself, gets -1e30 (checked
     on the H200; -inf was not tried there)."""
     tokamax_gpu, error = _import_flash()
     if tokamax_gpu is None:
@@ -135,8 +138,17 @@ def _flash_ops(impl: str) -> list:
                           "packages: pip install 'qnext-jax[gpu]'") from error
     ops = {"mosaic": (tokamax_gpu.PallasMosaicFlashAttention, -jnp.inf),
            "triton": (tokamax_gpu.PallasTritonFlashAttention, -1e30)}
-    names = [impl.partition(":")[2]] if ":" in impl else ["mosaic", "triton"]
+    if ":" in impl:
+        names = [impl.partition(":")[2]]
+    else:
+        names = ["mosaic", "triton"] if _is_hopper() else ["triton"]
     return [(ops[n][0](), ops[n][1]) for n in names]
+
+
+def _is_hopper() -> bool:
+    """The default device is an sm90 GPU: the only one tokamax's Mosaic GPU attention ran on
+    here (its sm80 kernel lacks the guard that makes the -inf key bias safe)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def flash_attention(q, keys, values, kv_valid, q_slot, scale, impl="tokamax", precision=None):
@@ -156,12 +168,18 @@ def flash_attention(q, keys, values, kv_valid, q_slot, scale, impl="tokamax", pr
       impl: "tokamax" (Mosaic GPU on Hopper, else Triton), "tokamax:mosaic" or "tokamax:triton".
       precision: matmul precision, or None for the default.
     Returns:
-      [B, T, H, D] in q's dtype; a query with no visible key gets an unspecified row (NaN
-      from the Mosaic GPU kernel: the caller masks padding queries). The model calls it for
-      steps with a cache only (inference); training runs the XLA path.
+      [B, T, H, D] in q's dtype; a query with no visible key gets an unspecified row, possibly
+      NaN (the caller masks padding queries). The model calls it for multi-token steps with a
+      cache only (prefill, speculative verification); training runs the XLA path.
     Raises:
-      ImportError without tokamax; NotImplementedError when no kernel takes the inputs.
+      ValueError for an impl that is not tokamax's; ImportError without tokamax (or
+      jax-triton); NotImplementedError when no kernel takes the inputs at trace time (an error
+      lowering a kernel comes later, at compile time, with no fallback).
     """
+    if not impl.startswith("tokamax") or impl not in ATTN_IMPLS:
+        raise ValueError(f"flash_attention: impl must be one of "
+                         f"{tuple(i for i in ATTN_IMPLS if i.startswith('tokamax'))}, "
+                         f"got {impl!r}")
     k, v = (jnp.swapaxes(x, 1, 2).astype(q.dtype) for x in (keys, values))
     kwargs = dict(is_causal=True, q_indices=q_slot[None, None, :], logits_scale=scale)
     if precision is not None:
@@ -178,14 +196,19 @@ def flash_attention(q, keys, values, kv_valid, q_slot, scale, impl="tokamax", pr
 
 
 def _use_flash(impl: str, dtype, T: int, cached: bool) -> bool:
-    """Whether ``impl`` runs this call through :func:`flash_attention`: only calls with a cache
-    (prefill, speculative verification) do, and "auto" only for multi-token bf16/fp16 steps on
-    GPU with tokamax (and jax-triton) installed."""
-    if not cached or impl == "xla":
+    """Whether this call runs through :func:`flash_attention`: only multi-token steps with a
+    cache do (prefill, speculative verification; a decode step reads the cache as it lies), with
+    a tokamax impl, or with "auto" for bf16/fp16 on a GPU where tokamax's GPU ops import and no
+    active mesh shards the attention (a data, fsdp or tensor axis above 1: the kernel call is
+    not partitioned, XLA would gather the cache to every device)."""
+    if not cached or T < 2 or impl == "xla":
         return False
     if impl != "auto":
         return True
-    return (T > 1 and jax.default_backend() == "gpu" and _import_flash()[0] is not None
+    active = sharding.active_mesh()
+    sharded = active is not None and any(
+        size > 1 for axis, size in sharding.mesh_sizes(active[0]).items() if axis != "expert")
+    return (jax.default_backend() == "gpu" and not sharded and _import_flash()[0] is not None
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 

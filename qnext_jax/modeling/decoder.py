@@ -310,11 +310,12 @@ class Qwen3NextForCausalLM(nn.Module):
         against 2.24 with auto's jnp gather; not under ``scan_layers``, where each layer's
         expert weights are a slice of the stacked params that XLA copies whole to pass to a
         kernel (the 80B on two H200s: 53.3 against 14.5 ms a step).
-      attn_impl: the softmax attention over a cache (``attention.ATTN_IMPLS``): "xla"
-        (einsum softmax, blocked over K/V for long caches), "tokamax" / "tokamax:mosaic" /
-        "tokamax:triton" (tokamax's flash-attention kernels, GPU), or "auto": tokamax for
-        multi-token bf16/fp16 calls (prefill) on GPU when installed, else xla. Calls without
-        a cache (training, plain forward) always run xla.
+      attn_impl: the softmax attention of multi-token steps over a cache (prefill,
+        speculative verification; ``attention.ATTN_IMPLS``): "xla" (einsum softmax, blocked
+        over K/V for long caches), "tokamax" / "tokamax:mosaic" / "tokamax:triton" (tokamax's
+        flash-attention kernels, GPU), or "auto": tokamax for bf16/fp16 on GPU when installed
+        and no mesh shards the attention (data, fsdp or tensor above 1), else xla. Decode
+        steps and calls without a cache (training, plain forward) always run xla.
       remat: rematerialisation of each decoder layer for training: "none", "full" (keep only
         the layer inputs) or "dots" (also keep matmul outputs without batch dims).
       scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
