@@ -365,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed experts' implementation (default auto: by platform and token "
                         "count; gather_pallas: the GPU decode kernel, unscanned models)")
     g.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
-                   help="prompt's softmax attention over the cache (default auto: tokamax's "
-                        "flash attention for bf16 on GPU when installed, else xla)")
+                   help="the prompt's softmax attention over the cache: xla (einsum softmax), "
+                        "tokamax (tokamax's flash attention on a GPU: Mosaic GPU on Hopper, "
+                        "else Triton), tokamax:mosaic or tokamax:triton (that kernel); default "
+                        "auto: tokamax for bf16/fp16 on a GPU when installed and no "
+                        "data/tensor mesh, else xla")
     g.add_argument("--json", action="store_true",
                    help="print one JSON result (tokens, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",
@@ -376,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rope-scaling", default=None,
                    help="override rope_scaling, e.g. 'yarn:factor=4,"
                         "original_max_position_embeddings=262144' or a JSON object")
-    g.add_argument("--prefill-chunk-size", type=int, default=None,
+    g.add_argument("--prefill-chunk-size", default=None,
+                   type=_bounded(int, lambda n: n >= 1, "a positive integer"),
                    help="feed the prompt in chunks of this many tokens (bounded memory)")
     g.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft N tokens per step with the MTP head (greedy only)")

@@ -195,6 +195,7 @@ def test_kernel_choice_and_masked_bias(monkeypatch, rng, hopper):
                                 PallasTritonFlashAttention=triton)
     monkeypatch.setattr(attention, "_import_flash", lambda: (gpu, None))
     monkeypatch.setattr(attention, "_is_hopper", lambda: hopper)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                for shape in ((1, 2, 2, 4), (1, 1, 5, 4), (1, 1, 5, 4)))
     valid, q_slot = jnp.arange(5)[None] > 0, jnp.arange(3, 5)
@@ -232,11 +233,15 @@ def test_unknown_attn_impl_is_named():
 
 
 def test_tokamax_missing_names_the_install(monkeypatch):
-    """Without tokamax's GPU ops (tokamax or jax-triton missing) an explicit tokamax impl names
-    the extra to install."""
+    """An explicit tokamax impl off a GPU names the platform; on a GPU without tokamax's GPU
+    ops (tokamax or jax-triton missing) it names the extra to install."""
+    args = (jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 1, 3, 4)), jnp.zeros((1, 1, 3, 4)),
+            jnp.ones((1, 3), bool), jnp.arange(2), 0.5, "tokamax")
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(ValueError, match="GPU kernels; this JAX's backend is cpu: use attn_impl"):
+        attention.flash_attention(*args)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(attention, "_import_flash",
                         lambda: (None, ModuleNotFoundError("No module named 'jax_triton'")))
     with pytest.raises(ImportError, match=r"tokamax and jax-triton .*qnext-jax\[gpu\]"):
-        attention.flash_attention(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 1, 3, 4)),
-                                  jnp.zeros((1, 1, 3, 4)), jnp.ones((1, 3), bool),
-                                  jnp.arange(2), 0.5, "tokamax")
+        attention.flash_attention(*args)

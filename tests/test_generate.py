@@ -137,6 +137,10 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
         qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "gather_pallas"])
     with pytest.raises(SystemExit, match="--attn-impl tokamax:mosaic runs on a GPU.*auto or xla"):
         qnext_main(["generate", "--prompt", "Hi", "--attn-impl", "tokamax:mosaic"])
+    with pytest.raises(SystemExit) as e:
+        qnext_main(["generate", "--prompt", "Hi", "--prefill-chunk-size", "0"])
+    assert e.value.code == 2 and "--prefill-chunk-size: expected a positive integer" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit) as e:  # listed in the op's IMPLS, not implemented
         qnext_main(["generate", "--prompt", "Hi", "--gdn-impl", "pallas_mosaic_gpu"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -132,6 +132,9 @@ def _flash_ops(impl: str) -> list:
     ``q_indices`` gives the kernel a key range, which turns on its guard for rows with no key
     seen yet. The Triton kernel, which masks with the float32 minimum itself, gets -1e30 (checked
     on the H200; -inf was not tried there)."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attn_impl={impl!r} runs tokamax's GPU kernels; this JAX's backend "
+                         f"is {jax.default_backend()}: use attn_impl 'auto' or 'xla'")
     tokamax_gpu, error = _import_flash()
     if tokamax_gpu is None:
         raise ImportError(f"attn_impl={impl!r} needs the optional tokamax and jax-triton "
@@ -172,7 +175,7 @@ def flash_attention(q, keys, values, kv_valid, q_slot, scale, impl="tokamax", pr
       NaN (the caller masks padding queries). The model calls it for multi-token steps with a
       cache only (prefill, speculative verification); training runs the XLA path.
     Raises:
-      ValueError for an impl that is not tokamax's; ImportError without tokamax (or
+      ValueError for an impl that is not tokamax's or off a GPU; ImportError without tokamax (or
       jax-triton); NotImplementedError when no kernel takes the inputs at trace time (an error
       lowering a kernel comes later, at compile time, with no fallback).
     """
