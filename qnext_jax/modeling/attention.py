@@ -125,13 +125,15 @@ def _import_flash():
 
 def _flash_ops(impl: str) -> list:
     """[(tokamax flash-attention op, logit bias of a masked key)] for ``impl`` ("tokamax":
-    Mosaic GPU on Hopper, falling back to Triton; Triton elsewhere). The key mask goes in as an additive bias: the Mosaic GPU kernel
-    with a boolean mask failed to lower inside the 80B prefill (H200, jax 0.11.2, tokamax
-    0.0.17). That kernel gets -inf, the value of its own masks (with -1e30 some real rows came
-    out NaN); on sm90 a row whose first key blocks are all masked stays finite because
-    ``q_indices`` gives the kernel a key range, which turns on its guard for rows with no key
-    seen yet. The Triton kernel, which masks with the float32 minimum itself, gets -1e30 (checked
-    on the H200; -inf was not tried there)."""
+    Mosaic GPU on Hopper, falling back to Triton; Triton elsewhere).
+
+    The key mask goes in as an additive bias: the Mosaic GPU kernel with a boolean mask failed
+    to lower inside the 80B prefill (H200, jax 0.11.2, tokamax 0.0.17). That kernel gets -inf,
+    the value of its own masks (with -1e30 some real rows came out NaN); on sm90 a row whose
+    first key blocks are all masked stays finite because ``q_indices`` gives the kernel a key
+    range, which turns on its guard for rows with no key seen yet. The Triton kernel, which
+    masks with the float32 minimum itself, gets -1e30 (checked on the H200; -inf was not tried
+    there). Raises ValueError off a GPU, ImportError without tokamax's GPU ops."""
     if jax.default_backend() != "gpu":
         raise ValueError(f"attn_impl={impl!r} runs tokamax's GPU kernels; this JAX's backend "
                          f"is {jax.default_backend()}: use attn_impl 'auto' or 'xla'")
