@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
+from np_reference import softmax
 
 from qnext_jax import sharding
 from qnext_jax.cache import init_cache
@@ -84,9 +85,7 @@ def test_flash_attention_matches_float64(flash_op, rng):
     G = H // Hkv
     logits = np.einsum("bthd,bhsd->bhts", q.astype(np.float64), np.repeat(k, G, 1)) * 0.3
     mask = valid[:, None, None, :] & (np.arange(S)[None, :] <= q_slot[:, None])
-    logits = np.where(mask, logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = softmax(np.where(mask, logits, -np.inf))
     ref = np.einsum("bhts,bhsd->bthd", probs, np.repeat(v, G, 1))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
 
