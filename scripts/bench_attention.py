@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import measure_ceilings, median_seconds
+from bench_common import error_text, measure_ceilings, median_seconds
 
 from qnext_jax.modeling import attention
 
@@ -78,10 +78,6 @@ def implementation(impl):
     return jax.jit(lambda *a: attention.flash_attention(*a, SCALE, impl))
 
 
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impls", default=",".join(IMPLS))
@@ -105,7 +101,7 @@ def main(argv=None) -> int:
                 err = float(np.abs(out - ref).max() / np.abs(ref).max())
                 row[impl] = err if np.isfinite(out).all() else float("nan")
             except Exception as e:  # noqa: BLE001 - recorded, the other impls still run
-                row[impl] = _error(e)
+                row[impl] = error_text(e)
         record["checks"].append(row)
 
     for name, B, T, S, start in SMOKE_TIMED if args.smoke else TIMED:
@@ -118,7 +114,7 @@ def main(argv=None) -> int:
                 row[impl] = {"ms": sec * 1e3, "tflops": flops / sec / 1e12,
                              "pct_matmul": 100 * flops / sec / 1e12 / ceil["bf16_matmul_tflops"]}
             except Exception as e:  # noqa: BLE001
-                row[impl] = _error(e)
+                row[impl] = error_text(e)
         record["timings"].append(row)
         Path(args.out).write_text(json.dumps(record, indent=1))
 

@@ -24,6 +24,13 @@ def median_seconds(fn, *args, iters: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def error_text(e: Exception) -> str:
+    """One line for a failed call's record: the exception's type and the first line of its
+    message, cut to 300 characters."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def trace_calls(fn, *args, log_dir: str, calls: int = 5) -> None:
     """Trace ``calls`` blocked calls of ``fn(*args)`` (already compiled: call it once before)
     with ``jax.profiler`` into ``log_dir``, with a perfetto trace that

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import measure_ceilings, median_seconds, trace_calls
+from bench_common import error_text, measure_ceilings, median_seconds, trace_calls
 
 D, E, TOP_K, INNER, SHARED = 2048, 512, 10, 512, 512
 
@@ -218,11 +218,6 @@ def in_loop_seconds(block, params, x, iters: int) -> float:
     return median_seconds(jax.jit(loop), params, x, iters=iters) / LOOP_STEPS
 
 
-def _error_text(e: Exception) -> str:
-    """One line for a failed call's record: the exception's type and first line, cut short."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-
-
 def rel_l2(got, ref) -> float:
     """||got - ref|| / ||ref|| in float32 (arrays of any dtype)."""
     got, ref = (np.asarray(a, np.float32) for a in (got, ref))
@@ -360,7 +355,7 @@ def main(argv=None) -> int:
             ours_ref = np.asarray(ref_block(params, x).astype(jnp.float32))
         except Exception as e:  # noqa: BLE001 (report and time without the check)
             ours_ref = None
-            print(f"[bench_moe] T={T} reference {args.ref_impl}: {_error_text(e)}",
+            print(f"[bench_moe] T={T} reference {args.ref_impl}: {error_text(e)}",
                   file=sys.stderr)
         hf_row = {}
         for hf_impl, hf in hfs.items():
@@ -392,7 +387,7 @@ def main(argv=None) -> int:
                 if T <= LOOP_MAX_TOKENS:
                     row["ours_in_loop_ms"] = in_loop_seconds(ours, params, x, args.iters) * 1e3
             except Exception as e:  # noqa: BLE001 (e.g. ragged_dot's dense expansion on GPU)
-                row["error"] = _error_text(e)
+                row["error"] = error_text(e)
                 rows.append(row)
                 print(f"[bench_moe] T={T} {impl}: {row['error']}", file=sys.stderr)
                 continue
@@ -401,7 +396,7 @@ def main(argv=None) -> int:
                     trace_calls(ours, params, x, log_dir=os.path.join(
                         args.profile, f"T{T}_{impl.replace(':', '_')}"))
                 except Exception as e:  # noqa: BLE001
-                    row["profile_error"] = _error_text(e)
+                    row["profile_error"] = error_text(e)
             row.update(ours_ms=t_ours * 1e3, ours_compile_s=t_compile,
                        ours_tflops=flops / t_ours / 1e12, ours_weight_gbps=wbytes / t_ours / 1e9,
                        pct_matmul_peak=100 * flops / t_ours / 1e12 / ceil["bf16_matmul_tflops"],
