@@ -24,7 +24,7 @@ act_embed       (replicated)                the hidden dim of activations
 heads           tensor                      q/o projections, GDN projections, GDN state
 kv_heads        tensor                      k/v projections, K/V cache
 mlp             tensor                      MoE / shared / dense intermediate dim
-experts         expert                      stacked routed experts [E, ...]
+experts         expert, tensor              stacked routed experts [E, ...]
 vocab           tensor                      embedding rows, lm_head columns
 layers          (replicated)                the block axis of scanned params, caches
 ==============  ==========================  =============================================
@@ -36,9 +36,14 @@ at most once per array (later dims lose it). E.g. TINY_HF's single kv head stays
 SPMD partitioner inserts whatever communication a layout needs); the rules only decide speed and
 memory.
 
+The routed experts split over ``expert`` x ``tensor`` (their intermediate dim then keeps whole:
+``tensor`` is taken), as vLLM's expert parallelism spans its tensor-parallel group: on
+``tensor=2`` the attention and Gated DeltaNet heads, the shared expert and the vocabulary split in
+two and each device holds half the experts, so no layer's work is repeated on both devices.
 Expert parallelism (the MoE block, :func:`qnext_jax.modeling.moe.expert_parallel_experts`) is
-used when a mesh is active (:func:`activate`) whose ``expert`` axis has size > 1 and divides the
-number of experts.
+used when a mesh is active (:func:`activate`) whose experts split (``expert`` or ``tensor`` above
+1, dividing the number of experts). Ops XLA cannot partition (the Pallas kernels of the Gated
+DeltaNet, flash attention) run per shard through :func:`map_shards`.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
-    ("experts", ("expert",)),
+    ("experts", ("expert", "tensor")),
     ("vocab", ("tensor",)),
     ("layers", ()),
 )
@@ -404,6 +409,53 @@ def constrain(x, logical: Sequence[str | None]):
 
     spec = logical_to_spec(logical, x.shape, a.mesh, a.rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(a.mesh, spec))
+
+
+def map_shards(fn, args: Sequence, in_logical: Sequence, out_logical):
+    """``fn(*args)`` run on each device's shard of its arguments (``jax.shard_map``) under the
+    active mesh, for ops XLA cannot partition itself (Pallas kernels: XLA would gather their
+    operands whole to every device).
+
+    Args:
+      fn: arrays -> a tuple of arrays; it must be correct on any shard the specs give it (a
+        per-head, per-sequence op split over batch and heads).
+      args: the arrays. in_logical: per argument, its logical axes (a tuple as for
+        :func:`constrain`). out_logical: per output, its logical axes.
+    Each logical name resolves once for all the arguments: to the mesh axes of the rules whose
+    size product divides every dim that carries the name (the longest prefix, as in
+    :func:`logical_to_spec`), so dims sharing a name are split alike; a GQA kernel labels its
+    query heads with the key heads' name, for instance, so each device holds the query heads of
+    its own key heads. A mesh axis goes to the first name that takes it.
+    Returns:
+      ``fn``'s outputs, global; ``fn(*args)`` itself without an active mesh or when no
+      argument dim is split.
+    """
+    a = _ACTIVE.get()
+    if a is None:
+        return fn(*args)
+    import jax
+    from jax.sharding import PartitionSpec
+
+    dims: dict[str, int] = {}
+    for x, logical in zip(args, in_logical):
+        if len(logical) != x.ndim:
+            raise ValueError(f"map_shards: logical axes {tuple(logical)} do not match an "
+                             f"argument of shape {x.shape}")
+        for name, size in zip(logical, x.shape):
+            if name is not None:
+                dims[name] = math.gcd(dims.get(name, 0), size)
+    names = list(dims)
+    resolved = logical_to_spec(names, [dims[n] for n in names], a.mesh, a.rules)
+    axes = dict(zip(names, tuple(resolved) + (None,) * (len(names) - len(resolved))))
+    if all(v is None for v in axes.values()):
+        return fn(*args)
+
+    def spec(logical):
+        return PartitionSpec(*(None if n is None else axes.get(n) for n in logical))
+
+    return jax.shard_map(fn, mesh=a.mesh, in_specs=tuple(spec(lg) for lg in in_logical),
+                         out_specs=tuple(spec(lg) for lg in out_logical),
+                         check_vma=False)(*args)
 
 
 def constrain_cache(cache):

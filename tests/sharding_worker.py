@@ -4,6 +4,7 @@
         model CKPT "expert=8;data=2,expert=4" OUT.json
     python tests/sharding_worker.py moe OUT.json
     python tests/sharding_worker.py scan OUT.json
+    python tests/sharding_worker.py shards OUT.json
     python tests/sharding_worker.py multihost CKPT MESH OUT.json COORD NPROC PID
 
 It needs a fresh process because the device count is fixed when jax is first imported.
@@ -238,6 +239,91 @@ def scan_check(out: str) -> None:
         json.dump(result, f)
 
 
+def shards_check(out: str) -> None:
+    """sharding.map_shards (the shards each call sees, the result against the unsplit call) and
+    the per-shard kernels in the model: the flash path (through a CPU stand-in for tokamax's
+    kernel) and the Gated DeltaNet op on tensor meshes give the one-device logits and tokens."""
+    import jax
+    import jax.numpy as jnp
+    from conftest import init_params, tiny_config
+    from test_attention_flash import Counted, contract_op
+
+    from qnext_jax import sharding
+    from qnext_jax.cache import init_cache
+    from qnext_jax.generate import Generator
+    from qnext_jax.modeling import Qwen3NextForCausalLM, attention, gated_deltanet
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    result = {"map_shards": {}, "meshes": {}}
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((2, 5, 8, 3)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 5, 16, 3)), jnp.float32)
+    for spec, heads_q in (("data=2,tensor=4", 8), ("data=2,tensor=4", 6)):
+        seen = []
+
+        def fn(q, v, seen=seen):
+            seen.append((q.shape, v.shape))
+            n = v.shape[2] // q.shape[2]  # value heads per key head: local == global
+            return q * 2.0, v.sum(-1) + jnp.repeat(q.sum(-1), n, axis=2)
+
+        qq = q[:, :, :heads_q]
+        vv = v[:, :, :2 * heads_q]
+        want = fn(qq, vv)
+        seen.clear()
+        with sharding.activate(sharding.make_mesh(spec)):
+            got = jax.jit(lambda a, b: sharding.map_shards(
+                fn, (a, b), (("batch", None, "heads", None), ("batch", None, "heads", None)),
+                (("batch", None, "heads", None), ("batch", None, "heads"))))(qq, vv)
+        result["map_shards"][f"{spec} Hk={heads_q}"] = {
+            "local": [list(map(list, s)) for s in seen],
+            "equal": all(bool(np.allclose(a, b)) for a, b in zip(got, want))}
+
+    cfg = tiny_config()
+    params = init_params(cfg, seed=7)
+    ids = rng.integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    mask = np.ones((2, 9), np.int32)
+    mask[1, :4] = 0
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 7)]
+
+    def prefill(impl, mesh):
+        model = Qwen3NextForCausalLM(cfg, attn_impl=impl)
+
+        def f(params, ids, mask):
+            with sharding.activate(mesh):
+                logits, _ = model.apply({"params": params}, ids, cache=init_cache(cfg, 2, 16),
+                                        attention_mask=mask)
+                return sharding.constrain(logits, (None, None, None))
+        return np.asarray(jax.jit(f)(params, ids, mask))
+
+    ref = prefill("xla", None)
+    ref_tokens = Generator(cfg, attn_impl="xla").generate(params, prompts,
+                                                          max_new_tokens=4).tokens
+    op = Counted(contract_op)
+    shapes = []
+    attention._flash_ops = lambda impl: [(op, -jnp.inf)]
+    chunk = gated_deltanet.chunk_gated_delta_rule
+
+    def recorded(q, *args, **kwargs):
+        shapes.append(list(q.shape))
+        return chunk(q, *args, **kwargs)
+
+    gated_deltanet.chunk_gated_delta_rule = recorded
+    for spec in ("tensor=2,expert=4", "data=2,tensor=4"):
+        mesh = sharding.make_mesh(spec)
+        op.calls, shapes[:] = 0, []
+        got = prefill("tokamax", mesh)
+        gdn_shapes = list(shapes)
+        tokens = Generator(cfg, attn_impl="tokamax", mesh=mesh, prefill_chunk_size=4).generate(
+            params, prompts, max_new_tokens=4).tokens
+        valid = mask.astype(bool)
+        result["meshes"][spec] = {
+            "logits_rel": float(np.max(np.abs(got - ref)[valid]) / np.max(np.abs(ref))),
+            "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+            "flash_calls": op.calls, "gdn_local_q": gdn_shapes}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
 def multihost_check(ckpt: str, mesh_spec: str, out: str, coordinator: str, nproc: str,
                     pid: str) -> None:
     """One process of a multi-process run: restore sharded, logits written by process 0."""
@@ -268,4 +354,4 @@ def multihost_check(ckpt: str, mesh_spec: str, out: str, coordinator: str, nproc
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"model": model_check, "moe": moe_check, "multihost": multihost_check,
-     "scan": scan_check}[cmd](*args)
+     "scan": scan_check, "shards": shards_check}[cmd](*args)

@@ -14,7 +14,6 @@ import pytest
 from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
 from np_reference import softmax
 
-from qnext_jax import sharding
 from qnext_jax.cache import init_cache
 from qnext_jax.generate import Generator
 from qnext_jax.modeling import Qwen3NextForCausalLM, attention
@@ -139,9 +138,9 @@ def test_scan_and_speculative_flash_path_equals_xla_path(monkeypatch):
 
 def test_auto_choice(monkeypatch):
     """auto: flash for multi-token bf16/fp16 calls with a cache on a GPU with tokamax's GPU ops
-    and no mesh sharding the attention; XLA on the CPU, without a cache (training), for one
-    token (decode), float32, when tokamax.ops.gpu does not import (as without jax-triton), or
-    under a data/tensor mesh. An explicit tokamax impl takes every multi-token cached call."""
+    (under a mesh too: the kernel runs per shard); XLA on the CPU, without a cache (training),
+    for one token (decode), float32, or when tokamax.ops.gpu does not import (as without
+    jax-triton). An explicit tokamax impl takes every multi-token cached call."""
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     monkeypatch.setattr(attention, "_import_flash", lambda: (object(), None))  # installed
     assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
@@ -156,12 +155,6 @@ def test_auto_choice(monkeypatch):
     assert not attention._use_flash("auto", jnp.bfloat16, 1, cached=True)
     assert not attention._use_flash("auto", jnp.float32, 64, cached=True)
     assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=False)
-    for shape, flash in (({"expert": 2}, True), ({"tensor": 2, "expert": 2}, False),
-                         ({"data": 2}, False)):
-        mesh = types.SimpleNamespace(shape=shape)
-        monkeypatch.setattr(sharding, "active_mesh", lambda m=mesh: (m, ()))
-        assert attention._use_flash("auto", jnp.bfloat16, 64, cached=True) == flash
-    monkeypatch.setattr(sharding, "active_mesh", lambda: None)
     monkeypatch.setattr(attention, "_import_flash", lambda: (None, ImportError("jax_triton")))
     assert not attention._use_flash("auto", jnp.bfloat16, 64, cached=True)
 

@@ -97,8 +97,10 @@ def test_80b_partition_specs_cover_every_leaf():
     flat_specs = dict(_flat(specs))
     assert set(flat_specs) == set(dict(_flat(shapes)))
     moe = specs["layers_0"]["mlp"]
-    assert moe["experts"]["gate_proj"] == P("expert", "fsdp", "tensor")
-    assert moe["experts"]["down_proj"] == P("expert", "tensor", "fsdp")
+    # Experts over expert x tensor (32 of 512): the intermediate dim keeps whole.
+    assert moe["experts"]["gate_proj"] == P(("expert", "tensor"), "fsdp")
+    assert moe["experts"]["down_proj"] == P(("expert", "tensor"), None, "fsdp")
+    assert moe["shared_expert"]["gate_proj"]["kernel"] == P("fsdp", "tensor")
     assert moe["gate"]["kernel"] == P("fsdp")  # router: experts replicated
     attn = specs["layers_3"]["self_attn"]
     assert attn["q_proj"]["kernel"] == P("fsdp", "tensor")
@@ -131,7 +133,7 @@ def test_80b_scanned_layout_specs_have_a_replicated_layer_axis():
             layer_spec = dict(_flat(per_layer[f"layers_{j}"]))[path]
             assert spec == (P(None, *layer_spec) if layer_spec else P()), path
     assert specs["blocks"]["layers_0"]["mlp"]["experts"]["gate_proj"] == \
-        P(None, "expert", "fsdp", "tensor")
+        P(None, ("expert", "tensor"), "fsdp")
     assert specs["blocks"]["layers_3"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
     assert specs["embed_tokens"] == per_layer["embed_tokens"]
 
@@ -173,11 +175,28 @@ def test_scan_layers_generation_sharded(tmp_path):
     assert result["devices"] == 8
     for mesh, r in result["meshes"].items():
         assert r["tokens_equal"] and r["placed"] and r["cache_placed"], (mesh, r)
-        assert r["experts_spec"][:2] == [None, "expert"], (mesh, r)
+        split = ["expert", "tensor"] if "tensor" in mesh else "expert"
+        assert r["experts_spec"][:2] == [None, split], (mesh, r)
     # [blocks, batch 2, value heads 4, dk, dv]: batch over data, heads over tensor.
     assert result["meshes"]["data=2,expert=4"]["recurrent_spec"] == [None, "data"]
     assert result["meshes"]["tensor=2,expert=4"]["recurrent_spec"] == [None, None, "tensor"]
 
+
+def test_kernels_run_per_shard(tmp_path):
+    """8 virtual devices: map_shards hands each call its batch and head shard (Hk and Hv split
+    alike; nothing split when the heads do not divide), and the model's per-shard kernels (the
+    flash path through a stand-in for tokamax's op, the Gated DeltaNet op) give the one-device
+    logits and greedy tokens on tensor meshes."""
+    out = tmp_path / "shards.json"
+    result = _run_worker(["shards", str(out)], out)
+    split = result["map_shards"]["data=2,tensor=4 Hk=8"]
+    assert split["equal"] and split["local"] == [[[1, 5, 2, 3], [1, 5, 4, 3]]], split
+    whole = result["map_shards"]["data=2,tensor=4 Hk=6"]  # 6 heads: not over tensor = 4
+    assert whole["equal"] and whole["local"] == [[[1, 5, 6, 3], [1, 5, 12, 3]]], whole
+    heads = {"tensor=2,expert=4": [2, 9, 1, 8], "data=2,tensor=4": [1, 9, 2, 8]}
+    for mesh, r in result["meshes"].items():
+        assert r["logits_rel"] <= 1e-5 and r["tokens_equal"], (mesh, r)
+        assert r["flash_calls"] > 0 and r["gdn_local_q"] == [heads[mesh]] * 3, (mesh, r)  # 3 GDN layers
 
 def test_indivisible_dims_fall_back_to_replicated():
     from jax.sharding import PartitionSpec as P
@@ -216,9 +235,11 @@ def test_sharded_model_matches_one_device(model_result, mesh):
     assert model_result["devices"] == 8
     r = model_result["meshes"][mesh]
     assert r["placed"], "params were not restored into the requested shardings"
-    assert r["expert_spec"].startswith("P('expert'"), r
+    assert r["expert_spec"].startswith("P('expert'" if "tensor" not in mesh else
+                                       "P(('expert', 'tensor')"), r
     sizes = sharding.parse_mesh_spec(mesh)
-    assert r["expert_shard_shape"][:1] == [16 // sizes["expert"]], r  # 16 experts split
+    # 16 experts split over expert x tensor
+    assert r["expert_shard_shape"][:1] == [16 // sizes["expert"] // sizes["tensor"]], r
     assert r["logits_rel"] <= 1e-5, r
     assert r["tokens_equal"], r
 

@@ -203,18 +203,17 @@ def flash_attention(q, keys, values, kv_valid, q_slot, scale, impl="tokamax", pr
 def _use_flash(impl: str, dtype, T: int, cached: bool) -> bool:
     """Whether this call runs through :func:`flash_attention`: only multi-token steps with a
     cache do (prefill, speculative verification; a decode step reads the cache as it lies), with
-    a tokamax impl, or with "auto" for bf16/fp16 on a GPU where tokamax's GPU ops import and no
-    active mesh shards the attention (a data, fsdp or tensor axis above 1: the kernel call is
-    not partitioned, XLA would gather the cache to every device)."""
+    a tokamax impl, or with "auto" for bf16/fp16 on a GPU where tokamax's GPU ops import."""
     if not cached or T < 2 or impl == "xla":
         return False
     if impl != "auto":
         return True
-    active = sharding.active_mesh()
-    sharded = active is not None and any(
-        size > 1 for axis, size in sharding.mesh_sizes(active[0]).items() if axis != "expert")
-    return (jax.default_backend() == "gpu" and not sharded and _import_flash()[0] is not None
+    return (jax.default_backend() == "gpu" and _import_flash()[0] is not None
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+_QUERIES = ("batch", None, "kv_heads", None)  # [B, T, H, hd], split as the K/V heads are
+_CACHE = ("batch", "kv_heads", None, None)  # [B, Hkv, S, hd]
 
 
 class Qwen3NextAttention(nn.Module):
@@ -272,9 +271,13 @@ class Qwen3NextAttention(nn.Module):
             q_slot, key_valid = cache_index + jnp.arange(T), kv_valid
 
         if _use_flash(self.attn_impl, self.dtype, T, cache is not None):
-            attn = flash_attention(q.astype(self.dtype), keys, values, key_valid, q_slot,
-                                   hd ** -0.5, "tokamax" if self.attn_impl == "auto"
-                                   else self.attn_impl, self.precision)
+            kernel = "tokamax" if self.attn_impl == "auto" else self.attn_impl
+            # Per batch and K/V-head shard under a mesh (the query heads labelled as K/V heads:
+            # each device holds the query heads of its own K/V heads).
+            (attn,) = sharding.map_shards(
+                lambda *a: (flash_attention(*a, hd ** -0.5, kernel, self.precision),),
+                (q.astype(self.dtype), keys, values, key_valid, q_slot),
+                (_QUERIES, _CACHE, _CACHE, ("batch", None), (None,)), (_QUERIES,))
             attn = jnp.where(token_mask[:, :, None, None], attn, 0)  # no visible key: padding
         else:
             attn = xla_attention(q, keys, values, key_valid, q_slot, hd ** -0.5,

@@ -313,9 +313,9 @@ class Qwen3NextForCausalLM(nn.Module):
       attn_impl: the softmax attention of multi-token steps over a cache (prefill,
         speculative verification; ``attention.ATTN_IMPLS``): "xla" (einsum softmax, blocked
         over K/V for long caches), "tokamax" / "tokamax:mosaic" / "tokamax:triton" (tokamax's
-        flash-attention kernels, GPU), or "auto": tokamax for bf16/fp16 on GPU when installed
-        and no mesh shards the attention (data, fsdp or tensor above 1), else xla. Decode
-        steps and calls without a cache (training, plain forward) always run xla.
+        flash-attention kernels, GPU; under a mesh, per batch and K/V-head shard), or "auto":
+        tokamax for bf16/fp16 on GPU when installed, else xla. Decode steps and calls without
+        a cache (training, plain forward) always run xla.
       remat: rematerialisation of each decoder layer for training: "none", "full" (keep only
         the layer inputs) or "dots" (also keep matmul outputs without batch dims).
       scan_layers: run the decoder layers as a scan over the blocks of the periodic layer

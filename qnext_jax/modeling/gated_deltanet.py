@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import (chunk_gated_delta_rule,
                                              fused_recurrent_gated_delta_rule)
+from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.layers import dense
 from qnext_jax.modeling.norms import RMSNormGated
@@ -103,19 +104,99 @@ def segment_causal_conv1d(x, weight, segment_ids, mask=None):
     return y.astype(x.dtype), jnp.swapaxes(xp[:, T:, :], 1, 2)
 
 
+_HEADS = ("batch", None, "heads", None)  # q, k [B, T, Hk, dk]; v, o [B, T, Hv, dv]
+_GATES = ("batch", None, "heads")  # g, beta [B, T, Hv]
+_STATE = ("batch", "heads", None, None)  # [B, Hv, dk, dv]
+
+
+def gated_delta_rule(q, k, v, g, beta, state=None, *, cu_seqlens=None,
+                     per_token_states=False, impl="auto"):
+    """The gated delta rule of the layer on L2-normalised q, k (scale dk^-0.5), split over the
+    active mesh's batch and head shards (``sharding.map_shards``: its Pallas kernels are not
+    partitioned by XLA; Hk and Hv split alike, so each device holds the value heads of its own
+    key heads).
+
+    Args:
+      q, k: [B, T, Hk, dk]; v: [B, T, Hv, dv]; g, beta: [B, T, Hv] float32.
+      state: None (no cache) or [B, Hv, dk, dv] float32, the state before the first token.
+      cu_seqlens: [B, N + 1] int32 per-row segment offsets (no state): packed documents, the
+        state restarting at each.
+      per_token_states: also return the state after each token (with a state; token by token).
+      impl: the op's backend (``chunk_gated_delta_rule``'s impl).
+    Returns:
+      (o [B, T, Hv, dv], final state [B, Hv, dk, dv] or None without ``state``, per-token states
+      [B, T, Hv, dk, dv] or None). T up to RECURRENT_MAX_TOKENS runs the recurrent op.
+    """
+    T, dk = q.shape[1], q.shape[-1]
+    opts = dict(scale=dk ** -0.5, use_qk_l2norm_in_kernel=True, impl=impl)
+    ins = (_HEADS, _HEADS, _HEADS, _GATES, _GATES)
+    if cu_seqlens is not None:
+        def packed(q, k, v, g, beta, cu):
+            def row(q_, k_, v_, g_, b_, cu_):
+                return chunk_gated_delta_rule(q_[None], k_[None], v_[None], g_[None], b_[None],
+                                              cu_seqlens=cu_, **opts)[0][0]
+            return (jax.vmap(row)(q, k, v, g, beta, cu),)
+
+        (o,) = sharding.map_shards(packed, (q, k, v, g, beta, cu_seqlens),
+                                   ins + (("batch", None),), (_HEADS,))
+        return o, None, None
+    op = fused_recurrent_gated_delta_rule if T <= RECURRENT_MAX_TOKENS else \
+        chunk_gated_delta_rule
+    if state is None:
+        (o,) = sharding.map_shards(lambda *x: op(*x, **opts)[:1], (q, k, v, g, beta), ins,
+                                   (_HEADS,))
+        return o, None, None
+    if per_token_states:
+        def stepwise(q, k, v, g, beta, state):
+            outs, states = [], []
+            for t in range(T):
+                o_t, state = fused_recurrent_gated_delta_rule(
+                    q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+                    beta[:, t:t + 1], initial_state=state, output_final_state=True, **opts)
+                outs.append(o_t)
+                states.append(state)
+            return jnp.concatenate(outs, axis=1), state, jnp.stack(states, axis=1)
+
+        return sharding.map_shards(stepwise, (q, k, v, g, beta, state), ins + (_STATE,),
+                                   (_HEADS, _STATE, ("batch", None, "heads", None, None)))
+
+    def stateful(q, k, v, g, beta, state):
+        return op(q, k, v, g, beta, initial_state=state, output_final_state=True, **opts)
+
+    o, final = sharding.map_shards(stateful, (q, k, v, g, beta, state), ins + (_STATE,),
+                                   (_HEADS, _STATE))
+    return o, final, None
+
+
 class DepthwiseConv1d(nn.Module):
-    """Holds the conv taps ``kernel`` [K, C] and applies :func:`causal_conv1d`."""
+    """Holds the conv taps ``kernel`` [K, C] and applies :func:`causal_conv1d` (or
+    :func:`segment_causal_conv1d`) to the channel groups ``parts`` ([B, T, C_i] each, the
+    channels C = sum C_i in order), one group at a time: a depthwise conv never mixes channels,
+    and each group keeps its own sharding (the q, k, v heads of a mesh's tensor shards; one
+    concatenated input would be resharded whole). ``conv_state`` [B, C, K-1] and the returned
+    states are over all C channels. Returns (the outputs per part, new state[, per-token
+    states [B, T, C, K-1]])."""
 
     kernel_size: int
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, conv_state=None, mask=None, per_token_states=False, segment_ids=None):
+    def __call__(self, parts, conv_state=None, mask=None, per_token_states=False,
+                 segment_ids=None):
         init = nn.initializers.normal(self.kernel_size ** -0.5)
-        w = self.param("kernel", init, (self.kernel_size, x.shape[-1]), self.param_dtype)
-        if segment_ids is not None:
-            return segment_causal_conv1d(x, w, segment_ids, mask)
-        return causal_conv1d(x, w, conv_state, mask, per_token_states)
+        width = sum(x.shape[-1] for x in parts)
+        w = self.param("kernel", init, (self.kernel_size, width), self.param_dtype)
+        outs, start = [], 0
+        for x in parts:
+            cols = slice(start, start + x.shape[-1])
+            start = cols.stop
+            if segment_ids is not None:
+                outs.append(segment_causal_conv1d(x, w[:, cols], segment_ids, mask))
+            else:
+                outs.append(causal_conv1d(x, w[:, cols], None if conv_state is None else
+                                          conv_state[:, cols], mask, per_token_states))
+        ys, rest = tuple(o[0] for o in outs), zip(*(o[1:] for o in outs))
+        return (ys, *(jnp.concatenate(r, axis=1 if i == 0 else 2) for i, r in enumerate(rest)))
 
 
 class Qwen3NextGatedDeltaNet(nn.Module):
@@ -158,15 +239,12 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         ba = dense(2 * Hv, name="in_proj_ba", **proj)(x).reshape(B, T, Hk, 2 * n)
         b, a = ba[..., :n].reshape(B, T, Hv), ba[..., n:].reshape(B, T, Hv)
 
-        mixed = jnp.concatenate([q.reshape(B, T, Hk * dk), k.reshape(B, T, Hk * dk),
-                                 v.reshape(B, T, Hv * dv)], axis=-1)  # [B, T, conv_dim]
         per_token = cache is not None and "per_token_states" in cache
         conv_out = DepthwiseConv1d(cfg.linear_conv_kernel_dim, self.param_dtype, name="conv1d")(
-            mixed, None if cache is None else cache["conv_state"], token_mask, per_token,
+            (q.reshape(B, T, Hk * dk), k.reshape(B, T, Hk * dk), v.reshape(B, T, Hv * dv)),
+            None if cache is None else cache["conv_state"], token_mask, per_token,
             segment_ids if cache is None else None)
-        mixed, conv_state = conv_out[0], conv_out[1]
-        mixed = jax.nn.silu(mixed)
-        q, k, v = jnp.split(mixed, [Hk * dk, 2 * Hk * dk], axis=-1)
+        (q, k, v), conv_state = (jax.nn.silu(y) for y in conv_out[0]), conv_out[1]
         q, k = q.reshape(B, T, Hk, dk), k.reshape(B, T, Hk, dk)
         v = v.reshape(B, T, Hv, dv)
 
@@ -178,29 +256,10 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         g = jnp.where(token_mask[..., None], g, 0.0)
         k = jnp.where(token_mask[..., None, None], k, 0)
 
-        op = fused_recurrent_gated_delta_rule if T <= RECURRENT_MAX_TOKENS else \
-            chunk_gated_delta_rule
-        if cu_seqlens is not None and cache is None:  # packed documents: varlen per row
-            def row(q_, k_, v_, g_, b_, cu):
-                return chunk_gated_delta_rule(
-                    q_[None], k_[None], v_[None], g_[None], b_[None], scale=dk ** -0.5,
-                    use_qk_l2norm_in_kernel=True, cu_seqlens=cu, impl=self.gdn_impl)[0][0]
-            o, final_state = jax.vmap(row)(q, k, v, g, beta, cu_seqlens), None
-        elif per_token:  # token by token, keeping every state
-            state, outs, states = cache["recurrent_state"], [], []
-            for t in range(T):
-                o_t, state = fused_recurrent_gated_delta_rule(
-                    q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1],
-                    scale=dk ** -0.5, initial_state=state, output_final_state=True,
-                    use_qk_l2norm_in_kernel=True, impl=self.gdn_impl)
-                outs.append(o_t)
-                states.append(state)
-            o, final_state = jnp.concatenate(outs, axis=1), state
-        else:
-            o, final_state = op(q, k, v, g, beta, scale=dk ** -0.5,
-                                initial_state=None if cache is None else cache["recurrent_state"],
-                                output_final_state=cache is not None,
-                                use_qk_l2norm_in_kernel=True, impl=self.gdn_impl)
+        o, final_state, states = gated_delta_rule(
+            q, k, v, g, beta, None if cache is None else cache["recurrent_state"],
+            cu_seqlens=cu_seqlens if cache is None else None, per_token_states=per_token,
+            impl=self.gdn_impl)
         o = RMSNormGated(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype, name="norm")(
             o.astype(self.dtype), z.reshape(B, T, Hv, dv))
         y = dense(cfg.hidden_size, name="out_proj", **proj)(o.reshape(B, T, Hv * dv))
@@ -208,5 +267,5 @@ class Qwen3NextGatedDeltaNet(nn.Module):
             cache["conv_state"].dtype), "recurrent_state": final_state}
         if per_token:
             new_cache["conv_states"] = conv_out[2].astype(cache["conv_state"].dtype)
-            new_cache["recurrent_states"] = jnp.stack(states, axis=1)
+            new_cache["recurrent_states"] = states
         return y, new_cache
