@@ -3,8 +3,9 @@
 Builds the model from the packaged 80B preset (the released config.json) with ``--layers`` of its
 48 layers (the layer pattern kept: 3 Gated DeltaNet + 1 attention), random bf16 weights created
 directly on the devices, each leaf straight into its sharding (no host copy of the model), on a
-mesh over the local devices (``--mesh``, e.g. ``expert=2`` or ``expert=4,tensor=2``; default: all
-devices on ``expert``; the sharding plan of ``qnext_jax.sharding``), and measures:
+mesh over the local devices (``--mesh``, e.g. ``tensor=2`` or ``expert=4,tensor=2``; default: all
+devices on ``tensor``, which splits the heads and, with ``expert``, the routed experts: the sharding
+plan of ``qnext_jax.sharding``), and measures:
 
 * compile time and median time of a prefill of ``--prefill`` tokens (batch 1), and its model
   FLOPs (``bench_train.forward_flops_per_token``: the whole forward, lm_head on every token, as
@@ -140,7 +141,7 @@ def main():
     ap.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
                     help="softmax attention's impl")
     ap.add_argument("--mesh", default=None,
-                    help="mesh spec over the local devices (default: expert=<device count>)")
+                    help="mesh spec over the local devices (default: tensor=<device count>)")
     ap.add_argument("--scan-layers", action="store_true",
                     help="the layers as a scan over the repeating block (compile time flat in depth)")
     ap.add_argument("--out", default="bench_model.json")
@@ -161,7 +162,7 @@ def main():
                                  attn_impl=args.attn_impl, scan_layers=args.scan_layers)
     devices = jax.devices()
     dev = devices[0]
-    mesh = sharding.make_mesh(args.mesh or f"expert={len(devices)}")
+    mesh = sharding.make_mesh(args.mesh or f"tensor={len(devices)}")
     t = time.perf_counter()
     params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0), args.scan_layers))
     init_s = time.perf_counter() - t
