@@ -176,14 +176,17 @@ def test_route_float32_softmax_topk_and_renorm():
 
 
 def test_route_gpu_argmax_top_k_equals_top_k(monkeypatch):
-    """On GPU, from ARGMAX_TOP_K_MIN_ROWS tokens, top-k is k rounds of argmax: the same experts,
-    weights and tie order (lower id first) as lax.top_k, here on bf16-rounded logits with many
-    ties and a leading batch axis; fewer rows keep lax.top_k."""
+    """On GPU, from ARGMAX_TOP_K_MIN_ROWS tokens, top-k is k rounds of argmax, up to
+    RANK_TOP_K_MAX_ROWS a ranking: the same experts, weights and tie order (lower id first) as
+    lax.top_k, here on bf16-rounded logits with many ties and a leading batch axis; the rows
+    in between keep lax.top_k."""
     from qnext_jax.modeling import moe
 
     rng = np.random.default_rng(0)
     logits = jnp.asarray(np.round(rng.standard_normal((2, 600, 64)) * 4) / 4, jnp.bfloat16)
     want_w, want_e = route(logits, 10, norm_topk_prob=True)
+    sizes = (1, 3, moe.RANK_TOP_K_MAX_ROWS)
+    want_few = {rows: route(logits[:1, :rows], 10, norm_topk_prob=True) for rows in sizes}
     monkeypatch.setattr(moe.jax, "default_backend", lambda: "gpu")
     program = str(jax.make_jaxpr(lambda x: route(x, 10, True))(logits))
     assert "argmax" in program and "top_k" not in program
@@ -191,6 +194,14 @@ def test_route_gpu_argmax_top_k_equals_top_k(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
     np.testing.assert_array_equal(np.asarray(got_w), np.asarray(want_w))
     assert "top_k" in str(jax.make_jaxpr(lambda x: route(x, 10, True))(logits[:1, :100]))
+    # Decode sizes (at most RANK_TOP_K_MAX_ROWS rows): by ranking, no sort, ties included.
+    for rows in sizes:
+        few = logits[:1, :rows]
+        program = str(jax.make_jaxpr(lambda x: route(x, 10, True))(few))
+        assert "top_k" not in program and "argmax" not in program and "sort" not in program
+        got_w, got_e = route(few, 10, norm_topk_prob=True)
+        np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_few[rows][1]))
+        np.testing.assert_array_equal(np.asarray(got_w), np.asarray(want_few[rows][0]))
 
 
 # bf16 router of 3 experts over d 2: for x = [1, 1] the float32 sums are 1, 1 + 2^-9 and -1,
@@ -248,6 +259,40 @@ def test_sparse_moe_block_matches_numpy(rng):
     y = block.apply({"params": p}, x)
     ref = sparse_moe(jax.tree.map(np.asarray, p), f64(x.reshape(10, -1)), 3, False)
     np.testing.assert_allclose(np.asarray(y).reshape(10, -1), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_size", [16, 24])
+def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch, shared_size):
+    """moe_impl="gather_pallas" at decode size (kernels in interpret mode): the shared expert
+    runs as one more row of the decode kernels when its intermediate size is the routed
+    experts' (16), separately otherwise (24); the block equals the float64 numpy block."""
+    import functools
+
+    from conftest import tiny_config
+
+    from pallas_kernels.moe import BlockSizes, gathered_experts
+    from qnext_jax.modeling import moe
+
+    small = functools.partial(BlockSizes, block_i=16, block_d=8, block_r=8, splits=2)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("shared") is not None)
+        return gathered_experts(*args, **kwargs, blocks=small(), interpret=True)
+
+    monkeypatch.setattr(moe, "gathered_experts", recording)
+    monkeypatch.setattr(moe, "GatheredBlockSizes", small)
+    cfg = tiny_config(num_experts=7, num_experts_per_tok=3, norm_topk_prob=False,
+                      shared_expert_intermediate_size=shared_size)
+    x = rng.standard_normal((1, 1, cfg.hidden_size)).astype(np.float32)  # 3 slots <= E / 2
+    block = Qwen3NextSparseMoeBlock(cfg, precision=HIGHEST, moe_impl="gather_pallas")
+    p = block.init(jax.random.key(1), x)["params"]
+    p = jax.tree.map(lambda w: w * 10.0, p)
+    calls.clear()
+    y = block.apply({"params": p}, x)
+    assert calls == [shared_size == cfg.moe_intermediate_size]
+    ref = sparse_moe(jax.tree.map(np.asarray, p), f64(x.reshape(1, -1)), 3, False)
+    np.testing.assert_allclose(np.asarray(y).reshape(1, -1), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -13,10 +13,14 @@ slot) pairs, e = experts[n, j]:
   kernel "gate_up", split over d: one program per (row r, block of BI intermediate columns,
   one of S slices of d / S rows), its float32 partial sums
     g_part[s, r, block] = x[n, slice] gate_e[slice, block],  u_part likewise with up_e;
-  then, in jnp, h[r] = silu(sum_s g_part[s, r]) * sum_s u_part[s, r]   (in x's dtype)
-  kernel "down": one program per (row r, block of BD output columns), all I rows:
-    y[r, block] = h[r] down_e[:, block]                                   (float32)
-  then, in jnp, out[n] = sum_j weights[n, j] y[n k + j]                   (float32, to x's dtype)
+  kernel "down", split over I: one program per (row r, block of BD output columns, one of S'
+  slices of I / S' rows), h made from the partial sums as it reads them:
+    h[r, slice] = silu(sum_s g_part[s, r, slice]) * sum_s u_part[s, r, slice]  (in x's dtype)
+    y[s', r, block] = h[r, slice] down_e[slice, block]                          (float32)
+  then, in jnp, out[n] = sum_j weights[n, j] sum_s' y[s', n k + j]     (float32, to x's dtype)
+
+With a shared expert of the same sizes (Qwen3-Next's), its rows r = N k + n follow the routed
+ones and read its weights instead (``shared``): it costs no kernel of its own.
 
 :func:`gathered_expert_outputs` is the two kernels alone: y, each slot's expert output before the
 weighting (expert parallelism drops the slots of other devices' experts from it first).
@@ -25,8 +29,9 @@ Both kernels are matrix-vector products (one token row), summed with elementwise
 float32: at decode the cost is the weight bytes, not FLOPs, so the blocks are wide (BI, BD =
 128 columns: 256 contiguous bytes of each bf16 weight row per load, read in steps of BR rows)
 and the grid is large (d split S ways) for the HBM bandwidth. At the 80B's sizes (d 2048, I 512,
-k 10, one token) the defaults give gate_up a grid of (10, 4, 8) = 320 programs of 256 rows of
-gate_e and up_e each, down one of (10, 16) = 160 programs of 512 rows; 63 MB of weights in all.
+k 10 + the shared expert, one token) the defaults give gate_up a grid of (11, 4, 8) = 352
+programs of 256 rows of gate_e and up_e each, down one of (11, 16, 2) = 352 programs of 256 rows;
+69 MB of weights in all.
 The gradient (``jax.custom_vjp``) is that of the jnp reference, recomputed; training batches
 take the grouped-matmul paths anyway.
 """
@@ -50,19 +55,21 @@ class BlockSizes:
 
     block_i: intermediate columns per "gate_up" program (dividing I); block_d: output columns
     per "down" program (dividing d); block_r: weight rows per step of either kernel's reduction
-    (dividing I and d / splits); splits: the slices of d that "gate_up" splits its reduction
-    into (partial sums added in jnp); num_warps: Triton warps.
+    (dividing I / down_splits and d / splits); splits: the slices of d that "gate_up" splits
+    its reduction into (partial sums added in "down"); down_splits: the slices of I that
+    "down" splits its reduction into (partial sums added in jnp); num_warps: Triton warps.
     The defaults suit the 80B's d 2048, I 512 on an H200: grids of N k x 4 x 8 ("gate_up") and
-    N k x 16 ("down") programs, each reading 128 KB of weights in 2 and 4 steps of 128 rows.
-    Measured there (the routed experts alone, one token, 80B sizes, in a jitted loop): 0.042 ms;
-    block_r 64: 0.048, 32: 0.058; splits 4: 0.056, 16: 0.043 (block_r 64); the jnp gather
-    0.067 ms.
+    N k x 16 x 2 ("down") programs, each reading 128 KB and 64 KB of weights in 2 steps of 128
+    rows. Measured there (the routed experts alone, one token, 80B sizes, in a jitted loop,
+    with down_splits 1 and h made in jnp): 0.042 ms; block_r 64: 0.048, 32: 0.058; splits 4:
+    0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms.
     """
 
     block_i: int = 128
     block_d: int = 128
     block_r: int = 128
     splits: int = 8
+    down_splits: int = 2
     num_warps: int = 4
 
     def mismatch(self, d: int, inner: int) -> str | None:
@@ -71,8 +78,12 @@ class BlockSizes:
             size = getattr(self, of)
             if size < 1 or size & (size - 1):
                 return f"{of} = {size} must be a power of 2 (a Triton block size)"
+        for of in ("splits", "down_splits"):
+            if getattr(self, of) < 1:
+                return f"{of} = {getattr(self, of)} must be at least 1"
         for name, size, multiple, of in (
-                ("I", inner, self.block_i, "block_i"), ("I", inner, self.block_r, "block_r"),
+                ("I", inner, self.block_i, "block_i"),
+                ("I", inner, self.down_splits * self.block_r, "down_splits * block_r"),
                 ("d", d, self.block_d, "block_d"),
                 ("d", d, self.splits * self.block_r, "splits * block_r")):
             if size % multiple:
@@ -107,41 +118,67 @@ def _row_block(r, block_r):
     return pl.ds(pl.multiple_of(r * block_r, block_r), block_r)
 
 
-def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, k, block_r, steps):
+def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, *refs, k, nk, block_r, steps):
+    # refs: (shared gate [d, I], shared up [d, I],) g_part, u_part blocks [1, 1, BI].
+    *shared, g_ref, u_ref = refs
     r, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e, n = ids_ref[r], r // k
     BI = g_ref.shape[-1]
     cols = pl.ds(c * BI, BI)
 
-    def body(t, acc):
-        rows = _row_block(s * steps + t, block_r)  # steps of block_r rows per split
-        xs = x_ref[n, rows].astype(jnp.float32)[:, None]  # [BR, 1]
-        g = acc[0] + jnp.sum(xs * gate_ref[e, rows, cols].astype(jnp.float32), axis=0)
-        u = acc[1] + jnp.sum(xs * up_ref[e, rows, cols].astype(jnp.float32), axis=0)
-        return g, u
+    def run(n, gate_at, up_at):  # token n's row of partial sums, weights read through *_at
+        def body(t, acc):
+            rows = _row_block(s * steps + t, block_r)  # steps of block_r rows per split
+            xs = x_ref[n, rows].astype(jnp.float32)[:, None]  # [BR, 1]
+            g = acc[0] + jnp.sum(xs * gate_at(rows).astype(jnp.float32), axis=0)
+            u = acc[1] + jnp.sum(xs * up_at(rows).astype(jnp.float32), axis=0)
+            return g, u
 
-    zero = jnp.zeros((BI,), jnp.float32)
-    g, u = lax.fori_loop(0, steps, body, (zero, zero))
-    g_ref[0, 0, :] = g
-    u_ref[0, 0, :] = u
+        zero = jnp.zeros((BI,), jnp.float32)
+        g, u = lax.fori_loop(0, steps, body, (zero, zero))
+        g_ref[0, 0, :] = g
+        u_ref[0, 0, :] = u
+
+    def routed():
+        e = ids_ref[r]
+        run(r // k, lambda rows: gate_ref[e, rows, cols], lambda rows: up_ref[e, rows, cols])
+
+    if not shared:
+        routed()
+        return
+    pl.when(r < nk)(routed)
+    pl.when(r >= nk)(lambda: run(r - nk, lambda rows: shared[0][rows, cols],
+                                 lambda rows: shared[1][rows, cols]))
 
 
-def _down_kernel(ids_ref, h_ref, down_ref, y_ref, *, block_r):
-    r, c = pl.program_id(0), pl.program_id(1)
-    e = ids_ref[r]
+def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, nk, block_r, steps, dtype):
+    # g_ref, u_ref: the [S, R, I] float32 partial sums; refs: (shared down [I, d],) y block.
+    *shared, y_ref = refs
+    r, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     BD = y_ref.shape[-1]
     cols = pl.ds(c * BD, BD)
 
-    def body(t, acc):
-        rows = _row_block(t, block_r)
-        hs = h_ref[r, rows].astype(jnp.float32)[:, None]  # [BR, 1]
-        return acc + jnp.sum(hs * down_ref[e, rows, cols].astype(jnp.float32), axis=0)
+    def run(down_at):
+        def body(t, acc):
+            rows = _row_block(s * steps + t, block_r)
+            g = jnp.sum(g_ref[:, r, rows], axis=0)  # [BR]: the sums over the d splits
+            u = jnp.sum(u_ref[:, r, rows], axis=0)
+            h = (g / (1.0 + jnp.exp(-g)) * u).astype(dtype).astype(jnp.float32)  # silu(g) u
+            return acc + jnp.sum(h[:, None] * down_at(rows).astype(jnp.float32), axis=0)
 
-    y_ref[0, :] = lax.fori_loop(0, h_ref.shape[1] // block_r, body,
-                                jnp.zeros((BD,), jnp.float32))
+        y_ref[0, 0, :] = lax.fori_loop(0, steps, body, jnp.zeros((BD,), jnp.float32))
+
+    def routed():
+        e = ids_ref[r]
+        run(lambda rows: down_ref[e, rows, cols])
+
+    if not shared:
+        routed()
+        return
+    pl.when(r < nk)(routed)
+    pl.when(r >= nk)(lambda: run(lambda rows: shared[0][rows, cols]))
 
 
-def _check(x, experts, gate_proj, up_proj, down_proj, blocks):
+def _check(x, experts, gate_proj, up_proj, down_proj, shared, blocks):
     N, d = x.shape
     E, d_w, inner = gate_proj.shape
     if experts.ndim != 2 or experts.shape[0] != N:
@@ -150,50 +187,70 @@ def _check(x, experts, gate_proj, up_proj, down_proj, blocks):
         raise ValueError(f"gathered_experts: expected gate_proj, up_proj [E, d = {d}, I] and "
                          f"down_proj [E, I, d]; got {gate_proj.shape}, {up_proj.shape}, "
                          f"{down_proj.shape}")
+    if shared and tuple(w.shape for w in shared) != ((d, inner), (d, inner), (inner, d)):
+        raise ValueError(f"gathered_experts: the shared expert's gate_proj, up_proj, down_proj "
+                         f"must be [d, I], [d, I], [I, d] with the routed experts' d = {d}, "
+                         f"I = {inner}; got {tuple(tuple(w.shape) for w in shared)}")
     if (why := blocks.mismatch(d, inner)) is not None:
         raise ValueError(f"gathered_experts: {why}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _outputs(x, experts, gate_proj, up_proj, down_proj, blocks, interpret):
+def _outputs_reference(x, experts, gate_proj, up_proj, down_proj, shared):
+    """[N k (+ N), d] float32: each (token, slot) row's expert output, then each token's shared
+    expert output."""
+    y = gathered_expert_outputs_reference(x, experts, gate_proj, up_proj, down_proj)
+    y = y.astype(jnp.float32).reshape(-1, x.shape[1])
+    if not shared:
+        return y
+    gate, up, down = shared
+    h = (jax.nn.silu(x @ gate) * (x @ up)).astype(x.dtype)
+    return jnp.concatenate([y, (h @ down).astype(jnp.float32)], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _outputs(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
     N, k = experts.shape
     d, inner = gate_proj.shape[1:]
+    nk = N * k
+    rows = nk + N * bool(shared)  # the routed (token, slot) rows, then the shared rows
     ids = experts.reshape(-1).astype(jnp.int32)
-    bi, bd, br, splits = blocks.block_i, blocks.block_d, blocks.block_r, blocks.splits
+    bi, bd, br = blocks.block_i, blocks.block_d, blocks.block_r
+    splits, down_splits = blocks.splits, blocks.down_splits
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
-    part = jax.ShapeDtypeStruct((splits, N * k, inner), jnp.float32)
+    part = jax.ShapeDtypeStruct((splits, rows, inner), jnp.float32)
     g_part, u_part = pl.pallas_call(
-        functools.partial(_gate_up_kernel, k=k, block_r=br, steps=d // splits // br),
-        grid=(N * k, inner // bi, splits),
+        functools.partial(_gate_up_kernel, k=k, nk=nk, block_r=br, steps=d // splits // br),
+        grid=(rows, inner // bi, splits),
         in_specs=[_whole(ids.shape), _whole(x.shape), _whole(gate_proj.shape),
-                  _whole(up_proj.shape)],
+                  _whole(up_proj.shape)] + [_whole(w.shape) for w in shared[:2]],
         out_specs=[pl.BlockSpec((1, 1, bi), lambda r, c, s: (s, r, c))] * 2,
         out_shape=[part, part],
         compiler_params=params, interpret=interpret, name="moe_gathered_gate_up",
-    )(ids, x, gate_proj, up_proj)
-    h = (jax.nn.silu(g_part.sum(0)) * u_part.sum(0)).astype(x.dtype)  # [N*k, I]
+    )(ids, x, gate_proj, up_proj, *shared[:2])
     y = pl.pallas_call(
-        functools.partial(_down_kernel, block_r=br),
-        grid=(N * k, d // bd),
-        in_specs=[_whole(ids.shape), _whole(h.shape), _whole(down_proj.shape)],
-        out_specs=pl.BlockSpec((1, bd), lambda r, c: (r, c)),
-        out_shape=jax.ShapeDtypeStruct((N * k, d), jnp.float32),
+        functools.partial(_down_kernel, nk=nk, block_r=br,
+                          steps=inner // down_splits // br, dtype=x.dtype),
+        grid=(rows, d // bd, down_splits),
+        in_specs=[_whole(ids.shape), _whole(g_part.shape), _whole(u_part.shape),
+                  _whole(down_proj.shape)] + [_whole(w.shape) for w in shared[2:]],
+        out_specs=pl.BlockSpec((1, 1, bd), lambda r, c, s: (s, r, c)),
+        out_shape=jax.ShapeDtypeStruct((down_splits, rows, d), jnp.float32),
         compiler_params=params, interpret=interpret, name="moe_gathered_down",
-    )(ids, h, down_proj)
-    return y.reshape(N, k, d)
+    )(ids, g_part, u_part, down_proj, *shared[2:])
+    return y.sum(0)  # [rows, d]
 
 
-def _outputs_fwd(x, experts, gate_proj, up_proj, down_proj, blocks, interpret):
-    y = _outputs(x, experts, gate_proj, up_proj, down_proj, blocks, interpret)
-    return y, (x, experts, gate_proj, up_proj, down_proj)
+def _outputs_fwd(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret)
+    return y, (x, experts, gate_proj, up_proj, down_proj, shared)
 
 
 def _outputs_bwd(blocks, interpret, res, dy):
-    x, experts, gate_proj, up_proj, down_proj = res
-    _, vjp = jax.vjp(lambda x, g, u, dn: gathered_expert_outputs_reference(
-        x, experts, g, u, dn).astype(jnp.float32), x, gate_proj, up_proj, down_proj)
-    dx, dg, du, ddn = vjp(dy)
-    return dx, np.zeros(experts.shape, jax.dtypes.float0), dg, du, ddn
+    x, experts, gate_proj, up_proj, down_proj, shared = res
+    _, vjp = jax.vjp(lambda x, g, u, dn, sh: _outputs_reference(x, experts, g, u, dn, sh),
+                     x, gate_proj, up_proj, down_proj, shared)
+    dx, dg, du, ddn, dsh = vjp(dy)
+    return dx, np.zeros(experts.shape, jax.dtypes.float0), dg, du, ddn, dsh
 
 
 _outputs.defvjp(_outputs_fwd, _outputs_bwd)
@@ -215,25 +272,44 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *,
     Raises:
       ValueError: shapes that do not match, or blocks that do not divide I and d.
     """
-    _check(x, experts, gate_proj, up_proj, down_proj, blocks)
-    return _outputs(x, experts, gate_proj, up_proj, down_proj, blocks, interpret)
+    _check(x, experts, gate_proj, up_proj, down_proj, (), blocks)
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, (), blocks, interpret)
+    return y.reshape(*experts.shape, x.shape[1])
 
 
-def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, **options):
+def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shared=None,
+                     blocks: BlockSizes = BlockSizes(), interpret: bool = False):
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) with the SwiGLU experts
-    ``down(silu(x gate) * (x up))``, reading the chosen experts' weights in place.
+    ``down(silu(x gate) * (x up))``, reading the chosen experts' weights in place; with
+    ``shared``, plus ``shared_weights[n] * shared_expert(x[n])`` computed as one more row of
+    the same two kernels (no kernels of its own).
 
     Args:
-      x, experts, gate_proj, up_proj, down_proj, and the keyword ``options`` (blocks,
-        interpret): as for :func:`gathered_expert_outputs`.
+      x, experts, gate_proj, up_proj, down_proj, blocks, interpret: as for
+        :func:`gathered_expert_outputs`.
       weights: [N, k] router weights.
+      shared: None, or (shared_weights [N], gate [d, I], up [d, I], down [I, d]): a shared
+        expert of the routed experts' sizes (as Qwen3-Next's) and its per-token weight (the
+        sigmoid gate).
     Returns:
-      [N, d] in x's dtype; float32 sums inside, the router weights applied in float32.
+      [N, d] in x's dtype; float32 sums inside, the weights applied in float32. The gradient is
+      that of the jnp reference (recomputed).
     Raises:
       ValueError: shapes that do not match, or blocks that do not divide I and d.
     """
     if weights.shape != experts.shape:
         raise ValueError(f"gathered_experts: weights {weights.shape} and experts "
                          f"{experts.shape} must both be [N = {x.shape[0]}, k]")
-    y = gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, **options)
-    return jnp.sum(weights.astype(jnp.float32)[..., None] * y, axis=1).astype(x.dtype)
+    shared_w, *shared_proj = shared if shared is not None else (None,)
+    if shared is not None and shared_w.shape != (x.shape[0],):
+        raise ValueError(f"gathered_experts: shared_weights {shared_w.shape} must be "
+                         f"[N = {x.shape[0]}]")
+    _check(x, experts, gate_proj, up_proj, down_proj, tuple(shared_proj), blocks)
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, tuple(shared_proj), blocks,
+                 interpret)
+    nk = experts.size
+    out = jnp.sum(weights.astype(jnp.float32)[..., None] * y[:nk].reshape(*experts.shape, -1),
+                  axis=1)
+    if shared is not None:
+        out = out + shared_w.astype(jnp.float32)[:, None] * y[nk:]
+    return out.astype(x.dtype)

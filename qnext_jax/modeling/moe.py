@@ -48,8 +48,25 @@ from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.modeling.layers import dense, import_tokamax
 
 
+class _Kernel(nn.Module):
+    """A projection's ``kernel`` [in, out] alone (the param of a bias-free ``dense`` of that
+    name: same path and init), for a caller that hands it to a kernel instead of a matmul."""
+
+    shape: tuple[int, int]
+    std: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.normal(self.std), self.shape,
+                          self.param_dtype)
+
+
 class Qwen3NextMLP(nn.Module):
-    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``; x [..., d] -> [..., d]."""
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``; x [..., d] -> [..., d].
+
+    ``kernels_only=True`` returns the kernels instead, (gate_proj, up_proj [d, I], down_proj
+    [I, d]) in ``dtype``, for the fused decode kernel of the MoE block (x is then not used)."""
 
     intermediate_size: int
     hidden_size: int
@@ -59,28 +76,43 @@ class Qwen3NextMLP(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x):
-        proj = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                    std=self.std)
-        h = jax.nn.silu(dense(self.intermediate_size, name="gate_proj", **proj)(x)) * dense(
-            self.intermediate_size, name="up_proj", **proj)(x)
-        return dense(self.hidden_size, name="down_proj", **proj)(h)
+    def __call__(self, x, kernels_only: bool = False):
+        d, inner = self.hidden_size, self.intermediate_size
+        gate, up, down = (_Kernel(shape, self.std, self.param_dtype, name=name)().astype(
+            self.dtype) for name, shape in (("gate_proj", (d, inner)), ("up_proj", (d, inner)),
+                                            ("down_proj", (inner, d))))
+        if kernels_only:
+            return gate, up, down
+        dot = functools.partial(jnp.dot, precision=self.precision)
+        x = x.astype(self.dtype)
+        return dot(jax.nn.silu(dot(x, gate)) * dot(x, up), down)
 
 
 ARGMAX_TOP_K_MIN_ROWS = 1024  # GPU: from this many tokens, top-k by repeated argmax
+RANK_TOP_K_MAX_ROWS = 64  # GPU: up to this many tokens (decode), top-k by ranking
 
 
 def _top_k(probs: jax.Array, k: int):
-    """``lax.top_k`` over the last axis of probabilities [..., E]. On GPU with at least
-    ARGMAX_TOP_K_MIN_ROWS rows it is k rounds of argmax, each masking its winner: the same
-    experts and weights, ties to the lower id as top_k puts them (argmax takes the first
-    maximum; rows holding NaN may differ), where XLA's top_k sorts every row: 0.23-0.27
-    against 0.51 ms for 16384 x 512 on an H200, equal on random and on heavily tied bf16
-    logits. Fewer rows keep top_k (one kernel against k at decode)."""
+    """``lax.top_k`` over the last axis of probabilities [..., E]: the same experts and
+    weights, ties to the lower id as top_k puts them (rows holding NaN may differ). On GPU,
+    where XLA's top_k sorts every row:
+    - up to RANK_TOP_K_MAX_ROWS rows (decode), each value's rank (the count of values above it,
+      or equal at a lower id) from all E x E comparisons, and the ids of ranks 0..k-1, in one
+      or two fusions: the sort was a 5.4 us kernel of the 55 us 80B block at one token;
+    - from ARGMAX_TOP_K_MIN_ROWS rows, k rounds of argmax, each masking its winner (argmax takes
+      the first maximum): 0.23-0.27 against 0.51 ms for 16384 x 512 on an H200;
+    - in between (a few kernels each way), top_k."""
     rows = math.prod(probs.shape[:-1])
-    if jax.default_backend() != "gpu" or rows < ARGMAX_TOP_K_MIN_ROWS:
+    if jax.default_backend() != "gpu" or RANK_TOP_K_MAX_ROWS < rows < ARGMAX_TOP_K_MIN_ROWS:
         return jax.lax.top_k(probs, k)
     ids = jnp.arange(probs.shape[-1], dtype=jnp.int32)
+    if rows <= RANK_TOP_K_MAX_ROWS:
+        mine, other = probs[..., :, None], probs[..., None, :]
+        beats = (other > mine) | ((other == mine) & (ids < ids[:, None]))  # [..., E, E]
+        rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)  # [..., E]
+        slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]
+        return (jnp.sum(jnp.where(slot, probs[..., None, :], 0), axis=-1),
+                jnp.sum(jnp.where(slot, ids, 0), axis=-1))
     left, weights, experts = probs, [], []
     for _ in range(k):
         e = jnp.argmax(left, axis=-1).astype(jnp.int32)
@@ -159,8 +191,11 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     T = 32 1.180 / 0.494 / 0.483; T = 64 tokamax 0.69 (plain calls: T = 1024 tokamax 1.51 /
     capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms; both with the scatter-add
     combine of then, tokamax 5.33 ms with the gathered one). gather_pallas is faster
-    at decode but not auto's choice: under a layer scan its kernel operands, the layer's slice
-    of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's moe_impl)."""
+    at decode in isolation (T = 1 0.056 ms with the shared expert fused into its kernels) but
+    not auto's choice: in the 8-layer model on one H200 it was no faster (1.99 ms a batch-1
+    step with the jnp gather, 2.05 with it), and under a layer scan its kernel operands, the
+    layer's slice of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's
+    moe_impl)."""
     if _decode_sized(rows, num_experts):
         return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and import_tokamax()[0] is not None:
@@ -492,7 +527,10 @@ class Qwen3NextExperts(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, weights, experts):
+    def __call__(self, x, weights, experts, shared=None):
+        """x [N, d], weights [N, k] (router weights), experts [N, k] int -> [N, d]. ``shared``:
+        None, or (weights [N], gate [d, I], up [d, I], down [I, d]), a shared expert that the
+        ``gather_pallas`` decode kernels compute as one more row (:meth:`fuses_shared`)."""
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
         impl = self.impl
         if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
@@ -502,6 +540,12 @@ class Qwen3NextExperts(nn.Module):
         up = self.param("up_proj", init, (E, d, inner), self.param_dtype)
         down = self.param("down_proj", init, (E, inner, d), self.param_dtype)
         cast = lambda w: w.astype(self.dtype)
+        if shared is not None:
+            if not self.fuses_shared(experts.size, shared[1].shape[1]):
+                raise ValueError("Qwen3NextExperts: a shared expert is only fused into the "
+                                 "gather_pallas decode kernels (see fuses_shared)")
+            return gathered_experts(x, weights.astype(self.dtype), experts, cast(gate),
+                                    cast(up), cast(down), shared=shared)
         active = sharding.active_mesh()
         if active is not None:
             mesh, rules = active
@@ -510,6 +554,14 @@ class Qwen3NextExperts(nn.Module):
                                            impl)
         return grouped_experts(x, weights.astype(self.dtype), experts, cast(gate), cast(up),
                                cast(down), self.precision, impl=impl)
+
+    def fuses_shared(self, rows: int, shared_inner: int) -> bool:
+        """Whether a call of ``rows`` token-slots computes a shared expert of intermediate size
+        ``shared_inner`` inside its kernels: impl ``gather_pallas`` at decode size, no active
+        mesh, and the shared expert of the routed experts' sizes (Qwen3-Next's 512)."""
+        return (self.impl == "gather_pallas" and _decode_sized(rows, self.num_experts)
+                and sharding.active_mesh() is None and shared_inner == self.intermediate_size
+                and GatheredBlockSizes().mismatch(self.hidden_size, shared_inner) is None)
 
 
 class Qwen3NextSparseMoeBlock(nn.Module):
@@ -536,10 +588,14 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         routed = Qwen3NextExperts(cfg.num_experts, d, cfg.moe_intermediate_size,
                                   std=cfg.initializer_range, impl=self.moe_impl, name="experts",
-                                  **mod)(
-            flat, weights, experts)
+                                  **mod)
         shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=cfg.initializer_range,
-                              name="shared_expert", **mod)(flat)
-        shared_gate = dense(1, name="shared_expert_gate", std=cfg.initializer_range, **mod)(flat)
-        out = routed + jax.nn.sigmoid(shared_gate) * shared
+                              name="shared_expert", **mod)
+        shared_gate = jax.nn.sigmoid(
+            dense(1, name="shared_expert_gate", std=cfg.initializer_range, **mod)(flat))
+        if routed.fuses_shared(experts.size, cfg.shared_expert_intermediate_size):
+            out = routed(flat, weights, experts,
+                         shared=(shared_gate[:, 0], *shared(flat, kernels_only=True)))
+        else:
+            out = routed(flat, weights, experts) + shared_gate * shared(flat)
         return out.reshape(B, T, d)
