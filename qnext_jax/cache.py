@@ -3,7 +3,7 @@
 Layout (a plain dict, jit- and shard-friendly)::
 
     {"layers_{i}": {"key", "value": [B, Hkv, S, hd]}            # full-attention layer i
-                or {"conv_state": [B, conv_dim, K-1],            # Gated DeltaNet layer i
+                or {"conv_state": [B, conv_dim, K-1],            # GDN layer i (channels per key head)
                     "recurrent_state": [B, Hv, dk, dv] float32},
      "mtp": {"layers_0": {"key", "value": ...}},                 # when the model has an MTP head
      "index": int32 scalar,       # slots filled so far (all sequences share the slot axis)

@@ -232,8 +232,8 @@ def param_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str |
         return ("heads",)
     if "experts" in path and leaf in ("gate_proj", "up_proj", "down_proj") and nd == 3:
         return ("experts", "embed", "mlp") if leaf != "down_proj" else ("experts", "mlp", "embed")
-    if parent == "conv1d" and leaf == "kernel":
-        return (None, "heads")
+    if parent == "conv1d" and leaf == "kernel":  # HF channel order: replicated (see
+        return (None, None)  # gated_deltanet.DepthwiseConv1d; K x conv_dim values)
     kernel_axes = {
         "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"),
         "v_proj": ("embed", "kv_heads"), "o_proj": ("heads", "embed"),

@@ -170,33 +170,35 @@ def gated_delta_rule(q, k, v, g, beta, state=None, *, cu_seqlens=None,
 
 class DepthwiseConv1d(nn.Module):
     """Holds the conv taps ``kernel`` [K, C] and applies :func:`causal_conv1d` (or
-    :func:`segment_causal_conv1d`) to the channel groups ``parts`` ([B, T, C_i] each, the
-    channels C = sum C_i in order), one group at a time: a depthwise conv never mixes channels,
-    and each group keeps its own sharding (the q, k, v heads of a mesh's tensor shards; one
-    concatenated input would be resharded whole). ``conv_state`` [B, C, K-1] and the returned
-    states are over all C channels. Returns (the outputs per part, new state[, per-token
-    states [B, T, C, K-1]])."""
+    :func:`segment_causal_conv1d`) to inputs whose channels are grouped per key head.
+
+    The kernel keeps transformers' channel order, all q | all k | all v ([K, C] with C =
+    Hk dk + Hk dk + Hv dv, ``parts`` = (dk, dk, n dv) channels of each of the ``heads`` = Hk
+    key heads per block); the inputs, outputs and conv state are in the head-grouped order
+    (q_0 k_0 v_0 | q_1 k_1 v_1 | ...), so that a mesh splitting the heads holds whole groups:
+    the projection gives that order as it lies, and no channel crosses devices (with the HF
+    order each device's q, k and v channels would be gathered and permuted every step)."""
 
     kernel_size: int
+    heads: int
+    parts: tuple[int, ...]
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, parts, conv_state=None, mask=None, per_token_states=False,
-                 segment_ids=None):
+    def __call__(self, x, conv_state=None, mask=None, per_token_states=False, segment_ids=None):
         init = nn.initializers.normal(self.kernel_size ** -0.5)
-        width = sum(x.shape[-1] for x in parts)
-        w = self.param("kernel", init, (self.kernel_size, width), self.param_dtype)
-        outs, start = [], 0
-        for x in parts:
-            cols = slice(start, start + x.shape[-1])
-            start = cols.stop
-            if segment_ids is not None:
-                outs.append(segment_causal_conv1d(x, w[:, cols], segment_ids, mask))
-            else:
-                outs.append(causal_conv1d(x, w[:, cols], None if conv_state is None else
-                                          conv_state[:, cols], mask, per_token_states))
-        ys, rest = tuple(o[0] for o in outs), zip(*(o[1:] for o in outs))
-        return (ys, *(jnp.concatenate(r, axis=1 if i == 0 else 2) for i, r in enumerate(rest)))
+        K, H = self.kernel_size, self.heads
+        w = self.param("kernel", init, (K, H * sum(self.parts)), self.param_dtype)
+        blocks, start = [], 0
+        for width in self.parts:  # [K, H * width] -> [K, H, width], then side by side per head
+            blocks.append(w[:, start:start + H * width].reshape(K, H, width))
+            start += H * width
+        # Replicated (a few thousand values): XLA would otherwise cut the HF-order slices along
+        # the input's head shards and move them between devices every step.
+        w = sharding.constrain(jnp.concatenate(blocks, axis=-1).reshape(K, -1), (None, None))
+        if segment_ids is not None:
+            return segment_causal_conv1d(x, w, segment_ids, mask)
+        return causal_conv1d(x, w, conv_state, mask, per_token_states)
 
 
 class Qwen3NextGatedDeltaNet(nn.Module):
@@ -214,8 +216,8 @@ class Qwen3NextGatedDeltaNet(nn.Module):
           x: [B, T, d] hidden states (normed).
           token_mask: [B, T] bool, False on padding: padded tokens are zeroed before the
             projections and neither decay nor update the recurrent state.
-          cache: None or {"conv_state": [B, conv_dim, K-1], "recurrent_state": [B, Hv, dk, dv]
-            float32}. With an extra ``"per_token_states"`` entry (any array; a marker), the new
+          cache: None or {"conv_state": [B, conv_dim, K-1] (channels grouped per key head, see
+            :class:`DepthwiseConv1d`), "recurrent_state": [B, Hv, dk, dv] float32}. With an extra ``"per_token_states"`` entry (any array; a marker), the new
             cache also holds the state after each new token: "conv_states" [B, T, conv_dim, K-1]
             and "recurrent_states" [B, T, Hv, dk, dv] (speculative decoding rolls back to one).
           segment_ids: [B, T] int (no cache): packed documents; the conv does not reach across
@@ -235,17 +237,18 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         x = jnp.where(token_mask[..., None], x, 0).astype(self.dtype)
         qkvz = dense(2 * Hk * dk + 2 * Hv * dv, name="in_proj_qkvz", **proj)(x)
         qkvz = qkvz.reshape(B, T, Hk, 2 * dk + 2 * n * dv)
-        q, k, v, z = jnp.split(qkvz, [dk, 2 * dk, 2 * dk + n * dv], axis=-1)
+        width = 2 * dk + n * dv  # q | k | v of one key head: the conv's channel groups
+        qkv, z = qkvz[..., :width], qkvz[..., width:]
         ba = dense(2 * Hv, name="in_proj_ba", **proj)(x).reshape(B, T, Hk, 2 * n)
         b, a = ba[..., :n].reshape(B, T, Hv), ba[..., n:].reshape(B, T, Hv)
 
         per_token = cache is not None and "per_token_states" in cache
-        conv_out = DepthwiseConv1d(cfg.linear_conv_kernel_dim, self.param_dtype, name="conv1d")(
-            (q.reshape(B, T, Hk * dk), k.reshape(B, T, Hk * dk), v.reshape(B, T, Hv * dv)),
-            None if cache is None else cache["conv_state"], token_mask, per_token,
-            segment_ids if cache is None else None)
-        (q, k, v), conv_state = (jax.nn.silu(y) for y in conv_out[0]), conv_out[1]
-        q, k = q.reshape(B, T, Hk, dk), k.reshape(B, T, Hk, dk)
+        conv_out = DepthwiseConv1d(cfg.linear_conv_kernel_dim, Hk, (dk, dk, n * dv),
+                                   self.param_dtype, name="conv1d")(
+            qkv.reshape(B, T, Hk * width), None if cache is None else cache["conv_state"],
+            token_mask, per_token, segment_ids if cache is None else None)
+        mixed, conv_state = conv_out[0], conv_out[1]
+        q, k, v = jnp.split(jax.nn.silu(mixed).reshape(B, T, Hk, width), [dk, 2 * dk], axis=-1)
         v = v.reshape(B, T, Hv, dv)
 
         a_log = self.param("A_log", _a_log_init, (Hv,), jnp.float32)
