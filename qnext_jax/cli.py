@@ -144,13 +144,12 @@ def _cmd_generate(args) -> int:
         print("[qnext] --top-k / --top-p shape sampling only; --temperature 0 decodes greedily",
               file=sys.stderr)
     mesh = _mesh_from_args(args)
-    if args.checkpoint is None:
-        from qnext_jax.demo import demo_model
+    if args.checkpoint is None:  # its weights are built once the prompt has been checked
+        from qnext_jax.demo import DEMO_CONFIG
 
-        config, params = demo_model(dtype=args.dtype)
-        tokenizer = ByteTokenizer()
         print("[qnext] no --checkpoint: using the built-in tiny demo model (random weights, "
               "byte vocabulary; its text is noise)", file=sys.stderr)
+        config, params, tokenizer = DEMO_CONFIG, None, ByteTokenizer()
     else:
         from qnext_jax.convert import load
 
@@ -213,6 +212,10 @@ def _cmd_generate(args) -> int:
         raise SystemExit(f"token ids of the prompt must be in [0, vocab_size = "
                          f"{config.vocab_size}): got {shown}"
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    if params is None:
+        from qnext_jax.demo import demo_model
+
+        params = demo_model(dtype=args.dtype)[1]
     dtype = params["embed_tokens"]["embedding"].dtype
     try:
         gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,

@@ -112,7 +112,14 @@ def test_demo_model_dtype_keeps_the_float32_leaves():
     assert set(kept) == set(FLOAT32_NAMES)
 
 
-def test_cli_rejects_bad_token_ids():
+def test_cli_rejects_bad_token_ids(monkeypatch):
+    """Bad prompts stop before the demo model's weights are built."""
+    import qnext_jax.demo
+
+    def unexpected(dtype=None):
+        raise AssertionError("the demo weights were built before the prompt was checked")
+
+    monkeypatch.setattr(qnext_jax.demo, "demo_model", unexpected)
     with pytest.raises(SystemExit, match=r"must be in \[0, vocab_size = 260\): got 99999 at "
                                          r"position 1, -2 at position 2$"):
         qnext_main(["generate", "--token-ids", "1,99999,-2"])
@@ -223,6 +230,7 @@ def test_cli_generate_scan_layers(two_periods, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="layer pattern that repeats"):
         qnext_main(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--scan-layers"])
     monkeypatch.setattr(qnext_jax.demo, "demo_model", lambda dtype=None: two_periods)
+    monkeypatch.setattr(qnext_jax.demo, "DEMO_CONFIG", two_periods[0])
     runs = []
     for extra in ([], ["--scan-layers"]):
         capsys.readouterr()
