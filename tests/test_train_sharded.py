@@ -42,7 +42,7 @@ def test_sharded_train_step_equals_single_device(tmp_path):
     # Adam normalises each update to ~lr, so summation-order noise on near-zero gradients shows
     # as a small fraction of lr: bound the params' difference after 2 steps by 5% of one step.
     assert r["max_param_abs_err"] < 0.05 * r["lr"], r
-    # the plan was applied: experts split over `expert` (and their mlp dim over `tensor`),
-    # Adam moments sharded like their params
-    assert r["expert_shard_shape"] == [8, 32, 16], r
+    # the plan was applied: the 16 experts split over `expert` x `tensor` (their mlp dim then
+    # whole), their hidden dim over `fsdp`; Adam moments sharded like their params
+    assert r["expert_shard_shape"] == [4, 32, 32], r
     assert r["opt_state_sharded"], r
