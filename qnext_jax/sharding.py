@@ -425,10 +425,13 @@ def map_shards(fn, args: Sequence, in_logical: Sequence, out_logical):
     size product divides every dim that carries the name (the longest prefix, as in
     :func:`logical_to_spec`), so dims sharing a name are split alike; a GQA kernel labels its
     query heads with the key heads' name, for instance, so each device holds the query heads of
-    its own key heads. A mesh axis goes to the first name that takes it.
+    its own key heads. A mesh axis goes to the first name that takes it; an output name that
+    no argument carries is replicated.
     Returns:
       ``fn``'s outputs, global; ``fn(*args)`` itself without an active mesh or when no
       argument dim is split.
+    Raises:
+      ValueError: logical axes whose length is not the argument's rank.
     """
     a = _ACTIVE.get()
     if a is None:

@@ -198,6 +198,17 @@ def test_kernels_run_per_shard(tmp_path):
         assert r["logits_rel"] <= 1e-5 and r["tokens_equal"], (mesh, r)
         assert r["flash_calls"] > 0 and r["gdn_local_q"] == [heads[mesh]] * 3, (mesh, r)  # 3 GDN layers
 
+def test_map_shards_names_a_bad_layout():
+    import jax.numpy as jnp
+
+    x = jnp.zeros((2, 3))
+    assert sharding.map_shards(lambda a: (a + 1,), (x,), (("batch",),), (("batch",),))[0][0, 0] \
+        == 1  # no active mesh: called as it is, whatever the layout says
+    with sharding.activate(sharding.make_mesh("")):
+        with pytest.raises(ValueError, match=r"logical axes \('batch',\) do not match an "
+                                             r"argument of shape \(2, 3\)"):
+            sharding.map_shards(lambda a: (a,), (x,), (("batch",),), (("batch",),))
+
 def test_indivisible_dims_fall_back_to_replicated():
     from jax.sharding import PartitionSpec as P
 
