@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 
 def _bounded(kind, check, expected: str):
@@ -131,7 +132,7 @@ def _cmd_generate(args) -> int:
     import jax.numpy as jnp
 
     from qnext_jax.config import ConfigError
-    from qnext_jax.generate import Generator
+    from qnext_jax.generate import Generator, check_token_ids
     from qnext_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     if args.prompt is not None and args.token_ids is not None and not args.chat:
@@ -206,17 +207,13 @@ def _cmd_generate(args) -> int:
         raise SystemExit("give --prompt TEXT or --token-ids IDS")
     if not ids:
         raise SystemExit("the prompt has no tokens")
-    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < config.vocab_size]
-    if bad:
-        shown = ", ".join(f"{t} at position {i}" for i, t in bad[:5])
-        raise SystemExit(f"token ids of the prompt must be in [0, vocab_size = "
-                         f"{config.vocab_size}): got {shown}"
-                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    if params is None:
-        from qnext_jax.demo import demo_model
-
-        params = demo_model(dtype=args.dtype)[1]
-    dtype = params["embed_tokens"]["embedding"].dtype
+    try:
+        check_token_ids(ids, config.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"the prompt's {e}") from None
+    # The demo's weights are float32 unless --dtype casts them.
+    dtype = jnp.dtype(args.dtype or jnp.float32) if params is None else \
+        params["embed_tokens"]["embedding"].dtype
     try:
         gen = Generator(config, dtype=dtype, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
                         attn_impl=args.attn_impl, mesh=mesh,
@@ -225,6 +222,13 @@ def _cmd_generate(args) -> int:
                         scan_layers=args.scan_layers)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if params is None:
+        from qnext_jax.demo import demo_model
+
+        start = time.perf_counter()
+        params = demo_model(dtype=args.dtype)[1]
+        print(f"[qnext] demo model built in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
     params = gen.prepare_params(params)  # once (the scanned layout with --scan-layers)
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,

@@ -78,6 +78,22 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def check_token_ids(input_ids, vocab_size: int, attention_mask=None) -> None:
+    """Raise ValueError naming the (first five) ids of real tokens outside [0, vocab_size):
+    input_ids [B, T] (or [T]) host ints, attention_mask 0 on padding. The model would embed
+    such an id as NaN (an out-of-range gather) and generate without an error."""
+    ids = np.atleast_2d(np.asarray(input_ids))
+    real = np.ones(ids.shape, bool) if attention_mask is None else \
+        np.atleast_2d(np.asarray(attention_mask)).astype(bool)
+    rows, cols = np.nonzero(real & ((ids < 0) | (ids >= vocab_size)))
+    if rows.size:
+        where = [f"{ids[r, c]} at position {c}" + (f" of prompt {r}" if ids.shape[0] > 1 else "")
+                 for r, c in zip(rows[:5], cols[:5])]
+        raise ValueError(f"token ids must be in [0, vocab_size = {vocab_size}): got "
+                         + ", ".join(where)
+                         + (f" and {rows.size - 5} more" if rows.size > 5 else ""))
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray,
                                                                             np.ndarray]:
     """Left-pad token-id lists of unequal length.
@@ -394,9 +410,11 @@ class Generator:
             decode_tokens and, with speculative decoding, spec_rounds, spec_proposed,
             spec_accepted.
         Raises:
-          ValueError: bad shapes, max_new_tokens < 1, sampling with speculative decoding.
+          ValueError: bad shapes, token ids outside the vocabulary, max_new_tokens < 1,
+            sampling with speculative decoding.
         """
         input_ids, attention_mask = self._as_batch(input_ids, attention_mask)
+        check_token_ids(input_ids, self.config.vocab_size, attention_mask)
         B, T = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

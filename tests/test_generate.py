@@ -130,6 +130,25 @@ def test_cli_rejects_bad_token_ids(monkeypatch):
     for empty_entry in ("1,,2", "1,2,", ",1"):
         with pytest.raises(SystemExit, match="expected integers"):
             qnext_main(["generate", "--token-ids", empty_entry])
+    with pytest.raises(SystemExit, match="layer pattern that repeats"):  # the 4-layer demo
+        qnext_main(["generate", "--prompt", "Hi", "--scan-layers"])
+
+
+def test_generator_rejects_ids_outside_the_vocabulary():
+    """Out-of-vocabulary ids of real tokens are named (they would embed as NaN silently);
+    padding positions are not checked."""
+    from conftest import init_params, tiny_config
+
+    from qnext_jax.generate import Generator, check_token_ids
+
+    cfg = tiny_config()
+    gen = Generator(cfg)
+    with pytest.raises(ValueError, match=rf"must be in \[0, vocab_size = {cfg.vocab_size}\): "
+                                         rf"got {cfg.vocab_size} at position 1 of prompt 1$"):
+        gen.generate(init_params(cfg), [[1, 2], [3, cfg.vocab_size]], max_new_tokens=1)
+    check_token_ids([[-5, 1]], cfg.vocab_size, attention_mask=[[0, 1]])  # padding: not checked
+    with pytest.raises(ValueError, match=r"got -5 at position 0, .*, -5 at position 4 and 1 more$"):
+        check_token_ids([[-5] * 6], cfg.vocab_size)
 
 
 def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
