@@ -375,8 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prompt's softmax attention over the cache: xla (einsum softmax), "
                         "tokamax (tokamax's flash attention on a GPU: Mosaic GPU on Hopper, "
                         "else Triton), tokamax:mosaic or tokamax:triton (that kernel); default "
-                        "auto: tokamax for bf16/fp16 on a GPU when installed and no "
-                        "data/tensor mesh, else xla")
+                        "auto: tokamax for bf16/fp16 on a GPU when installed, else xla")
     g.add_argument("--json", action="store_true",
                    help="print one JSON result (tokens, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",
