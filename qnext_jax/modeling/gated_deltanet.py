@@ -106,7 +106,6 @@ def segment_causal_conv1d(x, weight, segment_ids, mask=None):
 
 _HEADS = ("batch", None, "heads", None)  # q, k [B, T, Hk, dk]; v, o [B, T, Hv, dv]
 _GATES = ("batch", None, "heads")  # g, beta [B, T, Hv]
-_STATE = ("batch", "heads", None, None)  # [B, Hv, dk, dv]
 
 
 def gated_delta_rule(q, k, v, g, beta, state=None, *, cu_seqlens=None,
@@ -129,6 +128,9 @@ def gated_delta_rule(q, k, v, g, beta, state=None, *, cu_seqlens=None,
     """
     T, dk = q.shape[1], q.shape[-1]
     opts = dict(scale=dk ** -0.5, use_qk_l2norm_in_kernel=True, impl=impl)
+    # The states split as the cache's do: [B, Hv, dk, dv] and, per token, [B, T, Hv, dk, dv].
+    state_axes, states_axes = (sharding.cache_logical_axes((name,), ())
+                               for name in ("recurrent_state", "recurrent_states"))
     ins = (_HEADS, _HEADS, _HEADS, _GATES, _GATES)
     if cu_seqlens is not None:
         def packed(q, k, v, g, beta, cu):
@@ -157,14 +159,14 @@ def gated_delta_rule(q, k, v, g, beta, state=None, *, cu_seqlens=None,
                 states.append(state)
             return jnp.concatenate(outs, axis=1), state, jnp.stack(states, axis=1)
 
-        return sharding.map_shards(stepwise, (q, k, v, g, beta, state), ins + (_STATE,),
-                                   (_HEADS, _STATE, ("batch", None, "heads", None, None)))
+        return sharding.map_shards(stepwise, (q, k, v, g, beta, state), ins + (state_axes,),
+                                   (_HEADS, state_axes, states_axes))
 
     def stateful(q, k, v, g, beta, state):
         return op(q, k, v, g, beta, initial_state=state, output_final_state=True, **opts)
 
-    o, final = sharding.map_shards(stateful, (q, k, v, g, beta, state), ins + (_STATE,),
-                                   (_HEADS, _STATE))
+    o, final = sharding.map_shards(stateful, (q, k, v, g, beta, state), ins + (state_axes,),
+                                   (_HEADS, state_axes))
     return o, final, None
 
 
@@ -217,9 +219,10 @@ class Qwen3NextGatedDeltaNet(nn.Module):
           token_mask: [B, T] bool, False on padding: padded tokens are zeroed before the
             projections and neither decay nor update the recurrent state.
           cache: None or {"conv_state": [B, conv_dim, K-1] (channels grouped per key head, see
-            :class:`DepthwiseConv1d`), "recurrent_state": [B, Hv, dk, dv] float32}. With an extra ``"per_token_states"`` entry (any array; a marker), the new
-            cache also holds the state after each new token: "conv_states" [B, T, conv_dim, K-1]
-            and "recurrent_states" [B, T, Hv, dk, dv] (speculative decoding rolls back to one).
+            :class:`DepthwiseConv1d`), "recurrent_state": [B, Hv, dk, dv] float32}. With an
+            extra ``"per_token_states"`` entry (any array; a marker), the new cache also holds
+            the state after each new token: "conv_states" [B, T, conv_dim, K-1] and
+            "recurrent_states" [B, T, Hv, dk, dv] (speculative decoding rolls back to one).
           segment_ids: [B, T] int (no cache): packed documents; the conv does not reach across
             a segment boundary.
           cu_seqlens: [B, N + 1] int32 per-row offsets of the segments
