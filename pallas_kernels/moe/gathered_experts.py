@@ -118,6 +118,16 @@ def _row_block(r, block_r):
     return pl.ds(pl.multiple_of(r * block_r, block_r), block_r)
 
 
+def _by_row(r, nk, routed, shared):
+    """Row r's work: ``routed()`` for the routed rows r < nk; without a shared expert
+    (``shared`` None) every row is routed, else the rows from nk run ``shared()``."""
+    if shared is None:
+        routed()
+        return
+    pl.when(r < nk)(routed)
+    pl.when(r >= nk)(shared)
+
+
 def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, *refs, k, nk, block_r, steps):
     # refs: (shared gate [d, I], shared up [d, I],) g_part, u_part blocks [1, 1, BI].
     *shared, g_ref, u_ref = refs
@@ -142,12 +152,8 @@ def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, *refs, k, nk, block_r, ste
         e = ids_ref[r]
         run(r // k, lambda rows: gate_ref[e, rows, cols], lambda rows: up_ref[e, rows, cols])
 
-    if not shared:
-        routed()
-        return
-    pl.when(r < nk)(routed)
-    pl.when(r >= nk)(lambda: run(r - nk, lambda rows: shared[0][rows, cols],
-                                 lambda rows: shared[1][rows, cols]))
+    _by_row(r, nk, routed, (lambda: run(r - nk, lambda rows: shared[0][rows, cols],
+                                        lambda rows: shared[1][rows, cols])) if shared else None)
 
 
 def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, nk, block_r, steps, dtype):
@@ -171,11 +177,7 @@ def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, nk, block_r, steps, dty
         e = ids_ref[r]
         run(lambda rows: down_ref[e, rows, cols])
 
-    if not shared:
-        routed()
-        return
-    pl.when(r < nk)(routed)
-    pl.when(r >= nk)(lambda: run(lambda rows: shared[0][rows, cols]))
+    _by_row(r, nk, routed, (lambda: run(lambda rows: shared[0][rows, cols])) if shared else None)
 
 
 def _check(x, experts, gate_proj, up_proj, down_proj, shared, blocks):
@@ -202,9 +204,10 @@ def _outputs_reference(x, experts, gate_proj, up_proj, down_proj, shared):
     y = y.astype(jnp.float32).reshape(-1, x.shape[1])
     if not shared:
         return y
-    gate, up, down = shared
-    h = (jax.nn.silu(x @ gate) * (x @ up)).astype(x.dtype)
-    return jnp.concatenate([y, (h @ down).astype(jnp.float32)], axis=0)
+    # The shared expert as a stack of one expert that every token chose.
+    one = jnp.zeros((x.shape[0], 1), jnp.int32)
+    y_shared = gathered_expert_outputs_reference(x, one, *(w[None] for w in shared))
+    return jnp.concatenate([y, y_shared.astype(jnp.float32)[:, 0]], axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
