@@ -45,21 +45,7 @@ from pallas_kernels.moe import (
 )
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.modeling.layers import dense, import_tokamax
-
-
-class _Kernel(nn.Module):
-    """A projection's ``kernel`` [in, out] alone (the param of a bias-free ``dense`` of that
-    name: same path and init), for a caller that hands it to a kernel instead of a matmul."""
-
-    shape: tuple[int, int]
-    std: float
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self):
-        return self.param("kernel", nn.initializers.normal(self.std), self.shape,
-                          self.param_dtype)
+from qnext_jax.modeling.layers import DenseKernel, dense, import_tokamax
 
 
 class Qwen3NextMLP(nn.Module):
@@ -78,7 +64,7 @@ class Qwen3NextMLP(nn.Module):
     @nn.compact
     def __call__(self, x, kernels_only: bool = False):
         d, inner = self.hidden_size, self.intermediate_size
-        gate, up, down = (_Kernel(shape, self.std, self.param_dtype, name=name)().astype(
+        gate, up, down = (DenseKernel(shape, self.std, self.param_dtype, name=name)().astype(
             self.dtype) for name, shape in (("gate_proj", (d, inner)), ("up_proj", (d, inner)),
                                             ("down_proj", (inner, d))))
         if kernels_only:
