@@ -24,6 +24,27 @@ def median_seconds(fn, *args, iters: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def queued_seconds(fn, *args, calls: int = 20, repeats: int = 5, warmup: int = 2) -> float:
+    """Median over ``repeats`` of the wall seconds per call of ``calls`` calls of ``fn(*args)``
+    queued back to back and blocked on once, after ``warmup`` blocked calls.
+
+    The device time of a call, without the host's dispatch and synchronisation between calls:
+    the quantity that ``triton.testing.do_bench`` (CUDA events around calls launched back to
+    back) measures for PyTorch/Triton kernels, so the two can be compared. median_seconds
+    (each call blocked on) adds the dispatch latency to every call instead.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t) / calls)
+    return statistics.median(per_call)
+
+
 def error_text(e: Exception) -> str:
     """One line for a failed call's record: the exception's type and the first line of its
     message, cut to 300 characters."""

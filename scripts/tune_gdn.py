@@ -36,6 +36,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 
 VARIANTS = {
     "default": {},
+    "h_bv32": {"block_v_h": 32},
     "h_bv64": {"block_v_h": 64},
     "h_bv16": {"block_v_h": 16},
     "h_w2": {"num_warps_h": 2},
@@ -75,7 +76,7 @@ def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int, interpre
         num_warps=bs.num_warps_wy, num_stages=bs.num_stages, interpret=interpret))
     w, u = wy(k, v, G, beta)
     hs = jax.jit(lambda k, w, u, G: chunk_fwd_h(
-        k, w, u, G, None, chunk_size=C, block_v=bs.block_v_h, use_qk_l2norm=True,
+        k, w, u, G, None, chunk_size=C, block_v=triton_fwd.block_v_h(bs, u.shape), use_qk_l2norm=True,
         num_warps=bs.num_warps_h, num_stages=bs.num_stages, interpret=interpret))
     h, v_new, _ = hs(k, w, u, G)
     os_ = jax.jit(lambda q, k, G, h, vn: chunk_fwd_o(
@@ -154,8 +155,9 @@ def main(argv=None):
     p.add_argument("--skip-stages", action="store_true",
                    help="time the variants only, not each stage of the default")
     p.add_argument("--profile", default=None,
-                   help="also trace 5 forward + backward calls of each variant with jax.profiler "
-                        "into PROFILE/<shape>_<variant> (summarise with scripts/profile_summary.py)")
+                   help="also trace 5 forward and 5 forward + backward calls of each variant with "
+                        "jax.profiler into PROFILE/<shape>_<variant>_{fwd,fwdbwd} (summarise with "
+                        "scripts/profile_summary.py)")
     p.add_argument("--interpret", action="store_true",
                    help="Pallas interpret mode (a CPU smoke run; use tiny --shapes)")
     args = p.parse_args(argv)
@@ -185,9 +187,10 @@ def main(argv=None):
                     row[key][name] = None
                     print(f"{B}x{T} {name} {key}: {e!r:.200}")
                     continue
-                if args.profile and key == "variants_fwdbwd_ms":
+                if args.profile:
+                    part = "fwd" if key == "variants_ms" else "fwdbwd"
                     trace_calls(fn, q, k, v, g, beta,
-                                log_dir=os.path.join(args.profile, f"{B}x{T}_{name}"))
+                                log_dir=os.path.join(args.profile, f"{B}x{T}_{name}_{part}"))
             print(f"{B}x{T} {name}: fwd {row['variants_ms'][name]} "
                   f"fwd+bwd {row['variants_fwdbwd_ms'][name]}", flush=True)
         best = min((t, n) for n, t in row["variants_ms"].items() if t is not None)

@@ -161,7 +161,7 @@ def chunk_gated_delta_rule_bwd(
         **common_args,
     )
     dg = chunk_local_cumsum(dG, C, reverse=True)
-    dq_, dk_ = (x.reshape(B, Tp, Hk, n, dk).sum(axis=3) for x in (dq_, dk_))
+    dq_, dk_ = (x.reshape(B, Tp, Hk, n, dk).astype(f32).sum(axis=3) for x in (dq_, dk_))
     dq_, dk_, dv_, dg, dbeta = (lay.from_chunks(x) for x in (dq_, dk_, dv_, dg, dbeta))
     if use_qk_l2norm:
         dq_, dk_ = common.l2norm_bwd(q_in, dq_), common.l2norm_bwd(k_in, dk_)

@@ -14,9 +14,9 @@ gives
 where dq_state, dk_state are the first terms of dq and of dk. The value dimension is walked in
 blocks of block_v; the rest is kernel_math.qk_bwd (shared with the TPU backward). One program per
 (chunk, batch, value head, block of block_k key columns); q and k are those of its key head
-(d(q), d(k) per value head; the caller sums the value heads of a key head). Programs serving
-all the value heads of a key head in turn, summing d(q), d(k) in the kernel (half the float32
-traffic), were about 2x slower in this stage and in "wy_bwd" on an H200 (1x32768: 3.56 and
+(d(q), d(k) per value head, in the compute dtype as FLA's chunk_bwd_dqkwg writes them; the
+caller sums the value heads of a key head in float32). Programs serving all the value heads of
+a key head in turn, summing d(q), d(k) in the kernel (half the traffic), were about 2x slower in this stage and in "wy_bwd" on an H200 (1x32768: 3.56 and
 3.62 ms against 1.81 and 1.59).
 
 Splitting the key dimension is exact: dq, dk, dw of a key block need only that block of q, k, S
@@ -58,7 +58,7 @@ def _kernel(
     block_v,
 ):
     # q_ref, k_ref [C, BK]; g_ref [C]; h_ref, dh_ref [BK, dv]; vn_ref, do_ref, dv_ref [C, dv];
-    # dq_ref, dk_ref [C, BK] float32; dw_ref [C, BK]; dg_ref [C] float32 (this key block's
+    # dq_ref, dk_ref, dw_ref [C, BK] (compute dtype); dg_ref [C] float32 (this key block's
     # part of d(G)).
     C, dk = q_ref.shape
     dv = vn_ref.shape[1]
@@ -88,8 +88,8 @@ def _kernel(
         jnp.sum(s_ds),
         scale=scale,
     )
-    dq_ref[...] = dq
-    dk_ref[...] = dk
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     dw_ref[...] = dw.astype(dw_ref.dtype)
     dg_ref[...] = jnp.sum(dG, axis=1)  # [C, 1] -> [C]
 
@@ -122,8 +122,7 @@ def chunk_bwd_dqkwg(
       G: [B, Tp, Hv] float32; h, dh: [B, NC, Hv, dk, dv] (the states at the chunk starts, and
         d(state at the chunk ends) from dh.py); v_new, do, dv_new: [B, Tp, Hv, dv].
     Returns:
-      dq, dk [B, Tp, Hv, dk] float32 (per value head); dw [B, Tp, Hv, dk] (compute dtype);
-      dG [B, Tp, Hv] float32.
+      dq, dk, dw [B, Tp, Hv, dk] (per value head, compute dtype); dG [B, Tp, Hv] float32.
     """
     B, Tp, Hk, dk = q.shape
     Hv, dv = do.shape[2], do.shape[3]
@@ -146,8 +145,8 @@ def chunk_bwd_dqkwg(
         in_specs=[key_spec, key_spec, g_spec, state_spec, state_spec, val_spec, val_spec, val_spec],
         out_specs=[row_spec, row_spec, row_spec, dg_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
-            jax.ShapeDtypeStruct((B, Tp, Hv, dk), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), q.dtype),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dk), q.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), q.dtype),
             jax.ShapeDtypeStruct((NK, B, Tp, Hv), jnp.float32),
         ],

@@ -27,8 +27,12 @@ class BlockSizes:
 
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
+    block_v_h None (default): 64 when a grid of 64-column programs (B x Hv x dv / 64) holds at
+    least two per SM of the GPU, else 32. On an H200 (132 SMs), tune_gdn.py's forward took
+    2.06 ms with 64 against 2.14 with 32 at 8x4096 (512 programs), but 2.58 against 2.42 at
+    1x32768 and 0.79 against 0.74 at 1x8192 (64 programs).
     Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128;
-    block_v_h 32 and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768,
+    block_v_h 32 (now the narrow choice above) and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768,
     block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit; num_warps_wy 2 from
     the forward at 1x32768 and 8x4096, 2.43 / 2.29-2.36 ms against 2.78 / 2.47 with 4 warps
     and 4.53 / 4.25 with 1; 2 warps elsewhere were slower, by up to 5x in "dqkwg" and "wy_bwd").
@@ -55,7 +59,7 @@ class BlockSizes:
     """
 
     chunk: int = 64
-    block_v_h: int = 32
+    block_v_h: int | None = None
     block_v_o: int = 128
     num_warps_wy: int = 2
     num_warps_h: int = 4
@@ -71,6 +75,17 @@ class BlockSizes:
     num_warps_wy_bwd: int = 4
     seq_splits: int = 1
     save_states: bool = True
+
+
+def block_v_h(block_sizes: BlockSizes, v_shape) -> int:
+    """Stage "h"'s value columns per program for values v [B, Tp, Hv, dv]: block_sizes.block_v_h,
+    or when None 64 if B x Hv x dv / 64 programs are at least two per SM of the default device
+    (132, an H100/H200's, where the device does not say), else 32."""
+    if block_sizes.block_v_h is not None:
+        return block_sizes.block_v_h
+    B, _, Hv, dv = v_shape
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return 64 if B * Hv * -(-dv // 64) >= 2 * sms else 32
 
 
 def chunk_local_cumsum(g: jax.Array, chunk: int, *, reverse: bool = False) -> jax.Array:
@@ -191,7 +206,7 @@ def chunk_states(
     )
     h_args = {
         "chunk_size": C,
-        "block_v": block_sizes.block_v_h,
+        "block_v": block_v_h(block_sizes, v.shape),
         "use_qk_l2norm": use_qk_l2norm,
         "num_warps": block_sizes.num_warps_h,
         "num_stages": block_sizes.num_stages,

@@ -48,7 +48,7 @@ def _kernel(
 ):
     # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; t_ref [C, C] float32 (the forward's
     # (I + A)^-1); dw_ref [C, dk]; du_ref [C, dv];
-    # dk_in_ref, dk_ref [C, dk] float32; dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
+    # dk_in_ref, dk_ref [C, dk] (compute dtype); dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
     G = g_ref[...].astype(jnp.float32)
     beta = beta_ref[...].astype(jnp.float32)[:, None]
     T = t_ref[...]
@@ -57,7 +57,7 @@ def _kernel(
     dk, dbeta_k, dG = km.wy_bwd_keys(
         k_ref[...], G[:, None], G[None, :], beta, T, dw_ref[...], dT_v, precision=solve_precision
     )
-    dk_ref[...] = dk_in_ref[...] + dk
+    dk_ref[...] = (dk_in_ref[...].astype(jnp.float32) + dk).astype(dk_ref.dtype)
     dbeta_ref[...] = jnp.sum(dbeta_v + dbeta_k, axis=1)  # [C, 1] -> [C]
     dg_ref[...] = dg_in_ref[...] + jnp.sum(dG, axis=1)
 
@@ -86,10 +86,10 @@ def chunk_bwd_wy(
       G, beta: [B, Tp, Hv] float32; inverse: [B, Tp, Hv, C] float32, each chunk's T (from
         ``chunk_kkt_solve_wy(..., return_inverse=True)``); dw: [B, Tp, Hv, dk], du: [B, Tp, Hv,
         dv] (compute dtype).
-      dk: [B, Tp, Hv, dk] float32, dG: [B, Tp, Hv] float32: the partial gradients of the other
-        paths (stage "dqkwg"), updated in place.
+      dk: [B, Tp, Hv, dk] (compute dtype), dG: [B, Tp, Hv] float32: the partial gradients of
+        the other paths (stage "dqkwg"), updated in place (the sum is made in float32).
     Returns:
-      dk [B, Tp, Hv, dk] float32 (per value head), dv [B, Tp, Hv, dv] (the dtype of v),
+      dk [B, Tp, Hv, dk] (per value head, the dtype of the dk argument), dv [B, Tp, Hv, dv] (the dtype of v),
       dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
     """
     B, Tp, Hk, dkd = k.shape
@@ -107,7 +107,7 @@ def chunk_bwd_wy(
         in_specs=[key_spec, val_spec, g_spec, g_spec, t_spec, dk_spec, val_spec, dk_spec, g_spec],
         out_specs=[dk_spec, val_spec, g_spec, g_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((B, Tp, Hv, dkd), jnp.float32),
+            jax.ShapeDtypeStruct((B, Tp, Hv, dkd), dk.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv, dvd), v.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
             jax.ShapeDtypeStruct((B, Tp, Hv), jnp.float32),
