@@ -51,6 +51,7 @@ VARIANTS = {
     "stages4": {"num_stages": 4},
     "split4": {"seq_splits": 4},
     "split8": {"seq_splits": 8},
+    "dh_bv32": {"block_v_dh": 32},
     "dh_bv64": {"block_v_dh": 64},
     "dh_bv16": {"block_v_dh": 16},
     "dv_bv128": {"block_v_dv": 128},
@@ -76,7 +77,7 @@ def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int, interpre
         num_warps=bs.num_warps_wy, num_stages=bs.num_stages, interpret=interpret))
     w, u = wy(k, v, G, beta)
     hs = jax.jit(lambda k, w, u, G: chunk_fwd_h(
-        k, w, u, G, None, chunk_size=C, block_v=triton_fwd.block_v_h(bs, u.shape), use_qk_l2norm=True,
+        k, w, u, G, None, chunk_size=C, block_v=triton_fwd.state_block_v(bs.block_v_h, u.shape), use_qk_l2norm=True,
         num_warps=bs.num_warps_h, num_stages=bs.num_stages, interpret=interpret))
     h, v_new, _ = hs(k, w, u, G)
     os_ = jax.jit(lambda q, k, G, h, vn: chunk_fwd_o(
@@ -113,22 +114,22 @@ def bwd_stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int,
     dvl = dv_local(q, k, G, do)
     dht = jnp.zeros((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
     dh = jax.jit(lambda q, k, w, G, do, dvl, dht: chunk_bwd_dh(
-        q, k, w, G, do, dvl, dht, scale=scale, block_v=bs.block_v_dh,
+        q, k, w, G, do, dvl, dht, scale=scale, block_v=triton_fwd.state_block_v(bs.block_v_dh, do.shape),
         num_warps=bs.num_warps_dh, **launch))
     dhs, dv_new, _ = dh(q, k, w, G, do, dvl, dht)
-    dqkwg = jax.jit(lambda q, k, G, h, dhs, vn, do, dvn: chunk_bwd_dqkwg(
-        q, k, G, h, dhs, vn, do, dvn, scale=scale, block_v=bs.block_v_dqkwg,
+    dqkwg = jax.jit(lambda q, k, G, h, dhs, vn, do: chunk_bwd_dqkwg(
+        q, k, G, h, dhs, vn, do, scale=scale, block_v=bs.block_v_dqkwg,
         num_warps=bs.num_warps_dqkwg, **launch))
-    _, dk_, dw, dG = dqkwg(q, k, G, h, dhs, v_new, do, dv_new)
-    wy_bwd = jax.jit(lambda k, v, G, b, inv, dw, dvn, dk_, dG: chunk_bwd_wy(
-        k, v, G, b, inv, dw, dvn, dk_, dG, solve_precision=jax.lax.Precision.DEFAULT,
+    _, dk_, dG = dqkwg(q, k, G, h, dhs, v_new, do)
+    wy_bwd = jax.jit(lambda k, v, G, b, inv, h, dvn, dk_, dG: chunk_bwd_wy(
+        k, v, G, b, inv, h, dvn, dk_, dG, solve_precision=jax.lax.Precision.DEFAULT,
         num_warps=bs.num_warps_wy_bwd, **launch))
     ms = {
         "recompute": median_seconds(recompute, k, v, G, beta, iters=reps),
         "dv_local": median_seconds(dv_local, q, k, G, do, iters=reps),
         "dh": median_seconds(dh, q, k, w, G, do, dvl, dht, iters=reps),
-        "dqkwg": median_seconds(dqkwg, q, k, G, h, dhs, v_new, do, dv_new, iters=reps),
-        "wy_bwd": median_seconds(wy_bwd, k, v, G, beta, inverse, dw, dv_new, dk_, dG,
+        "dqkwg": median_seconds(dqkwg, q, k, G, h, dhs, v_new, do, iters=reps),
+        "wy_bwd": median_seconds(wy_bwd, k, v, G, beta, inverse, h, dv_new, dk_, dG,
                                  iters=reps),
     }
     return {name: s * 1e3 for name, s in ms.items()}

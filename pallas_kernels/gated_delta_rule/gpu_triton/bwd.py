@@ -5,8 +5,8 @@ G (cumsum), w, u and each chunk's (I + A)^-1 (kkt/solve/wy) and h, v_new (the st
 the forward kept them (BlockSizes.save_states), then runs the backward stages
   dv_local.py  d(v_new) from the outputs of the same chunk
   dh.py        the reverse pass over chunks: d(state) per chunk, total d(v_new), d(initial state)
-  dqkwg.py     d(q), d(k), d(w), d(G) through the states and the intra-chunk attention
-  wy_bwd.py    d(k), d(v), d(beta), d(G) through w and u (A and its inverse recomputed)
+  dqkwg.py     d(q), d(k), d(G) through the states and the intra-chunk attention
+  wy_bwd.py    d(w), then d(k), d(v), d(beta), d(G) through w and u (A recomputed)
 and d(g) = the reverse chunk-local cumsum of d(G). With use_qk_l2norm, the kernels take the
 normalised q, k and the gradient goes back through the L2 norm with common.l2norm_bwd.
 """
@@ -26,6 +26,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.fwd import (
     chunk_layout,
     chunk_local_cumsum,
     chunk_states,
+    state_block_v,
 )
 from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 
@@ -110,7 +111,7 @@ def chunk_gated_delta_rule_bwd(
     )
     dh_args = {
         "scale": scale,
-        "block_v": block_sizes.block_v_dh,
+        "block_v": state_block_v(block_sizes.block_v_dh, v.shape),
         "num_warps": block_sizes.num_warps_dh,
         **common_args,
     }
@@ -131,7 +132,7 @@ def chunk_gated_delta_rule_bwd(
             chunk_last=lay.chunk_last,
             **dh_args,
         )
-    dq_, dk_, dw, dG = chunk_bwd_dqkwg(
+    dq_, dk_, dG = chunk_bwd_dqkwg(
         q,
         k,
         G,
@@ -139,7 +140,6 @@ def chunk_gated_delta_rule_bwd(
         dh,
         v_new,
         do,
-        dv_new,
         scale=scale,
         block_v=block_sizes.block_v_dqkwg,
         block_k=block_sizes.block_k_dqkwg,
@@ -152,7 +152,7 @@ def chunk_gated_delta_rule_bwd(
         G,
         beta,
         inverse,
-        dw,
+        h,
         dv_new,
         dk_,
         dG,

@@ -27,8 +27,8 @@ class BlockSizes:
 
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
-    block_v_h None (default): 64 when a grid of 64-column programs (B x Hv x dv / 64) holds at
-    least two per SM of the GPU, else 32. On an H200 (132 SMs), tune_gdn.py's forward took
+    block_v_h / block_v_dh None (default): 64 when a grid of 64-column programs
+    (B x Hv x dv / 64) holds at least two per SM of the GPU, else 32 (state_block_v). On an H200 (132 SMs), tune_gdn.py's forward took
     2.06 ms with 64 against 2.14 with 32 at 8x4096 (512 programs), but 2.58 against 2.42 at
     1x32768 and 0.79 against 0.74 at 1x8192 (64 programs).
     Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128;
@@ -52,8 +52,8 @@ class BlockSizes:
     scripts/tune_gdn.py (variants split4 / split8) on other GPUs.
     save_states: under jax.grad, the forward keeps w, h, v_new and each chunk's (I + A)^-1 for
     the backward, which then skips their recompute (stages kkt/solve/wy and h); costs memory
-    until the backward runs: per token and value head dk + dv values (compute dtype) and C
-    float32, plus one [dk, dv] state per chunk (1.2 GB at 1 x 32768 tokens, 32 heads of 128,
+    until the backward runs: per token and value head dk + dv + C values (compute dtype),
+    plus one [dk, dv] state per chunk (1.2 GB at 1 x 32768 tokens, 32 heads of 128,
     bf16). Default on: scripts/bench_gdn.py on an H200 (bf16, Hk 16 / Hv 32, loss sum(o^2))
     measured forward + backward at 1 x 32768 in 9.74 ms with it and 11.99 ms without.
     """
@@ -66,7 +66,7 @@ class BlockSizes:
     num_warps_o: int = 4
     num_stages: int = 3
     block_v_dv: int = 64
-    block_v_dh: int = 32
+    block_v_dh: int | None = None
     block_v_dqkwg: int = 128
     block_k_dqkwg: int = 64
     num_warps_dv: int = 4
@@ -77,12 +77,12 @@ class BlockSizes:
     save_states: bool = True
 
 
-def block_v_h(block_sizes: BlockSizes, v_shape) -> int:
-    """Stage "h"'s value columns per program for values v [B, Tp, Hv, dv]: block_sizes.block_v_h,
-    or when None 64 if B x Hv x dv / 64 programs are at least two per SM of the default device
-    (132, an H100/H200's, where the device does not say), else 32."""
-    if block_sizes.block_v_h is not None:
-        return block_sizes.block_v_h
+def state_block_v(block_v: int | None, v_shape) -> int:
+    """Value columns per program of a state pass (stage "h", or the backward's "dh") for values
+    v [B, Tp, Hv, dv]: block_v, or when None 64 if B x Hv x dv / 64 programs are at least two
+    per SM of the default device (132, an H100/H200's, where the device does not say), else 32."""
+    if block_v is not None:
+        return block_v
     B, _, Hv, dv = v_shape
     sms = getattr(jax.devices()[0], "core_count", None) or 132
     return 64 if B * Hv * -(-dv // 64) >= 2 * sms else 32
@@ -188,7 +188,7 @@ def chunk_states(
       initial_state: ``lay.kernel_initial_state(...)``.
     Returns: w [B, Tp, Hv, dk], h [B, NC, Hv, dk, dv], v_new [B, Tp, Hv, dv] (compute dtype) and
       the final state [B or n_pad, Hv, dk, dv] float32 (see gpu_triton.h.chunk_fwd_h); with
-      return_inverse, then T [B, Tp, Hv, C] float32 (see kkt_solve_wy.chunk_kkt_solve_wy).
+      return_inverse, then T [B, Tp, Hv, C] (compute dtype; see kkt_solve_wy.chunk_kkt_solve_wy).
     """
     C = block_sizes.chunk
     w, u, *inverse = chunk_kkt_solve_wy(
@@ -206,7 +206,7 @@ def chunk_states(
     )
     h_args = {
         "chunk_size": C,
-        "block_v": block_v_h(block_sizes, v.shape),
+        "block_v": state_block_v(block_sizes.block_v_h, v.shape),
         "use_qk_l2norm": use_qk_l2norm,
         "num_warps": block_sizes.num_warps_h,
         "num_stages": block_sizes.num_stages,

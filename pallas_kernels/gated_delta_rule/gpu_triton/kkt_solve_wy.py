@@ -4,7 +4,8 @@ For a chunk of C tokens with cumulative log decay G (chunk-local cumsum of g):
   A = strictly_lower(beta_i k_i . k_j exp(G_i - G_j))     [C, C]  float32   ("kkt")
   T = (I + A)^-1                                          [C, C]  float32   ("solve", blocked)
   w = T (beta exp(G) k),   u = T (beta v)                 [C, dk], [C, dv]  ("wy")
-w and u are written in the compute dtype (the dtype of k).
+w and u (and T, for the backward) are written in the compute dtype (the dtype of k; the forward's
+own w and u use T rounded to it; FLA stores its inverse so too).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _kernel(
     k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, *t_ref, sub, use_qk_l2norm, solve_precision
 ):
     # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; w_ref [C, dk]; u_ref [C, dv];
-    # t_ref (when the inverse is asked for) [C, C] float32.
+    # t_ref (when the inverse is asked for) [C, C] (compute dtype).
     # Blocked over sub-chunks of `sub` tokens (index i, j, m < nb = C / sub): T is block lower
     # triangular, T_ii = (I + A_ii)^-1 (doubling on sub x sub) and, for j < i,
     #   T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj          (block forward substitution)
@@ -76,7 +77,7 @@ def _kernel(
         u_ref[rows[i], :] = u.astype(u_ref.dtype)
         if t_ref:  # row block i of T, zeros above the diagonal block
             for j in range(nb):
-                T_ij = T[i, j] if j <= i else jnp.zeros((sub, sub), jnp.float32)
+                T_ij = Tc[j] if j <= i else jnp.zeros((sub, sub), cdt)
                 t_ref[0][rows[i], rows[j]] = T_ij
 
 
@@ -103,7 +104,7 @@ def chunk_kkt_solve_wy(
       beta: [B, Tp, Hv] float32.
     Returns:
       w [B, Tp, Hv, dk], u [B, Tp, Hv, dv], both in k.dtype; with return_inverse also T
-      [B, Tp, Hv, C] float32 (row t of chunk c: row t - cC of that chunk's (I + A)^-1).
+      [B, Tp, Hv, C] in k.dtype (row t of chunk c: row t - cC of that chunk's (I + A)^-1).
     """
     B, Tp, Hk, dk = k.shape
     Hv, dv = v.shape[2], v.shape[3]
@@ -133,7 +134,7 @@ def chunk_kkt_solve_wy(
             jax.ShapeDtypeStruct((B, Tp, Hv, dk), k.dtype),
             jax.ShapeDtypeStruct((B, Tp, Hv, dv), k.dtype),
         ]
-        + [jax.ShapeDtypeStruct((B, Tp, Hv, C), jnp.float32)] * return_inverse,
+        + [jax.ShapeDtypeStruct((B, Tp, Hv, C), k.dtype)] * return_inverse,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_kkt_solve_wy",
