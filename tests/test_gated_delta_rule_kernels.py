@@ -245,7 +245,8 @@ def test_reference_finite_differences_float64():
 
 
 def test_impl_resolution():
-    assert resolve_impl("auto", op="t") == "reference"  # CPU
+    expected = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}.get(jax.default_backend(), "reference")
+    assert resolve_impl("auto", op="t") == expected
     with pytest.raises(ValueError, match="`impl`"):
         resolve_impl("triton", op="t")
     with pytest.raises(NotImplementedError):
@@ -253,6 +254,24 @@ def test_impl_resolution():
     q, k, v, g, beta, _ = make_inputs(0, 1, 8, 1, 1, 12, 16, jnp.float32)
     with pytest.raises(ValueError, match="power-of-two"):
         chunk_gated_delta_rule(q, k, v, g, beta, impl="pallas_triton", interpret=True)
+
+
+def test_state_block_v_follows_the_grid_size(monkeypatch):
+    """The state passes take 64 value columns per program only when B x Hv x dv / 64 programs
+    fill the SMs at least twice (132 where the device does not say, as on the CPU)."""
+    from pallas_kernels.gated_delta_rule.gpu_triton.fwd import state_block_v
+
+    class FakeGpu:
+        core_count = 16
+
+    assert state_block_v(16, (8, 64, 32, 128)) == 16  # an explicit size is kept
+    monkeypatch.setattr(jax, "devices", lambda: [object()])
+    assert state_block_v(None, (8, 64, 32, 128)) == 64  # 512 programs >= 2 x 132
+    assert state_block_v(None, (4, 64, 32, 128)) == 32  # 256 < 264
+    assert state_block_v(None, (1, 64, 32, 128)) == 32
+    monkeypatch.setattr(jax, "devices", lambda: [FakeGpu()])
+    assert state_block_v(None, (1, 64, 16, 128)) == 64  # 32 programs >= 2 x 16
+    assert state_block_v(None, (1, 64, 15, 128)) == 32
 
 
 # ------------------------------------------------------------------------------------------
