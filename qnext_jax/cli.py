@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -470,8 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attach_token_ids(argv: list[str]) -> list[str]:
+    """``--token-ids -1,2`` as ``--token-ids=-1,2``: argparse reads a value that starts with "-"
+    and is not a plain negative number as an option, and would fail with "expected one
+    argument" instead of naming the bad id."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--token-ids" and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and re.fullmatch(r"[-\d,\s]+", argv[i + 1]):
+            out.append(f"--token-ids={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_attach_token_ids(argv))
     return args.fn(args)
 
 

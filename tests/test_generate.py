@@ -123,6 +123,8 @@ def test_cli_rejects_bad_token_ids(monkeypatch):
     with pytest.raises(SystemExit, match=r"must be in \[0, vocab_size = 260\): got 99999 at "
                                          r"position 1, -2 at position 2$"):
         qnext_main(["generate", "--token-ids", "1,99999,-2"])
+    with pytest.raises(SystemExit, match=r"got -1 at position 0$"):  # a leading "-": not an option
+        qnext_main(["generate", "--token-ids", "-1,2"])
     with pytest.raises(SystemExit, match="expected integers"):
         qnext_main(["generate", "--token-ids", "1,a"])
     with pytest.raises(SystemExit, match="not both"):
