@@ -77,8 +77,8 @@ def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int, interpre
         num_warps=bs.num_warps_wy, num_stages=bs.num_stages, interpret=interpret))
     w, u = wy(k, v, G, beta)
     hs = jax.jit(lambda k, w, u, G: chunk_fwd_h(
-        k, w, u, G, None, chunk_size=C, block_v=triton_fwd.state_block_v(bs.block_v_h, u.shape), use_qk_l2norm=True,
-        num_warps=bs.num_warps_h, num_stages=bs.num_stages, interpret=interpret))
+        k, w, u, G, None, chunk_size=C, block_v=triton_fwd.state_block_v(bs.block_v_h, u.shape),
+        use_qk_l2norm=True, num_warps=bs.num_warps_h, num_stages=bs.num_stages, interpret=interpret))
     h, v_new, _ = hs(k, w, u, G)
     os_ = jax.jit(lambda q, k, G, h, vn: chunk_fwd_o(
         q, k, G, h, vn, scale=q.shape[-1] ** -0.5, out_dtype=jnp.bfloat16, chunk_size=C,
@@ -114,8 +114,9 @@ def bwd_stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int,
     dvl = dv_local(q, k, G, do)
     dht = jnp.zeros((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
     dh = jax.jit(lambda q, k, w, G, do, dvl, dht: chunk_bwd_dh(
-        q, k, w, G, do, dvl, dht, scale=scale, block_v=triton_fwd.state_block_v(bs.block_v_dh, do.shape),
-        num_warps=bs.num_warps_dh, **launch))
+        q, k, w, G, do, dvl, dht, scale=scale,
+        block_v=triton_fwd.state_block_v(bs.block_v_dh, do.shape), num_warps=bs.num_warps_dh,
+        **launch))
     dhs, dv_new, _ = dh(q, k, w, G, do, dvl, dht)
     dqkwg = jax.jit(lambda q, k, G, h, dhs, vn, do: chunk_bwd_dqkwg(
         q, k, G, h, dhs, vn, do, scale=scale, block_v=bs.block_v_dqkwg,

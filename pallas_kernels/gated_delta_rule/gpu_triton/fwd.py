@@ -28,12 +28,15 @@ class BlockSizes:
     chunk: tokens per chunk (the C of the WY form; a power of two >= 16).
     block_v_h / block_v_o: columns of the value dimension per program in stages "h" / "o".
     block_v_h / block_v_dh None (default): 64 when a grid of 64-column programs
-    (B x Hv x dv / 64) holds at least two per SM of the GPU, else 32 (state_block_v). On an H200 (132 SMs), tune_gdn.py's forward took
-    2.06 ms with 64 against 2.14 with 32 at 8x4096 (512 programs), but 2.58 against 2.42 at
-    1x32768 and 0.79 against 0.74 at 1x8192 (64 programs).
+    (B x Hv x dv / 64) holds at least two per SM of the GPU, else 32 (state_block_v). On an
+    H200 (132 SMs) at 8x4096 (512 programs) stage "h" took 0.51 ms with 64 against 0.64 with
+    32, "dh" 0.63 against 0.89 (profiles); at 1x32768 and 1x8192 (64 programs) tune_gdn.py's
+    forward took 2.58 / 0.79 ms with 64 against 2.42 / 0.74 with 32.
     Defaults: the fastest of scripts/tune_gdn.py's variants on an H200 (Hv 32, dk = dv = 128;
-    block_v_h 32 (now the narrow choice above) and block_v_dqkwg 128 from the forward + backward times at 1x8192 and 1x32768,
-    block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit; num_warps_wy 2 from
+    block_v_h 32 (now the narrow choice above) and block_v_dqkwg 128 from the forward +
+    backward times at 1x8192 and 1x32768,
+    block_k_dqkwg 64 from those at 1x32768: 9.44 against 10.49 ms unsplit (and, with d(w)
+    moved to "wy_bwd", the stage alone 1.29 against 2.04 ms unsplit at 8x4096); num_warps_wy 2 from
     the forward at 1x32768 and 8x4096, 2.43 / 2.29-2.36 ms against 2.78 / 2.47 with 4 warps
     and 4.53 / 4.25 with 1; 2 warps elsewhere were slower, by up to 5x in "dqkwg" and "wy_bwd").
     Stage "o" computed inside stage "h" (no h / v_new round trip) was slower there: forward

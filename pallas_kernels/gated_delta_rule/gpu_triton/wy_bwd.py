@@ -49,7 +49,8 @@ def _kernel(
 ):
     # k_ref [C, dk]; v_ref [C, dv]; g_ref, beta_ref [C]; t_ref [C, C] (the forward's (I + A)^-1,
     # compute dtype); h_ref [dk, dv] (the state at the chunk start); du_ref [C, dv];
-    # dk_in_ref, dk_ref [C, dk] (compute dtype); dg_in_ref, dg_ref, dbeta_ref [C] float32; dv_ref [C, dv].
+    # dk_in_ref, dk_ref [C, dk] (compute dtype); dg_in_ref, dg_ref, dbeta_ref [C] float32;
+    # dv_ref [C, dv].
     G = g_ref[...].astype(jnp.float32)
     beta = beta_ref[...].astype(jnp.float32)[:, None]
     T = t_ref[...].astype(jnp.float32)
@@ -93,8 +94,8 @@ def chunk_bwd_wy(
       dk: [B, Tp, Hv, dk] (compute dtype), dG: [B, Tp, Hv] float32: the partial gradients of
         the other paths (stage "dqkwg"), updated in place (the sum is made in float32).
     Returns:
-      dk [B, Tp, Hv, dk] (per value head, the dtype of the dk argument), dv [B, Tp, Hv, dv] (the dtype of v),
-      dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
+      dk [B, Tp, Hv, dk] (per value head, the dtype of the dk argument), dv [B, Tp, Hv, dv]
+      (the dtype of v), dbeta [B, Tp, Hv] float32, dG [B, Tp, Hv] float32.
     """
     B, Tp, Hk, dkd = k.shape
     Hv, dvd = v.shape[2], v.shape[3]
