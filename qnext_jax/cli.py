@@ -41,8 +41,9 @@ def _token_ids(text: str) -> list[int]:
 
 def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = False,
                  attn_impl: str = "auto") -> None:
-    """--gdn-impl / --moe-impl / --attn-impl name a kernel for another platform than JAX's, or
-    --moe-impl gather_pallas with --scan-layers: stop before building."""
+    """--gdn-impl / --moe-impl / --attn-impl name a kernel for another platform than JAX's,
+    --moe-impl tokamax without tokamax installed, or --moe-impl gather_pallas with
+    --scan-layers: stop before building."""
     import jax
 
     from qnext_jax.modeling.attention import ATTN_IMPLS
@@ -57,6 +58,12 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
         if needs is not None and jax.default_backend() != needs:
             raise SystemExit(f"{flag} {impl} runs on a {needs.upper()}; this JAX's backend is "
                              f"{jax.default_backend()}: use {fallback}")
+    if moe_impl.partition(":")[0] == "tokamax":
+        from qnext_jax.modeling.layers import import_tokamax
+
+        if import_tokamax()[0] is None:
+            raise SystemExit(f"--moe-impl {moe_impl} needs the optional tokamax package: "
+                             "pip install 'qnext-jax[gpu]' (or pip install tokamax)")
     if moe_impl == "gather_pallas" and scan_layers:
         raise SystemExit("--moe-impl gather_pallas with --scan-layers: under the layer scan XLA "
                          "copies each layer's expert weights whole for the kernel (the 80B "
@@ -259,7 +266,8 @@ def _cmd_generate(args) -> int:
         sys.stdout.write(decoder.flush())
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     n_timed = timings.get("decode_tokens", 0)
-    decode_tps = n_timed / max(timings["decode_s"], 1e-9)
+    # None when no decode step was timed (the first one compiles): 1 or 2 new tokens.
+    decode_tps = n_timed / max(timings["decode_s"], 1e-9) if n_timed else None
     prefill_tps = len(ids) / max(timings["prefill_s"], 1e-9)
     spec = None
     if args.speculative_tokens:
@@ -282,7 +290,8 @@ def _cmd_generate(args) -> int:
         f"; speculative {args.speculative_tokens}: acceptance "
         f"{spec['acceptance_rate'] if spec['acceptance_rate'] is not None else float('nan'):.2f}")
     print(f"[qnext] prompt {len(ids)} tokens, generated {len(new_ids)}; "
-          f"prefill {prefill_tps:.1f} tok/s, decode {decode_tps:.1f} tok/s, compile "
+          f"prefill {prefill_tps:.1f} tok/s, decode "
+          f"{'n/a (no timed step)' if decode_tps is None else f'{decode_tps:.1f} tok/s'}, compile "
           f"{timings['compile_s']:.1f} s (dtype {jnp.dtype(dtype).name}){extra}", file=sys.stderr)
     return 0
 

@@ -33,6 +33,17 @@ _REQUIRED = (
     "linear_value_head_dim",
 )
 
+# The keys of rope_scaling (or of v5's rope_parameters, which also carry rope_theta and
+# partial_rotary_factor) that modeling/rope.py reads, per rope_type (HF's names).
+_ROPE_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+_ROPE_KEYS = {
+    "default": _ROPE_COMMON,
+    "linear": _ROPE_COMMON | {"factor"},
+    "yarn": _ROPE_COMMON | {"factor", "original_max_position_embeddings", "beta_fast",
+                            "beta_slow", "truncate", "attention_factor", "mscale",
+                            "mscale_all_dim"},
+}
+
 
 class ConfigError(ValueError):
     """A config.json that does not describe a valid Qwen3-Next model."""
@@ -146,6 +157,16 @@ class Qwen3NextConfig:
                                                 self.rope_scaling_params.get("type"))
             need(kind in ("default", "yarn", "linear"), "rope_scaling",
                  f"rope_type {kind!r} is not supported (expected 'yarn', 'linear' or 'default')")
+            params = self.rope_scaling_params
+            if kind in ("yarn", "linear"):
+                factor = params.get("factor")
+                need(isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                     and factor >= 1, "rope_scaling",
+                     f"rope_type {kind!r} needs a number 'factor' >= 1, got {factor!r}")
+            unknown = sorted(set(params) - _ROPE_KEYS.get(kind, _ROPE_KEYS["default"]))
+            need(not unknown, "rope_scaling",
+                 f"unknown key(s) {unknown} for rope_type {kind!r}; expected some of "
+                 f"{sorted(_ROPE_KEYS.get(kind, _ROPE_KEYS['default']))}")
 
     # ------------------------------------------------------------------------- derived sizes
     @property

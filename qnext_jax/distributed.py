@@ -51,7 +51,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       process_id: this process's index in [0, num_processes) (default: ``JAX_PROCESS_ID``).
       local_device_ids: restrict this process to these local devices (passed through).
     Raises:
-      ValueError: a coordinator without the process count / id, or an id out of range.
+      ValueError: a coordinator without the process count / id, or an id out of range; no
+        coordinator given and none found in the environment (JAX's cluster detection).
     """
     global _initialized
     if _initialized:
@@ -71,8 +72,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU: cross-process collectives need gloo (harmless on GPU/TPU; absent on old versions).
     with contextlib.suppress(AttributeError, KeyError, ValueError):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids)
+    except ValueError as e:
+        if coordinator is not None:
+            raise
+        raise ValueError(f"no coordinator for a multi-process run: give --coordinator HOST:PORT "
+                         f"(or {ENV_COORDINATOR}), or run under a cluster JAX detects "
+                         f"(SLURM, Open MPI, ...); JAX said: {e}") from None
     _initialized = True
 
 

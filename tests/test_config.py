@@ -77,6 +77,10 @@ def test_round_trip_through_to_dict():
     ({"layer_types": ["sliding_attention"] * 8}, "layer_types"),
     ({"num_experts_per_tok": 600}, "num_experts_per_tok"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling"),  # no factor
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 0.5}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factr": 4.0, "factor": 4.0}}, "rope_scaling"),
 ])
 def test_bad_configs_name_the_field(change, field):
     with pytest.raises(ConfigError, match=field):

@@ -202,3 +202,9 @@ def test_bad_inputs_raise():
         chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=jnp.array([0, 8], jnp.int32))
     with pytest.raises(ValueError, match="`impl`"):
         chunk_gated_delta_rule(q, k, v, g, beta, impl="cuda")
+    with pytest.raises(ValueError, match="no tokens"):
+        chunk_gated_delta_rule(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0])
+    with pytest.raises(ValueError, match="`scale`.*pass initial_state by keyword"):
+        chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    with pytest.raises(ValueError, match="`initial_state` must be a floating dtype"):
+        chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0.astype(jnp.int32))

@@ -165,6 +165,14 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
         qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "gather_pallas"])
     with pytest.raises(SystemExit, match="--attn-impl tokamax:mosaic runs on a GPU.*auto or xla"):
         qnext_main(["generate", "--prompt", "Hi", "--attn-impl", "tokamax:mosaic"])
+    import qnext_jax.modeling.layers
+
+    monkeypatch.setattr(qnext_jax.modeling.layers, "import_tokamax",
+                        lambda: (None, ImportError("no tokamax")))
+    with pytest.raises(SystemExit, match="--moe-impl tokamax needs the optional tokamax"):
+        qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "tokamax"])
+    with pytest.raises(SystemExit, match="--rope-scaling: .*'yarn' needs a number 'factor'"):
+        qnext_main(["generate", "--prompt", "Hi", "--rope-scaling", "yarn"])
     with pytest.raises(SystemExit) as e:
         qnext_main(["generate", "--prompt", "Hi", "--prefill-chunk-size", "0"])
     assert e.value.code == 2 and "--prefill-chunk-size: expected a positive integer" in (

@@ -303,3 +303,21 @@ def test_two_processes_restore_sharded_and_match_one_process(checkpoint, model_r
             pid, 2, 8, 4)
         got = np.asarray(r["logits"])
         assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_distributed_without_a_coordinator_says_how_to_give_one(monkeypatch):
+    """A process count without a coordinator, outside a cluster JAX detects: the error names
+    --coordinator (JAX alone says "coordinator_address should be defined.")."""
+    import jax
+
+    from qnext_jax import distributed
+
+    def jax_initialize(coordinator_address=None, **_):
+        assert coordinator_address is None
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.delenv(distributed.ENV_COORDINATOR, raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", jax_initialize)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keep this process's collectives
+    with pytest.raises(ValueError, match="--coordinator HOST:PORT"):
+        distributed.initialize(num_processes=2, process_id=0)

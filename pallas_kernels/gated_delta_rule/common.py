@@ -37,7 +37,8 @@ def _shape_str(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def validate_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, *, op: str) -> Dims:
+def validate_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, *, op: str,
+                    scale=None) -> Dims:
     """Checks shapes/dtypes of a gated-delta-rule call and returns its static sizes.
 
     Raises:
@@ -53,6 +54,14 @@ def validate_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, *, op
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{where}: `{name}` must be a floating dtype, got {x.dtype}")
     B, T, Hk, dk = q.shape
+    if T == 0:
+        raise ValueError(f"{where}: no tokens (T = 0, `q` of shape {_shape_str(q.shape)}); "
+                         "T must be at least 1")
+    if scale is not None and (np.ndim(scale) != 0 or not np.isrealobj(scale)):
+        raise ValueError(
+            f"{where}: `scale` (the 6th positional argument) must be a real scalar, got "
+            f"{type(scale).__name__} of shape {_shape_str(np.shape(scale))}; pass initial_state "
+            "by keyword")
     if tuple(k.shape) != (B, T, Hk, dk):
         raise ValueError(
             f"{where}: `k` must have the shape of `q` [B, T, Hk, dk] = {_shape_str(q.shape)}, got "
@@ -109,6 +118,9 @@ def validate_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, *, op
                 f"(N = {'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got "
                 f"{_shape_str(initial_state.shape)}"
             )
+        if not jnp.issubdtype(initial_state.dtype, jnp.floating):
+            raise ValueError(f"{where}: `initial_state` must be a floating dtype (float32 "
+                             f"expected), got {initial_state.dtype}")
     return Dims(B, T, Hk, Hv, dk, dv, n_seqs)
 
 

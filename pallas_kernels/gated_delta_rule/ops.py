@@ -245,7 +245,7 @@ def chunk_gated_delta_rule(
       NotImplementedError: impl="pallas_mosaic_gpu".
     """
     dims = common.validate_inputs(
-        q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule"
+        q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule", scale=scale
     )
     impl = resolve_impl(impl, dims, op="chunk_gated_delta_rule")
     if impl == "reference":
@@ -304,7 +304,8 @@ def fused_recurrent_gated_delta_rule(
     paths the returned state can reuse the input state's buffer when the caller donates it.
     """
     dims = common.validate_inputs(
-        q, k, v, g, beta, initial_state, cu_seqlens, op="fused_recurrent_gated_delta_rule"
+        q, k, v, g, beta, initial_state, cu_seqlens, op="fused_recurrent_gated_delta_rule",
+        scale=scale,
     )
     if live is not None and tuple(live.shape) != (dims.batch,):
         raise ValueError(

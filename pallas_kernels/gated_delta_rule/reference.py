@@ -82,7 +82,7 @@ def recurrent_gated_delta_rule(
       ValueError: on inconsistent shapes (see ``common.validate_inputs``).
     """
     dims = common.validate_inputs(
-        q, k, v, g, beta, initial_state, cu_seqlens, op="recurrent_gated_delta_rule"
+        q, k, v, g, beta, initial_state, cu_seqlens, op="recurrent_gated_delta_rule", scale=scale
     )
     _, T, _, Hv, dk, dv, N = dims
     qf, kf, vf, gf, bf = common.prepare_inputs(
@@ -248,7 +248,7 @@ def chunk_gated_delta_rule_ref(
     Args/Returns/Raises: as ``recurrent_gated_delta_rule``; ``chunk_size`` is a power of two.
     """
     dims = common.validate_inputs(
-        q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule_ref"
+        q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule_ref", scale=scale
     )
     _, T, _, Hv, dk, dv, N = dims
     C = int(chunk_size)
