@@ -81,8 +81,11 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
 def check_token_ids(input_ids, vocab_size: int, attention_mask=None) -> None:
     """Raise ValueError naming the (first five) ids of real tokens outside [0, vocab_size):
     input_ids [B, T] (or [T]) host ints, attention_mask 0 on padding. The model would embed
-    such an id as NaN (an out-of-range gather) and generate without an error."""
+    such an id as NaN (an out-of-range gather) and generate without an error; also raise when
+    the ids are not integers (floats would be truncated silently)."""
     ids = np.atleast_2d(np.asarray(input_ids))
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):  # ([] reads as float64)
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
     real = np.ones(ids.shape, bool) if attention_mask is None else \
         np.atleast_2d(np.asarray(attention_mask)).astype(bool)
     rows, cols = np.nonzero(real & ((ids < 0) | (ids >= vocab_size)))

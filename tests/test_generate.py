@@ -149,6 +149,8 @@ def test_generator_rejects_ids_outside_the_vocabulary():
                                          rf"got {cfg.vocab_size} at position 1 of prompt 1$"):
         gen.generate(init_params(cfg), [[1, 2], [3, cfg.vocab_size]], max_new_tokens=1)
     check_token_ids([[-5, 1]], cfg.vocab_size, attention_mask=[[0, 1]])  # padding: not checked
+    with pytest.raises(ValueError, match="must be integers, got dtype float32"):
+        check_token_ids(np.array([[1.0, 2.0]], np.float32), cfg.vocab_size)
     with pytest.raises(ValueError, match=r"got -5 at position 0, .*, -5 at position 4 and 1 more$"):
         check_token_ids([[-5] * 6], cfg.vocab_size)
 
