@@ -153,20 +153,18 @@ class Qwen3NextConfig:
             raise ConfigError(f"config field 'hidden_act': only 'silu' is supported, got "
                               f"{self.hidden_act!r}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling_params.get("rope_type",
-                                                self.rope_scaling_params.get("type"))
-            need(kind in ("default", "yarn", "linear"), "rope_scaling",
-                 f"rope_type {kind!r} is not supported (expected 'yarn', 'linear' or 'default')")
             params = self.rope_scaling_params
+            kind = params.get("rope_type", params.get("type"))
+            need(kind in _ROPE_KEYS, "rope_scaling",
+                 f"rope_type {kind!r} is not supported (expected 'yarn', 'linear' or 'default')")
             if kind in ("yarn", "linear"):
                 factor = params.get("factor")
                 need(isinstance(factor, (int, float)) and not isinstance(factor, bool)
                      and factor >= 1, "rope_scaling",
                      f"rope_type {kind!r} needs a number 'factor' >= 1, got {factor!r}")
-            unknown = sorted(set(params) - _ROPE_KEYS.get(kind, _ROPE_KEYS["default"]))
-            need(not unknown, "rope_scaling",
-                 f"unknown key(s) {unknown} for rope_type {kind!r}; expected some of "
-                 f"{sorted(_ROPE_KEYS.get(kind, _ROPE_KEYS['default']))}")
+            unknown = sorted(set(params) - _ROPE_KEYS[kind])
+            need(not unknown, "rope_scaling", f"unknown key(s) {unknown} for rope_type {kind!r}; "
+                 f"expected some of {sorted(_ROPE_KEYS[kind])}")
 
     # ------------------------------------------------------------------------- derived sizes
     @property
