@@ -28,7 +28,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.h import state_pass_outputs, sta
 
 
 def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, *refs, chunk_size, scale, varlen):
-    # q_ref, k_ref, w_ref [Tp, dk]; g_ref [Tp]; do_ref [Tp, BV]; dvl_ref [Tp, BV] float32;
+    # q_ref, k_ref, w_ref [Tp, dk]; g_ref [Tp]; do_ref, dvl_ref [Tp, BV];
     # dht_ref [dk, BV] float32 ([N, dk, BV] if varlen); varlen: reset_ref, last_ref [NC] int32;
     # dh_ref [NC, dk, BV]; dv_ref [Tp, BV]; dh0_ref [dk, BV] float32 ([N, dk, BV] if varlen).
     refs = list(refs)
@@ -99,7 +99,7 @@ def chunk_bwd_dh(
     Args:
       q, k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked; q unscaled).
       w: [B, Tp, Hv, dk] (compute dtype, from stage "wy"); G: [B, Tp, Hv] float32.
-      do: [B, Tp, Hv, dv] (compute dtype); dv_local: [B, Tp, Hv, dv] float32 (dv_local.py).
+      do: [B, Tp, Hv, dv] (compute dtype); dv_local: [B, Tp, Hv, dv] (dv_local.py).
       dht: d(final state), [B, Hv, dk, dv] float32; varlen: [N, Hv, dk, dv] (N a power of two).
       chunk_reset, chunk_last: varlen only (B == 1): [NC] int32, the sequence a chunk starts / ends
         (-1 if none), as for the forward state pass (h.py).

@@ -38,7 +38,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.h_split import (
 
 
 def _segment_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, a_ref, *, chunk_size, scale):
-    # q_ref, k_ref, w_ref [L C, dk]; g_ref [L C]; do_ref [L C, BV]; dvl_ref [L C, BV] float32;
+    # q_ref, k_ref, w_ref [L C, dk]; g_ref [L C]; do_ref, dvl_ref [L C, BV];
     # a_ref [dk, BV] float32: column block j (program axis 3) of the segment's map [M' | b']
     # (h_split.map_columns; for M''s blocks dO and dv_local enter as zeros).
     C = chunk_size
@@ -91,7 +91,7 @@ def chunk_segment_dmaps(
 
     Args:
       q, k: [B P, L C, Hk, dk]; w: [B P, L C, Hv, dk]; do: [B P, L C, Hv, dv] (compute dtype);
-        dv_local: [B P, L C, Hv, dv] float32; G: [B P, L C, Hv] float32. Row b P + p holds
+        dv_local: [B P, L C, Hv, dv]; G: [B P, L C, Hv] float32. Row b P + p holds
         segment p of sequence b (P = segments).
       block_v: columns per program; must divide dk and dv.
     Returns:
@@ -176,7 +176,7 @@ def chunk_bwd_dh_split(
     same arguments and results, equal up to rounding.
 
     Args: q, k [B, Tp, Hk, dk]; w [B, Tp, Hv, dk]; do [B, Tp, Hv, dv] (compute dtype); G
-      [B, Tp, Hv] float32; dv_local [B, Tp, Hv, dv] float32; dht [B, Hv, dk, dv] float32.
+      [B, Tp, Hv] float32; dv_local [B, Tp, Hv, dv]; dht [B, Hv, dk, dv] float32.
     Returns: dh [B, NC, Hv, dk, dv], dv_new [B, Tp, Hv, dv] (compute dtype), d(initial state)
       [B, Hv, dk, dv] float32.
     """
