@@ -7,16 +7,36 @@ exp, reductions and elementwise arithmetic. No value slicing, so they also lower
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax.numpy as jnp
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 DEFAULT = lax.Precision.DEFAULT
+# Three TF32 products per float32 product (a = a_hi + a_lo; a_hi b_hi + a_hi b_lo + a_lo b_hi):
+# about float32's accuracy on the tensor cores.
+TF32X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+_F32_DOTS = contextvars.ContextVar("gdn_f32_dots", default=HIGHEST)
 
 
-def mm_precision(dtype) -> lax.Precision:
-    """float32 operands: exact float32 (IEEE on Triton, not TF32); bf16/f16: the native MMA."""
-    return HIGHEST if jnp.dtype(dtype) == jnp.float32 else DEFAULT
+@contextlib.contextmanager
+def f32_dots(precision):
+    """Within it, kernels traced take ``precision`` for their float32 matmuls (mm_precision).
+    The compiled Triton stages use TF32X3 (gpu_triton.fwd.compiled_f32_dots): with exact
+    float32 (IEEE, FMA loops) ptxas took over 240 s for one backward stage on an H200."""
+    token = _F32_DOTS.set(precision)
+    try:
+        yield
+    finally:
+        _F32_DOTS.reset(token)
+
+
+def mm_precision(dtype):
+    """float32 operands: exact float32 (HIGHEST; IEEE on Triton, never plain TF32), or what
+    ``f32_dots`` set; bf16/f16: the native MMA."""
+    return _F32_DOTS.get() if jnp.dtype(dtype) == jnp.float32 else DEFAULT
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, precision=None):
@@ -227,7 +247,9 @@ def wy_bwd_keys(kc, G_col, G_row, beta_col, T, dw, dT_v, *, precision=HIGHEST):
     # 4.8e-3). kkd is 0 off the strict lower triangle, so multiplying by it keeps only the
     # strictly lower part of dA.
     if precision == HIGHEST or cdt == jnp.float32:
-        dA = -dot(dot(T, dT, trans_a=True, precision=precision), T, trans_b=True, precision=precision)
+        dA = -dot(
+            dot(T, dT, trans_a=True, precision=precision), T, trans_b=True, precision=precision
+        )
     else:
         Tc = T.astype(cdt)
         dA = -dot(dot(Tc, dT.astype(cdt), trans_a=True).astype(cdt), Tc, trans_b=True)

@@ -26,11 +26,13 @@ from pallas_kernels.gated_delta_rule.gpu_triton.fwd import (
     chunk_layout,
     chunk_local_cumsum,
     chunk_states,
+    compiled_f32_dots,
     state_block_v,
 )
 from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 
 
+@compiled_f32_dots
 def chunk_gated_delta_rule_bwd(
     q,
     k,
@@ -58,7 +60,7 @@ def chunk_gated_delta_rule_bwd(
       do: [B, T, Hv, dv], the cotangent of o; dht: [N, Hv, dk, dv] float32, the cotangent of the
         final state (zeros when it is not used).
       block_sizes: the forward's (default BlockSizes()); solve_precision: as for the forward
-        (default: exact float32 for float32 inputs, TF32 else).
+        (default: as the forward's).
       states: None (recompute), or the forward's (w, h, v_new, inverse) from
         ``chunk_gated_delta_rule_fwd(..., return_states=True)`` (BlockSizes.save_states).
     Returns:

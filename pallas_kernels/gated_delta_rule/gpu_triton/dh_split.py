@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta_rule import kernel_math as km
-from pallas_kernels.gated_delta_rule.gpu_triton.dh import chunk_bwd_dh
+from pallas_kernels.gated_delta_rule.gpu_triton.dh import chunk_bwd_dh, loop_stages
 from pallas_kernels.gated_delta_rule.gpu_triton.h_split import (
     as_segments,
     map_columns,
@@ -130,7 +130,9 @@ def chunk_segment_dmaps(
         ],
         out_specs=pl.BlockSpec((None, None, None, dk, BV), lambda p, b, h, j: (b, p, h, 0, j)),
         out_shape=jax.ShapeDtypeStruct((B, P - 1, Hv, dk, dk + dv), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps, num_stages=loop_stages(num_stages, w.dtype)
+        ),
         interpret=interpret,
         name="gdn_chunk_dh_segments",
     )(q, k, w, G, do, dv_local)

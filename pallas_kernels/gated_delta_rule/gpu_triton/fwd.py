@@ -7,6 +7,7 @@ chunks, padded at its end with zeros (g = 0, k = 0, beta = 0: the state passes t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -78,6 +79,21 @@ class BlockSizes:
     num_warps_wy_bwd: int = 4
     seq_splits: int = 1
     save_states: bool = True
+
+
+def compiled_f32_dots(fn):
+    """Decorator of the GPU entry points: compiled (interpret False), the float32 matmuls of the
+    kernels they trace take three TF32 products (km.TF32X3, relative error about 1e-6) rather than
+    exact float32 (km.HIGHEST, which interpret mode keeps: the CPU has no TF32). Exact float32
+    made ptxas take over 240 s to compile one backward stage (dh, and wy_bwd) at dk = dv = 128
+    on an H200, and 53 s for dqkwg."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, interpret=False, **kwargs):
+        with km.f32_dots(km.HIGHEST if interpret else km.TF32X3):
+            return fn(*args, interpret=interpret, **kwargs)
+
+    return wrapped
 
 
 def state_block_v(block_v: int | None, v_shape) -> int:
@@ -233,6 +249,7 @@ def chunk_states(
     return (w, h, v_new, final, *inverse)
 
 
+@compiled_f32_dots
 def chunk_gated_delta_rule_fwd(
     q,
     k,
@@ -255,7 +272,8 @@ def chunk_gated_delta_rule_fwd(
       float32 or None; cu_seqlens [N + 1] int32 or None (then B == 1; sequences are re-laid out
       chunk-aligned and the state pass restarts at each one). q/k/v share one dtype, the compute
       dtype of the matmuls. solve_precision: precision of the (I + A)^-1 matmuls (float32
-      operands); default exact float32 for float32 inputs and TF32 for bf16 inputs.
+      operands); default km.mm_precision of the compute dtype (float32 inputs: see
+      compiled_f32_dots) and TF32 for bf16 inputs.
     Returns: o [B, T, Hv, dv] in v.dtype, final_state [N, Hv, dk, dv] float32; with
       return_states also (w, h, v_new, inverse) on the chunk-aligned axis (chunk_states with
       return_inverse), for bwd.chunk_gated_delta_rule_bwd(states=...).
