@@ -355,6 +355,34 @@ def test_export_cuda_triton():
     assert exp.platforms == ("cuda",)
 
 
+def test_export_cuda_triton_float32():
+    """Float32 inputs lower for CUDA with their matmuls as three TF32 products (km.TF32X3), the
+    backward's stages included."""
+    exp = _export_cuda(_model_like("pallas_triton"), _abstract_args(jnp.float32))
+    text = exp.mlir_module()
+    for name in ("gdn_chunk_bwd_dh", "gdn_chunk_bwd_dqkwg"):  # its gradient is d(q) only
+        assert name in text, name
+
+
+def test_compiled_f32_dots_and_loop_stages():
+    """Compiled GPU entry points trace float32 matmuls as TF32X3, interpret mode (the CPU has no
+    TF32) and everything outside them as exact float32; bf16 keeps the native MMA. The reverse
+    passes keep one pipelining stage for float32 tiles."""
+    from pallas_kernels.gated_delta_rule import kernel_math as km
+    from pallas_kernels.gated_delta_rule.gpu_triton.dh import loop_stages
+    from pallas_kernels.gated_delta_rule.gpu_triton.fwd import compiled_f32_dots
+
+    @compiled_f32_dots
+    def precisions(dtype, *, interpret):
+        return km.mm_precision(dtype)
+
+    assert precisions(jnp.float32, interpret=False) == km.TF32X3
+    assert precisions(jnp.float32, interpret=True) == km.HIGHEST
+    assert precisions(jnp.bfloat16, interpret=False) == km.DEFAULT
+    assert km.mm_precision(jnp.float32) == km.HIGHEST  # the context ended
+    assert (loop_stages(3, jnp.bfloat16), loop_stages(3, jnp.float32)) == (3, 1)
+
+
 def test_export_tpu():
     exp = export.export(_model_like("pallas_tpu"), platforms=("tpu",))(*_abstract_args())
     text = exp.mlir_module()
