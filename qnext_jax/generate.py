@@ -395,6 +395,11 @@ class Generator:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected "
                              f"input_ids' shape {input_ids.shape}")
+        ends_in_pad = np.nonzero(attention_mask[:, -1] == 0)[0] if input_ids.size else []
+        if len(ends_in_pad):  # generation continues after each row's last slot
+            raise ValueError(
+                f"attention_mask row {ends_in_pad[0]} ends in padding: every row must end with "
+                "a token (pad on the left; padding inside a prompt is skipped)")
         return input_ids, attention_mask
 
     # ---------------------------------------------------------------------------- stream

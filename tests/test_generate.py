@@ -222,6 +222,23 @@ def test_generator_rejects_bad_sampling_values(tiny):
             gen.generate(params, [[1, 2, 3]], max_new_tokens=2, **kw)
 
 
+def test_generator_and_model_reject_bad_padding_and_cache_batch(tiny):
+    """A row ending in padding (right padding, or no token at all) would sample after a pad
+    slot: named. A cache of another batch size is named before any layer runs."""
+    from qnext_jax import init_cache
+
+    cfg, params = tiny
+    gen = Generator(cfg)
+    ids = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    for mask, row in (([[1, 1, 1], [1, 1, 0]], 1), ([[0, 0, 0], [0, 1, 1]], 0)):
+        with pytest.raises(ValueError, match=f"row {row} ends in padding: every row must end "
+                                             "with a token"):
+            gen.generate(params, ids, attention_mask=mask, max_new_tokens=1)
+    model = Qwen3NextForCausalLM(cfg)
+    with pytest.raises(ValueError, match="cache is for batch size 3, input_ids has 2 rows"):
+        model.apply({"params": params}, jnp.asarray(ids), cache=init_cache(cfg, 3, 16))
+
+
 @pytest.fixture(scope="module")
 def two_periods():
     cfg = tiny_config(**SCAN_TWO_PERIODS)

@@ -25,7 +25,7 @@ _F32_DOTS = contextvars.ContextVar("gdn_f32_dots", default=HIGHEST)
 def f32_dots(precision):
     """Within it, kernels traced take ``precision`` for their float32 matmuls (mm_precision).
     The compiled Triton stages use TF32X3 (gpu_triton.fwd.compiled_f32_dots): with exact
-    float32 (IEEE, FMA loops) ptxas took over 240 s for one backward stage on an H200."""
+    float32 (IEEE, FMA loops) one backward stage took over 240 s to compile on an H200."""
     token = _F32_DOTS.set(precision)
     try:
         yield

@@ -418,8 +418,8 @@ class Qwen3NextForCausalLM(nn.Module):
           (logits [B, T, vocab], new cache or None), plus a tuple of hidden states
           (embeddings, after each layer, final normed) [B, T, d] when output_hidden_states.
         Raises:
-          ValueError: a cache too short for the new tokens (checked when not traced), or one
-            whose layout (per layer or stacked) is not the model's.
+          ValueError: a cache too short for the new tokens (checked when not traced), one of
+            another batch size, or one whose layout (per layer or stacked) is not the model's.
         """
         cfg = self.config
         if cache is not None and (BLOCKS in cache) != self.scan_layers:
@@ -431,6 +431,9 @@ class Qwen3NextForCausalLM(nn.Module):
                     "scan_layers=False needs the per-layer cache of init_cache(...) (or "
                     f"cache.unstack_cache), got a stacked {BLOCKS!r} entry"))
         B, T = input_ids.shape
+        if cache is not None and cache["valid"].shape[0] != B:
+            raise ValueError(f"the cache is for batch size {cache['valid'].shape[0]}, "
+                             f"input_ids has {B} rows")
         token_mask, positions = self._positions_and_masks(input_ids, attention_mask, cache,
                                                           segment_ids)
         cu_seqlens = None
