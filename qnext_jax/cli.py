@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -70,10 +71,21 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
                          "decoded 3.7x slower); use auto, or drop --scan-layers")
 
 
+@contextlib.contextmanager
+def _one_line_errors(command: str):
+    """A missing or unfit file or directory, a bad config or checkpoint (OSError, ValueError)
+    as one line naming the command instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"qnext {command}: {e}") from None
+
+
 def _cmd_convert(args) -> int:
     from qnext_jax.convert import hf_to_orbax
 
-    hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    with _one_line_errors("convert"):
+        hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}")
     return 0
 
@@ -81,7 +93,8 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from qnext_jax.convert import orbax_to_hf
 
-    orbax_to_hf(args.orbax_dir, args.hf_dir)
+    with _one_line_errors("export"):
+        orbax_to_hf(args.orbax_dir, args.hf_dir)
     print(f"wrote {args.hf_dir}")
     return 0
 
@@ -300,7 +313,8 @@ def _cmd_crosscheck(args) -> int:
     from qnext_jax.crosscheck import crosscheck
 
     ids = _token_ids(args.token_ids) if args.token_ids else None
-    report = crosscheck(args.hf_dir, token_ids=ids)
+    with _one_line_errors("crosscheck"):
+        report = crosscheck(args.hf_dir, token_ids=ids)
     print(report.table())
     return 0 if report.ok else 1
 
@@ -322,15 +336,13 @@ def _cmd_finetune(args) -> int:
                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         scan_layers=args.scan_layers,
                         **({"lora_targets": args.lora_targets} if args.lora_targets else {}))
-    try:
+    with _one_line_errors("finetune"):
         result = finetune(args.checkpoint, args.data, args.out, steps=args.steps,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_segments=args.max_segments, opt=opt, train=train, seed=args.seed,
                           save_every=args.save_every, keep=args.keep, mesh=mesh,
                           export_hf=args.export_hf, tensorboard=args.tensorboard,
                           save_dtype=args.save_dtype)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"qnext finetune: {e}") from None
     print(json.dumps({"steps": result["steps"], "final": str(result["final"]),
                       "hf": None if result["hf"] is None else str(result["hf"]),
                       "resumed_from": result["resumed_from"], **{

@@ -205,6 +205,35 @@ def test_hf_to_orbax_round_trip(ckpts, which, tmp_path):
     assert_trees_equal(direct, params)
 
 
+def test_relative_paths(ckpts, tmp_path, monkeypatch):
+    """Relative directories work for convert, load and export (Orbax itself wants absolute
+    paths; a fresh user's `qnext convert hf out` failed with "Checkpoint path should be
+    absolute")."""
+    d, tensors = ckpts["single"]
+    monkeypatch.chdir(tmp_path)
+    hf_to_orbax(d, "rel_out", progress=False)
+    _, params = load("rel_out")
+    assert_trees_equal(params, expected_params(tensors, tied=Qwen3NextConfig.from_hf(d)
+                                               .tie_word_embeddings))
+    orbax_to_hf("rel_out", "rel_hf", progress=False)
+    assert_trees_equal(load("rel_hf")[1], params)
+
+
+def test_cli_names_missing_directories(tmp_path, capsys):
+    """convert / export / crosscheck on a directory that is not there: one line naming the
+    command and the path, no traceback."""
+    from qnext_jax.cli import main
+
+    missing = str(tmp_path / "nope")
+    for argv, expected in (
+        (["convert", missing, str(tmp_path / "o")], "qnext convert: .*nope"),
+        (["export", missing, str(tmp_path / "h")], "qnext export: .*nope.* not a checkpoint"),
+        (["crosscheck", missing], "qnext crosscheck: .*nope"),
+    ):
+        with pytest.raises(SystemExit, match=expected):
+            main(argv)
+
+
 def test_fused_v5_expert_names(ckpts, tmp_path):
     d, tensors = ckpts["mtp"]
     fused = tmp_path / "fused"

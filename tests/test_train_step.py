@@ -19,6 +19,19 @@ def _repeated_text_batch(cfg, B=2, T=32):
     return {"input_ids": ids, "targets": targets, "loss_mask": np.ones((B, T), np.float32)}
 
 
+def test_step_compiles_once_for_loaded_params():
+    """Params committed to a device (as ``load`` returns them): the second step reuses the
+    first step's executable."""
+    cfg = tiny_config(num_hidden_layers=1)
+    params = jax.device_put(init_params(cfg), jax.devices()[0])
+    trainer = Trainer(cfg, OptimizerConfig(total_steps=3), TrainConfig(gdn_impl="reference"))
+    state = trainer.init_state(params)
+    batch = _repeated_text_batch(cfg, T=16)
+    for _ in range(2):
+        state, _ = trainer.step(state, batch)
+    assert trainer._step._cache_size() == 1
+
+
 def test_schedule_warmup_cosine():
     s = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110,
                                       min_lr_ratio=0.1))

@@ -229,7 +229,9 @@ def chunk_gated_delta_rule(
       output_final_state: also return the state after the last token (of each sequence).
       use_qk_l2norm_in_kernel: L2-normalise q and k (x * rsqrt(sum x^2 + 1e-6), float32) first.
       cu_seqlens: optional [N + 1] int32 offsets of sequences packed along T (then B must be 1);
-        the state restarts from initial_state[n] at each sequence start (all backends).
+        the state restarts from initial_state[n] at each sequence start (all backends). Its
+        values (0 first, non-decreasing, T last) are checked when they are concrete; under
+        jit (traced) only its shape and dtype are.
       impl: "auto" | "pallas_triton" | "pallas_mosaic_gpu" | "pallas_tpu" | "reference".
       chunk_size: tokens per chunk (power of two, >= 16 for the kernels).
       interpret: run the Pallas kernels in interpret mode (CPU tests): True, or for "pallas_tpu"

@@ -71,7 +71,7 @@ class ParamWriter:
     def __init__(self, root: str | Path, group_bytes: int):
         import orbax.checkpoint as ocp
 
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # Orbax refuses relative paths
         (self.root / PARAMS_DIR).mkdir(parents=True, exist_ok=True)
         self.group_bytes = int(group_bytes)
         self._ocp = ocp
@@ -132,7 +132,7 @@ def iter_groups_numpy(root: str | Path) -> Iterator[dict[str, np.ndarray]]:
     """Each group of ``root`` in turn as {leaf key: host numpy array} (one group in memory)."""
     import orbax.checkpoint as ocp
 
-    root = Path(root)
+    root = Path(root).absolute()  # Orbax refuses relative paths
     index = read_index(root)
     with ocp.StandardCheckpointer() as ckpt:
         for group in index["groups"]:
@@ -155,7 +155,7 @@ def restore(root: str | Path, shardings: dict | None = None, dtype=None,
     import jax
     import orbax.checkpoint as ocp
 
-    root = Path(root)
+    root = Path(root).absolute()  # Orbax refuses relative paths
     index = read_index(root)
     flat_shardings = dict(_flatten(shardings)) if shardings is not None else {}
     if shardings is not None:

@@ -107,11 +107,12 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
     Raises:
       ValueError: the params do not match the config's name map (names each leaf).
       FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
+      FileNotFoundError: ``orbax_dir`` is not a checkpoint written by ``hf_to_orbax``.
     """
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
+    index = read_index(orbax_dir)  # first: it names a directory that is no such checkpoint
     raw = json.loads((orbax_dir / "config.json").read_text())
     config = Qwen3NextConfig.from_dict(raw)
-    index = read_index(orbax_dir)
     by_key = {leaf.key: leaf for leaf in nm.name_map(config)}
     stored = index["leaves"]
     bad = [f"{k}: stored {stored.get(k, {}).get('shape')}, expected {list(by_key[k].shape)}"
