@@ -83,10 +83,11 @@ class BlockSizes:
 
 def compiled_f32_dots(fn):
     """Decorator of the GPU entry points: compiled (interpret False), the float32 matmuls of the
-    kernels they trace take three TF32 products (km.TF32X3; the float32 GPU tests hold 2e-5
-    against float64 numpy) rather than exact float32 (km.HIGHEST, which interpret mode keeps: the CPU has no TF32). With exact
-    float32 (FMA loops) the stages alone took, on an H200 at dk = dv = 128, over 240 s to
-    compile (wy_bwd), 53 s (dqkwg) and 27 s (kkt/solve/wy); with TF32X3 12.5, 3.2 and 15.4 s."""
+    kernels they trace take three TF32 products (km.TF32X3; the float32 forward GPU tests hold
+    2e-5 against float64 numpy) rather than exact float32 (km.HIGHEST, which interpret mode
+    keeps: the CPU has no TF32). With exact float32 (FMA loops) the stages alone took, on an
+    H200 at dk = dv = 128, over 240 s to compile (wy_bwd), 53 s (dqkwg) and 27 s (kkt/solve/wy);
+    with TF32X3 12.5, 3.2 and 15.4 s."""
 
     @functools.wraps(fn)
     def wrapped(*args, interpret=False, **kwargs):
