@@ -167,10 +167,10 @@ class Trainer:
         state["opt_state"] = self.tx.init(self._trainable(state))
         if self.mesh is not None:
             state = jax.device_put(state, self.state_shardings(state))
-        else:  # every leaf committed to the params' device, as the step's outputs are (a state
-            # of committed params and uncommitted counters compiled the step a second time)
-            device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))
-            state = jax.device_put(state, device)
+        elif len(devices := jax.tree_util.tree_leaves(params)[0].devices()) == 1:
+            # every leaf committed to the params' device, as the step's outputs are (a state of
+            # committed params and uncommitted counters compiled the step a second time)
+            state = jax.device_put(state, next(iter(devices)))
         return state
 
     def abstract_state(self, params_shapes) -> dict:
