@@ -73,11 +73,11 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
 
 @contextlib.contextmanager
 def _one_line_errors(command: str):
-    """A missing or unfit file or directory, a bad config or checkpoint (OSError, ValueError)
-    as one line naming the command instead of a traceback."""
+    """A missing or unfit file or directory, a bad config or checkpoint, a bad pattern (OSError,
+    ValueError, re.error) as one line naming the command instead of a traceback."""
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, re.error) as e:
         raise SystemExit(f"qnext {command}: {e}") from None
 
 
@@ -94,7 +94,7 @@ def _cmd_export(args) -> int:
     from qnext_jax.convert import orbax_to_hf
 
     with _one_line_errors("export"):
-        orbax_to_hf(args.orbax_dir, args.hf_dir)
+        orbax_to_hf(args.orbax_dir, args.hf_dir, overwrite=args.overwrite)
     print(f"wrote {args.hf_dir}")
     return 0
 
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors checkpoint")
     e.add_argument("orbax_dir")
     e.add_argument("hf_dir")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing hf_dir")
     e.set_defaults(fn=_cmd_export)
 
     g = sub.add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)")

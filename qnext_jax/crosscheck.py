@@ -97,10 +97,12 @@ def crosscheck(hf_dir: str | Path, token_ids=None, batch: int = 2, length: int =
                seed: int = 0) -> CrosscheckReport:
     """Run both models on ``token_ids`` ([T] or [B, T]; random when None) and compare."""
     from qnext_jax.convert import load
+    from qnext_jax.generate import check_token_ids
 
     config, params = load(hf_dir, dtype=jnp.float32)
     if token_ids is None:
         token_ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length))
+    check_token_ids(token_ids, config.vocab_size)
     token_ids = np.atleast_2d(np.asarray(token_ids, np.int64))
     hf_hidden, hf_logits = hf_forward(hf_dir, token_ids)
     our_hidden, our_logits = jax_forward(config, params, token_ids)

@@ -219,13 +219,15 @@ def test_relative_paths(ckpts, tmp_path, monkeypatch):
     assert_trees_equal(load("rel_hf")[1], params)
 
 
-def test_cli_names_missing_directories(tmp_path, capsys):
-    """convert / export / crosscheck on a directory that is not there: one line naming the
-    command and the path, no traceback."""
+def test_cli_names_missing_directories(ckpts, tmp_path, capsys):
+    """convert / export / crosscheck on a directory that is not there, crosscheck with a token id
+    outside the vocabulary: one line naming the command and the problem, no traceback."""
     from qnext_jax.cli import main
 
     missing = str(tmp_path / "nope")
     for argv, expected in (
+        (["crosscheck", "--token-ids", "1,2,999999", str(ckpts["single"][0])],
+         r"qnext crosscheck: token ids must be in \[0, vocab_size = \d+\): got 999999"),
         (["convert", missing, str(tmp_path / "o")], "qnext convert: .*nope"),
         (["export", missing, str(tmp_path / "h")], "qnext export: .*nope.* not a checkpoint"),
         (["crosscheck", missing], "qnext crosscheck: .*nope"),

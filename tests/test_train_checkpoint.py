@@ -85,6 +85,14 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert {"loss", "ce", "aux", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])
     assert main(["export", str(out / "final"), str(tmp_path / "hf2")]) == 0
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        main(["export", str(out / "final"), str(tmp_path / "hf2")])
+    assert main(["export", str(out / "final"), str(tmp_path / "hf2"), "--overwrite"]) == 0
+    base = ["finetune", "--checkpoint", str(hf_dir / "hf"), "--data", str(hf_dir / "data.jsonl")]
+    with pytest.raises(SystemExit, match="at step 2, past --steps 1: nothing to do"):
+        main(base + ["--out", str(out), "--steps", "1"])
+    with pytest.raises(SystemExit, match=r"qnext finetune: .*missing \)"):  # a bad pattern
+        main(base + ["--out", str(tmp_path / "re"), "--steps", "1", "--train", "re:("])
 
     config, params = load(out / "final")
     _, orig = load(hf_dir / "hf")

@@ -60,7 +60,8 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True")
+        raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True "
+                              "(`qnext export --overwrite`) to replace it")
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))

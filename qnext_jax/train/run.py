@@ -169,8 +169,12 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         except ValueError as e:
             raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
                              "another structure; resume with the settings that wrote it (same "
-                             f"scan_layers, lora_rank, train): {e}") from None
+                             f"scan_layers, lora_rank, train): {str(e).splitlines()[0][:300]}"
+                             ) from None
         start = int(meta.get("data_step", resumed_from))
+        if start > steps:
+            raise ValueError(f"{out / 'checkpoints'}: the run is at step {start}, past --steps "
+                             f"{steps}: nothing to do (give more steps to continue it)")
         if meta.get("seed", seed) != seed:
             raise ValueError(f"{out}: the checkpoint was trained with seed {meta['seed']}, "
                              f"not {seed}")
