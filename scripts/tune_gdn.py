@@ -54,6 +54,7 @@ VARIANTS = {
     "dh_bv32": {"block_v_dh": 32},
     "dh_bv64": {"block_v_dh": 64},
     "dh_bv16": {"block_v_dh": 16},
+    "dv_local_kernel": {"fuse_dv_local": False},
     "dv_bv128": {"block_v_dv": 128},
     "dqkwg_bv64": {"block_v_dqkwg": 64},
     "dqkwg_w8": {"num_warps_dqkwg": 8},

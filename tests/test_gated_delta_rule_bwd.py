@@ -15,7 +15,6 @@ from pallas_kernels.gated_delta_rule.gpu_triton.fwd import BlockSizes
 NAMES = ("q", "k", "v", "g", "beta", "s0")
 GRAD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 BWD_KERNELS = (
-    "gdn_chunk_bwd_dv_local",
     "gdn_chunk_bwd_dh",
     "gdn_chunk_bwd_dqkwg",
     "gdn_chunk_bwd_wy",
@@ -120,6 +119,15 @@ DENSE_CASES = [
                  id="T65-f32-1:2-recompute"),
     pytest.param(63, 1, 1, jnp.bfloat16, False, True, {"block_sizes": RECOMPUTE},
                  id="T63-bf16-recompute"),
+    # Stage "dv" as a kernel of its own (not inside the reverse pass: BlockSizes.fuse_dv_local
+    # off), two value blocks.
+    pytest.param(65, 1, 2, jnp.bfloat16, True, True,
+                 {"dv": 32, "block_sizes": BlockSizes(chunk=16, block_v_dh=16, block_v_dv=16,
+                                                      fuse_dv_local=False)},
+                 id="T65-bf16-1:2-dv_local_kernel"),
+    pytest.param(63, 2, 2, jnp.float32, False, False,
+                 {"block_sizes": BlockSizes(chunk=16, fuse_dv_local=False)},
+                 id="T63-f32-2:2-no_state-dv_local_kernel"),
     # Three and eight value heads per key head: d(q), d(k) summed over them.
     pytest.param(33, 2, 6, jnp.float32, True, True, {}, id="T33-f32-2:6"),
     pytest.param(17, 1, 8, jnp.float32, False, True, {}, id="T17-f32-1:8"),
@@ -150,14 +158,17 @@ def test_l2norm_bwd_equals_autodiff():
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("save_states", [False, True])
-def test_grad_varlen(save_states):
+@pytest.mark.parametrize("save_states,fuse_dv_local", [(False, True), (True, True),
+                                                       (True, False)])
+def test_grad_varlen(save_states, fuse_dv_local):
     """Packed sequences, with an empty one (its d(initial state) is its d(final state)), a
     one-token one and one spanning several chunks: d(state) restarts at each sequence end;
-    with the backward recomputing the forward's states and with the forward keeping them."""
+    with the backward recomputing the forward's states and with the forward keeping them, and
+    with stage "dv" as a kernel of its own."""
     cu = [0, 5, 5, 40, 41, 60]
     _check(cu[-1], 1, 2, jnp.float32, seed=11, with_state=True, l2norm=True, cu_seqlens=cu,
-           block_sizes=BlockSizes(chunk=16, save_states=save_states))
+           block_sizes=BlockSizes(chunk=16, save_states=save_states,
+                                  fuse_dv_local=fuse_dv_local))
 
 
 def test_saved_states_skip_the_recompute():
@@ -177,6 +188,24 @@ def test_saved_states_skip_the_recompute():
     recompute, saved = program(False), program(True)
     for name in ("gdn_chunk_kkt_solve_wy", "gdn_chunk_fwd_h"):  # (a name shows more than once
         assert recompute.count(name) == 2 * saved.count(name) > 0, name  # per pallas_call)
+
+
+def test_fused_dv_local_drops_its_kernel():
+    """BlockSizes.fuse_dv_local (the default): the gradient program has no stage "dv" kernel of
+    its own; without it, and with seq_splits > 1 (whose segment maps read dv_local), it has."""
+    args = make_inputs(0, 1, 40, 1, 2, 16, 16, jnp.float32, True)
+
+    def program(**kw):
+        def loss(q, k, v, g, beta, s0):
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, impl="pallas_triton",
+                                          interpret=True, block_sizes=BlockSizes(chunk=16, **kw))
+            return jnp.sum(o)
+
+        return str(jax.make_jaxpr(jax.grad(loss))(*args))
+
+    assert "gdn_chunk_bwd_dv_local" not in program()
+    assert "gdn_chunk_bwd_dv_local" in program(fuse_dv_local=False)
+    assert "gdn_chunk_bwd_dv_local" in program(seq_splits=2)
 
 
 def test_export_cuda_backward():

@@ -120,13 +120,15 @@ def solve_unit_lower(A, *, precision=HIGHEST):
 
     Level s (s = 1, 2, 4, ... C/2) turns the block-diagonal inverse with blocks of size s into the
     one with blocks of size 2s: with L_s = A restricted to pairs in the same 2s-block but different
-    s-blocks (L_s T_s L_s = 0), (D + L_s)^-1 = T_s - T_s L_s T_s. log2(C) levels, 2 matmuls each;
-    as stable as blocked forward substitution, with no row-sequential loop.
+    s-blocks (L_s T_s L_s = 0), (D + L_s)^-1 = T_s - T_s L_s T_s. The first level is elementwise
+    (T_1 = I, so T_2 = I - L_1), the others take 2 matmuls each: 2 (log2(C) - 1) in all; as
+    stable as blocked forward substitution, with no row-sequential loop.
     """
     C = A.shape[0]
     row, col = iotas(C)
-    T = jnp.where(row == col, 1.0, 0.0).astype(jnp.float32)
-    s = 1
+    pair = (row == col + 1) & ((row & 1) == 1)  # (2m + 1, 2m): L_1's entries
+    T = jnp.where(row == col, 1.0, 0.0) - jnp.where(pair, A, 0.0).astype(jnp.float32)
+    s = 2
     while s < C:
         same2 = (row & -(2 * s)) == (col & -(2 * s))  # same block of size 2s
         diff1 = (row & -s) != (col & -s)  # different blocks of size s

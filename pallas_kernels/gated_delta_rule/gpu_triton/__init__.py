@@ -7,7 +7,8 @@ One kernel per file, stages named like FLA's:
   decode.py        the recurrent (decode) step for a batch of states
   fwd.py           the forward pipeline that strings them together
 Backward (recomputes w, u, h, v_new with the forward kernels):
-  dv_local.py      stage "dv": d(v_new) from the outputs of the same chunk
+  dv_local.py      stage "dv": d(v_new) from the outputs of the same chunk (a kernel of its own
+                   only without BlockSizes.fuse_dv_local, or with seq_splits > 1)
   dh.py            stage "dh": the reverse pass over chunks, d(state) held in registers
   dqkwg.py         stage "dqkwg": d(q), d(k), d(w), d(G) through the states and the attention
   wy_bwd.py        the backward of kkt/solve/wy: d(k), d(v), d(beta), d(G) through w and u

@@ -3,7 +3,8 @@
 Recomputes what the forward produced between its stages (cheaper in memory than storing it):
 G (cumsum), w, u and each chunk's (I + A)^-1 (kkt/solve/wy) and h, v_new (the state pass), unless
 the forward kept them (BlockSizes.save_states), then runs the backward stages
-  dv_local.py  d(v_new) from the outputs of the same chunk
+  dv_local.py  d(v_new) from the outputs of the same chunk (by default computed inside dh.py's
+               pass instead: BlockSizes.fuse_dv_local)
   dh.py        the reverse pass over chunks: d(state) per chunk, total d(v_new), d(initial state)
   dqkwg.py     d(q), d(k), d(G) through the states and the intra-chunk attention
   wy_bwd.py    d(w), then d(k), d(v), d(beta), d(G) through w and u (A recomputed)
@@ -101,7 +102,9 @@ def chunk_gated_delta_rule_bwd(
         )
     else:
         w, h, v_new, inverse = states
-    dv_local = chunk_bwd_dv_local(
+    split = lay.varlen is None and block_sizes.seq_splits > 1
+    fuse = block_sizes.fuse_dv_local and not split
+    dv_local = None if fuse else chunk_bwd_dv_local(
         q,
         k,
         G,
@@ -117,7 +120,7 @@ def chunk_gated_delta_rule_bwd(
         "num_warps": block_sizes.num_warps_dh,
         **common_args,
     }
-    if lay.varlen is None and block_sizes.seq_splits > 1:
+    if split:
         dh, dv_new, dh0 = chunk_bwd_dh_split(
             q, k, w, G, do, dv_local, dht.astype(f32), segments=block_sizes.seq_splits, **dh_args
         )

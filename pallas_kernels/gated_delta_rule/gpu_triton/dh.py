@@ -10,7 +10,9 @@ the gradient w.r.t. the state at the chunk end (d(final state) to begin with):
   dS        = exp(G_last) dS + scale (q exp(G))^T dO - w^T dv_new     (now d(state at chunk start))
 and d(initial state) is the dS left at the start of the first chunk. Varlen: the pass restarts at
 the last chunk of each sequence from that sequence's d(final state), and d(initial state) of a
-sequence is written at its first chunk.
+sequence is written at its first chunk. dv_local (dv_local.py) is read from memory, or computed
+here from the q, k and dO the pass loads anyway (``dv_local=None``: no dv_local kernel and no round
+trip of its [C, BV] blocks, but a q k^T per chunk and value block on the pass).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from pallas_kernels.gated_delta_rule import kernel_math as km
 from pallas_kernels.gated_delta_rule.gpu_triton.h import state_pass_outputs, state_spec
 
 
-def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, *refs, chunk_size, scale, varlen):
-    # q_ref, k_ref, w_ref [Tp, dk]; g_ref [Tp]; do_ref, dvl_ref [Tp, BV];
+def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, *refs, chunk_size, scale, varlen, fused):
+    # q_ref, k_ref, w_ref [Tp, dk]; g_ref [Tp]; do_ref [Tp, BV]; unless fused, dvl_ref [Tp, BV];
     # dht_ref [dk, BV] float32 ([N, dk, BV] if varlen); varlen: reset_ref, last_ref [NC] int32;
     # dh_ref [NC, dk, BV]; dv_ref [Tp, BV]; dh0_ref [dk, BV] float32 ([N, dk, BV] if varlen).
     refs = list(refs)
+    dvl_ref = None if fused else refs.pop(0)
+    dht_ref = refs.pop(0)
     reset_ref = last_ref = None
     if varlen:
         reset_ref, last_ref = refs.pop(0), refs.pop(0)
@@ -50,16 +54,13 @@ def _kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, *refs, chunk_s
             dS = end * dht_ref[jnp.maximum(r, 0)].astype(jnp.float32) + (1.0 - end) * dS
         dh_ref[c] = dS.astype(dh_ref.dtype)
         G = g_ref[sl].astype(jnp.float32)
+        q, k, do = q_ref[sl, :], k_ref[sl, :], do_ref[sl, :]
+        if fused:
+            dvl = km.dv_local(q, k, G[:, None], G[None, :], do, scale=scale)
+        else:
+            dvl = dvl_ref[sl, :]
         dv_new, dS = km.dstate_step(
-            q_ref[sl, :],
-            k_ref[sl, :],
-            w_ref[sl, :],
-            G[:, None],
-            km.pick_last(G),
-            do_ref[sl, :],
-            dvl_ref[sl, :],
-            dS,
-            scale=scale,
+            q, k, w_ref[sl, :], G[:, None], km.pick_last(G), do, dvl, dS, scale=scale
         )
         dv_ref[sl, :] = dv_new.astype(dv_ref.dtype)
         if varlen:  # the first chunk of sequence r hands its dS to d(initial state of r)
@@ -89,7 +90,7 @@ def chunk_bwd_dh(
     w: jax.Array,
     G: jax.Array,
     do: jax.Array,
-    dv_local: jax.Array,
+    dv_local: jax.Array | None,
     dht: jax.Array,
     *,
     scale: float,
@@ -106,7 +107,8 @@ def chunk_bwd_dh(
     Args:
       q, k: [B, Tp, Hk, dk] (compute dtype, L2-normalised already if asked; q unscaled).
       w: [B, Tp, Hv, dk] (compute dtype, from stage "wy"); G: [B, Tp, Hv] float32.
-      do: [B, Tp, Hv, dv] (compute dtype); dv_local: [B, Tp, Hv, dv] (dv_local.py).
+      do: [B, Tp, Hv, dv] (compute dtype); dv_local: [B, Tp, Hv, dv] (dv_local.py), or None to
+        compute it in the pass.
       dht: d(final state), [B, Hv, dk, dv] float32; varlen: [N, Hv, dk, dv] (N a power of two).
       chunk_reset, chunk_last: varlen only (B == 1): [NC] int32, the sequence a chunk starts / ends
         (-1 if none), as for the forward state pass (h.py).
@@ -127,7 +129,8 @@ def chunk_bwd_dh(
     varlen = chunk_reset is not None
     if varlen and B != 1:
         raise ValueError("chunk_bwd_dh: varlen needs B == 1")
-    kernel = functools.partial(_kernel, chunk_size=C, scale=scale, varlen=varlen)
+    fused = dv_local is None
+    kernel = functools.partial(_kernel, chunk_size=C, scale=scale, varlen=varlen, fused=fused)
     N = dht.shape[0] if varlen else None
     in_specs = [
         pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, lax.div(h, n), 0)),
@@ -135,10 +138,9 @@ def chunk_bwd_dh(
         pl.BlockSpec((None, Tp, None, dk), lambda j, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
         pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-        pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
-        state_spec(dk, BV, N),
-    ]
-    args = [q, k, w, G, do, dv_local, dht]
+    ] + [pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j))] * (not fused)
+    in_specs.append(state_spec(dk, BV, N))
+    args = [q, k, w, G, do] + [dv_local] * (not fused) + [dht]
     if varlen:
         in_specs += [pl.BlockSpec((NC,), lambda j, b, h: (0,))] * 2
         args += [chunk_reset.astype(jnp.int32), chunk_last.astype(jnp.int32)]
