@@ -143,12 +143,47 @@ def jax_time(row, name, f, *args, reps=30):
     row[name] = queued_seconds(f, *args) * 1e3
 
 
-def run_jax(args):
+def decode_loop_times(step, inputs, state, *, n_in: int = 32, calls: int = 5):
+    """Device time of a decode step without the host's dispatch: ``n_in`` steps
+    ``state = step(*inputs, state)`` unrolled in one jitted loop (a rolled fori_loop added about
+    0.01 ms a step on an H200: 0.0145 against 0.0049 at B = 1), the state donated. Returns
+    (ms a step: the median over ``calls`` blocked calls / n_in; the device's busy ms a step, from
+    a profile of 3 calls: the kernels without the gaps between launches, which the first
+    includes). Deletes ``state``."""
     import gzip
+    import tempfile
 
     import jax
-    import jax.numpy as jnp
     from profile_summary import busy_time, device_events, newest_trace
+
+    def loop(*args):
+        *inputs, s = args
+        return jax.lax.fori_loop(0, n_in, lambda _, s: step(*inputs, s), s, unroll=True)
+
+    lj = jax.jit(loop, donate_argnums=len(inputs))
+    st = lj(*inputs, state)
+    st = lj(*inputs, st)
+    jax.block_until_ready(st)
+    ts = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        st = lj(*inputs, st)
+        jax.block_until_ready(st)
+        ts.append(time.perf_counter() - t)
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(3):  # the state is donated: each call takes the last one's
+                st = lj(*inputs, st)
+                jax.block_until_ready(st)
+        with gzip.open(newest_trace(log_dir)) as f:
+            events = device_events(json.load(f))
+    del st
+    return statistics.median(ts) * 1e3 / n_in, busy_time(events) * 1e-3 / (3 * n_in)
+
+
+def run_jax(args):
+    import jax
+    import jax.numpy as jnp
 
     sys.path.insert(0, REPO)
     from pallas_kernels.gated_delta_rule import (
@@ -293,8 +328,8 @@ def run_jax(args):
         for impl, name in ((args.impl, "ours"), ("reference", "ref")):
             if name == "ref" and args.skip_ref:
                 continue
-            step = jax.jit(
-                lambda q, k, v, g, b, s, impl=impl: fused_recurrent_gated_delta_rule(
+            def call(q, k, v, g, b, s, impl=impl):
+                return fused_recurrent_gated_delta_rule(
                     q,
                     k,
                     v,
@@ -304,9 +339,9 @@ def run_jax(args):
                     output_final_state=True,
                     use_qk_l2norm_in_kernel=True,
                     impl=impl,
-                ),
-                donate_argnums=5,
-            )
+                )
+
+            step = jax.jit(call, donate_argnums=5)
             st = state + 0
             _, st = step(jq, jk, jv, jg, jb, st)
             _, st = step(jq, jk, jv, jg, jb, st)
@@ -318,48 +353,12 @@ def run_jax(args):
                 jax.block_until_ready(st)
                 ts.append(time.perf_counter() - t)
             row[f"{name}_step_ms"] = statistics.median(ts) * 1e3
-            # Device time without dispatch: 32 steps inside one jitted loop, unrolled (a rolled
-            # fori_loop added about 0.01 ms a step on an H200: 0.0145 against 0.0049 at B = 1).
-            n_in = 32
-
-            def loop(q, k, v, g, b, s, impl=impl, n_in=n_in):
-                def body(_, s):
-                    return fused_recurrent_gated_delta_rule(
-                        q,
-                        k,
-                        v,
-                        g,
-                        b,
-                        initial_state=s,
-                        output_final_state=True,
-                        use_qk_l2norm_in_kernel=True,
-                        impl=impl,
-                    )[1]
-
-                return jax.lax.fori_loop(0, n_in, body, s, unroll=True)
-
-            lj = jax.jit(loop, donate_argnums=5)
-            st = lj(jq, jk, jv, jg, jb, st)
-            st = lj(jq, jk, jv, jg, jb, st)
-            jax.block_until_ready(st)
-            ts = []
-            for _ in range(max(5, args.reps // 3)):
-                t = time.perf_counter()
-                st = lj(jq, jk, jv, jg, jb, st)
-                jax.block_until_ready(st)
-                ts.append(time.perf_counter() - t)
-            row[f"{name}_step_in_loop_ms"] = statistics.median(ts) * 1e3 / n_in
-            # The device's busy time a step (profiler): the kernels without the gaps between
-            # launches, which the in-loop time includes.
-            log_dir = os.path.join(args.out, "profiles", f"decode_{name}_B{B}")
-            os.makedirs(log_dir, exist_ok=True)
-            with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-                for _ in range(3):  # the state is donated: each call takes the last one's
-                    st = lj(jq, jk, jv, jg, jb, st)
-                    jax.block_until_ready(st)
-            events = device_events(json.load(gzip.open(newest_trace(log_dir))))
-            row[f"{name}_step_busy_ms"] = busy_time(events) * 1e-3 / (3 * n_in)
-            del st
+            row[f"{name}_step_in_loop_ms"], row[f"{name}_step_busy_ms"] = decode_loop_times(
+                lambda *a, call=call: call(*a)[1],
+                (jq, jk, jv, jg, jb),
+                st,
+                calls=max(5, args.reps // 3),
+            )
         hbm_ms = 2 * row["state_bytes"] / (ceil["copy_gb_per_s"] * 1e9) * 1e3
         row["hbm_floor_ms"] = hbm_ms
         row["ours_vs_floor"] = row["ours_step_in_loop_ms"] / hbm_ms

@@ -6,7 +6,8 @@ For each (B, T) in --shapes (Qwen3-Next heads: Hk 16, Hv 32, dk = dv = 128, bf16
 kernel): the median time of each Pallas Triton stage on its own (forward: cumsum, kkt/solve/wy, h,
 o; backward: the recompute, dv_local, dh, dqkwg, wy_bwd), then of the whole forward and of
 forward + backward under each variant of ``gpu_triton.fwd.BlockSizes`` in VARIANTS. Prints a table and writes ``tune_gdn.json`` under --out. Run on the GPU:
-``PYTHONPATH=. python3 scripts/tune_gdn.py --out $OUT``.
+``PYTHONPATH=. python3 scripts/tune_gdn.py --out $OUT``. With --decode-batches it sweeps the
+decode kernel's block_v x num_warps instead (tune_gdn_decode.json).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
-from bench_common import median_seconds, trace_calls
-from bench_gdn import fwd_flops, make_inputs, parse_shapes
+from bench_common import measure_ceilings, median_seconds, trace_calls
+from bench_gdn import HV, decode_loop_times, fwd_flops, make_inputs, parse_shapes
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
 from pallas_kernels.gated_delta_rule import common
+from pallas_kernels.gated_delta_rule.gpu_triton.decode import gated_delta_rule_decode
 from pallas_kernels.gated_delta_rule.gpu_triton.dh import chunk_bwd_dh
 from pallas_kernels.gated_delta_rule.gpu_triton.dqkwg import chunk_bwd_dqkwg
 from pallas_kernels.gated_delta_rule.gpu_triton.dv_local import chunk_bwd_dv_local
@@ -149,6 +151,34 @@ def fwd_bwd(bs: triton_fwd.BlockSizes, interpret=False):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
+def decode_variants(batches, variants) -> dict:
+    """The decode kernel (gpu_triton.decode, T = 1, L2 norm in the kernel, bf16 q/k/v, float32
+    state) at each B in ``batches`` under each (block_v, num_warps) in ``variants``: ms a step in
+    an unrolled jitted loop and the device's busy ms a step (bench_gdn.decode_loop_times), and
+    both over the HBM time of reading and writing the state at this run's copy rate."""
+    copy = measure_ceilings()["copy_gb_per_s"] * 1e9
+    out = {"copy_gb_per_s": copy / 1e9}
+    for B in batches:
+        q, k, v, g, beta = make_inputs(B, 1, seed=1)
+        inputs = tuple(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)) + (
+            jnp.asarray(g), jnp.asarray(beta))
+        d = v.shape[-1]
+        floor_ms = 2 * B * HV * d * d * 4 / copy * 1e3
+        for bv, nw in variants:
+
+            def step(q, k, v, g, b, s, bv=bv, nw=nw, d=d):
+                return gated_delta_rule_decode(q, k, v, g, b, s, scale=d ** -0.5,
+                                               use_qk_l2norm=True, block_v=bv, num_warps=nw)[1]
+
+            state = jnp.zeros((B, HV, d, d), jnp.float32)
+            loop_ms, busy_ms = decode_loop_times(step, inputs, state, calls=15)
+            key = f"B{B}_bv{bv}_w{nw}"
+            out[key] = {"loop_ms": loop_ms, "busy_ms": busy_ms, "floor_ms": floor_ms,
+                        "loop_vs_floor": loop_ms / floor_ms, "busy_vs_floor": busy_ms / floor_ms}
+            print(key, {a: round(b, 4) for a, b in out[key].items()}, flush=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="1x32768,8x4096")
@@ -161,11 +191,20 @@ def main(argv=None):
                    help="also trace 5 forward and 5 forward + backward calls of each variant with "
                         "jax.profiler into PROFILE/<shape>_<variant>_{fwd,fwdbwd} (summarise with "
                         "scripts/profile_summary.py)")
+    p.add_argument("--decode-batches", default=None,
+                   help="only sweep the decode kernel's block_v x num_warps at these batch "
+                        "sizes (e.g. 1,64,256): writes tune_gdn_decode.json")
     p.add_argument("--interpret", action="store_true",
                    help="Pallas interpret mode (a CPU smoke run; use tiny --shapes)")
     args = p.parse_args(argv)
     it = args.interpret
     os.makedirs(args.out, exist_ok=True)
+    if args.decode_batches:
+        res = decode_variants([int(b) for b in args.decode_batches.split(",")],
+                              [(bv, nw) for bv in (8, 16, 32, 64, 128) for nw in (1, 2, 4, 8)])
+        with open(os.path.join(args.out, "tune_gdn_decode.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {}}
     for B, T in parse_shapes(args.shapes):
         q, k, v, g, beta = make_inputs(B, T)
