@@ -190,6 +190,37 @@ def test_saved_states_skip_the_recompute():
         assert recompute.count(name) == 2 * saved.count(name) > 0, name  # per pallas_call)
 
 
+@pytest.mark.parametrize("dtype,Hv,cu", [(jnp.bfloat16, 2, None), (jnp.float32, 1, [0, 7, 40])])
+def test_saved_states_hold_the_normalised_q_k(dtype, Hv, cu):
+    """With the L2 norm in the kernel, the states the forward keeps for the backward end with q
+    and k normalised (written by stage "o", by the first value head of each key head), equal to
+    common.l2norm of the inputs on the chunk-aligned axis; without it they hold no q, k."""
+    from pallas_kernels.gated_delta_rule import common
+    from pallas_kernels.gated_delta_rule.gpu_triton.fwd import (
+        chunk_gated_delta_rule_fwd,
+        chunk_layout,
+    )
+
+    q, k, v, g, beta, _ = make_inputs(5, 1 if cu else 2, 40, 1, Hv, 16, 16, dtype, False)
+    q, k = q * 3.0, k * 0.25  # away from unit norm
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    lay = chunk_layout(40, 16, cu)
+
+    def kept(l2):
+        return chunk_gated_delta_rule_fwd(
+            q, k, v, g, beta, scale=0.25, use_qk_l2norm=l2, cu_seqlens=cu,
+            block_sizes=BlockSizes(chunk=16), interpret=True, return_states=True)[2]
+
+    assert len(kept(False)) == 4
+    states = kept(True)
+    assert len(states) == 6
+    for got, x in zip(states[4:], (q, k)):
+        want = lay.to_chunks(common.l2norm(x).astype(dtype))
+        assert got.shape == want.shape and got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-6)
+
+
 def test_fused_dv_local_drops_its_kernel():
     """BlockSizes.fuse_dv_local (the default): the gradient program has no stage "dv" kernel of
     its own; without it, and with seq_splits > 1 (whose segment maps read dv_local), it has."""

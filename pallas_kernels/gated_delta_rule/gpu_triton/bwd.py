@@ -62,8 +62,9 @@ def chunk_gated_delta_rule_bwd(
         final state (zeros when it is not used).
       block_sizes: the forward's (default BlockSizes()); solve_precision: as for the forward
         (default: as the forward's).
-      states: None (recompute), or the forward's (w, h, v_new, inverse) from
-        ``chunk_gated_delta_rule_fwd(..., return_states=True)`` (BlockSizes.save_states).
+      states: None (recompute), or the forward's (w, h, v_new, inverse[, q_normalised,
+        k_normalised]) from ``chunk_gated_delta_rule_fwd(..., return_states=True)``
+        (BlockSizes.save_states).
     Returns:
       dq, dk [B, T, Hk, dk] (summed over the value heads of each key head), dv [B, T, Hv, dv],
       in the compute dtype; dg, dbeta [B, T, Hv] float32 (d(g) of the log decay itself);
@@ -78,10 +79,14 @@ def chunk_gated_delta_rule_bwd(
     if solve_precision is None:
         solve_precision = km.mm_precision(cdt)
     q_in, k_in = q, k
-    if use_qk_l2norm:
-        q, k = common.l2norm(q), common.l2norm(k)
     lay = chunk_layout(T, C, cu_seqlens)
-    q, k, v, do = (lay.to_chunks(x.astype(cdt)) for x in (q, k, v, do))
+    if states is not None and len(states) > 4:  # the forward's normalised q, k, chunk-aligned
+        q, k = states[4:]
+    else:
+        if use_qk_l2norm:
+            q, k = common.l2norm(q), common.l2norm(k)
+        q, k = (lay.to_chunks(x.astype(cdt)) for x in (q, k))
+    v, do = (lay.to_chunks(x.astype(cdt)) for x in (v, do))
     g, beta = (lay.to_chunks(x.astype(f32)) for x in (g, beta))
     Tp = q.shape[1]
     G = chunk_local_cumsum(g, C)
@@ -101,7 +106,7 @@ def chunk_gated_delta_rule_bwd(
             return_inverse=True,
         )
     else:
-        w, h, v_new, inverse = states
+        w, h, v_new, inverse = states[:4]
     split = lay.varlen is None and block_sizes.seq_splits > 1
     fuse = block_sizes.fuse_dv_local and not split
     dv_local = None if fuse else chunk_bwd_dv_local(

@@ -64,7 +64,8 @@ class BlockSizes:
     the backward, which then skips their recompute (stages kkt/solve/wy and h); costs memory
     until the backward runs: per token and value head dk + dv + C values (compute dtype),
     plus one [dk, dv] state per chunk (1.2 GB at 1 x 32768 tokens, 32 heads of 128,
-    bf16). Default on: scripts/bench_gdn.py on an H200 (bf16, Hk 16 / Hv 32, loss sum(o^2))
+    bf16); with the L2 norm in the kernel, also q and k normalised (2 dk values per token and
+    key head), which spares the backward normalising them again. Default on: scripts/bench_gdn.py on an H200 (bf16, Hk 16 / Hv 32, loss sum(o^2))
     measured forward + backward at 1 x 32768 in 9.74 ms with it and 11.99 ms without.
     """
 
@@ -284,7 +285,8 @@ def chunk_gated_delta_rule_fwd(
       compiled_f32_dots) and TF32 for bf16 inputs.
     Returns: o [B, T, Hv, dv] in v.dtype, final_state [N, Hv, dk, dv] float32; with
       return_states also (w, h, v_new, inverse) on the chunk-aligned axis (chunk_states with
-      return_inverse), for bwd.chunk_gated_delta_rule_bwd(states=...).
+      return_inverse), then with use_qk_l2norm q and k L2-normalised ([B, Tp, Hk, dk], compute
+      dtype; o.chunk_fwd_o's return_normalized), for bwd.chunk_gated_delta_rule_bwd(states=...).
     """
     C = block_sizes.chunk
     cdt = k.dtype
@@ -309,6 +311,7 @@ def chunk_gated_delta_rule_fwd(
         interpret=interpret,
         return_inverse=return_states,
     )
+    keep_qk = return_states and use_qk_l2norm
     o = chunk_fwd_o(
         q,
         k,
@@ -320,13 +323,15 @@ def chunk_gated_delta_rule_fwd(
         chunk_size=C,
         block_v=block_sizes.block_v_o,
         use_qk_l2norm=use_qk_l2norm,
+        return_normalized=keep_qk,
         num_warps=block_sizes.num_warps_o,
         num_stages=block_sizes.num_stages,
         interpret=interpret,
     )
+    o, *normalized = o if keep_qk else (o,)
     if lay.varlen is not None:
         s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
         final = jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))
     if return_states:
-        return lay.from_chunks(o), final, (w, h, v_new, *inverse)
+        return lay.from_chunks(o), final, (w, h, v_new, *inverse, *normalized)
     return lay.from_chunks(o), final
