@@ -26,6 +26,22 @@ def _bounded(kind, check, expected: str):
 
 _POSITIVE_INT = _bounded(int, lambda n: n >= 1, "an integer >= 1")
 _DTYPES = ("float32", "bfloat16", "float16")
+# --mesh "" would put every device on data: leaving out --mesh is how to ask for no mesh.
+_MESH_SPEC = _bounded(str, lambda spec: spec.replace(",", "").strip() != "",
+                      "AXIS=SIZE pairs such as 'data=1,expert=8' (axes data, fsdp, expert, "
+                      "tensor; leave out --mesh for no mesh)")
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends " (default: X)" to an option's help, unless the default is None or False (the
+    help says what leaving the option out does) or the help already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _token_ids(text: str) -> list[int]:
@@ -158,6 +174,9 @@ def _cmd_generate(args) -> int:
 
     if args.prompt is not None and args.token_ids is not None and not args.chat:
         raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
+    if args.system is not None and not args.chat:
+        raise SystemExit("--system TEXT is the system message of --chat: add --chat (and "
+                         "--prompt TEXT as the user message), or drop --system")
     _check_impls(args.gdn_impl, args.moe_impl, args.scan_layers, args.attn_impl)
     if args.checkpoint is None and args.speculative_tokens:
         raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
@@ -360,33 +379,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qnext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="HF safetensors checkpoint -> Orbax checkpoint")
+    c = sub.add_parser("convert", help="HF safetensors checkpoint -> Orbax checkpoint",
+                       formatter_class=_DefaultsHelpFormatter)
     c.add_argument("hf_dir")
     c.add_argument("out_dir")
     c.add_argument("--dtype", default=None, help="cast weights (e.g. bfloat16); default: keep")
     c.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     c.set_defaults(fn=_cmd_convert)
 
-    e = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors checkpoint")
+    e = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors checkpoint",
+                       formatter_class=_DefaultsHelpFormatter)
     e.add_argument("orbax_dir")
     e.add_argument("hf_dir")
     e.add_argument("--overwrite", action="store_true", help="replace an existing hf_dir")
     e.set_defaults(fn=_cmd_export)
 
-    g = sub.add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)")
+    g = sub.add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)",
+                       formatter_class=_DefaultsHelpFormatter)
     g.add_argument("--checkpoint", help="Orbax checkpoint dir from `qnext convert` (or HF dir)")
     g.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's "
                    "tokenizer.json; bytes for the demo model)")
     g.add_argument("--token-ids", help="prompt as token ids, e.g. '1,2,3'")
     g.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=32,
-                   help="tokens to generate (default 32)")
-    g.add_argument("--temperature", default=0.0, help="0 = greedy (default)",
+                   help="tokens to generate")
+    g.add_argument("--temperature", default=0.0, help="sampling temperature; 0 = greedy",
                    type=_bounded(float, lambda t: t >= 0, "a number >= 0"))
     g.add_argument("--top-k", type=_POSITIVE_INT, default=None,
                    help="sample from the k most likely tokens (default: off)")
     g.add_argument("--top-p", default=None, help="nucleus sampling mass (default: off)",
                    type=_bounded(float, lambda p: 0 < p <= 1, "a number in (0, 1]"))
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--dtype", default=None, choices=_DTYPES,
                    help="compute/param dtype (default: the checkpoint's)")
     g.add_argument("--gdn-impl", default="auto", choices=gdn_impls,
@@ -417,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the layers as a scan over the repeating block of the layer pattern "
                         "(params and cache stacked per block): compile time of prefill and "
                         "decode flat in depth")
-    g.add_argument("--mesh", default=None,
+    g.add_argument("--mesh", default=None, type=_MESH_SPEC,
                    help="shard over a device mesh, e.g. 'data=2,expert=4' (axes data, fsdp, "
                         "expert, tensor; the sizes multiply to the device count)")
     g.add_argument("--coordinator", default=None,
@@ -429,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     f = sub.add_parser("finetune", help="fine-tune a checkpoint on JSONL / text data",
+                       formatter_class=_DefaultsHelpFormatter,
                        description="Fine-tune (AdamW, warmup + cosine) on packed documents; "
                                    "rerun with the same --out to resume. Writes OUT/checkpoints, "
                                    "OUT/metrics.jsonl and OUT/final (qnext export OUT/final HF).")
@@ -443,19 +466,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-segments", type=int, default=16,
                    help="at most this many - 1 documents per packed row")
     f.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    f.add_argument("--warmup-steps", type=int, default=0)
+    f.add_argument("--warmup-steps", type=int, default=0,
+                   help="steps of linear warmup from 0 to --lr")
     f.add_argument("--total-steps", type=int, default=None,
-                   help="length of the cosine schedule (default --steps)")
-    f.add_argument("--min-lr-ratio", type=float, default=0.1)
-    f.add_argument("--weight-decay", type=float, default=0.0)
-    f.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clip (0: off)")
+                   help="length of the cosine schedule (default: --steps)")
+    f.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine ends at --lr times this")
+    f.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay, on matrices only")
+    f.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clip; 0: off")
     f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     f.add_argument("--train", default="all",
                    help="params to train: all | attention | experts | mlp | router | norms | "
                         "lm_head | mtp (join with '+'), or 're:REGEX'")
     f.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
     f.add_argument("--save-dtype", default=None,
-                   help="dtype of OUT/final's params (default float32)")
+                   help="dtype of OUT/final's params (default: float32)")
     f.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                    help="per-layer rematerialisation")
     f.add_argument("--scan-layers", action="store_true",
@@ -464,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "resume with the same setting")
     f.add_argument("--aux-coef", type=float, default=None,
                    help="router load-balancing coefficient (default: config's)")
-    f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight (0: off)")
+    f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight; 0: off")
     f.add_argument("--gdn-impl", default="auto", choices=gdn_impls, help="Gated DeltaNet backend")
     f.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank on the projections (0: full "
@@ -473,20 +499,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora-targets", default=None,
                    help="regex over param paths of the adapted kernels (default: every "
                         "attention, GDN, MLP and expert projection)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
     f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     f.add_argument("--export-hf", action="store_true",
                    help="also write OUT/hf (HF safetensors, loadable by transformers)")
     f.add_argument("--tensorboard", action="store_true",
                    help="also log to OUT/tensorboard (needs tensorboardX or torch's)")
-    f.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. 'fsdp=4,expert=2'")
+    f.add_argument("--mesh", default=None, type=_MESH_SPEC,
+                   help="shard over a device mesh, e.g. 'fsdp=4,expert=2'")
     f.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0")
-    f.add_argument("--num-processes", type=int, default=None)
-    f.add_argument("--process-id", type=int, default=None)
+    f.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: number of processes")
+    f.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process's index")
     f.set_defaults(fn=_cmd_finetune)
 
-    x = sub.add_parser("crosscheck", help="compare layer by layer with transformers")
+    x = sub.add_parser("crosscheck", help="compare layer by layer with transformers",
+                       formatter_class=_DefaultsHelpFormatter)
     x.add_argument("hf_dir")
     x.add_argument("--token-ids", help="input token ids (default: random)")
     x.set_defaults(fn=_cmd_crosscheck)

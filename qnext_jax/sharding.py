@@ -131,9 +131,9 @@ def make_mesh(spec: str | Mapping[str, int] = "", devices: Sequence | None = Non
     if total != len(devices):
         desc = ",".join(f"{k}={v}" for k, v in sizes.items())
         raise ValueError(f"mesh spec {spec!r} ({desc}) needs {total} devices, but "
-                         f"{len(devices)} are available (jax.device_count() = "
-                         f"{jax.device_count()}); the product of the axis sizes must equal the "
-                         "device count")
+                         f"{len(devices)} {'is' if len(devices) == 1 else 'are'} available "
+                         f"(jax.device_count() = {jax.device_count()}); the product of the axis "
+                         "sizes must equal the device count")
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         from jax.experimental import mesh_utils

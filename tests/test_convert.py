@@ -373,6 +373,37 @@ def test_orbax_to_hf_loads_in_transformers(ckpts, which, tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
 
 
+def test_written_config_names_the_saved_dtype(tmp_path):
+    """The HF config.json written by params_to_hf (finetune --export-hf, --save-dtype) and by
+    orbax_to_hf (qnext export) names the dtype of the tensors written, not the source's: a fresh
+    user's bf16 export said "torch_dtype": "float32"."""
+    from conftest import init_params, tiny_config
+
+    from qnext_jax.convert import params_to_hf
+    from qnext_jax.convert.safetensors_io import read_header
+    from qnext_jax.train.run import save_params
+
+    config = tiny_config()  # torch_dtype "bfloat16"; init_params' leaves are float32
+    params = init_params(config)
+    f32 = {**config.to_dict(), "torch_dtype": "float32", "dtype": "float32"}
+    orbax_bf16 = save_params(config, params, tmp_path / "orbax", config_json=f32,
+                             dtype="bfloat16")
+    cases = [  # (written dir, dtype of its tensors, does its config have "dtype")
+        (params_to_hf(config, params, tmp_path / "f32"), "float32", False),
+        (params_to_hf(config, params, tmp_path / "bf16", dtype="bfloat16", config_json=f32),
+         "bfloat16", True),
+        (orbax_to_hf(orbax_bf16, tmp_path / "export", progress=False), "bfloat16", True),
+    ]
+    for d, want, has_dtype in cases:
+        header, _ = read_header(d / "model.safetensors")
+        decay = {n for n in header if n.endswith(("A_log", "dt_bias"))}
+        assert decay and {header[n].dtype.name for n in decay} == {"float32"}
+        assert {info.dtype.name for n, info in header.items() if n not in decay} == {want}, d
+        raw = json.loads((d / "config.json").read_text())
+        assert raw["torch_dtype"] == want, d
+        assert raw.get("dtype") == (want if has_dtype else None), d
+
+
 def test_80b_name_map_covers_the_released_checkpoint():
     config = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
     raw = json.loads((REPO / "qnext_jax" / "presets" / "qwen3-next-80b-a3b.json").read_text())

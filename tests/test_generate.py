@@ -184,6 +184,9 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--speculative-tokens needs a --checkpoint"):
         qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "2"])
+    with pytest.raises(SystemExit, match="--system TEXT is the system message of --chat: add "
+                       "--chat .*or drop --system"):  # was silently ignored
+        qnext_main(["generate", "--prompt", "Hi", "--system", "Be brief."])
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # past the platform check
     with pytest.raises(SystemExit, match="--moe-impl gather_pallas with --scan-layers"):
         qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "gather_pallas", "--scan-layers"])
@@ -201,6 +204,8 @@ def test_cli_warns_that_greedy_ignores_top_k(capsys):
     ("--top-p", "1.5", "a number in \\(0, 1\\]"),
     ("--gdn-impl", "bogus", "invalid choice"),
     ("--dtype", "float8", "invalid choice"),
+    ("--mesh", "", "expected AXIS=SIZE pairs such as 'data=1,expert=8'.*got ''"),
+    ("--mesh", " , ", "expected AXIS=SIZE pairs such as 'data=1,expert=8'.*got ' , '"),
 ])
 def test_cli_rejects_bad_generation_options(flag, value, expected, capsys):
     """Bad options stop before any model is built, naming the option and what it expects."""

@@ -65,8 +65,13 @@ def model_result(checkpoint) -> dict:
 
 # --------------------------------------------------------------------------- in-process checks
 def test_mesh_spec_errors():
-    with pytest.raises(ValueError, match=r"needs 8 devices, but 1 are available"):
+    import jax
+
+    assert len(jax.devices()) == 1
+    with pytest.raises(ValueError, match=r"needs 8 devices, but 1 is available"):
         sharding.make_mesh("data=1,expert=8")
+    with pytest.raises(ValueError, match=r"needs 8 devices, but 2 are available"):
+        sharding.make_mesh("data=1,expert=8", devices=jax.devices() * 2)
     with pytest.raises(ValueError, match=r"unknown axis 'experts'"):
         sharding.make_mesh("experts=1")
     with pytest.raises(ValueError, match=r"positive integer"):

@@ -13,7 +13,7 @@ from hf_fixtures import build_hf_checkpoint
 from test_train_data import make_checkpoint_tokenizer
 
 from qnext_jax.train.optimizer import OptimizerConfig
-from qnext_jax.train.run import finetune
+from qnext_jax.train.run import finetune, schedule_change_warning
 from qnext_jax.train.step import TrainConfig
 
 STEPS = 4
@@ -46,12 +46,17 @@ def _run(root, out, **kw):
                     save_every=2, keep=1, progress=False, **kw)
 
 
-def test_resume_matches_uninterrupted(hf_dir, tmp_path):
+def test_resume_matches_uninterrupted(hf_dir, tmp_path, capsys):
     full = _run(hf_dir, tmp_path / "a")
     first = _run(hf_dir, tmp_path / "b", stop_after=2)  # "interrupted" after 2 steps
     assert first["final"] is None and first["steps"] == 2
+    # the schedule's length is saved with the data position (Orbax's JSON item "meta")
+    meta = json.loads((tmp_path / "b" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["data_step"] == 2 and meta["total_steps"] == STEPS
+    capsys.readouterr()
     second = _run(hf_dir, tmp_path / "b")
     assert second["resumed_from"] == 2
+    assert "schedule" not in capsys.readouterr().err  # same schedule: no warning
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == len(b) == STEPS
     np.testing.assert_allclose(b, a, rtol=1e-6)
@@ -65,6 +70,20 @@ def test_resume_matches_uninterrupted(hf_dir, tmp_path):
     _, pb = load(second["final"])
     for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_schedule_change_warning_names_both_lengths_and_the_flag():
+    """Extending a finished 100-step run to --steps 200 without --total-steps restarts the
+    cosine from its middle: warned about, naming both lengths, the jump and --total-steps."""
+    opt = OptimizerConfig(learning_rate=1e-3, total_steps=200, min_lr_ratio=0.1)
+    msg = schedule_change_warning(opt, 100, start=100)
+    assert msg == ("[qnext finetune] warning: resuming at step 100 with a learning-rate schedule "
+                   "of --total-steps 200 (default: --steps), but the checkpoint was trained with "
+                   "--total-steps 100: the remaining steps follow another schedule (next step's "
+                   "learning rate 0.00055 instead of 0.0001). Pass --total-steps 100 to keep the "
+                   "checkpoint's schedule.")
+    assert schedule_change_warning(opt, 200, start=100) is None
+    assert schedule_change_warning(opt, None, start=100) is None  # not recorded: no claim
 
 
 def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
@@ -108,3 +127,24 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
         with torch.no_grad():
             ref = model_t(torch.from_numpy(ids)).logits.numpy()
         assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_cli_finetune_help_shows_defaults_and_rejects_an_empty_mesh(capsys):
+    from qnext_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for expected in ("tokens per packed row (default: 2048)",
+                     "peak learning rate (default: 1e-05)",
+                     "steps of linear warmup from 0 to --lr (default: 0)", "(default: bfloat16)",
+                     "length of the cosine schedule (default: --steps)"):
+        assert expected in text, expected
+    assert "(default: None)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--checkpoint", "c", "--data", "d", "--out", "o", "--steps", "1",
+              "--mesh", ""])
+    assert e.value.code == 2
+    assert "argument --mesh: expected AXIS=SIZE pairs such as 'data=1,expert=8'" in (
+        capsys.readouterr().err)

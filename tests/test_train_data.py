@@ -4,6 +4,7 @@ segment ids, resumable batch order, and no leakage between packed documents in t
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,8 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
                     + json.dumps({"messages": chat}) + "\n")
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     docs = read_documents(data)
-    assert docs == [{"text": "the quick brown fox"}, {"messages": chat}]
+    assert docs == [{"text": "the quick brown fox", "source": f"{data}:1"},
+                    {"messages": chat, "source": f"{data}:3"}]
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_documents(tmp_path / "bad.jsonl")
 
@@ -60,8 +62,10 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
     (texts / "b.txt").write_text("hello world")
     (texts / "a.md").write_text("the lazy dog")
     (texts / "skip.bin").write_bytes(b"\x00")
-    assert read_documents(texts) == [{"text": "the lazy dog"}, {"text": "hello world"}]
-    assert read_documents(texts / "b.txt") == [{"text": "hello world"}]
+    assert read_documents(texts) == [{"text": "the lazy dog", "source": str(texts / "a.md")},
+                                     {"text": "hello world", "source": str(texts / "b.txt")}]
+    assert read_documents(texts / "b.txt") == [{"text": "hello world",
+                                                "source": str(texts / "b.txt")}]
 
     dt = DocumentTokenizer.from_checkpoint(tmp_path / "ckpt")
     eos = tok.token_to_id("<|endoftext|>")
@@ -86,6 +90,24 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
         runs.append(cur)
     assert [tok.decode(r, skip_special_tokens=False) for r in runs] == [
         "hello world<|im_end|>\n", "the lazy dog<|im_end|>\n"]
+
+
+def test_chat_line_without_assistant_turn_names_file_and_line(tmp_path):
+    """A 'messages' line with nothing to train on fails naming FILE:LINE, as the reader's own
+    errors do (it named neither)."""
+    make_checkpoint_tokenizer(tmp_path / "ckpt")
+    data = tmp_path / "train.jsonl"
+    good = [{"role": "user", "content": "hello?"}, {"role": "assistant", "content": "hello"}]
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in (
+        good, good, [{"role": "system", "content": "be brief"},
+                     {"role": "user", "content": "hello?"}])) + "\n")
+    tok = DocumentTokenizer.from_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(data))}:3: a 'messages' document "
+                       "has no assistant turn .*expected at least one message with role "
+                       "'assistant'$"):
+        PackedDataset.from_documents(read_documents(data), tok, seq_len=64)
+    with pytest.raises(ValueError, match="^a 'messages' document has no assistant turn"):
+        tok.encode({"messages": good[:1]})  # no source: the message alone
 
 
 def test_packing_rows_segments_and_targets():

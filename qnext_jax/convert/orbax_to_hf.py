@@ -49,8 +49,10 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
             plan.append((name, dtypes[leaf.key], leaf.source_shape))
     shards: list[list] = [[]]
     size = 0
+    bytes_of: dict[np.dtype, int] = {}
     for spec in plan:
         n = int(np.prod(spec[2], dtype=np.int64)) * spec[1].itemsize
+        bytes_of[spec[1]] = bytes_of.get(spec[1], 0) + n
         if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
@@ -58,6 +60,11 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
         size += n
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    # transformers' dtype="auto" loads in the config's dtype: name the one written (the one of
+    # the most bytes; A_log and dt_bias stay float32). Newer transformers read "dtype" first.
+    saved = max(bytes_of, key=bytes_of.get).name
+    config_json = {**config_json, "torch_dtype": saved,
+                   **({"dtype": saved} if "dtype" in config_json else {})}
 
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True "
@@ -99,7 +106,9 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
     """Export a checkpoint written by :func:`hf_to_orbax` as an HF safetensors checkpoint.
 
     Tensors keep their stored dtype (A_log and dt_bias float32); ``mtp.*`` is written when the
-    config has ``mtp_num_hidden_layers > 0``. The config.json and tokenizer files are copied.
+    config has ``mtp_num_hidden_layers > 0``. The config.json is copied with ``torch_dtype``
+    (and ``dtype``, when it has one) set to the dtype written (that of the most bytes); the
+    tokenizer files are copied.
 
     Args:
       orbax_dir: directory written by ``hf_to_orbax``.
@@ -143,7 +152,8 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
       config: the model config (``mtp_num_hidden_layers`` decides whether ``mtp`` is written).
       params: the params tree of ``config``.
       dtype: cast to this dtype (None keeps each leaf's; A_log and dt_bias stay float32).
-      config_json: the config.json to write (default ``config.to_dict()``).
+      config_json: the config.json to write (default ``config.to_dict()``); its ``torch_dtype``
+        (and ``dtype``, when it has one) is set to the dtype written (that of the most bytes).
       tokenizer_dir: copy tokenizer files from here.
     """
     leaves = nm.name_map(config)

@@ -33,6 +33,10 @@ def read_documents(path: str | Path) -> list[dict]:
     """Documents from a JSONL file (``text`` or ``messages`` per line), a plain text file (one
     document) or a directory of such files (sorted by name).
 
+    Returns:
+      [{"text": str} or {"messages": list}, with "source": where it came from ("FILE:LINE" for a
+      JSONL line, "FILE" for a text file), which :meth:`DocumentTokenizer.encode` names in its
+      errors].
     Raises:
       ValueError: a JSONL line that is not an object with ``text`` or ``messages`` (names the
         file and line).
@@ -63,8 +67,9 @@ def read_documents(path: str | Path) -> list[dict]:
                     f"'messages' list, got {str(obj)[:80]!r}")
             docs.append({"messages": obj["messages"]} if "messages" in obj
                         else {"text": obj["text"]})
+            docs[-1]["source"] = f"{path}:{n}"
         return docs
-    return [{"text": path.read_text()}]
+    return [{"text": path.read_text(), "source": str(path)}]
 
 
 @dataclasses.dataclass
@@ -116,14 +121,21 @@ class DocumentTokenizer:
         """(ids [n] int32, trainable [n] bool) of one document.
 
         Raises:
-          ValueError: a ``messages`` document without a chat template, or with no assistant turn.
+          ValueError: a ``messages`` document without a chat template, with no assistant turn,
+            or whose template fails to render (prefixed with the document's ``source``, e.g.
+            "train.jsonl:3: ", when it has one).
         """
         if "text" in doc:
             ids = self.tokenizer.encode(doc["text"], add_special_tokens=False).ids
             if self.eos_id is not None:
                 ids = ids + [int(self.eos_id)]
             return np.asarray(ids, np.int32), np.ones(len(ids), bool)
-        return self._encode_chat(doc["messages"])
+        try:
+            return self._encode_chat(doc["messages"])
+        except ValueError as e:
+            if "source" not in doc:
+                raise
+            raise ValueError(f"{doc['source']}: {e}") from None
 
     def _render(self, messages, add_generation_prompt):
         from qnext_jax.chat import render_chat
@@ -163,7 +175,9 @@ class DocumentTokenizer:
     def _encode_chat(self, messages):
         full, spans = self.assistant_spans(messages)
         if not spans:
-            raise ValueError("a 'messages' document has no assistant turn to train on")
+            raise ValueError("a 'messages' document has no assistant turn to train on (the "
+                             "loss covers assistant turns only): expected at least one "
+                             "message with role 'assistant'")
         enc = self.tokenizer.encode(full, add_special_tokens=False)
         starts = np.asarray([o[0] for o in enc.offsets], np.int64)
         trainable = np.zeros(len(enc.ids), bool)

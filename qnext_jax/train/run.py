@@ -31,7 +31,7 @@ import numpy as np
 
 from qnext_jax.train.checkpoint import TrainCheckpointer
 from qnext_jax.train.data import DocumentTokenizer, PackedDataset, read_documents
-from qnext_jax.train.optimizer import OptimizerConfig
+from qnext_jax.train.optimizer import OptimizerConfig, make_schedule
 from qnext_jax.train.step import TrainConfig, Trainer
 
 
@@ -81,6 +81,23 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
     return out_dir
 
 
+def schedule_change_warning(opt: OptimizerConfig, saved_total_steps: int | None,
+                            start: int) -> str | None:
+    """The warning for resuming, at step ``start``, a checkpoint trained with a schedule of
+    ``saved_total_steps`` steps (None: an older checkpoint that did not record it) under a
+    schedule of ``opt.total_steps``: one line naming both lengths, the next step's learning rate
+    under each and ``--total-steps``; None when the lengths agree or the saved one is unknown."""
+    if saved_total_steps is None or saved_total_steps == opt.total_steps:
+        return None
+    old = float(make_schedule(dataclasses.replace(opt, total_steps=saved_total_steps))(start))
+    new = float(make_schedule(opt)(start))
+    return (f"[qnext finetune] warning: resuming at step {start} with a learning-rate schedule "
+            f"of --total-steps {opt.total_steps} (default: --steps), but the checkpoint was "
+            f"trained with --total-steps {saved_total_steps}: the remaining steps follow another "
+            f"schedule (next step's learning rate {new:.3g} instead of {old:.3g}). Pass "
+            f"--total-steps {saved_total_steps} to keep the checkpoint's schedule.")
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (and to TensorBoard when ``tensorboardX``
     or ``torch.utils.tensorboard`` is importable and ``tensorboard_dir`` is given)."""
@@ -126,7 +143,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
       checkpoint: a converted (``qnext convert``) or HF checkpoint dir with tokenizer.json.
       data: JSONL / text file or directory (see :mod:`qnext_jax.train.data`).
       out: output directory (see the module docstring).
-      steps: total optimizer steps of the run (the schedule's ``total_steps`` defaults to it).
+      steps: total optimizer steps of the run (the schedule's ``total_steps`` defaults to it;
+        resuming under another ``opt.total_steps`` than the checkpoint's prints a warning to
+        stderr: see :func:`schedule_change_warning`).
       batch_size: packed rows per step; seq_len: tokens per row; max_segments: bound on the
         documents per row + 1.
       opt, train: optimizer and step settings.
@@ -178,6 +197,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         if meta.get("seed", seed) != seed:
             raise ValueError(f"{out}: the checkpoint was trained with seed {meta['seed']}, "
                              f"not {seed}")
+        warning = schedule_change_warning(opt, meta.get("total_steps"), start)
+        if warning is not None and start < steps:
+            print(warning, file=sys.stderr)
     else:
         state, start = trainer.init_state(params, seed), 0
     del params
@@ -187,6 +209,11 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                unit="step", dynamic_ncols=True)
     metrics = {}
     last_saved = resumed_from
+
+    def meta_at(step):
+        return {"data_step": step, "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
+                "total_steps": opt.total_steps}
+
     try:
         for step in range(start, end):
             batch = dataset.batch_at(step, batch_size, seed)
@@ -201,13 +228,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             lr=f"{m['lr']:.2e}", refresh=False)
             bar.update(1)
-            meta = {"data_step": step + 1, "seed": seed, "batch_size": batch_size,
-                    "seq_len": seq_len}
-            if ckpt.maybe_save(step + 1, state, meta):
+            if ckpt.maybe_save(step + 1, state, meta_at(step + 1)):
                 last_saved = step + 1
         if end > start and last_saved != end:
-            ckpt.save(end, state, {"data_step": end, "seed": seed, "batch_size": batch_size,
-                                   "seq_len": seq_len}, force=True)
+            ckpt.save(end, state, meta_at(end), force=True)
     finally:
         bar.close()
         log.close()
@@ -227,6 +251,6 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                                     config_json=cfg_json, tokenizer_dir=checkpoint,
                                     dtype=save_dtype, overwrite=True)
     if progress:
-        print(f"[qnext finetune] {end} steps; params in {result['final']}"
+        print(f"[qnext finetune] {end} step{'' if end == 1 else 's'}; params in {result['final']}"
               + (f", HF checkpoint in {result['hf']}" if result["hf"] else ""), file=sys.stderr)
     return result
