@@ -120,7 +120,7 @@ def test_lora_trains_adapters_only_and_merges():
     base_loss = float(tr.loss(params, batch))
     assert float(tr.loss(state, batch)) == pytest.approx(base_loss, rel=1e-6)
     for _ in range(5):
-        state, m = tr.step(state, batch)
+        state, _ = tr.step(state, batch)
     for a, b in zip(jax.tree_util.tree_leaves(state["params"]),
                     jax.tree_util.tree_leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
