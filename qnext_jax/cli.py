@@ -25,6 +25,9 @@ def _bounded(kind, check, expected: str):
 
 
 _POSITIVE_INT = _bounded(int, lambda n: n >= 1, "an integer >= 1")
+_NONNEGATIVE_INT = _bounded(int, lambda n: n >= 0, "an integer >= 0")
+_POSITIVE_FLOAT = _bounded(float, lambda x: x > 0, "a number > 0")
+_NONNEGATIVE_FLOAT = _bounded(float, lambda x: x >= 0, "a number >= 0")
 _DTYPES = ("float32", "bfloat16", "float16")
 # --mesh "" would put every device on data: leaving out --mesh is how to ask for no mesh.
 _MESH_SPEC = _bounded(str, lambda spec: spec.replace(",", "").strip() != "",
@@ -95,6 +98,15 @@ def _one_line_errors(command: str):
         yield
     except (OSError, ValueError, re.error) as e:
         raise SystemExit(f"qnext {command}: {e}") from None
+
+
+@contextlib.contextmanager
+def _exit_on_interrupt():
+    """Ctrl-C as exit status 130 without a traceback (what was saved is said on stderr)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def _cmd_convert(args) -> int:
@@ -251,6 +263,10 @@ def _cmd_generate(args) -> int:
         check_token_ids(ids, config.vocab_size)
     except ValueError as e:
         raise SystemExit(f"the prompt's {e}") from None
+    if len(ids) + args.max_new_tokens > config.max_position_embeddings:
+        print(f"[qnext] warning: {len(ids)} prompt + {args.max_new_tokens} new tokens go past the "
+              f"model's max_position_embeddings ({config.max_position_embeddings}); the cache "
+              "is sized for all of them", file=sys.stderr)
     # The demo's weights are float32 unless --dtype casts them.
     dtype = jnp.dtype(args.dtype or jnp.float32) if params is None else \
         params["embed_tokens"]["embedding"].dtype
@@ -333,7 +349,11 @@ def _cmd_crosscheck(args) -> int:
 
     ids = _token_ids(args.token_ids) if args.token_ids else None
     with _one_line_errors("crosscheck"):
-        report = crosscheck(args.hf_dir, token_ids=ids)
+        try:
+            report = crosscheck(args.hf_dir, token_ids=ids)
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"qnext crosscheck: needs torch and transformers ({e}): pip install "
+                             "-e '.[crosscheck]'") from None
     print(report.table())
     return 0 if report.ok else 1
 
@@ -355,7 +375,7 @@ def _cmd_finetune(args) -> int:
                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         scan_layers=args.scan_layers,
                         **({"lora_targets": args.lora_targets} if args.lora_targets else {}))
-    with _one_line_errors("finetune"):
+    with _one_line_errors("finetune"), _exit_on_interrupt():
         result = finetune(args.checkpoint, args.data, args.out, steps=args.steps,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_segments=args.max_segments, opt=opt, train=train, seed=args.seed,
@@ -383,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_DefaultsHelpFormatter)
     c.add_argument("hf_dir")
     c.add_argument("out_dir")
-    c.add_argument("--dtype", default=None, help="cast weights (e.g. bfloat16); default: keep")
+    c.add_argument("--dtype", default=None, choices=_DTYPES,
+                   help="cast the weights to this dtype (default: keep the checkpoint's)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     c.set_defaults(fn=_cmd_convert)
 
@@ -460,27 +481,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True,
                    help="JSONL ('text' or chat 'messages' per line), a text file, or a dir")
     f.add_argument("--out", required=True, help="output dir (resumed when it has checkpoints)")
-    f.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole run")
-    f.add_argument("--batch-size", type=int, default=8, help="packed rows per step")
-    f.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
-    f.add_argument("--max-segments", type=int, default=16,
-                   help="at most this many - 1 documents per packed row")
-    f.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    f.add_argument("--warmup-steps", type=int, default=0,
+    f.add_argument("--steps", type=_POSITIVE_INT, required=True,
+                   help="optimizer steps of the whole run")
+    f.add_argument("--batch-size", type=_POSITIVE_INT, default=8, help="packed rows per step")
+    f.add_argument("--seq-len", type=_POSITIVE_INT, default=2048, help="tokens per packed row")
+    f.add_argument("--max-segments", type=_bounded(int, lambda n: n >= 2, "an integer >= 2"),
+                   default=16, help="at most this many - 1 documents per packed row")
+    f.add_argument("--lr", type=_POSITIVE_FLOAT, default=1e-5, help="peak learning rate")
+    f.add_argument("--warmup-steps", type=_NONNEGATIVE_INT, default=0,
                    help="steps of linear warmup from 0 to --lr")
-    f.add_argument("--total-steps", type=int, default=None,
+    f.add_argument("--total-steps", type=_POSITIVE_INT, default=None,
                    help="length of the cosine schedule (default: --steps)")
-    f.add_argument("--min-lr-ratio", type=float, default=0.1,
+    f.add_argument("--min-lr-ratio", default=0.1,
+                   type=_bounded(float, lambda x: 0 <= x <= 1, "a number in [0, 1]"),
                    help="the cosine ends at --lr times this")
-    f.add_argument("--weight-decay", type=float, default=0.0,
+    f.add_argument("--weight-decay", type=_NONNEGATIVE_FLOAT, default=0.0,
                    help="decoupled weight decay, on matrices only")
-    f.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clip; 0: off")
-    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    f.add_argument("--clip-norm", type=_NONNEGATIVE_FLOAT, default=1.0,
+                   help="global-norm clip; 0: off")
+    f.add_argument("--grad-accum", type=_POSITIVE_INT, default=1, help="micro-batches per step")
     f.add_argument("--train", default="all",
                    help="params to train: all | attention | experts | mlp | router | norms | "
                         "lm_head | mtp (join with '+'), or 're:REGEX'")
-    f.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-    f.add_argument("--save-dtype", default=None,
+    f.add_argument("--dtype", default="bfloat16", choices=_DTYPES,
+                   help="compute dtype (params stay float32)")
+    f.add_argument("--save-dtype", default=None, choices=_DTYPES,
                    help="dtype of OUT/final's params (default: float32)")
     f.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                    help="per-layer rematerialisation")
@@ -492,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="router load-balancing coefficient (default: config's)")
     f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight; 0: off")
     f.add_argument("--gdn-impl", default="auto", choices=gdn_impls, help="Gated DeltaNet backend")
-    f.add_argument("--lora-rank", type=int, default=0,
+    f.add_argument("--lora-rank", type=_NONNEGATIVE_INT, default=0,
                    help="train LoRA adapters of this rank on the projections (0: full "
                         "fine-tuning); merged into OUT/final")
     f.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale = alpha / rank")
@@ -500,8 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regex over param paths of the adapted kernels (default: every "
                         "attention, GDN, MLP and expert projection)")
     f.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
-    f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-    f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    f.add_argument("--save-every", type=_POSITIVE_INT, default=100,
+                   help="checkpoint every N steps")
+    f.add_argument("--keep", type=_POSITIVE_INT, default=3,
+                   help="checkpoints kept (the newest is what a rerun resumes from)")
     f.add_argument("--export-hf", action="store_true",
                    help="also write OUT/hf (HF safetensors, loadable by transformers)")
     f.add_argument("--tensorboard", action="store_true",

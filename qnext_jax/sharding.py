@@ -7,8 +7,8 @@ zero or more mesh axes (:data:`DEFAULT_RULES`); :func:`logical_to_spec` turns th
 
     from qnext_jax import sharding
     mesh = sharding.make_mesh("data=2,expert=4")                    # 8 devices
-    shardings = sharding.param_shardings(config, mesh)              # NamedSharding per leaf
-    config, params = qnext_jax.load("CKPT", mesh=mesh, shardings=shardings)
+    config, params = qnext_jax.load("CKPT", mesh=mesh)              # restored sharded
+    # (sharding.param_shardings(config, mesh): the NamedSharding of every leaf)
     with sharding.activate(mesh):                                    # at trace time
         logits, cache = jax.jit(model.apply)({"params": params}, ids)
 

@@ -350,6 +350,39 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     assert not (out / "keep.txt").exists() and (out / "params_index.json").is_file()
 
 
+def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys):
+    """Converting or exporting into the input directory (or a directory holding it) would delete
+    the input: refused, the input intact. An integer dtype would store every weight as 0:
+    refused by the API and by the CLI."""
+    from qnext_jax.cli import main
+    from qnext_jax.convert import params_to_hf
+
+    src = tmp_path / "hf"
+    shutil.copytree(ckpts["single"][0], src)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, tmp_path):
+        with pytest.raises(ValueError, match="would replace the input"):
+            hf_to_orbax(src, out, progress=False, overwrite=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+    orbax = _convert(src, tmp_path)
+    with pytest.raises(ValueError, match="would replace the input"):
+        orbax_to_hf(orbax, orbax, overwrite=True, progress=False)
+    assert (orbax / "params_index.json").is_file()
+    for bad in ("int8", "bf16"):
+        with pytest.raises(ValueError, match=f"dtype must be one of float32, bfloat16, float16, "
+                                             f"float64, got '{bad}'"):
+            hf_to_orbax(src, tmp_path / "x", dtype=bad, progress=False)
+    config, params = load(orbax)
+    with pytest.raises(ValueError, match="got 'int32'"):
+        params_to_hf(config, params, tmp_path / "y", dtype="int32")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(src), str(tmp_path / "z"), "--dtype", "int8"])
+    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="qnext convert: the output directory"):
+        main(["convert", str(src), str(src), "--overwrite"])
+
+
 @pytest.mark.parametrize("which", ["sharded", "mtp"])
 def test_orbax_to_hf_loads_in_transformers(ckpts, which, tmp_path):
     import torch

@@ -80,3 +80,18 @@ def test_greedy_generation_matches_transformers(converted, capsys):
     with jax.default_matmul_precision("highest"):
         ours = generate(config, params, jnp.asarray(prompt), max_new_tokens=32)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_cli_crosscheck_without_torch_names_the_extra(monkeypatch):
+    """Without torch / transformers (a plain `pip install -e .`) the command says which extra to
+    install, in one line, rather than a ModuleNotFoundError traceback."""
+    import qnext_jax.crosscheck
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    monkeypatch.setattr(qnext_jax.crosscheck, "crosscheck", missing)
+    with pytest.raises(SystemExit, match=r"qnext crosscheck: needs torch and transformers "
+                                         r"\(No module named 'torch'\): pip install -e "
+                                         r"'\.\[crosscheck\]'"):
+        qnext_main(["crosscheck", "some_dir"])

@@ -38,12 +38,12 @@ def _losses(out):
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run(root, out, **kw):
+def _run(root, out, keep=1, **kw):
     return finetune(root / "hf", root / "data.jsonl", out, steps=STEPS, batch_size=2, seq_len=32,
                     max_segments=4, opt=OptimizerConfig(learning_rate=2e-3, warmup_steps=1,
                                                          total_steps=STEPS),
                     train=TrainConfig(compute_dtype="float32", gdn_impl="reference"),
-                    save_every=2, keep=1, progress=False, **kw)
+                    save_every=2, keep=keep, progress=False, **kw)
 
 
 def test_resume_matches_uninterrupted(hf_dir, tmp_path, capsys):
@@ -148,3 +148,65 @@ def test_cli_finetune_help_shows_defaults_and_rejects_an_empty_mesh(capsys):
     assert e.value.code == 2
     assert "argument --mesh: expected AXIS=SIZE pairs such as 'data=1,expert=8'" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--keep", "0", "an integer >= 1"), ("--batch-size", "0", "an integer >= 1"),
+    ("--seq-len", "0", "an integer >= 1"), ("--lr", "-1", "a number > 0"),
+    ("--lora-rank", "-1", "an integer >= 0"), ("--min-lr-ratio", "2", "a number in [0, 1]"),
+    ("--save-dtype", "int8", "invalid choice: 'int8'")])
+def test_cli_finetune_rejects_values_that_would_lose_or_ruin_a_run(flag, value, expected, capsys):
+    """--keep 0 would keep no checkpoint to resume from, a zero batch divides by zero, a
+    negative learning rate ascends, an integer save dtype stores zeros: refused up front."""
+    from qnext_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--checkpoint", "c", "--data", "d", "--out", "o", "--steps", "1",
+              flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and expected in err, err
+
+
+def test_interrupted_run_saves_its_state_and_resumes_exactly(hf_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    """Ctrl-C during step 4 (save_every 2: step 3 unsaved) saves step 3 from the state's own
+    counter; the rerun resumes there and ends with the losses of an uninterrupted run."""
+    from qnext_jax.train.step import Trainer
+
+    step = Trainer.step
+    calls = []
+
+    def interrupting_step(self, state, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step(self, state, batch)
+
+    monkeypatch.setattr(Trainer, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hf_dir, tmp_path / "cut", keep=2)
+    assert "interrupted after step 3, saved" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "step", step)
+    resumed = _run(hf_dir, tmp_path / "cut")
+    assert resumed["resumed_from"] == 3
+    full = _run(hf_dir, tmp_path / "full")
+    np.testing.assert_allclose(_losses(tmp_path / "cut"), _losses(tmp_path / "full"), rtol=1e-6)
+    assert full["steps"] == resumed["steps"] == STEPS
+
+
+def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):
+    """--tensorboard with neither tensorboardX nor torch's tensorboard: metrics.jsonl only, and
+    a warning that says so (it was silent)."""
+    import sys
+
+    from qnext_jax.train.run import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    log = MetricsLog(tmp_path / "metrics.jsonl", tmp_path / "tb")
+    log.write({"step": 1, "loss": 2.0})
+    log.close()
+    assert "--tensorboard needs tensorboardX" in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.0}
+    assert not (tmp_path / "tb").exists()

@@ -188,6 +188,40 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def float_dtype(dtype) -> np.dtype | None:
+    """``dtype`` (a name such as "bfloat16", or a dtype) as a numpy dtype; None stays None.
+
+    Raises:
+      ValueError: not a floating-point dtype (an integer dtype would store the weights as
+        zeros), naming the ones accepted.
+    """
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    return dt
+
+
+def check_not_replaced(out_dir: Path, source: Path) -> None:
+    """Refuse to write ``out_dir`` when that would replace ``source`` (the same directory, or
+    one inside it): the input would be deleted.
+
+    Raises:
+      ValueError: naming both directories.
+    """
+    out, src = Path(out_dir).resolve(), Path(source).resolve()
+    if out == src or out in src.parents:
+        raise ValueError(f"the output directory {out_dir} would replace the input {source}: "
+                         "write to another directory")
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir``; on success it replaces ``out_dir``

@@ -13,7 +13,8 @@ import numpy as np
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
 from qnext_jax.convert.hf_checkpoint import (HFCheckpoint, atomic_directory,
-                                             copy_tokenizer_files)
+                                             check_not_replaced, copy_tokenizer_files,
+                                             float_dtype)
 from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
 
@@ -82,11 +83,13 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
         listed, nothing written.
       ConfigError: an invalid config.json. FileNotFoundError: no config.json / safetensors.
       FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+      ValueError: ``dtype`` is not a floating-point dtype; ``out_dir`` is ``hf_dir`` or holds it.
     """
     from tqdm.auto import tqdm
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    dtype = np.dtype(dtype) if dtype is not None else None
+    dtype = float_dtype(dtype)
+    check_not_replaced(out_dir, hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     config, leaves = ckpt.match()
     _prepare_out_dir(out_dir, overwrite)

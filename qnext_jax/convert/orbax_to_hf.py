@@ -18,7 +18,8 @@ import numpy as np
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
 from qnext_jax.convert.hf_checkpoint import (INDEX_FILE, SINGLE_FILE, atomic_directory,
-                                             copy_tokenizer_files)
+                                             check_not_replaced, copy_tokenizer_files,
+                                             float_dtype)
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
 
@@ -115,12 +116,14 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
       hf_dir: output directory (written under a temporary name, renamed at the end).
       max_shard_size: bytes per safetensors shard (int, or "5GB" / "500MiB").
     Raises:
-      ValueError: the params do not match the config's name map (names each leaf).
+      ValueError: the params do not match the config's name map (names each leaf);
+        ``hf_dir`` is ``orbax_dir`` or holds it.
       FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
       FileNotFoundError: ``orbax_dir`` is not a checkpoint written by ``hf_to_orbax``.
     """
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
     index = read_index(orbax_dir)  # first: it names a directory that is no such checkpoint
+    check_not_replaced(hf_dir, orbax_dir)
     raw = json.loads((orbax_dir / "config.json").read_text())
     config = Qwen3NextConfig.from_dict(raw)
     by_key = {leaf.key: leaf for leaf in nm.name_map(config)}
@@ -155,6 +158,9 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
       config_json: the config.json to write (default ``config.to_dict()``); its ``torch_dtype``
         (and ``dtype``, when it has one) is set to the dtype written (that of the most bytes).
       tokenizer_dir: copy tokenizer files from here.
+    Raises:
+      ValueError: params that do not match the config; ``dtype`` not a floating-point dtype.
+      FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
     """
     leaves = nm.name_map(config)
     flat = dict(_flatten(params))
@@ -162,7 +168,7 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
     extra = sorted(set(flat) - {leaf.key for leaf in leaves})
     if missing or extra:
         raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
-    dt = np.dtype(dtype) if dtype is not None else None
+    dt = float_dtype(dtype)
     dtypes = {leaf.key: leaf.out_dtype(np.dtype(flat[leaf.key].dtype), dt) for leaf in leaves}
 
     def arrays():

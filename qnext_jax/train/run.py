@@ -51,15 +51,17 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
     Args:
       dtype: cast the stored leaves (None keeps them; A_log and dt_bias stay float32).
     Raises:
-      ValueError: the params do not match the config's name map.
+      ValueError: the params do not match the config's name map; ``dtype`` is not a
+        floating-point dtype.
     """
     from qnext_jax.convert import name_map as nm
-    from qnext_jax.convert.hf_checkpoint import atomic_directory, copy_tokenizer_files
+    from qnext_jax.convert.hf_checkpoint import (atomic_directory, copy_tokenizer_files,
+                                                 float_dtype)
     from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
     out_dir = Path(out_dir)
     leaves = nm.name_map(config)
-    dt = None if dtype is None else np.dtype(dtype)
+    dt = float_dtype(dtype)
     with atomic_directory(out_dir) as tmp:
         biggest = max(leaf.size for leaf in leaves) * 4
         writer = ParamWriter(tmp, max(biggest, MIN_GROUP_BYTES))
@@ -98,6 +100,24 @@ def schedule_change_warning(opt: OptimizerConfig, saved_total_steps: int | None,
             f"--total-steps {saved_total_steps} to keep the checkpoint's schedule.")
 
 
+def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
+    """Ctrl-C during a run: checkpoint ``state`` at the step it has reached (its own counter)
+    unless that step is saved already, and say on stderr where a rerun resumes. The state may
+    already be donated to the interrupted step; then a rerun resumes from ``last_saved``."""
+    try:
+        done = int(jax.device_get(state["step"]))
+        if done != (last_saved or 0):
+            ckpt.save(done, state, meta_at(done), force=True)
+            ckpt.wait()
+    except Exception as e:  # noqa: BLE001  (e.g. the state's buffers donated to the cut step)
+        print(f"[qnext finetune] interrupted; the state could not be saved ({type(e).__name__}): "
+              f"a rerun of the same command resumes from step {last_saved or 0}",
+              file=sys.stderr)
+        return
+    print(f"[qnext finetune] interrupted after step {done}, saved: a rerun of the same command "
+          "resumes from it", file=sys.stderr)
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (and to TensorBoard when ``tensorboardX``
     or ``torch.utils.tensorboard`` is importable and ``tensorboard_dir`` is given)."""
@@ -116,6 +136,10 @@ class MetricsLog:
                     SummaryWriter = None
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(str(tensorboard_dir))
+            else:
+                print("[qnext finetune] warning: --tensorboard needs tensorboardX (pip install "
+                      "tensorboardX) or torch's tensorboard; logging to metrics.jsonl only",
+                      file=sys.stderr)
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -232,6 +256,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                 last_saved = step + 1
         if end > start and last_saved != end:
             ckpt.save(end, state, meta_at(end), force=True)
+    except KeyboardInterrupt:
+        _save_on_interrupt(ckpt, state, last_saved, meta_at)
+        raise
     finally:
         bar.close()
         log.close()
