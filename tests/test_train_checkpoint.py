@@ -210,3 +210,16 @@ def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):
     assert "--tensorboard needs tensorboardX" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.0}
     assert not (tmp_path / "tb").exists()
+
+
+def test_resume_under_another_structure_names_the_setting(hf_dir, tmp_path):
+    """A checkpoint written without LoRA, resumed with --lora-rank 2: the error names the
+    setting and both values before any restore (it ended in a cut Orbax tree message)."""
+    _run(hf_dir, tmp_path / "r", stop_after=2)
+    with pytest.raises(ValueError, match=r"step 2 was trained with --lora-rank 0 \(now 2\): "
+                                         r"resume with the settings that wrote it"):
+        finetune(hf_dir / "hf", hf_dir / "data.jsonl", tmp_path / "r", steps=STEPS,
+                 batch_size=2, seq_len=32, max_segments=4,
+                 opt=OptimizerConfig(learning_rate=2e-3, total_steps=STEPS),
+                 train=TrainConfig(compute_dtype="float32", gdn_impl="reference", lora_rank=2),
+                 save_every=2, keep=1, progress=False)

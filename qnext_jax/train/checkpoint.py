@@ -88,6 +88,13 @@ class TrainCheckpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["meta"] or {})
 
+    def meta(self, step: int) -> dict:
+        """The JSON ``meta`` saved with ``step`` alone (no state restored)."""
+        import orbax.checkpoint as ocp
+
+        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
     def wait(self) -> None:
         self._mgr.wait_until_finished()
 

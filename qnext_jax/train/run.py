@@ -205,7 +205,16 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     trainer = Trainer(config, opt, train, mesh)
     ckpt = TrainCheckpointer(out / "checkpoints", save_every=save_every, keep=keep)
     resumed_from = ckpt.latest_step()
+    # What shapes the train state: a resume under other values cannot restore it.
+    structure = {"--scan-layers": train.scan_layers, "--lora-rank": train.lora_rank,
+                 "--train": opt.train}
     if resumed_from is not None:
+        saved = ckpt.meta(resumed_from).get("structure", {})
+        differ = [f"{flag} {saved[flag]!r} (now {value!r})" for flag, value in structure.items()
+                  if flag in saved and saved[flag] != value]
+        if differ:
+            raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} was trained with "
+                             f"{', '.join(differ)}: resume with the settings that wrote it")
         abstract = trainer.abstract_state(params)
         try:
             state, meta = ckpt.restore(abstract, trainer.state_shardings(abstract))
@@ -236,7 +245,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
 
     def meta_at(step):
         return {"data_step": step, "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
-                "total_steps": opt.total_steps}
+                "total_steps": opt.total_steps, "structure": structure}
 
     try:
         for step in range(start, end):
