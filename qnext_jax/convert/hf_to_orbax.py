@@ -12,9 +12,13 @@ import numpy as np
 
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
-from qnext_jax.convert.hf_checkpoint import (HFCheckpoint, atomic_directory,
-                                             check_not_replaced, copy_tokenizer_files,
-                                             float_dtype)
+from qnext_jax.convert.hf_checkpoint import (
+    HFCheckpoint,
+    atomic_directory,
+    check_not_replaced,
+    copy_tokenizer_files,
+    float_dtype,
+)
 from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
 

@@ -55,8 +55,7 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
         floating-point dtype.
     """
     from qnext_jax.convert import name_map as nm
-    from qnext_jax.convert.hf_checkpoint import (atomic_directory, copy_tokenizer_files,
-                                                 float_dtype)
+    from qnext_jax.convert.hf_checkpoint import atomic_directory, copy_tokenizer_files, float_dtype
     from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
     out_dir = Path(out_dir)
