@@ -115,7 +115,7 @@ def measure(fn, params, fn_args, fn_kwargs, repeats: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[4, 8, 48])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128,

@@ -68,6 +68,8 @@ def test_resume_matches_uninterrupted(hf_dir, tmp_path, capsys):
 
     _, pa = load(full["final"])
     _, pb = load(second["final"])
+    with pytest.raises(FileNotFoundError, match="a qnext finetune output: its params are in"):
+        load(tmp_path / "a")  # the --out directory itself
     for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 

@@ -66,6 +66,11 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
                                      {"text": "hello world", "source": str(texts / "b.txt")}]
     assert read_documents(texts / "b.txt") == [{"text": "hello world",
                                                 "source": str(texts / "b.txt")}]
+    (tmp_path / "nodata").mkdir()
+    (tmp_path / "nodata" / "x.bin").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"nodata: no data files in this directory \(expected "
+                                         r"\.jsonl / \.json or "):
+        read_documents(tmp_path / "nodata")
 
     dt = DocumentTokenizer.from_checkpoint(tmp_path / "ckpt")
     eos = tok.token_to_id("<|endoftext|>")

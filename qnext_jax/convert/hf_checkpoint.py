@@ -56,12 +56,12 @@ class CheckpointMismatchError(ValueError):
                 f"{len(self.mismatched)} with the wrong shape, {len(self.problems)} other "
                 "problem(s)")
         rows = []
-        for label, items, render in (
+        for label, items, render in (  # problems first: a missing shard explains the rest
+                ("problem", self.problems, str),
                 ("missing", self.missing, lambda x: f"{x[0]}: expected {fmt(x[1])}"),
                 ("unexpected", self.unexpected, lambda x: f"{x[0]}: found {fmt(x[1])}"),
                 ("wrong shape", self.mismatched,
-                 lambda x: f"{x[0]}: expected {fmt(x[1])}, found {fmt(x[2])}"),
-                ("problem", self.problems, str)):
+                 lambda x: f"{x[0]}: expected {fmt(x[1])}, found {fmt(x[2])}")):
             for item in items[:_MAX_LISTED]:
                 rows.append(f"  {label}: {render(item)}")
             if len(items) > _MAX_LISTED:

@@ -9,7 +9,7 @@ import numpy as np
 
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
-from qnext_jax.convert.orbax_store import _flatten, is_orbax_dir, restore
+from qnext_jax.convert.orbax_store import _flatten, finetune_out_hint, is_orbax_dir, restore
 
 
 def _resolve_shardings(config: Qwen3NextConfig, mesh, shardings):
@@ -67,5 +67,5 @@ def load(path: str | Path, mesh=None, dtype=None, shardings=None
 
         return hf_to_params(path, None if dtype is None else np.dtype(dtype), config, put)
     raise FileNotFoundError(f"{path}: neither a converted checkpoint (no params_index.json) nor "
-                            "an HF checkpoint (no config.json)")
+                            f"an HF checkpoint (no config.json){finetune_out_hint(path)}")
 

@@ -114,6 +114,15 @@ class ParamWriter:
         return index
 
 
+def finetune_out_hint(path: str | Path) -> str:
+    """For an error on a directory that is no checkpoint: where the params are when it is a
+    ``qnext finetune --out`` directory ("" otherwise)."""
+    final = Path(path) / "final"
+    if (final / INDEX_FILE).is_file():
+        return f" (a qnext finetune output: its params are in {final})"
+    return ""
+
+
 def read_index(root: str | Path) -> dict:
     """The params index of a converted checkpoint (raises ValueError naming the file)."""
     path = Path(root) / INDEX_FILE
@@ -121,7 +130,8 @@ def read_index(root: str | Path) -> dict:
         index = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {root} is not a checkpoint written by "
-                                "qnext_jax.convert.hf_to_orbax") from None
+                                f"qnext_jax.convert.hf_to_orbax{finetune_out_hint(root)}"
+                                ) from None
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path}: unknown format {index.get('format')!r} version "
                          f"{index.get('version')!r}; expected {FORMAT!r} version {VERSION}")

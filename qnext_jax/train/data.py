@@ -39,18 +39,19 @@ def read_documents(path: str | Path) -> list[dict]:
       errors].
     Raises:
       ValueError: a JSONL line that is not an object with ``text`` or ``messages`` (names the
-        file and line).
+        file and line); a directory without data files.
       FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file or directory")
     if path.is_dir():
-        docs = []
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".jsonl", ".json") or f.suffix in TEXT_SUFFIXES:
-                docs.extend(read_documents(f))
-        return docs
+        files = [f for f in sorted(path.iterdir())
+                 if f.suffix in (".jsonl", ".json") or f.suffix in TEXT_SUFFIXES]
+        if not files:
+            raise ValueError(f"{path}: no data files in this directory (expected .jsonl / .json "
+                             f"or {' / '.join(sorted(TEXT_SUFFIXES))} files)")
+        return [doc for f in files for doc in read_documents(f)]
     if path.suffix in (".jsonl", ".json"):
         docs = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
