@@ -39,8 +39,9 @@ class CrosscheckReport:
     def table(self) -> str:
         rows = ["| stage | max abs delta | max abs value |", "|---|---|---|"]
         for i, (d, s) in enumerate(zip(self.hidden_max_abs, self.hidden_scale)):
-            name = "embeddings" if i == 0 else (
-                "final norm" if i == len(self.hidden_max_abs) - 1 else f"layer {i - 1}")
+            name = "embeddings" if i == 0 else (  # transformers' last state is normed
+                f"layer {i - 1} + final norm" if i == len(self.hidden_max_abs) - 1
+                else f"layer {i - 1}")
             rows.append(f"| {name} | {d:.3e} | {s:.3e} |")
         rows.append(f"| logits | {self.logits_max_abs:.3e} | {self.logits_scale:.3e} |")
         rows.append(f"\nlogits: max|delta| / max|logit| = {self.logits_rel:.3e} "

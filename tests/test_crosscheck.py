@@ -54,6 +54,10 @@ def test_logits_and_hidden_states_match_transformers(converted):
     our_hidden, our_logits = jax_forward(config, params, ids)
     report = compare(hf_hidden, hf_logits, our_hidden, our_logits)
     print(f"\n[{name}]\n{report.table()}")
+    rows = [r.split(" | ")[0].lstrip("| ") for r in report.table().splitlines()[2:]]
+    L = config.num_hidden_layers
+    assert rows[:L + 2] == ["embeddings", *(f"layer {i}" for i in range(L - 1)),
+                            f"layer {L - 1} + final norm", "logits"]
     assert report.logits_rel <= LOGIT_RTOL, report.table()
     assert report.greedy_equal
     for diff, scale in zip(report.hidden_max_abs, report.hidden_scale):

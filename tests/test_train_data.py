@@ -66,6 +66,11 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
                                      {"text": "hello world", "source": str(texts / "b.txt")}]
     assert read_documents(texts / "b.txt") == [{"text": "hello world",
                                                 "source": str(texts / "b.txt")}]
+    (tmp_path / "nocontent.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}))
+    with pytest.raises(ValueError, match=r"nocontent\.jsonl:1: expected each message as an object "
+                                         r"with 'role' and 'content' strings, got "):
+        read_documents(tmp_path / "nocontent.jsonl")
     (tmp_path / "nodata").mkdir()
     (tmp_path / "nodata" / "x.bin").write_bytes(b"\x00")
     with pytest.raises(ValueError, match=r"nodata: no data files in this directory \(expected "

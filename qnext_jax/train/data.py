@@ -38,8 +38,9 @@ def read_documents(path: str | Path) -> list[dict]:
       JSONL line, "FILE" for a text file), which :meth:`DocumentTokenizer.encode` names in its
       errors].
     Raises:
-      ValueError: a JSONL line that is not an object with ``text`` or ``messages`` (names the
-        file and line); a directory without data files.
+      ValueError: a JSONL line that is not an object with ``text`` or ``messages``, or with a
+        message that is not an object with ``role`` and ``content`` strings (names the file and
+        line); a directory without data files.
       FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
@@ -66,6 +67,14 @@ def read_documents(path: str | Path) -> list[dict]:
                 raise ValueError(  # noqa: TRY004 (bad data, not a bad argument)
                     f"{path}:{n}: expected an object with a 'text' string or a "
                     f"'messages' list, got {str(obj)[:80]!r}")
+            if "messages" in obj:
+                bad = next((m for m in obj["messages"] if not (
+                    isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str))), None)
+                if bad is not None:
+                    raise ValueError(  # noqa: TRY004 (bad data, not a bad argument)
+                        f"{path}:{n}: expected each message as an object with 'role' and "
+                        f"'content' strings, got {str(bad)[:80]!r}")
             docs.append({"messages": obj["messages"]} if "messages" in obj
                         else {"text": obj["text"]})
             docs[-1]["source"] = f"{path}:{n}"
