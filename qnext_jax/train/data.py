@@ -72,7 +72,7 @@ def read_documents(path: str | Path) -> list[dict]:
                     isinstance(m, dict) and isinstance(m.get("role"), str)
                     and isinstance(m.get("content"), str))), None)
                 if bad is not None:
-                    raise ValueError(  # noqa: TRY004 (bad data, not a bad argument)
+                    raise ValueError(
                         f"{path}:{n}: expected each message as an object with 'role' and "
                         f"'content' strings, got {str(bad)[:80]!r}")
             docs.append({"messages": obj["messages"]} if "messages" in obj
