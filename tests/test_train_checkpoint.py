@@ -214,6 +214,20 @@ def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "tb").exists()
 
 
+def test_metrics_log_drops_the_steps_a_rerun_logs_again(tmp_path):
+    """A run killed after logging steps 3 and 4 past its checkpoint at step 2: the rerun starts
+    at 2, and metrics.jsonl keeps steps 1, 2 once each, then the new records."""
+    from qnext_jax.train.run import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "loss": 9.0}) + "\n" for i in (1, 2, 3, 4)))
+    log = MetricsLog(path, start=2)
+    log.write({"step": 3, "loss": 1.0})
+    log.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 9.0}, {"step": 2, "loss": 9.0}, {"step": 3, "loss": 1.0}]
+
+
 def test_resume_under_another_structure_names_the_setting(hf_dir, tmp_path):
     """A checkpoint written without LoRA, resumed with --lora-rank 2: the error names the
     setting and both values before any restore (it ended in a cut Orbax tree message)."""

@@ -119,10 +119,16 @@ def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
 
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (and to TensorBoard when ``tensorboardX``
-    or ``torch.utils.tensorboard`` is importable and ``tensorboard_dir`` is given)."""
+    or ``torch.utils.tensorboard`` is importable and ``tensorboard_dir`` is given). Records of
+    steps after ``start`` already in the file (logged past the checkpoint a rerun resumes from,
+    e.g. before a kill) are dropped: the rerun logs those steps again."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, start: int = 0):
         self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start]
+            path.write_text("".join(line + "\n" for line in kept))
         self._f = open(path, "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard_dir is not None:
@@ -235,7 +241,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     else:
         state, start = trainer.init_state(params, seed), 0
     del params
-    log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if tensorboard else None)
+    log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if tensorboard else None, start)
     end = steps if stop_after is None else min(steps, start + stop_after)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="finetune",
                unit="step", dynamic_ncols=True)
