@@ -256,6 +256,10 @@ def test_dtype_bfloat16_keeps_gdn_decay_in_float32(ckpts, tmp_path):
     for key, meta in index["leaves"].items():
         want = "float32" if key.endswith(("A_log", "dt_bias")) else "bfloat16"
         assert meta["dtype"] == want, key
+    source = json.loads((d / "config.json").read_text())
+    assert source["dtype"] == "float32"  # the written config names the cast, not the source
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"
     _, params = load(out)
     want = expected_params(tensors)
     for k, v in flat(params).items():

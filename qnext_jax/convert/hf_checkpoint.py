@@ -209,6 +209,16 @@ def float_dtype(dtype) -> np.dtype | None:
     return dt
 
 
+def config_naming_dtype(config_json: dict, dtype: np.dtype | None) -> dict:
+    """``config_json`` with ``torch_dtype`` (and ``dtype``, which newer transformers read first,
+    when it has one) set to ``dtype``, the dtype the weights are stored in; unchanged for None.
+    transformers' ``dtype="auto"`` loads in the config's dtype."""
+    if dtype is None:
+        return config_json
+    return {**config_json, "torch_dtype": dtype.name,
+            **({"dtype": dtype.name} if "dtype" in config_json else {})}
+
+
 def check_not_replaced(out_dir: Path, source: Path) -> None:
     """Refuse to write ``out_dir`` when that would replace ``source`` (the same directory, or
     one inside it): the input would be deleted.

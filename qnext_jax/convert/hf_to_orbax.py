@@ -16,6 +16,7 @@ from qnext_jax.convert.hf_checkpoint import (
     HFCheckpoint,
     atomic_directory,
     check_not_replaced,
+    config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
 )
@@ -111,7 +112,8 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
                 writer.add(leaf.key, leaf.assemble(ckpt.read, dtype))
                 bar.update(size)
             writer.close()
-        (tmp / "config.json").write_text(json.dumps(ckpt.config_json(config), indent=2) + "\n")
+        (tmp / "config.json").write_text(
+            json.dumps(config_naming_dtype(ckpt.config_json(config), dtype), indent=2) + "\n")
         copy_tokenizer_files(hf_dir, tmp)
     result = ConversionResult(out_dir, config, len(ckpt.tensors), len(leaves), sum(sizes),
                               peak_rss_bytes())

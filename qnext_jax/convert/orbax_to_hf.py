@@ -17,9 +17,15 @@ import numpy as np
 
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
-from qnext_jax.convert.hf_checkpoint import (INDEX_FILE, SINGLE_FILE, atomic_directory,
-                                             check_not_replaced, copy_tokenizer_files,
-                                             float_dtype)
+from qnext_jax.convert.hf_checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    atomic_directory,
+    check_not_replaced,
+    config_naming_dtype,
+    copy_tokenizer_files,
+    float_dtype,
+)
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
 
@@ -61,11 +67,8 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
         size += n
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    # transformers' dtype="auto" loads in the config's dtype: name the one written (the one of
-    # the most bytes; A_log and dt_bias stay float32). Newer transformers read "dtype" first.
-    saved = max(bytes_of, key=bytes_of.get).name
-    config_json = {**config_json, "torch_dtype": saved,
-                   **({"dtype": saved} if "dtype" in config_json else {})}
+    # The dtype written: that of the most bytes (A_log and dt_bias stay float32).
+    config_json = config_naming_dtype(config_json, max(bytes_of, key=bytes_of.get))
 
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True "

@@ -55,7 +55,12 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
         floating-point dtype.
     """
     from qnext_jax.convert import name_map as nm
-    from qnext_jax.convert.hf_checkpoint import atomic_directory, copy_tokenizer_files, float_dtype
+    from qnext_jax.convert.hf_checkpoint import (
+        atomic_directory,
+        config_naming_dtype,
+        copy_tokenizer_files,
+        float_dtype,
+    )
     from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
     out_dir = Path(out_dir)
@@ -75,7 +80,8 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
                 raise ValueError(f"{leaf.key}: shape {arr.shape}, expected {leaf.shape}")
             writer.add(leaf.key, arr.astype(leaf.out_dtype(arr.dtype, dt), copy=False))
         writer.close()
-        (tmp / "config.json").write_text(json.dumps(config_json or config.to_dict(), indent=2)
+        (tmp / "config.json").write_text(json.dumps(
+            config_naming_dtype(config_json or config.to_dict(), dt), indent=2)
                                          + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), tmp)
