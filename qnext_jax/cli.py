@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -398,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="qnext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, formatter_class=_DefaultsHelpFormatter)
 
-    c = sub.add_parser("convert", help="HF safetensors checkpoint -> Orbax checkpoint",
-                       formatter_class=_DefaultsHelpFormatter)
+    c = add_parser("convert", help="HF safetensors checkpoint -> Orbax checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out_dir")
     c.add_argument("--dtype", default=None, choices=_DTYPES,
@@ -408,15 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     c.set_defaults(fn=_cmd_convert)
 
-    e = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors checkpoint",
-                       formatter_class=_DefaultsHelpFormatter)
+    e = add_parser("export", help="Orbax checkpoint -> HF safetensors checkpoint")
     e.add_argument("orbax_dir")
     e.add_argument("hf_dir")
     e.add_argument("--overwrite", action="store_true", help="replace an existing hf_dir")
     e.set_defaults(fn=_cmd_export)
 
-    g = sub.add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)",
-                       formatter_class=_DefaultsHelpFormatter)
+    g = add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)")
     g.add_argument("--checkpoint", help="Orbax checkpoint dir from `qnext convert` (or HF dir)")
     g.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's "
                    "tokenizer.json; bytes for the demo model)")
@@ -471,11 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: this process's index (or env JAX_PROCESS_ID)")
     g.set_defaults(fn=_cmd_generate)
 
-    f = sub.add_parser("finetune", help="fine-tune a checkpoint on JSONL / text data",
-                       formatter_class=_DefaultsHelpFormatter,
-                       description="Fine-tune (AdamW, warmup + cosine) on packed documents; "
-                                   "rerun with the same --out to resume. Writes OUT/checkpoints, "
-                                   "OUT/metrics.jsonl and OUT/final (qnext export OUT/final HF).")
+    f = add_parser("finetune", help="fine-tune a checkpoint on JSONL / text data",
+                   description="Fine-tune (AdamW, warmup + cosine) on packed documents; "
+                               "rerun with the same --out to resume. Writes OUT/checkpoints, "
+                               "OUT/metrics.jsonl and OUT/final (qnext export OUT/final HF).")
     f.add_argument("--checkpoint", required=True,
                    help="converted (qnext convert) or HF checkpoint dir, with tokenizer.json")
     f.add_argument("--data", required=True,
@@ -542,8 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: this process's index")
     f.set_defaults(fn=_cmd_finetune)
 
-    x = sub.add_parser("crosscheck", help="compare layer by layer with transformers",
-                       formatter_class=_DefaultsHelpFormatter)
+    x = add_parser("crosscheck", help="compare layer by layer with transformers")
     x.add_argument("hf_dir")
     x.add_argument("--token-ids", help="input token ids (default: random)")
     x.set_defaults(fn=_cmd_crosscheck)

@@ -75,9 +75,9 @@ def read_documents(path: str | Path) -> list[dict]:
                     raise ValueError(
                         f"{path}:{n}: expected each message as an object with 'role' and "
                         f"'content' strings, got {str(bad)[:80]!r}")
-            docs.append({"messages": obj["messages"]} if "messages" in obj
-                        else {"text": obj["text"]})
-            docs[-1]["source"] = f"{path}:{n}"
+                docs.append({"messages": obj["messages"], "source": f"{path}:{n}"})
+            else:
+                docs.append({"text": obj["text"], "source": f"{path}:{n}"})
         return docs
     return [{"text": path.read_text(), "source": str(path)}]
 

@@ -80,9 +80,8 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
                 raise ValueError(f"{leaf.key}: shape {arr.shape}, expected {leaf.shape}")
             writer.add(leaf.key, arr.astype(leaf.out_dtype(arr.dtype, dt), copy=False))
         writer.close()
-        (tmp / "config.json").write_text(json.dumps(
-            config_naming_dtype(config_json or config.to_dict(), dt), indent=2)
-                                         + "\n")
+        config_json = config_naming_dtype(config_json or config.to_dict(), dt)
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(Path(tokenizer_dir), tmp)
     return out_dir
@@ -220,20 +219,14 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     structure = {"--scan-layers": train.scan_layers, "--lora-rank": train.lora_rank,
                  "--train": opt.train}
     if resumed_from is not None:
-        saved = ckpt.meta(resumed_from).get("structure", {})
+        # The checks on the saved settings come before the (large) restore of the state.
+        meta = ckpt.meta(resumed_from)
+        saved = meta.get("structure", {})
         differ = [f"{flag} {saved[flag]!r} (now {value!r})" for flag, value in structure.items()
                   if flag in saved and saved[flag] != value]
         if differ:
             raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} was trained with "
                              f"{', '.join(differ)}: resume with the settings that wrote it")
-        abstract = trainer.abstract_state(params)
-        try:
-            state, meta = ckpt.restore(abstract, trainer.state_shardings(abstract))
-        except ValueError as e:
-            raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
-                             "another structure; resume with the settings that wrote it (same "
-                             f"scan_layers, lora_rank, train): {str(e).splitlines()[0][:300]}"
-                             ) from None
         start = int(meta.get("data_step", resumed_from))
         if start > steps:
             raise ValueError(f"{out / 'checkpoints'}: the run is at step {start}, past --steps "
@@ -241,6 +234,14 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         if meta.get("seed", seed) != seed:
             raise ValueError(f"{out}: the checkpoint was trained with seed {meta['seed']}, "
                              f"not {seed}")
+        abstract = trainer.abstract_state(params)
+        try:
+            state, _ = ckpt.restore(abstract, trainer.state_shardings(abstract))
+        except ValueError as e:
+            raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
+                             "another structure; resume with the settings that wrote it (same "
+                             f"scan_layers, lora_rank, train): {str(e).splitlines()[0][:300]}"
+                             ) from None
         warning = schedule_change_warning(opt, meta.get("total_steps"), start)
         if warning is not None and start < steps:
             print(warning, file=sys.stderr)

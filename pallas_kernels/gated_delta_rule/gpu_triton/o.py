@@ -96,7 +96,8 @@ def chunk_fwd_o(
         ],
         out_specs=[pl.BlockSpec((None, C, None, BV), lambda c, b, h, j: (b, c, h, j))]
         + [qk_spec] * 2 * return_normalized,
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype)] + [qk_shape] * 2 * return_normalized,
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, Hv, dv), out_dtype)]
+        + [qk_shape] * 2 * return_normalized,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdn_chunk_fwd_o",
