@@ -158,6 +158,32 @@ def test_l2norm_bwd_equals_autodiff():
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,n,dtype", [((2, 5, 3, 16), 2, jnp.float32),
+                                           ((1, 63, 1, 32), 3, jnp.bfloat16),
+                                           ((1, 64, 2, 16), 1, jnp.bfloat16)])
+def test_l2norm_bwd_heads_kernel(shape, n, dtype):
+    """The Triton kernel (interpret mode) summing the n value heads' cotangents and going back
+    through the L2 norm equals common.l2norm_bwd of the head sum (float32), in x's dtype; odd
+    row counts (63 rows: blocks of one row) included."""
+    from pallas_kernels.gated_delta_rule import common
+    from pallas_kernels.gated_delta_rule.gpu_triton.l2norm_bwd import l2norm_bwd_heads
+
+    rng = np.random.default_rng(sum(shape) + n)
+    B, T, Hk, dk = shape
+    x = rng.standard_normal(shape) * rng.choice([1e-2, 1.0, 30.0], (B, T, Hk, 1))
+    dy = rng.standard_normal((B, T, Hk * n, dk))
+    x, dy = jnp.asarray(x, dtype), jnp.asarray(dy, dtype)
+    got = l2norm_bwd_heads(x, dy, interpret=True)
+    assert got.dtype == dtype and got.shape == shape
+    dy_sum = dy.astype(jnp.float32).reshape(B, T, Hk, n, dk).sum(axis=3)
+    want = np.asarray(common.l2norm_bwd(x, dy_sum))
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol,
+                               atol=tol * np.abs(want).max())
+    with pytest.raises(ValueError, match=r"dy \(2, 5, 5, 16\) must be"):
+        l2norm_bwd_heads(jnp.zeros((2, 5, 3, 16)), jnp.zeros((2, 5, 5, 16)), interpret=True)
+
+
 @pytest.mark.parametrize("save_states,fuse_dv_local", [(False, True), (True, True),
                                                        (True, False)])
 def test_grad_varlen(save_states, fuse_dv_local):

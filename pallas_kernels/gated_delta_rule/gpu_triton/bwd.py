@@ -9,7 +9,8 @@ the forward kept them (BlockSizes.save_states), then runs the backward stages
   dqkwg.py     d(q), d(k), d(G) through the states and the intra-chunk attention
   wy_bwd.py    d(w), then d(k), d(v), d(beta), d(G) through w and u (A recomputed)
 and d(g) = the reverse chunk-local cumsum of d(G). With use_qk_l2norm, the kernels take the
-normalised q, k and the gradient goes back through the L2 norm with common.l2norm_bwd.
+normalised q, k and the gradient goes back through the L2 norm, summed over the value heads of
+each key head, in l2norm_bwd.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pallas_kernels.gated_delta_rule.gpu_triton.fwd import (
     compiled_f32_dots,
     state_block_v,
 )
+from pallas_kernels.gated_delta_rule.gpu_triton.l2norm_bwd import l2norm_bwd_heads
 from pallas_kernels.gated_delta_rule.gpu_triton.wy_bwd import chunk_bwd_wy
 
 
@@ -88,7 +90,6 @@ def chunk_gated_delta_rule_bwd(
         q, k = (lay.to_chunks(x.astype(cdt)) for x in (q, k))
     v, do = (lay.to_chunks(x.astype(cdt)) for x in (v, do))
     g, beta = (lay.to_chunks(x.astype(f32)) for x in (g, beta))
-    Tp = q.shape[1]
     G = chunk_local_cumsum(g, C)
     common_args = {"chunk_size": C, "num_stages": block_sizes.num_stages, "interpret": interpret}
     if states is None:
@@ -171,10 +172,13 @@ def chunk_gated_delta_rule_bwd(
         **common_args,
     )
     dg = chunk_local_cumsum(dG, C, reverse=True)
-    dq_, dk_ = (x.reshape(B, Tp, Hk, n, dk).astype(f32).sum(axis=3) for x in (dq_, dk_))
     dq_, dk_, dv_, dg, dbeta = (lay.from_chunks(x) for x in (dq_, dk_, dv_, dg, dbeta))
-    if use_qk_l2norm:
-        dq_, dk_ = common.l2norm_bwd(q_in, dq_), common.l2norm_bwd(k_in, dk_)
+    if use_qk_l2norm:  # summed over the value heads inside the kernel
+        dq_, dk_ = (l2norm_bwd_heads(x.astype(cdt), dx, interpret=interpret)
+                    for x, dx in ((q_in, dq_), (k_in, dk_)))
+    else:
+        dq_, dk_ = (x.reshape(B, x.shape[1], Hk, n, dk).astype(f32).sum(axis=3)
+                    for x in (dq_, dk_))
     if initial_state is None:
         dh0 = None
     elif lay.varlen is not None:  # an empty sequence passes its initial state through
