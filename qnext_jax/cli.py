@@ -366,17 +366,17 @@ def _cmd_finetune(args) -> int:
 
     _check_impls(args.gdn_impl)
     mesh = _mesh_from_args(args)
-    opt = OptimizerConfig(
-        learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        total_steps=args.total_steps or args.steps, min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay, clip_norm=args.clip_norm if args.clip_norm > 0 else None,
-        train=args.train)
-    train = TrainConfig(compute_dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum,
-                        aux_coef=args.aux_coef, mtp_coef=args.mtp_coef, gdn_impl=args.gdn_impl,
-                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                        scan_layers=args.scan_layers,
-                        **({"lora_targets": args.lora_targets} if args.lora_targets else {}))
     with _one_line_errors("finetune"), _exit_on_interrupt():
+        opt = OptimizerConfig(
+            learning_rate=args.lr, warmup_steps=args.warmup_steps,
+            total_steps=args.total_steps or args.steps, min_lr_ratio=args.min_lr_ratio,
+            weight_decay=args.weight_decay,
+            clip_norm=args.clip_norm if args.clip_norm > 0 else None, train=args.train)
+        train = TrainConfig(
+            compute_dtype=args.dtype, remat=args.remat, grad_accum=args.grad_accum,
+            aux_coef=args.aux_coef, mtp_coef=args.mtp_coef, gdn_impl=args.gdn_impl,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, scan_layers=args.scan_layers,
+            **({"lora_targets": args.lora_targets} if args.lora_targets else {}))
         result = finetune(args.checkpoint, args.data, args.out, steps=args.steps,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           max_segments=args.max_segments, opt=opt, train=train, seed=args.seed,

@@ -114,6 +114,7 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
         main(base + ["--out", str(out), "--steps", "1"])
     with pytest.raises(SystemExit, match=r"qnext finetune: .*missing \)"):  # a bad pattern
         main(base + ["--out", str(tmp_path / "re"), "--steps", "1", "--train", "re:("])
+    assert not (tmp_path / "re").exists()  # a refused run leaves no empty output directory
 
     config, params = load(out / "final")
     _, orig = load(hf_dir / "hf")

@@ -63,6 +63,9 @@ class OptimizerConfig:
     clip_norm: float | None = 1.0
     train: str = "all"
 
+    def __post_init__(self):
+        train_regex(self.train)  # a bad selection fails here, before a run starts
+
 
 def make_schedule(cfg: OptimizerConfig) -> Callable:
     """Learning rate per step: linear warmup 0 -> peak over ``warmup_steps``, then cosine to

@@ -198,7 +198,6 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     checkpoint, out = Path(checkpoint), Path(out)
     opt = opt or OptimizerConfig(total_steps=steps)
     train = dataclasses.replace(train or TrainConfig(), max_segments=max_segments)
-    out.mkdir(parents=True, exist_ok=True)
     if mesh is None:
         config, params = load(checkpoint)
     else:
@@ -213,6 +212,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                          f"{int(dataset.rows['input_ids'].max())}, beyond the model's vocab_size "
                          f"{config.vocab_size}")
     trainer = Trainer(config, opt, train, mesh)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run writes nothing
     ckpt = TrainCheckpointer(out / "checkpoints", save_every=save_every, keep=keep)
     resumed_from = ckpt.latest_step()
     # What shapes the train state: a resume under other values cannot restore it.
