@@ -261,28 +261,35 @@ def test_sparse_moe_block_matches_numpy(rng):
     np.testing.assert_allclose(np.asarray(y).reshape(10, -1), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shared_size", [16, 24])
-def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch, shared_size):
-    """moe_impl="gather_pallas" at decode size (kernels in interpret mode): the shared expert
-    runs as one more row of the decode kernels when its intermediate size is the routed
-    experts' (16), separately otherwise (24); the block equals the float64 numpy block."""
+@pytest.mark.parametrize("num_experts,shared_size,norm,fused", [
+    (8, 16, False, True), (8, 16, True, True), (8, 24, True, False), (7, 16, False, False)])
+def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch, num_experts,
+                                                                shared_size, norm, fused):
+    """moe_impl="gather_pallas" at decode size (kernels in interpret mode): the routing and
+    the shared expert run inside the decode kernels (routed_experts, given the router logits)
+    when the shared expert's intermediate size is the routed experts' (16) and E a power of 2;
+    otherwise route() and the kernels of gathered_experts (shared 24, or 7 experts). The block
+    equals the float64 numpy block either way."""
     import functools
 
     from conftest import tiny_config
 
-    from pallas_kernels.moe import BlockSizes, gathered_experts
+    from pallas_kernels.moe import BlockSizes, gathered_experts, routed_experts
     from qnext_jax.modeling import moe
 
     small = functools.partial(BlockSizes, block_i=16, block_d=8, block_r=8, splits=2)
     calls = []
 
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get("shared") is not None)
-        return gathered_experts(*args, **kwargs, blocks=small(), interpret=True)
+    def recording(kernels):
+        def call(*args, **kwargs):
+            calls.append(kernels.__name__)
+            return kernels(*args, **kwargs, blocks=small(), interpret=True)
+        return call
 
-    monkeypatch.setattr(moe, "gathered_experts", recording)
+    monkeypatch.setattr(moe, "routed_experts", recording(routed_experts))
+    monkeypatch.setattr(moe, "gathered_experts", recording(gathered_experts))
     monkeypatch.setattr(moe, "GatheredBlockSizes", small)
-    cfg = tiny_config(num_experts=7, num_experts_per_tok=3, norm_topk_prob=False,
+    cfg = tiny_config(num_experts=num_experts, num_experts_per_tok=3, norm_topk_prob=norm,
                       shared_expert_intermediate_size=shared_size)
     x = rng.standard_normal((1, 1, cfg.hidden_size)).astype(np.float32)  # 3 slots <= E / 2
     block = Qwen3NextSparseMoeBlock(cfg, precision=HIGHEST, moe_impl="gather_pallas")
@@ -290,8 +297,8 @@ def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch
     p = jax.tree.map(lambda w: w * 10.0, p)
     calls.clear()
     y = block.apply({"params": p}, x)
-    assert calls == [shared_size == cfg.moe_intermediate_size]
-    ref = sparse_moe(jax.tree.map(np.asarray, p), f64(x.reshape(1, -1)), 3, False)
+    assert calls == ["routed_experts" if fused else "gathered_experts"]
+    ref = sparse_moe(jax.tree.map(np.asarray, p), f64(x.reshape(1, -1)), 3, norm)
     np.testing.assert_allclose(np.asarray(y).reshape(1, -1), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
-"""The decode MoE kernel (pallas_kernels.moe.gathered_experts) in Pallas interpret mode against a
-float64 numpy loop, its gradients against the jnp reference's, and its CUDA lowering."""
+"""The decode MoE kernels (pallas_kernels.moe.gathered_experts, and routed_experts, which also
+routes in them) in Pallas interpret mode against a float64 numpy loop and qnext_jax's route, their
+gradients against the jnp reference's, and their CUDA lowering."""
 
 from dataclasses import replace
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import sigmoid, softmax
 
 from pallas_kernels.moe import (
     BlockSizes,
@@ -14,7 +16,9 @@ from pallas_kernels.moe import (
     gathered_expert_outputs_reference,
     gathered_experts,
     gathered_experts_reference,
+    routed_experts,
 )
+from qnext_jax.modeling.moe import route
 
 E, D, INNER = 8, 64, 64
 # 4 column blocks in either kernel, 2 splits of d in gate_up; 2 (gate_up) and 4 (down) steps.
@@ -185,3 +189,163 @@ def test_export_cuda():
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(*args, *shared)
     assert exp.mlir_module().count("moe_gathered_") >= 2
+
+
+# routed_experts: 16 experts, router logits on a grid of halves in [-2, 2) (many ties, exact in
+# bf16 and float32).
+E_ROUTED = 16
+
+
+def _routed_case(seed, n, k, dtype, shared):
+    """(x, router_logits, gate, up, down, shared or None) of E_ROUTED experts, as ``dtype``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, D))
+    logits = rng.integers(-4, 4, (n, E_ROUTED)) / 2
+    # token 0: k + 1 experts tied above the rest (a tie across its k-th and k+1-th choice)
+    logits[0, rng.choice(E_ROUTED, k + 1, replace=False)] = 2.0
+    gate, up = (rng.standard_normal((E_ROUTED, D, INNER)) / D ** 0.5 for _ in range(2))
+    down = rng.standard_normal((E_ROUTED, INNER, D)) / INNER ** 0.5
+    cast = lambda a: jnp.asarray(a, dtype)
+    sh = _shared_case(seed + 1, n, dtype) if shared else None
+    if shared:  # the shared expert's gate logits: any sign
+        sh = (cast(rng.standard_normal(n) * 2),) + sh[1:]
+    return (cast(x), cast(logits), cast(gate), cast(up), cast(down), sh)
+
+
+def _numpy_routed(x, logits, gate, up, down, shared, k, norm):
+    """float64 (out, weights, experts): softmax, the k largest (stable: ties to the lower id),
+    renormalised with norm, the experts loop, plus the sigmoid-gated shared expert."""
+    probs = softmax(np.asarray(logits, np.float64))
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, experts, axis=-1)
+    if norm:
+        weights = weights / weights.sum(-1, keepdims=True)
+    out = _numpy_loop(x, weights, experts, gate, up, down)
+    if shared is not None:
+        sg, g, u, dn = (np.asarray(a, np.float64) for a in shared)
+        one = np.zeros((x.shape[0], 1), np.int32)
+        out = out + _numpy_loop(x, sigmoid(sg)[:, None], one, g[None], u[None], dn[None])
+    return out, weights, experts
+
+
+@pytest.mark.parametrize("n,k,dtype,shared,norm", [
+    (1, 1, jnp.float32, False, False), (1, 3, jnp.bfloat16, True, True),
+    (3, 3, jnp.float32, True, False), (3, 1, jnp.bfloat16, False, True),
+    (3, 3, jnp.bfloat16, False, False), (1, 3, jnp.float32, False, True)])
+def test_routed_experts_vs_numpy_and_route(n, k, dtype, shared, norm):
+    """Routing inside the kernels: the experts of qnext_jax's route exactly (tied logits
+    included), its weights to float32 rounding, and the output against a float64 loop and
+    against route + the jnp reference."""
+    x, logits, gate, up, down, sh = _routed_case(n * 10 + k, n, k, dtype, shared)
+    out, weights, experts = jax.jit(lambda *a: routed_experts(
+        *a[:5], top_k=k, norm_topk_prob=norm, shared=a[5], **BLOCKS))(
+        x, logits, gate, up, down, sh)
+    assert out.shape == (n, D) and out.dtype == dtype
+    assert weights.dtype == jnp.float32 and experts.dtype == jnp.int32
+    want_w, want_e = route(logits, k, norm)
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-6)
+    ref, ref_w, ref_e = _numpy_routed(x, logits, gate, up, down, sh, k, norm)
+    np.testing.assert_array_equal(np.asarray(experts), ref_e)
+    np.testing.assert_allclose(np.asarray(weights), ref_w, rtol=1e-6)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol,
+                               atol=tol * np.abs(ref).max())
+    jnp_ref = gathered_experts_reference(x, want_w, want_e, gate, up, down,
+                                         precision=jax.lax.Precision.HIGHEST)
+    if shared:
+        jnp_ref = jnp_ref + gathered_experts_reference(
+            x, jax.nn.sigmoid(sh[0].astype(jnp.float32))[:, None], jnp.zeros((n, 1), jnp.int32),
+            *(w[None] for w in sh[1:]), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(jnp_ref, np.float64),
+                               rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_routed_experts_gradients_equal_the_reference(norm):
+    """Through out and the weights, w.r.t. x, the router logits, the experts and the shared
+    expert's gate logits and projections: those of route + the jnp reference."""
+    rng = np.random.default_rng(11)
+    x, _, gate, up, down, sh = _routed_case(9, 2, 3, jnp.float32, shared=True)
+    logits = jnp.asarray(rng.standard_normal((2, E_ROUTED)), jnp.float32)  # no ties
+    probe = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)
+    probe_w = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+
+    def reference(x, lg, g, u, dn, sh):
+        w, e = route(lg, 3, norm)
+        sg, s_gate, s_up, s_down = sh
+        h = jax.nn.silu(jnp.dot(x, s_gate, precision=hi)) * jnp.dot(x, s_up, precision=hi)
+        out = gathered_experts_reference(x, w, e, g, u, dn, precision=hi) + \
+            jax.nn.sigmoid(sg)[:, None] * jnp.dot(h, s_down, precision=hi)
+        return out, w
+
+    def kernels(x, lg, g, u, dn, sh):
+        out, w, _ = routed_experts(x, lg, g, u, dn, top_k=3, norm_topk_prob=norm, shared=sh,
+                                   **BLOCKS)
+        return out, w
+
+    def grads(fn):
+        def loss(*a):
+            out, w = fn(*a)
+            return jnp.sum(out * probe) + jnp.sum(w * probe_w)
+        return jax.tree.leaves(jax.grad(loss, argnums=tuple(range(6)))(
+            x, logits, gate, up, down, sh))
+
+    names = ("x", "router_logits", "gate", "up", "down", "shared_gate_logits", "shared_gate",
+             "shared_up", "shared_down")
+    for name, g, r in zip(names, grads(kernels), grads(reference), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_routed_experts_bad_shapes():
+    x, logits, gate, up, down, sh = _routed_case(0, 1, 2, jnp.float32, shared=True)
+    call = lambda *a, top_k=2, shared=None: routed_experts(
+        *a, top_k=top_k, norm_topk_prob=True, shared=shared, **BLOCKS)
+    with pytest.raises(ValueError, match=r"router_logits \(1, 8\) must be \[N = 1, E = 16\]"):
+        call(x, logits[:, :8], gate, up, down)
+    with pytest.raises(ValueError, match=r"top_k = 0 must be in \[1, E = 16\]"):
+        call(x, logits, gate, up, down, top_k=0)
+    with pytest.raises(ValueError, match=r"top_k = 17 must be in \[1, E = 16\]"):
+        call(x, logits, gate, up, down, top_k=17)
+    with pytest.raises(ValueError, match="E = 12 must be a power of 2"):
+        call(x, logits[:, :12], gate[:12], up[:12], down[:12])
+    with pytest.raises(ValueError, match=r"shared_gate_logits \(2,\) must be \[N = 1\]"):
+        call(x, logits, gate, up, down, shared=(jnp.ones((2,)),) + sh[1:])
+    with pytest.raises(ValueError, match=r"shared expert's .* \[d, I\], \[d, I\], \[I, d\]"):
+        call(x, logits, gate, up, down, shared=sh[:3] + (sh[3][:32],))
+    with pytest.raises(ValueError, match=r"x \(64,\) must be \[N, d\]"):
+        call(x[0], logits, gate, up, down)
+    with pytest.raises(ValueError, match="d = 64 must be a multiple of block_d = 128"):
+        routed_experts(x, logits, gate, up, down, top_k=2, norm_topk_prob=True,
+                       blocks=replace(SMALL, block_d=128), interpret=True)
+
+
+def test_routed_experts_export_cuda():
+    """Lowers to Triton for CUDA at the 80B's sizes (E 512 logits a block per program, top-10,
+    the shared expert), and outside the two kernels XLA has no softmax, top-k or sigmoid left:
+    only the sums over the down splits and the slots."""
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    S = jax.ShapeDtypeStruct
+    args = (S((1, 2048), jnp.bfloat16), S((1, 512), jnp.bfloat16),
+            S((512, 2048, 512), jnp.bfloat16), S((512, 2048, 512), jnp.bfloat16),
+            S((512, 512, 2048), jnp.bfloat16), S((1,), jnp.bfloat16),
+            S((2048, 512), jnp.bfloat16), S((2048, 512), jnp.bfloat16),
+            S((512, 2048), jnp.bfloat16))
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "cuda"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        exp = export.export(
+            jax.jit(lambda *a: routed_experts(*a[:5], top_k=10, norm_topk_prob=True,
+                                              shared=a[5:])),
+            platforms=("cuda",),
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
+    text = exp.mlir_module()
+    assert "moe_gathered_gate_up" in text and "moe_gathered_down" in text
+    for op in ("stablehlo.exponential", "stablehlo.logistic", "stablehlo.sort", "top_k",
+               "stablehlo.divide"):
+        assert op not in text, op
+    assert exp.out_avals[0].shape == (1, 2048) and exp.out_avals[2].dtype == jnp.int32

@@ -19,8 +19,22 @@ slot) pairs, e = experts[n, j]:
     y[s', r, block] = h[r, slice] down_e[slice, block]                          (float32)
   then, in jnp, out[n] = sum_j weights[n, j] sum_s' y[s', n k + j]     (float32, to x's dtype)
 
-With a shared expert of the same sizes (Qwen3-Next's), its rows r = N k + n follow the routed
-ones and read its weights instead (``shared``): it costs no kernel of its own.
+With a shared expert of the same sizes (Qwen3-Next's), each token's rows are followed by one
+that reads its weights instead (``shared``): rows r = n (k + 1) + j, the shared expert in slot
+j = k. It costs no kernel of its own.
+
+:func:`routed_experts` also moves the router's top-k and the weighting into the two kernels
+(transformers' Qwen3NextSparseMoeBlock after its router matmul: softmax over the E experts in
+float32, top-k, optionally renormalised, and the shared expert gated by a sigmoid), so that a
+decode step's MoE block is the router matmul, the two kernels and one XLA fusion of sums:
+
+  "gate_up" takes the router logits [N, E] instead of the ids: each routed row's program
+  computes its token's probabilities p = softmax(logits[n]) (float32) and picks its expert by
+  k rounds of ``m = max(p_left); e = min(ids where p_left == m); p_left[e] = -inf`` (the
+  round-j winner is slot j's expert, ties to the lower id as ``lax.top_k``), its weight p[e]
+  (over the k winners' sum with norm_topk_prob); one program per row writes both out;
+  "down" reads the ids from there and scales its partial sums by the row's weight (the shared
+  row's sigmoid(shared gate logit), float32), leaving sum_s' sum_j y[s', n (k + 1) + j].
 
 :func:`gathered_expert_outputs` is the two kernels alone: y, each slot's expert output before the
 weighting (expert parallelism drops the slots of other devices' experts from it first).
@@ -72,8 +86,10 @@ class BlockSizes:
     down_splits: int = 2
     num_warps: int = 4
 
-    def mismatch(self, d: int, inner: int) -> str | None:
-        """Why these blocks do not fit d and I (a message), or None when they do."""
+    def mismatch(self, d: int, inner: int, num_experts: int | None = None) -> str | None:
+        """Why these blocks do not fit d and I (a message), or None when they do; with
+        ``num_experts``, E too, for routing in the kernels (:func:`routed_experts`, whose
+        programs load a token's E router logits as one block: a power of 2)."""
         for of in ("block_i", "block_d", "block_r", "num_warps"):
             size = getattr(self, of)
             if size < 1 or size & (size - 1):
@@ -88,6 +104,9 @@ class BlockSizes:
                 ("d", d, self.splits * self.block_r, "splits * block_r")):
             if size % multiple:
                 return f"{name} = {size} must be a multiple of {of} = {multiple}"
+        if num_experts is not None and (num_experts < 1 or num_experts & (num_experts - 1)):
+            return (f"E = {num_experts} must be a power of 2 (a token's router logits are one "
+                    f"Triton block)")
         return None
 
 
@@ -118,24 +137,60 @@ def _row_block(r, block_r):
     return pl.ds(pl.multiple_of(r * block_r, block_r), block_r)
 
 
-def _by_row(r, nk, routed, shared):
-    """Row r's work: ``routed()`` for the routed rows r < nk; without a shared expert
-    (``shared`` None) every row is routed, else the rows from nk run ``shared()``."""
+def _token_slot(r, k, shared):
+    """Row r's (token n, slot j): r = n * slots + j, with slots = k, or k + 1 with a shared
+    expert (in slot k)."""
+    slots = k + bool(shared)
+    return r // slots, r % slots
+
+
+def _by_slot(j, k, routed, shared):
+    """Row work by slot j: ``routed()`` for the routed slots j < k; without a shared expert
+    (``shared`` None) every slot is routed, else slot k runs ``shared()``."""
     if shared is None:
         routed()
         return
-    pl.when(r < nk)(routed)
-    pl.when(r >= nk)(shared)
+    pl.when(j < k)(routed)
+    pl.when(j == k)(shared)
 
 
-def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, *refs, k, nk, block_r, steps):
-    # refs: (shared gate [d, I], shared up [d, I],) g_part, u_part blocks [1, 1, BI].
-    *shared, g_ref, u_ref = refs
+def _route_slot(logits, j, k, norm_topk_prob):
+    """Slot j of a token's top-k routing from its router logits [E] (float32), as qnext_jax's
+    ``moe.route`` (transformers' router): (expert id int32, weight float32). The probabilities
+    p = softmax(logits) are ranked by k rounds of the max, the lowest id holding it (lax.top_k's
+    order: ties to the lower id) and the masking of that id; the weight is p[e], over the k
+    winners' sum with norm_topk_prob. Max and min reductions only (what Pallas Triton lowers
+    without an argmax)."""
+    E = logits.shape[0]
+    ids = lax.iota(jnp.int32, E)
+    unnormalized = jnp.exp(logits - jnp.max(logits))
+    probs = unnormalized / jnp.sum(unnormalized)  # as jax.nn.softmax
+
+    def rank(i, carry):  # round i: the i-th largest probability and its id
+        left, total, e_j, p_j = carry
+        p = jnp.max(left)
+        e = jnp.min(jnp.where(left == p, ids, E - 1))  # E - 1 if none: NaN logits read in bounds
+        mine = i == j
+        return (jnp.where(ids == e, -jnp.inf, left), total + p, jnp.where(mine, e, e_j),
+                jnp.where(mine, p, p_j))
+
+    zero = jnp.zeros((), jnp.float32)
+    _, total, e, p = lax.fori_loop(0, k, rank, (probs, zero, jnp.zeros((), jnp.int32), zero))
+    return e, p / total if norm_topk_prob else p
+
+
+def _gate_up_kernel(choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared, norm_topk_prob,
+                    block_r, steps):
+    # choice_ref: the expert ids [N k] int32, or (routing: norm_topk_prob not None) the router
+    # logits [N, E]; refs: (shared gate [d, I], shared up [d, I],) g_part, u_part blocks
+    # [1, 1, BI] (, routing: the expert ids [N k] int32 and weights [N k] float32 it writes).
+    shared_refs, (g_ref, u_ref, *routing_refs) = refs[:2 * shared], refs[2 * shared:]
     r, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n, j = _token_slot(r, k, shared)
     BI = g_ref.shape[-1]
     cols = pl.ds(c * BI, BI)
 
-    def run(n, gate_at, up_at):  # token n's row of partial sums, weights read through *_at
+    def run(gate_at, up_at):  # token n's row of partial sums, weights read through *_at
         def body(t, acc):
             rows = _row_block(s * steps + t, block_r)  # steps of block_r rows per split
             xs = x_ref[n, rows].astype(jnp.float32)[:, None]  # [BR, 1]
@@ -149,21 +204,36 @@ def _gate_up_kernel(ids_ref, x_ref, gate_ref, up_ref, *refs, k, nk, block_r, ste
         u_ref[0, 0, :] = u
 
     def routed():
-        e = ids_ref[r]
-        run(r // k, lambda rows: gate_ref[e, rows, cols], lambda rows: up_ref[e, rows, cols])
+        if norm_topk_prob is None:
+            e = choice_ref[n * k + j]
+        else:
+            e, weight = _route_slot(choice_ref[n, :].astype(jnp.float32), j, k, norm_topk_prob)
 
-    _by_row(r, nk, routed, (lambda: run(r - nk, lambda rows: shared[0][rows, cols],
-                                        lambda rows: shared[1][rows, cols])) if shared else None)
+            @pl.when((c == 0) & (s == 0))  # one program of the row writes its routing out
+            def _():
+                ids_ref, weights_ref = routing_refs
+                ids_ref[n * k + j] = e
+                weights_ref[n * k + j] = weight
+
+        run(lambda rows: gate_ref[e, rows, cols], lambda rows: up_ref[e, rows, cols])
+
+    _by_slot(j, k, routed, (lambda: run(lambda rows: shared_refs[0][rows, cols],
+                                        lambda rows: shared_refs[1][rows, cols]))
+             if shared else None)
 
 
-def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, nk, block_r, steps, dtype):
-    # g_ref, u_ref: the [S, R, I] float32 partial sums; refs: (shared down [I, d],) y block.
-    *shared, y_ref = refs
+def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, k, shared, block_r, steps, dtype):
+    # ids_ref: the expert ids [N k]; g_ref, u_ref: the [S, R, I] float32 partial sums; refs:
+    # (shared down [I, d],) (weighting: the weights [N k] float32 (, the shared expert's gate
+    # logits [N]),) y block [1, 1, BD].
+    *ins, y_ref = refs
+    shared_refs, weight_refs = ins[:int(shared)], ins[int(shared):]
     r, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n, j = _token_slot(r, k, shared)
     BD = y_ref.shape[-1]
     cols = pl.ds(c * BD, BD)
 
-    def run(down_at):
+    def run(down_at, weight):  # weight(): the row's weight, read when weighting
         def body(t, acc):
             rows = _row_block(s * steps + t, block_r)
             g = jnp.sum(g_ref[:, r, rows], axis=0)  # [BR]: the sums over the d splits
@@ -171,76 +241,125 @@ def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, nk, block_r, steps, dty
             h = (g / (1.0 + jnp.exp(-g)) * u).astype(dtype).astype(jnp.float32)  # silu(g) u
             return acc + jnp.sum(h[:, None] * down_at(rows).astype(jnp.float32), axis=0)
 
-        y_ref[0, 0, :] = lax.fori_loop(0, steps, body, jnp.zeros((BD,), jnp.float32))
+        y = lax.fori_loop(0, steps, body, jnp.zeros((BD,), jnp.float32))
+        y_ref[0, 0, :] = y * weight() if weight_refs else y
 
     def routed():
-        e = ids_ref[r]
-        run(lambda rows: down_ref[e, rows, cols])
+        e = ids_ref[n * k + j]
+        run(lambda rows: down_ref[e, rows, cols], lambda: weight_refs[0][n * k + j])
 
-    _by_row(r, nk, routed, (lambda: run(lambda rows: shared[0][rows, cols])) if shared else None)
+    def shared_row():
+        run(lambda rows: shared_refs[0][rows, cols],
+            lambda: jax.nn.sigmoid(weight_refs[1][n].astype(jnp.float32)))
+
+    _by_slot(j, k, routed, shared_row if shared else None)
 
 
-def _check(x, experts, gate_proj, up_proj, down_proj, shared, blocks):
+def _kernels(x, choice, gate_proj, up_proj, down_proj, shared, k, blocks, interpret,
+             norm_topk_prob=None, shared_gate_logits=None):
+    """The two pallas_calls over N tokens' rows: k routed slots each, then the shared expert
+    (``shared``: its (gate, up, down), or ()).
+
+    choice: the expert ids [N k] int32, or (norm_topk_prob a bool) the router logits [N, E],
+    from which "gate_up" routes, writing out the ids and weights that "down" reads and scales
+    its rows by (the shared rows by sigmoid(shared_gate_logits [N])). Returns y [S', rows, d]
+    float32 and the routing: (ids [N k] int32, weights [N k] float32), or () given the ids."""
     N, d = x.shape
-    E, d_w, inner = gate_proj.shape
-    if experts.ndim != 2 or experts.shape[0] != N:
-        raise ValueError(f"gathered_experts: experts {experts.shape} must be [N = {N}, k]")
-    if d_w != d or up_proj.shape != gate_proj.shape or down_proj.shape != (E, inner, d):
-        raise ValueError(f"gathered_experts: expected gate_proj, up_proj [E, d = {d}, I] and "
-                         f"down_proj [E, I, d]; got {gate_proj.shape}, {up_proj.shape}, "
-                         f"{down_proj.shape}")
-    if shared and tuple(w.shape for w in shared) != ((d, inner), (d, inner), (inner, d)):
-        raise ValueError(f"gathered_experts: the shared expert's gate_proj, up_proj, down_proj "
-                         f"must be [d, I], [d, I], [I, d] with the routed experts' d = {d}, "
-                         f"I = {inner}; got {tuple(tuple(w.shape) for w in shared)}")
-    if (why := blocks.mismatch(d, inner)) is not None:
-        raise ValueError(f"gathered_experts: {why}")
-
-
-def _outputs_reference(x, experts, gate_proj, up_proj, down_proj, shared):
-    """[N k (+ N), d] float32: each (token, slot) row's expert output, then each token's shared
-    expert output."""
-    y = gathered_expert_outputs_reference(x, experts, gate_proj, up_proj, down_proj)
-    y = y.astype(jnp.float32).reshape(-1, x.shape[1])
-    if not shared:
-        return y
-    # The shared expert as a stack of one expert that every token chose.
-    one = jnp.zeros((x.shape[0], 1), jnp.int32)
-    y_shared = gathered_expert_outputs_reference(x, one, *(w[None] for w in shared))
-    return jnp.concatenate([y, y_shared.astype(jnp.float32)[:, 0]], axis=0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _outputs(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
-    N, k = experts.shape
-    d, inner = gate_proj.shape[1:]
-    nk = N * k
-    rows = nk + N * bool(shared)  # the routed (token, slot) rows, then the shared rows
-    ids = experts.reshape(-1).astype(jnp.int32)
+    inner = gate_proj.shape[2]
+    rows = N * (k + bool(shared))
     bi, bd, br = blocks.block_i, blocks.block_d, blocks.block_r
     splits, down_splits = blocks.splits, blocks.down_splits
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
     part = jax.ShapeDtypeStruct((splits, rows, inner), jnp.float32)
-    g_part, u_part = pl.pallas_call(
-        functools.partial(_gate_up_kernel, k=k, nk=nk, block_r=br, steps=d // splits // br),
+    routing = [] if norm_topk_prob is None else [jax.ShapeDtypeStruct((N * k,), jnp.int32),
+                                                 jax.ShapeDtypeStruct((N * k,), jnp.float32)]
+    g_part, u_part, *routing = pl.pallas_call(
+        functools.partial(_gate_up_kernel, k=k, shared=bool(shared),
+                          norm_topk_prob=norm_topk_prob, block_r=br, steps=d // splits // br),
         grid=(rows, inner // bi, splits),
-        in_specs=[_whole(ids.shape), _whole(x.shape), _whole(gate_proj.shape),
+        in_specs=[_whole(choice.shape), _whole(x.shape), _whole(gate_proj.shape),
                   _whole(up_proj.shape)] + [_whole(w.shape) for w in shared[:2]],
-        out_specs=[pl.BlockSpec((1, 1, bi), lambda r, c, s: (s, r, c))] * 2,
-        out_shape=[part, part],
+        out_specs=[pl.BlockSpec((1, 1, bi), lambda r, c, s: (s, r, c))] * 2
+        + [_whole(o.shape) for o in routing],
+        out_shape=[part, part, *routing],
         compiler_params=params, interpret=interpret, name="moe_gathered_gate_up",
-    )(ids, x, gate_proj, up_proj, *shared[:2])
+    )(choice, x, gate_proj, up_proj, *shared[:2])
+    ids = routing[0] if routing else choice
+    weighting = (routing[1], *([shared_gate_logits] if shared else [])) if routing else ()
     y = pl.pallas_call(
-        functools.partial(_down_kernel, nk=nk, block_r=br,
+        functools.partial(_down_kernel, k=k, shared=bool(shared), block_r=br,
                           steps=inner // down_splits // br, dtype=x.dtype),
         grid=(rows, d // bd, down_splits),
         in_specs=[_whole(ids.shape), _whole(g_part.shape), _whole(u_part.shape),
-                  _whole(down_proj.shape)] + [_whole(w.shape) for w in shared[2:]],
+                  _whole(down_proj.shape)]
+        + [_whole(w.shape) for w in (*shared[2:], *weighting)],
         out_specs=pl.BlockSpec((1, 1, bd), lambda r, c, s: (s, r, c)),
         out_shape=jax.ShapeDtypeStruct((down_splits, rows, d), jnp.float32),
         compiler_params=params, interpret=interpret, name="moe_gathered_down",
-    )(ids, g_part, u_part, down_proj, *shared[2:])
-    return y.sum(0)  # [rows, d]
+    )(ids, g_part, u_part, down_proj, *shared[2:], *weighting)
+    return y, tuple(routing)
+
+
+def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
+    """ValueError (naming ``fn``) unless x is [N, d], the experts' projections [E, d, I],
+    [E, d, I], [E, I, d], the shared expert's (gate, up, down) [d, I], [d, I], [I, d], and the
+    blocks fit (with ``routing``, E too)."""
+    if x.ndim != 2:
+        raise ValueError(f"{fn}: x {x.shape} must be [N, d]")
+    d = x.shape[1]
+    E, d_w, inner = gate_proj.shape
+    if d_w != d or up_proj.shape != gate_proj.shape or down_proj.shape != (E, inner, d):
+        raise ValueError(f"{fn}: expected gate_proj, up_proj [E, d = {d}, I] and down_proj "
+                         f"[E, I, d]; got {gate_proj.shape}, {up_proj.shape}, "
+                         f"{down_proj.shape}")
+    if shared and tuple(w.shape for w in shared) != ((d, inner), (d, inner), (inner, d)):
+        raise ValueError(f"{fn}: the shared expert's gate_proj, up_proj, down_proj must be "
+                         f"[d, I], [d, I], [I, d] with the routed experts' d = {d}, I = {inner}; "
+                         f"got {tuple(tuple(w.shape) for w in shared)}")
+    if (why := blocks.mismatch(d, inner, E if routing else None)) is not None:
+        raise ValueError(f"{fn}: {why}")
+
+
+def _check_experts(fn, x, experts):
+    if experts.ndim != 2 or experts.shape[0] != x.shape[0]:
+        raise ValueError(f"{fn}: experts {experts.shape} must be [N = {x.shape[0]}, k]")
+
+
+def _split_shared(fn, shared, n, name):
+    """``shared`` (None, or (a per-token ``name`` [N], gate, up, down)) as (that [N] or None,
+    the projections (gate, up, down) or ())."""
+    if shared is None:
+        return None, ()
+    per_token, *projections = shared
+    if per_token.shape != (n,):
+        raise ValueError(f"{fn}: {name} {per_token.shape} must be [N = {n}]")
+    return per_token, tuple(projections)
+
+
+def _outputs_reference(x, experts, gate_proj, up_proj, down_proj, shared):
+    """[N slots, d] float32: each token's k slots' expert outputs, then (with ``shared``, the
+    shared expert's (gate, up, down)) its shared expert's output."""
+    y = gathered_expert_outputs_reference(x, experts, gate_proj, up_proj, down_proj)
+    if shared:  # the shared expert as a stack of one expert that every token chose
+        one = jnp.zeros((x.shape[0], 1), jnp.int32)
+        y = jnp.concatenate(
+            [y, gathered_expert_outputs_reference(x, one, *(w[None] for w in shared))], axis=1)
+    return y.astype(jnp.float32).reshape(-1, x.shape[1])
+
+
+def _weighted_rows(y, row_weights):
+    """sum_j row_weights[n, j] y[n slots + j] in float32: y [N slots, d], row_weights
+    [N, slots] -> [N, d]."""
+    rows = y.reshape(*row_weights.shape, -1)
+    return jnp.sum(row_weights.astype(jnp.float32)[..., None] * rows, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _outputs(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
+    ids = experts.reshape(-1).astype(jnp.int32)
+    y, _ = _kernels(x, ids, gate_proj, up_proj, down_proj, shared, experts.shape[1], blocks,
+                    interpret)
+    return y.sum(0)  # [N slots, d]
 
 
 def _outputs_fwd(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
@@ -275,7 +394,8 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *,
     Raises:
       ValueError: shapes that do not match, or blocks that do not divide I and d.
     """
-    _check(x, experts, gate_proj, up_proj, down_proj, (), blocks)
+    _check("gathered_expert_outputs", x, gate_proj, up_proj, down_proj, (), blocks)
+    _check_experts("gathered_expert_outputs", x, experts)
     y = _outputs(x, experts, gate_proj, up_proj, down_proj, (), blocks, interpret)
     return y.reshape(*experts.shape, x.shape[1])
 
@@ -300,19 +420,109 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shar
     Raises:
       ValueError: shapes that do not match, or blocks that do not divide I and d.
     """
+    fn = "gathered_experts"
+    shared_w, shared_proj = _split_shared(fn, shared, x.shape[0], "shared_weights")
+    _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks)
+    _check_experts(fn, x, experts)
     if weights.shape != experts.shape:
-        raise ValueError(f"gathered_experts: weights {weights.shape} and experts "
-                         f"{experts.shape} must both be [N = {x.shape[0]}, k]")
-    shared_w, *shared_proj = shared if shared is not None else (None,)
-    if shared is not None and shared_w.shape != (x.shape[0],):
-        raise ValueError(f"gathered_experts: shared_weights {shared_w.shape} must be "
-                         f"[N = {x.shape[0]}]")
-    _check(x, experts, gate_proj, up_proj, down_proj, tuple(shared_proj), blocks)
-    y = _outputs(x, experts, gate_proj, up_proj, down_proj, tuple(shared_proj), blocks,
-                 interpret)
-    nk = experts.size
-    out = jnp.sum(weights.astype(jnp.float32)[..., None] * y[:nk].reshape(*experts.shape, -1),
-                  axis=1)
+        raise ValueError(f"{fn}: weights {weights.shape} and experts {experts.shape} must both "
+                         f"be [N = {x.shape[0]}, k]")
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, shared_proj, blocks, interpret)
+    row_weights = weights.astype(jnp.float32)
     if shared is not None:
-        out = out + shared_w.astype(jnp.float32)[:, None] * y[nk:]
-    return out.astype(x.dtype)
+        row_weights = jnp.concatenate([row_weights, shared_w.astype(jnp.float32)[:, None]], 1)
+    return _weighted_rows(y, row_weights).astype(x.dtype)
+
+
+def _routed_reference(x, router_logits, gate_proj, up_proj, down_proj, shared, experts,
+                      norm_topk_prob):
+    """jnp form of :func:`routed_experts` given the experts [N, k] it chose (the backward's
+    recomputation): (out [N, d] in x's dtype, weights [N, k] float32)."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights = jnp.take_along_axis(probs, experts, axis=-1)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    row_weights = weights
+    if shared:
+        gate = jax.nn.sigmoid(shared[0].astype(jnp.float32))
+        row_weights = jnp.concatenate([weights, gate[:, None]], axis=1)
+    y = _outputs_reference(x, experts, gate_proj, up_proj, down_proj, shared[1:])
+    return _weighted_rows(y, row_weights).astype(x.dtype), weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _routed(x, router_logits, gate_proj, up_proj, down_proj, shared, top_k, norm_topk_prob,
+            blocks, interpret):
+    N, d = x.shape
+    y, (ids, weights) = _kernels(x, router_logits, gate_proj, up_proj, down_proj, shared[1:],
+                                 top_k, blocks, interpret, norm_topk_prob,
+                                 shared[0] if shared else None)
+    # The weighted rows' sums over the down splits and each token's slots: one XLA fusion.
+    out = y.reshape(-1, N, top_k + bool(shared), d).sum((0, 2)).astype(x.dtype)
+    return out, weights.reshape(N, top_k), ids.reshape(N, top_k)
+
+
+def _routed_fwd(x, router_logits, gate_proj, up_proj, down_proj, shared, top_k,
+                norm_topk_prob, blocks, interpret):
+    out = _routed(x, router_logits, gate_proj, up_proj, down_proj, shared, top_k,
+                  norm_topk_prob, blocks, interpret)
+    return out, (x, router_logits, gate_proj, up_proj, down_proj, shared, out[2])
+
+
+def _routed_bwd(top_k, norm_topk_prob, blocks, interpret, res, cotangents):
+    *primals, experts = res
+    d_out, d_weights, _ = cotangents
+    _, vjp = jax.vjp(lambda *a: _routed_reference(*a, experts, norm_topk_prob), *primals)
+    return vjp((d_out, d_weights))
+
+
+_routed.defvjp(_routed_fwd, _routed_bwd)
+
+
+def routed_experts(x, router_logits, gate_proj, up_proj, down_proj, *, top_k: int,
+                   norm_topk_prob: bool, shared=None, blocks: BlockSizes = BlockSizes(),
+                   interpret: bool = False):
+    """A decode MoE block after its router matmul (transformers' Qwen3NextSparseMoeBlock): each
+    token's top-k routing, its k experts weighted and, with ``shared``, the sigmoid-gated
+    shared expert, in the two Pallas kernels (the routing and weighting inside them, see the
+    module docstring):
+
+        weights, experts = top_k(softmax(router_logits[n]))   (float32; / their sum with
+                                                                 norm_topk_prob)
+        out[n] = sum_j weights[n, j] expert_{experts[n, j]}(x[n])
+                 + sigmoid(shared_gate_logits[n]) shared_expert(x[n])
+
+    Args:
+      x: [N, d] tokens (bf16 or float32).
+      router_logits: [N, E] the router matmul's output (model dtype, as qnext_jax's
+        ``moe.route`` receives it); E a power of 2.
+      gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d], in x's dtype.
+      top_k: experts per token, in [1, E]. norm_topk_prob: renormalise the k weights to sum
+        to 1.
+      shared: None, or (shared_gate_logits [N] (before the sigmoid), gate [d, I], up [d, I],
+        down [I, d]): a shared expert of the routed experts' sizes (as Qwen3-Next's).
+      blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
+        tests).
+    Returns:
+      (out [N, d] in x's dtype (float32 sums inside, the weights applied in float32),
+      weights [N, k] float32, experts [N, k] int32): the weights and experts of
+      ``moe.route(router_logits, top_k, norm_topk_prob)`` (the same experts in the same
+      order, ties to the lower id; the weights to float32 rounding). The gradient (w.r.t. x,
+      router_logits, the projections and ``shared``, through out and weights) is that of the
+      jnp reference with these experts, recomputed.
+    Raises:
+      ValueError: shapes that do not match, top_k out of [1, E], E not a power of 2, or blocks
+        that do not divide I and d.
+    """
+    fn = "routed_experts"
+    shared_logits, shared_proj = _split_shared(fn, shared, x.shape[0], "shared_gate_logits")
+    _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, routing=True)
+    N, E = x.shape[0], gate_proj.shape[0]
+    if router_logits.shape != (N, E):
+        raise ValueError(f"{fn}: router_logits {router_logits.shape} must be [N = {N}, "
+                         f"E = {E}]")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"{fn}: top_k = {top_k} must be in [1, E = {E}]")
+    shared = () if shared is None else (shared_logits, *shared_proj)
+    return _routed(x, router_logits, gate_proj, up_proj, down_proj, shared, int(top_k),
+                   bool(norm_topk_prob), blocks, interpret)

@@ -42,6 +42,7 @@ from pallas_kernels.moe import (
     gathered_expert_outputs_reference,
     gathered_experts,
     gathered_experts_reference,
+    routed_experts,
 )
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
@@ -513,25 +514,31 @@ class Qwen3NextExperts(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, weights, experts, shared=None):
-        """x [N, d], weights [N, k] (router weights), experts [N, k] int -> [N, d]. ``shared``:
-        None, or (weights [N], gate [d, I], up [d, I], down [I, d]), a shared expert that the
-        ``gather_pallas`` decode kernels compute as one more row (:meth:`fuses_shared`)."""
+    def __call__(self, x, weights=None, experts=None, *, router=None, shared=None):
+        """x [N, d] -> [N, d], each token's routed experts, given either
+        - weights [N, k] (router weights) and experts [N, k] int (:func:`route`'s), or
+        - ``router`` (router_logits [N, E], top_k, norm_topk_prob) and ``shared``
+          (shared_gate_logits [N] (before the sigmoid), gate [d, I], up [d, I], down [I, d]):
+          the ``gather_pallas`` decode kernels route each token and add its sigmoid-gated
+          shared expert, computed as one more row (``routed_experts``; :meth:`fuses_shared`)."""
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
         impl = self.impl
-        if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
-            impl = "auto"
         init = nn.initializers.normal(self.std)
         gate = self.param("gate_proj", init, (E, d, inner), self.param_dtype)
         up = self.param("up_proj", init, (E, d, inner), self.param_dtype)
         down = self.param("down_proj", init, (E, inner, d), self.param_dtype)
         cast = lambda w: w.astype(self.dtype)
-        if shared is not None:
-            if not self.fuses_shared(experts.size, shared[1].shape[1]):
-                raise ValueError("Qwen3NextExperts: a shared expert is only fused into the "
-                                 "gather_pallas decode kernels (see fuses_shared)")
-            return gathered_experts(x, weights.astype(self.dtype), experts, cast(gate),
-                                    cast(up), cast(down), shared=shared)
+        if router is not None or shared is not None:
+            if router is None or shared is None or not self.fuses_shared(
+                    x.shape[0] * router[1], shared[1].shape[1]):
+                raise ValueError("Qwen3NextExperts: the router logits and a shared expert are "
+                                 "only taken together, by the gather_pallas decode kernels "
+                                 "(see fuses_shared)")
+            logits, top_k, norm_topk_prob = router
+            return routed_experts(x, logits, cast(gate), cast(up), cast(down), top_k=top_k,
+                                  norm_topk_prob=norm_topk_prob, shared=shared)[0]
+        if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
+            impl = "auto"
         active = sharding.active_mesh()
         if active is not None:
             mesh, rules = active
@@ -542,19 +549,23 @@ class Qwen3NextExperts(nn.Module):
                                cast(down), self.precision, impl=impl)
 
     def fuses_shared(self, rows: int, shared_inner: int) -> bool:
-        """Whether a call of ``rows`` token-slots computes a shared expert of intermediate size
-        ``shared_inner`` inside its kernels: impl ``gather_pallas`` at decode size, no active
-        mesh, and the shared expert of the routed experts' sizes (Qwen3-Next's 512)."""
+        """Whether a call of ``rows`` token-slots takes the router logits and a shared expert of
+        intermediate size ``shared_inner``, routing and computing both inside its kernels:
+        impl ``gather_pallas`` at decode size, no active mesh, the shared expert of the routed
+        experts' sizes (Qwen3-Next's 512) and E a power of 2 (the 80B's 512)."""
         return (self.impl == "gather_pallas" and _decode_sized(rows, self.num_experts)
                 and sharding.active_mesh() is None and shared_inner == self.intermediate_size
-                and GatheredBlockSizes().mismatch(self.hidden_size, shared_inner) is None)
+                and GatheredBlockSizes().mismatch(self.hidden_size, shared_inner,
+                                                  self.num_experts) is None)
 
 
 class Qwen3NextSparseMoeBlock(nn.Module):
     """Router + routed experts + sigmoid-gated shared expert. x [B, T, d] -> [B, T, d].
 
     The raw router logits [B*T, E] are sown as ``intermediates/router_logits`` (for the
-    load-balancing loss).
+    load-balancing loss). With ``moe_impl="gather_pallas"`` at decode size the top-k routing
+    and the shared expert run inside the routed experts' two Pallas kernels, given the router
+    logits (:meth:`Qwen3NextExperts.fuses_shared`); otherwise :func:`route` runs here.
     """
 
     config: Qwen3NextConfig
@@ -567,21 +578,22 @@ class Qwen3NextSparseMoeBlock(nn.Module):
     def __call__(self, x):
         cfg = self.config
         B, T, d = x.shape
-        mod = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        mod = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
         flat = x.reshape(B * T, d).astype(self.dtype)
         logits = dense(cfg.num_experts, name="gate", std=cfg.initializer_range, **mod)(flat)
         self.sow("intermediates", "router_logits", logits)
-        weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        k = cfg.num_experts_per_tok
         routed = Qwen3NextExperts(cfg.num_experts, d, cfg.moe_intermediate_size,
                                   std=cfg.initializer_range, impl=self.moe_impl, name="experts",
                                   **mod)
         shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=cfg.initializer_range,
                               name="shared_expert", **mod)
-        shared_gate = jax.nn.sigmoid(
-            dense(1, name="shared_expert_gate", std=cfg.initializer_range, **mod)(flat))
-        if routed.fuses_shared(experts.size, cfg.shared_expert_intermediate_size):
-            out = routed(flat, weights, experts,
-                         shared=(shared_gate[:, 0], *shared(flat, kernels_only=True)))
+        shared_logits = dense(1, name="shared_expert_gate", std=cfg.initializer_range,
+                              **mod)(flat)
+        if routed.fuses_shared(B * T * k, cfg.shared_expert_intermediate_size):
+            out = routed(flat, router=(logits, k, cfg.norm_topk_prob),
+                         shared=(shared_logits[:, 0], *shared(flat, kernels_only=True)))
         else:
-            out = routed(flat, weights, experts) + shared_gate * shared(flat)
+            weights, experts = route(logits, k, cfg.norm_topk_prob)
+            out = routed(flat, weights, experts) + jax.nn.sigmoid(shared_logits) * shared(flat)
         return out.reshape(B, T, d)
