@@ -349,3 +349,36 @@ def test_routed_experts_export_cuda():
                "stablehlo.divide"):
         assert op not in text, op
     assert exp.out_avals[0].shape == (1, 2048) and exp.out_avals[2].dtype == jnp.int32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", [False, True])
+def test_gpu_routed_experts_80b_sizes(norm):
+    """Compiled on the GPU at the 80B block's sizes (bf16, E 512, top-10, d 2048, I 512, the
+    shared expert), default blocks: the experts of route() exactly (the kernel's own softmax),
+    its weights to 1e-5, and the output against route + the jnp reference to bf16 rounding."""
+    keys = jax.random.split(jax.random.key(0), 8)
+    n, k, e, d, inner = 3, 10, 512, 2048, 512
+    bf = jnp.bfloat16
+    x = jax.random.normal(keys[0], (n, d), bf)
+    logits = (jax.random.normal(keys[1], (n, e), jnp.float32) * 2).astype(bf)
+    w = lambda key, shape, fan: (jax.random.normal(key, shape, jnp.float32) / fan ** 0.5).astype(bf)
+    gate, up = w(keys[2], (e, d, inner), d), w(keys[3], (e, d, inner), d)
+    down = w(keys[4], (e, inner, d), inner)
+    sh = (jax.random.normal(keys[5], (n,), bf), w(keys[6], (d, inner), d),
+          w(keys[7], (d, inner), d), w(keys[0], (inner, d), inner))
+    out, weights, experts = jax.jit(lambda *a: routed_experts(
+        *a[:5], top_k=k, norm_topk_prob=norm, shared=a[5]))(x, logits, gate, up, down, sh)
+    want_w, want_e = jax.jit(route, static_argnums=(1, 2))(logits, k, norm)
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-5)
+    f32 = lambda a: a.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    ref = gathered_experts_reference(f32(x), want_w, want_e, f32(gate), f32(up), f32(down),
+                                     precision=hi)
+    h = jax.nn.silu(jnp.dot(f32(x), f32(sh[1]), precision=hi)) * jnp.dot(f32(x), f32(sh[2]),
+                                                                        precision=hi)
+    ref = ref + jax.nn.sigmoid(f32(sh[0]))[:, None] * jnp.dot(h, f32(sh[3]), precision=hi)
+    rel = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(ref, np.float64)) / \
+        np.linalg.norm(np.asarray(ref, np.float64))
+    assert rel < 1e-2, rel
