@@ -265,11 +265,12 @@ def test_sparse_moe_block_matches_numpy(rng):
     (8, 16, False, True), (8, 16, True, True), (8, 24, True, False), (7, 16, False, False)])
 def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch, num_experts,
                                                                 shared_size, norm, fused):
-    """moe_impl="gather_pallas" at decode size (kernels in interpret mode): the routing and
-    the shared expert run inside the decode kernels (routed_experts, given the router logits)
-    when the shared expert's intermediate size is the routed experts' (16) and E a power of 2;
-    otherwise route() and the kernels of gathered_experts (shared 24, or 7 experts). The block
-    equals the float64 numpy block either way."""
+    """moe_impl="gather_pallas" at decode size (kernels in interpret mode): the router's
+    matmul, the routing and the shared expert run inside the decode kernels (routed_experts,
+    given the router's weight) when the shared expert's intermediate size is the routed
+    experts' (16) and E a power of 2; otherwise route() and the kernels of gathered_experts
+    (shared 24, or 7 experts). The block equals the float64 numpy block either way, and the
+    router logits are sown either way."""
     import functools
 
     from conftest import tiny_config
@@ -300,6 +301,10 @@ def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch
     assert calls == ["routed_experts" if fused else "gathered_experts"]
     ref = sparse_moe(jax.tree.map(np.asarray, p), f64(x.reshape(1, -1)), 3, norm)
     np.testing.assert_allclose(np.asarray(y).reshape(1, -1), ref, rtol=1e-5, atol=1e-5)
+    _, state = block.apply({"params": p}, x, mutable=["intermediates"])
+    np.testing.assert_allclose(np.asarray(state["intermediates"]["router_logits"][0]),
+                               f64(x.reshape(1, -1)) @ np.asarray(p["gate"]["kernel"], np.float64),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -191,31 +191,34 @@ def test_export_cuda():
     assert exp.mlir_module().count("moe_gathered_") >= 2
 
 
-# routed_experts: 16 experts, router logits on a grid of halves in [-2, 2) (many ties, exact in
-# bf16 and float32).
+# routed_experts: 16 experts; x in {-1, 0, 1} and the router's weight on a grid of halves, so
+# that every logit is exact in bf16 and float32 whatever the order of its sums (many ties).
 E_ROUTED = 16
 
 
 def _routed_case(seed, n, k, dtype, shared):
-    """(x, router_logits, gate, up, down, shared or None) of E_ROUTED experts, as ``dtype``."""
+    """(x, router_weight, gate, up, down, shared or None) of E_ROUTED experts, as ``dtype``;
+    shared: (shared_expert_gate [D, 1], gate, up, down)."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, D))
-    logits = rng.integers(-4, 4, (n, E_ROUTED)) / 2
+    x = rng.integers(-1, 2, (n, D)).astype(np.float64)
+    router = rng.integers(-1, 2, (D, E_ROUTED)) / 2
     # token 0: k + 1 experts tied above the rest (a tie across its k-th and k+1-th choice)
-    logits[0, rng.choice(E_ROUTED, k + 1, replace=False)] = 2.0
+    router[:, rng.choice(E_ROUTED, k + 1, replace=False)] = x[0, :, None]
     gate, up = (rng.standard_normal((E_ROUTED, D, INNER)) / D ** 0.5 for _ in range(2))
     down = rng.standard_normal((E_ROUTED, INNER, D)) / INNER ** 0.5
     cast = lambda a: jnp.asarray(a, dtype)
     sh = _shared_case(seed + 1, n, dtype) if shared else None
-    if shared:  # the shared expert's gate logits: any sign
-        sh = (cast(rng.standard_normal(n) * 2),) + sh[1:]
-    return (cast(x), cast(logits), cast(gate), cast(up), cast(down), sh)
+    if shared:
+        sh = (cast(rng.standard_normal((D, 1)) / 4),) + sh[1:]
+    return (cast(x), cast(router), cast(gate), cast(up), cast(down), sh)
 
 
-def _numpy_routed(x, logits, gate, up, down, shared, k, norm):
-    """float64 (out, weights, experts): softmax, the k largest (stable: ties to the lower id),
-    renormalised with norm, the experts loop, plus the sigmoid-gated shared expert."""
-    probs = softmax(np.asarray(logits, np.float64))
+def _numpy_routed(x, router, gate, up, down, shared, k, norm):
+    """float64 (out, weights, experts): the router's logits, softmax, the k largest (stable:
+    ties to the lower id), renormalised with norm, the experts loop, plus the sigmoid-gated
+    shared expert."""
+    x = np.asarray(x, np.float64)
+    probs = softmax(x @ np.asarray(router, np.float64))
     experts = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     weights = np.take_along_axis(probs, experts, axis=-1)
     if norm:
@@ -224,7 +227,7 @@ def _numpy_routed(x, logits, gate, up, down, shared, k, norm):
     if shared is not None:
         sg, g, u, dn = (np.asarray(a, np.float64) for a in shared)
         one = np.zeros((x.shape[0], 1), np.int32)
-        out = out + _numpy_loop(x, sigmoid(sg)[:, None], one, g[None], u[None], dn[None])
+        out = out + _numpy_loop(x, sigmoid(x @ sg), one, g[None], u[None], dn[None])
     return out, weights, experts
 
 
@@ -233,19 +236,19 @@ def _numpy_routed(x, logits, gate, up, down, shared, k, norm):
     (3, 3, jnp.float32, True, False), (3, 1, jnp.bfloat16, False, True),
     (3, 3, jnp.bfloat16, False, False), (1, 3, jnp.float32, False, True)])
 def test_routed_experts_vs_numpy_and_route(n, k, dtype, shared, norm):
-    """Routing inside the kernels: the experts of qnext_jax's route exactly (tied logits
-    included), its weights to float32 rounding, and the output against a float64 loop and
-    against route + the jnp reference."""
-    x, logits, gate, up, down, sh = _routed_case(n * 10 + k, n, k, dtype, shared)
+    """The router's matmul and the routing inside the kernels: the experts of qnext_jax's route
+    on the same logits exactly (tied logits included), its weights to float32 rounding, and the
+    output against a float64 loop and against route + the jnp reference."""
+    x, router, gate, up, down, sh = _routed_case(n * 10 + k, n, k, dtype, shared)
     out, weights, experts = jax.jit(lambda *a: routed_experts(
         *a[:5], top_k=k, norm_topk_prob=norm, shared=a[5], **BLOCKS))(
-        x, logits, gate, up, down, sh)
+        x, router, gate, up, down, sh)
     assert out.shape == (n, D) and out.dtype == dtype
     assert weights.dtype == jnp.float32 and experts.dtype == jnp.int32
-    want_w, want_e = route(logits, k, norm)
+    want_w, want_e = route(x @ router, k, norm)
     np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
     np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-6)
-    ref, ref_w, ref_e = _numpy_routed(x, logits, gate, up, down, sh, k, norm)
+    ref, ref_w, ref_e = _numpy_routed(x, router, gate, up, down, sh, k, norm)
     np.testing.assert_array_equal(np.asarray(experts), ref_e)
     np.testing.assert_allclose(np.asarray(weights), ref_w, rtol=1e-6)
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
@@ -254,35 +257,38 @@ def test_routed_experts_vs_numpy_and_route(n, k, dtype, shared, norm):
     jnp_ref = gathered_experts_reference(x, want_w, want_e, gate, up, down,
                                          precision=jax.lax.Precision.HIGHEST)
     if shared:
+        shared_w = jax.nn.sigmoid((x @ sh[0]).astype(jnp.float32))
         jnp_ref = jnp_ref + gathered_experts_reference(
-            x, jax.nn.sigmoid(sh[0].astype(jnp.float32))[:, None], jnp.zeros((n, 1), jnp.int32),
-            *(w[None] for w in sh[1:]), precision=jax.lax.Precision.HIGHEST)
+            x, shared_w, jnp.zeros((n, 1), jnp.int32), *(w[None] for w in sh[1:]),
+            precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(jnp_ref, np.float64),
                                rtol=tol, atol=tol * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("norm", [False, True])
 def test_routed_experts_gradients_equal_the_reference(norm):
-    """Through out and the weights, w.r.t. x, the router logits, the experts and the shared
-    expert's gate logits and projections: those of route + the jnp reference."""
+    """Through out and the weights, w.r.t. x, the router's weight, the experts and the shared
+    expert's gate and projections: those of the router's matmul, route and the jnp
+    reference."""
     rng = np.random.default_rng(11)
-    x, _, gate, up, down, sh = _routed_case(9, 2, 3, jnp.float32, shared=True)
-    logits = jnp.asarray(rng.standard_normal((2, E_ROUTED)), jnp.float32)  # no ties
+    _, _, gate, up, down, sh = _routed_case(9, 2, 3, jnp.float32, shared=True)
+    x = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)  # logits without ties
+    router = jnp.asarray(rng.standard_normal((D, E_ROUTED)) / D ** 0.5, jnp.float32)
     probe = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)
     probe_w = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
     hi = jax.lax.Precision.HIGHEST
 
-    def reference(x, lg, g, u, dn, sh):
-        w, e = route(lg, 3, norm)
+    def reference(x, router, g, u, dn, sh):
+        w, e = route(jnp.dot(x, router, precision=hi), 3, norm)
         sg, s_gate, s_up, s_down = sh
         h = jax.nn.silu(jnp.dot(x, s_gate, precision=hi)) * jnp.dot(x, s_up, precision=hi)
         out = gathered_experts_reference(x, w, e, g, u, dn, precision=hi) + \
-            jax.nn.sigmoid(sg)[:, None] * jnp.dot(h, s_down, precision=hi)
+            jax.nn.sigmoid(jnp.dot(x, sg, precision=hi)) * jnp.dot(h, s_down, precision=hi)
         return out, w
 
-    def kernels(x, lg, g, u, dn, sh):
-        out, w, _ = routed_experts(x, lg, g, u, dn, top_k=3, norm_topk_prob=norm, shared=sh,
-                                   **BLOCKS)
+    def kernels(x, router, g, u, dn, sh):
+        out, w, _ = routed_experts(x, router, g, u, dn, top_k=3, norm_topk_prob=norm,
+                                   shared=sh, **BLOCKS)
         return out, w
 
     def grads(fn):
@@ -290,9 +296,9 @@ def test_routed_experts_gradients_equal_the_reference(norm):
             out, w = fn(*a)
             return jnp.sum(out * probe) + jnp.sum(w * probe_w)
         return jax.tree.leaves(jax.grad(loss, argnums=tuple(range(6)))(
-            x, logits, gate, up, down, sh))
+            x, router, gate, up, down, sh))
 
-    names = ("x", "router_logits", "gate", "up", "down", "shared_gate_logits", "shared_gate",
+    names = ("x", "router_weight", "gate", "up", "down", "shared_expert_gate", "shared_gate",
              "shared_up", "shared_down")
     for name, g, r in zip(names, grads(kernels), grads(reference), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6,
@@ -300,39 +306,39 @@ def test_routed_experts_gradients_equal_the_reference(norm):
 
 
 def test_routed_experts_bad_shapes():
-    x, logits, gate, up, down, sh = _routed_case(0, 1, 2, jnp.float32, shared=True)
+    x, router, gate, up, down, sh = _routed_case(0, 1, 2, jnp.float32, shared=True)
     call = lambda *a, top_k=2, shared=None: routed_experts(
         *a, top_k=top_k, norm_topk_prob=True, shared=shared, **BLOCKS)
-    with pytest.raises(ValueError, match=r"router_logits \(1, 8\) must be \[N = 1, E = 16\]"):
-        call(x, logits[:, :8], gate, up, down)
+    with pytest.raises(ValueError, match=r"router_weight \(64, 8\) must be \[d = 64, E = 16\]"):
+        call(x, router[:, :8], gate, up, down)
     with pytest.raises(ValueError, match=r"top_k = 0 must be in \[1, E = 16\]"):
-        call(x, logits, gate, up, down, top_k=0)
+        call(x, router, gate, up, down, top_k=0)
     with pytest.raises(ValueError, match=r"top_k = 17 must be in \[1, E = 16\]"):
-        call(x, logits, gate, up, down, top_k=17)
+        call(x, router, gate, up, down, top_k=17)
     with pytest.raises(ValueError, match="E = 12 must be a power of 2"):
-        call(x, logits[:, :12], gate[:12], up[:12], down[:12])
-    with pytest.raises(ValueError, match=r"shared_gate_logits \(2,\) must be \[N = 1\]"):
-        call(x, logits, gate, up, down, shared=(jnp.ones((2,)),) + sh[1:])
+        call(x, router[:, :12], gate[:12], up[:12], down[:12])
+    with pytest.raises(ValueError, match=r"shared_expert_gate \(64,\) must be \[d = 64, 1\]"):
+        call(x, router, gate, up, down, shared=(jnp.ones((64,)),) + sh[1:])
     with pytest.raises(ValueError, match=r"shared expert's .* \[d, I\], \[d, I\], \[I, d\]"):
-        call(x, logits, gate, up, down, shared=sh[:3] + (sh[3][:32],))
+        call(x, router, gate, up, down, shared=sh[:3] + (sh[3][:32],))
     with pytest.raises(ValueError, match=r"x \(64,\) must be \[N, d\]"):
-        call(x[0], logits, gate, up, down)
+        call(x[0], router, gate, up, down)
     with pytest.raises(ValueError, match="d = 64 must be a multiple of block_d = 128"):
-        routed_experts(x, logits, gate, up, down, top_k=2, norm_topk_prob=True,
+        routed_experts(x, router, gate, up, down, top_k=2, norm_topk_prob=True,
                        blocks=replace(SMALL, block_d=128), interpret=True)
 
 
 def test_routed_experts_export_cuda():
     """Lowers to Triton for CUDA at the 80B's sizes (E 512 logits a block per program, top-10,
-    the shared expert), and outside the two kernels XLA has no softmax, top-k or sigmoid left:
-    only the sums over the down splits and the slots."""
+    the shared expert), and outside the three kernels XLA has no matmul, softmax, top-k or
+    sigmoid left: only the sums over the down splits and the slots."""
     from jax import export
     from jax.sharding import AbstractDevice, AbstractMesh
 
     S = jax.ShapeDtypeStruct
-    args = (S((1, 2048), jnp.bfloat16), S((1, 512), jnp.bfloat16),
+    args = (S((1, 2048), jnp.bfloat16), S((2048, 512), jnp.bfloat16),
             S((512, 2048, 512), jnp.bfloat16), S((512, 2048, 512), jnp.bfloat16),
-            S((512, 512, 2048), jnp.bfloat16), S((1,), jnp.bfloat16),
+            S((512, 512, 2048), jnp.bfloat16), S((2048, 1), jnp.bfloat16),
             S((2048, 512), jnp.bfloat16), S((2048, 512), jnp.bfloat16),
             S((512, 2048), jnp.bfloat16))
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "cuda"))
@@ -344,9 +350,10 @@ def test_routed_experts_export_cuda():
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(*args)
     text = exp.mlir_module()
-    assert "moe_gathered_gate_up" in text and "moe_gathered_down" in text
-    for op in ("stablehlo.exponential", "stablehlo.logistic", "stablehlo.sort", "top_k",
-               "stablehlo.divide"):
+    for kernel in ("moe_router", "moe_gathered_gate_up", "moe_gathered_down"):
+        assert kernel in text, kernel
+    for op in ("stablehlo.dot_general", "stablehlo.exponential", "stablehlo.logistic",
+               "stablehlo.sort", "top_k", "stablehlo.divide"):
         assert op not in text, op
     assert exp.out_avals[0].shape == (1, 2048) and exp.out_avals[2].dtype == jnp.int32
 
@@ -355,21 +362,23 @@ def test_routed_experts_export_cuda():
 @pytest.mark.parametrize("norm", [False, True])
 def test_gpu_routed_experts_80b_sizes(norm):
     """Compiled on the GPU at the 80B block's sizes (bf16, E 512, top-10, d 2048, I 512, the
-    shared expert), default blocks: the experts of route() exactly (the kernel's own softmax),
-    its weights to 1e-5, and the output against route + the jnp reference to bf16 rounding."""
-    keys = jax.random.split(jax.random.key(0), 8)
+    shared expert), default blocks: the experts of route() on XLA's router matmul exactly (x in
+    {-1, 0, 1} and the router's weight in halves: float32 sums exact in any order, so both
+    round to the same bf16 logits, with many ties), its weights to 1e-5, and the output
+    against route + the jnp reference to bf16 rounding."""
+    keys = jax.random.split(jax.random.key(0), 9)
     n, k, e, d, inner = 3, 10, 512, 2048, 512
     bf = jnp.bfloat16
-    x = jax.random.normal(keys[0], (n, d), bf)
-    logits = (jax.random.normal(keys[1], (n, e), jnp.float32) * 2).astype(bf)
+    x = jax.random.randint(keys[0], (n, d), -1, 2).astype(bf)
+    router = (jax.random.randint(keys[1], (d, e), -1, 2) / 2).astype(bf)
     w = lambda key, shape, fan: (jax.random.normal(key, shape, jnp.float32) / fan ** 0.5).astype(bf)
     gate, up = w(keys[2], (e, d, inner), d), w(keys[3], (e, d, inner), d)
     down = w(keys[4], (e, inner, d), inner)
-    sh = (jax.random.normal(keys[5], (n,), bf), w(keys[6], (d, inner), d),
-          w(keys[7], (d, inner), d), w(keys[0], (inner, d), inner))
+    sh = (w(keys[5], (d, 1), d), w(keys[6], (d, inner), d), w(keys[7], (d, inner), d),
+          w(keys[8], (inner, d), inner))
     out, weights, experts = jax.jit(lambda *a: routed_experts(
-        *a[:5], top_k=k, norm_topk_prob=norm, shared=a[5]))(x, logits, gate, up, down, sh)
-    want_w, want_e = jax.jit(route, static_argnums=(1, 2))(logits, k, norm)
+        *a[:5], top_k=k, norm_topk_prob=norm, shared=a[5]))(x, router, gate, up, down, sh)
+    want_w, want_e = jax.jit(lambda x, r: route(x @ r, k, norm))(x, router)
     np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
     np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-5)
     f32 = lambda a: a.astype(jnp.float32)
@@ -378,7 +387,8 @@ def test_gpu_routed_experts_80b_sizes(norm):
                                      precision=hi)
     h = jax.nn.silu(jnp.dot(f32(x), f32(sh[1]), precision=hi)) * jnp.dot(f32(x), f32(sh[2]),
                                                                         precision=hi)
-    ref = ref + jax.nn.sigmoid(f32(sh[0]))[:, None] * jnp.dot(h, f32(sh[3]), precision=hi)
+    shared_w = jax.nn.sigmoid(f32((x @ sh[0])[:, 0]))
+    ref = ref + shared_w[:, None] * jnp.dot(h, f32(sh[3]), precision=hi)
     rel = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(ref, np.float64)) / \
         np.linalg.norm(np.asarray(ref, np.float64))
     assert rel < 1e-2, rel

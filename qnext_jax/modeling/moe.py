@@ -517,10 +517,11 @@ class Qwen3NextExperts(nn.Module):
     def __call__(self, x, weights=None, experts=None, *, router=None, shared=None):
         """x [N, d] -> [N, d], each token's routed experts, given either
         - weights [N, k] (router weights) and experts [N, k] int (:func:`route`'s), or
-        - ``router`` (router_logits [N, E], top_k, norm_topk_prob) and ``shared``
-          (shared_gate_logits [N] (before the sigmoid), gate [d, I], up [d, I], down [I, d]):
-          the ``gather_pallas`` decode kernels route each token and add its sigmoid-gated
-          shared expert, computed as one more row (``routed_experts``; :meth:`fuses_shared`)."""
+        - ``router`` (router_weight [d, E], top_k, norm_topk_prob) and ``shared``
+          (shared_expert_gate [d, 1], gate [d, I], up [d, I], down [I, d]): the
+          ``gather_pallas`` decode kernels make the router's matmul, route each token and add
+          its sigmoid-gated shared expert, computed as one more row (``routed_experts``;
+          :meth:`fuses_shared`)."""
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
         impl = self.impl
         init = nn.initializers.normal(self.std)
@@ -534,9 +535,9 @@ class Qwen3NextExperts(nn.Module):
                 raise ValueError("Qwen3NextExperts: the router logits and a shared expert are "
                                  "only taken together, by the gather_pallas decode kernels "
                                  "(see fuses_shared)")
-            logits, top_k, norm_topk_prob = router
-            return routed_experts(x, logits, cast(gate), cast(up), cast(down), top_k=top_k,
-                                  norm_topk_prob=norm_topk_prob, shared=shared)[0]
+            router_weight, top_k, norm_topk_prob = router
+            return routed_experts(x, router_weight, cast(gate), cast(up), cast(down),
+                                  top_k=top_k, norm_topk_prob=norm_topk_prob, shared=shared)[0]
         if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
             impl = "auto"
         active = sharding.active_mesh()
@@ -549,8 +550,8 @@ class Qwen3NextExperts(nn.Module):
                                cast(down), self.precision, impl=impl)
 
     def fuses_shared(self, rows: int, shared_inner: int) -> bool:
-        """Whether a call of ``rows`` token-slots takes the router logits and a shared expert of
-        intermediate size ``shared_inner``, routing and computing both inside its kernels:
+        """Whether a call of ``rows`` token-slots takes the router's weight and a shared expert
+        of intermediate size ``shared_inner``, routing and computing both inside its kernels:
         impl ``gather_pallas`` at decode size, no active mesh, the shared expert of the routed
         experts' sizes (Qwen3-Next's 512) and E a power of 2 (the 80B's 512)."""
         return (self.impl == "gather_pallas" and _decode_sized(rows, self.num_experts)
@@ -563,9 +564,10 @@ class Qwen3NextSparseMoeBlock(nn.Module):
     """Router + routed experts + sigmoid-gated shared expert. x [B, T, d] -> [B, T, d].
 
     The raw router logits [B*T, E] are sown as ``intermediates/router_logits`` (for the
-    load-balancing loss). With ``moe_impl="gather_pallas"`` at decode size the top-k routing
-    and the shared expert run inside the routed experts' two Pallas kernels, given the router
-    logits (:meth:`Qwen3NextExperts.fuses_shared`); otherwise :func:`route` runs here.
+    load-balancing loss). With ``moe_impl="gather_pallas"`` at decode size the router's
+    matmul, the top-k routing and the shared expert run inside the routed experts' Pallas
+    kernels (:meth:`Qwen3NextExperts.fuses_shared`; the logits are then made in XLA too only
+    when ``intermediates`` is mutable, to be sown); otherwise :func:`route` runs here.
     """
 
     config: Qwen3NextConfig
@@ -580,20 +582,25 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         B, T, d = x.shape
         mod = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
         flat = x.reshape(B * T, d).astype(self.dtype)
-        logits = dense(cfg.num_experts, name="gate", std=cfg.initializer_range, **mod)(flat)
-        self.sow("intermediates", "router_logits", logits)
-        k = cfg.num_experts_per_tok
-        routed = Qwen3NextExperts(cfg.num_experts, d, cfg.moe_intermediate_size,
-                                  std=cfg.initializer_range, impl=self.moe_impl, name="experts",
-                                  **mod)
-        shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=cfg.initializer_range,
+        k, std = cfg.num_experts_per_tok, cfg.initializer_range
+        routed = Qwen3NextExperts(cfg.num_experts, d, cfg.moe_intermediate_size, std=std,
+                                  impl=self.moe_impl, name="experts", **mod)
+        shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=std,
                               name="shared_expert", **mod)
-        shared_logits = dense(1, name="shared_expert_gate", std=cfg.initializer_range,
-                              **mod)(flat)
         if routed.fuses_shared(B * T * k, cfg.shared_expert_intermediate_size):
-            out = routed(flat, router=(logits, k, cfg.norm_topk_prob),
-                         shared=(shared_logits[:, 0], *shared(flat, kernels_only=True)))
+            # The kernels take the router's and the shared gate's weights (same param paths).
+            router_weight, shared_gate = (
+                DenseKernel((d, n), std, self.param_dtype, name=name)().astype(self.dtype)
+                for n, name in ((cfg.num_experts, "gate"), (1, "shared_expert_gate")))
+            if self.is_mutable_collection("intermediates"):
+                self.sow("intermediates", "router_logits",
+                         jnp.dot(flat, router_weight, precision=self.precision))
+            out = routed(flat, router=(router_weight, k, cfg.norm_topk_prob),
+                         shared=(shared_gate, *shared(flat, kernels_only=True)))
         else:
+            logits = dense(cfg.num_experts, name="gate", std=std, **mod)(flat)
+            self.sow("intermediates", "router_logits", logits)
             weights, experts = route(logits, k, cfg.norm_topk_prob)
-            out = routed(flat, weights, experts) + jax.nn.sigmoid(shared_logits) * shared(flat)
+            shared_gate = dense(1, name="shared_expert_gate", std=std, **mod)(flat)
+            out = routed(flat, weights, experts) + jax.nn.sigmoid(shared_gate) * shared(flat)
         return out.reshape(B, T, d)
