@@ -278,7 +278,8 @@ def test_sparse_moe_block_gather_pallas_fuses_the_shared_expert(rng, monkeypatch
     from pallas_kernels.moe import BlockSizes, gathered_experts, routed_experts
     from qnext_jax.modeling import moe
 
-    small = functools.partial(BlockSizes, block_i=16, block_d=8, block_r=8, splits=2)
+    small = functools.partial(BlockSizes, block_i=16, block_d=8, block_r=8, splits=2,
+                              router_block_e=4, router_splits=2)
     calls = []
 
     def recording(kernels):

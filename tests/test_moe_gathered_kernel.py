@@ -21,8 +21,10 @@ from pallas_kernels.moe import (
 from qnext_jax.modeling.moe import route
 
 E, D, INNER = 8, 64, 64
-# 4 column blocks in either kernel, 2 splits of d in gate_up; 2 (gate_up) and 4 (down) steps.
-SMALL = BlockSizes(block_i=16, block_d=16, block_r=16, splits=2)
+# 4 column blocks in either kernel, 2 splits of d in gate_up; 2 (gate_up) and 4 (down) steps;
+# routing (16 experts): 2 column blocks and 2 splits of d in the router.
+SMALL = BlockSizes(block_i=16, block_d=16, block_r=16, splits=2, router_block_e=8,
+                   router_splits=2)
 BLOCKS = {"blocks": SMALL, "interpret": True}
 
 

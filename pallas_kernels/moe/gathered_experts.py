@@ -77,6 +77,8 @@ class BlockSizes:
     (dividing I / down_splits and d / splits); splits: the slices of d that "gate_up" splits
     its reduction into (partial sums added in "down"); down_splits: the slices of I that
     "down" splits its reduction into (partial sums added in jnp); num_warps: Triton warps.
+    router_block_e, router_splits: the experts' columns per "router" program and the slices of
+    d its reduction is split into (:func:`routed_experts`; partial sums added in "gate_up").
     The defaults suit the 80B's d 2048, I 512 on an H200: grids of N k x 4 x 8 ("gate_up") and
     N k x 16 x 2 ("down") programs, each reading 128 KB and 64 KB of weights in 2 steps of 128
     rows. Measured there (the routed experts alone, one token, 80B sizes, in a jitted loop,
@@ -84,6 +86,8 @@ class BlockSizes:
     0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms.
     """
 
+    router_block_e: int = 128
+    router_splits: int = 8
     block_i: int = 128
     block_d: int = 128
     block_r: int = 128
@@ -95,18 +99,20 @@ class BlockSizes:
         """Why these blocks do not fit d and I (a message), or None when they do; with
         ``num_experts``, E too, for routing in the kernels (:func:`routed_experts`, whose
         programs load a token's E router logits as one block: a power of 2)."""
-        for of in ("block_i", "block_d", "block_r", "num_warps"):
+        for of in ("router_block_e", "block_i", "block_d", "block_r", "num_warps"):
             size = getattr(self, of)
             if size < 1 or size & (size - 1):
                 return f"{of} = {size} must be a power of 2 (a Triton block size)"
-        for of in ("splits", "down_splits"):
+        for of in ("router_splits", "splits", "down_splits"):
             if getattr(self, of) < 1:
                 return f"{of} = {getattr(self, of)} must be at least 1"
         for name, size, multiple, of in (
                 ("I", inner, self.block_i, "block_i"),
                 ("I", inner, self.down_splits * self.block_r, "down_splits * block_r"),
                 ("d", d, self.block_d, "block_d"),
-                ("d", d, self.splits * self.block_r, "splits * block_r")):
+                ("d", d, self.splits * self.block_r, "splits * block_r"),
+                *([("d", d, self.router_splits * self.block_r, "router_splits * block_r")]
+                  if num_experts is not None else [])):
             if size % multiple:
                 return f"{name} = {size} must be a multiple of {of} = {multiple}"
         if num_experts is not None and (num_experts < 1 or num_experts & (num_experts - 1)):
@@ -298,7 +304,7 @@ def _router_partials(x, router_weight, shared_gate, blocks, interpret):
     ``shared_gate`` [d, 1] its logit's [S, N] float32, else None)."""
     N, d = x.shape
     E = router_weight.shape[1]
-    be, br, splits = min(blocks.block_i, E), blocks.block_r, blocks.splits
+    be, br, splits = min(blocks.router_block_e, E), blocks.block_r, blocks.router_splits
     outs = [jax.ShapeDtypeStruct((splits, N, E), jnp.float32)]
     specs = [pl.BlockSpec((1, 1, be), lambda n, c, s: (s, n, c))]
     if shared_gate is not None:
