@@ -38,8 +38,9 @@ the shared expert gated by a sigmoid) in three kernels and one XLA fusion of sum
   program per row writes both out;
   "down" reads the ids from there and scales its partial sums by the row's weight (the shared
   row's sigmoid(shared gate logit), float32), leaving sum_s' sum_j y[s', n (k + 1) + j].
-At one token of the 80B block on an H200 (profiles) this took the block from 12 kernels
-(0.043 ms busy) to 6 with the router's matmuls in XLA (0.037).
+At one token of the 80B block on an H200 (profiles, in a jitted loop of 64 calls) this took
+the block from 12 kernels (0.043 ms busy, 0.050-0.051 ms a call in the loop) to 4 (0.032 ms
+busy, 0.037-0.038 in the loop; 6 kernels and 0.037 ms busy with the router's matmuls in XLA).
 
 :func:`gathered_expert_outputs` is the two kernels alone: y, each slot's expert output before the
 weighting (expert parallelism drops the slots of other devices' experts from it first).
@@ -79,6 +80,9 @@ class BlockSizes:
     "down" splits its reduction into (partial sums added in jnp); num_warps: Triton warps.
     router_block_e, router_splits: the experts' columns per "router" program and the slices of
     d its reduction is split into (:func:`routed_experts`; partial sums added in "gate_up").
+    The router's defaults, from the 80B block at one token on an H200 (profiles, 2 MB of the
+    router's weight): 32 x 16 (a grid of 16 x 16 programs) 3.06 us, 64 x 16 3.28, 128 x 8 (the
+    first choice) 5.33; the whole block 32.3 / 32.5 / 34.5 us busy.
     The defaults suit the 80B's d 2048, I 512 on an H200: grids of N k x 4 x 8 ("gate_up") and
     N k x 16 x 2 ("down") programs, each reading 128 KB and 64 KB of weights in 2 steps of 128
     rows. Measured there (the routed experts alone, one token, 80B sizes, in a jitted loop,
@@ -86,8 +90,8 @@ class BlockSizes:
     0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms.
     """
 
-    router_block_e: int = 128
-    router_splits: int = 8
+    router_block_e: int = 32
+    router_splits: int = 16
     block_i: int = 128
     block_d: int = 128
     block_r: int = 128
