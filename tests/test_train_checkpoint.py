@@ -5,6 +5,7 @@ logits as our fine-tuned params."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -130,6 +131,34 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
         with torch.no_grad():
             ref = model_t(torch.from_numpy(ids)).logits.numpy()
         assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_finetune_export_hf_refuses_a_tokenizer_beyond_vocab_size(hf_dir, tmp_path):
+    """With --export-hf, a tokenizer that can produce an id >= vocab_size (here an added token
+    of tokenizer_config.json, id 320, that the data never uses) is refused before training, as
+    params_to_hf would refuse it after: the error names the checkpoint, the tokenizer's size and
+    vocab_size, and no output directory is written."""
+    import shutil
+
+    from qnext_jax.cli import main
+
+    root = tmp_path / "root"
+    ckpt = root / "hf"
+    shutil.copytree(hf_dir / "hf", ckpt)
+    shutil.copy(hf_dir / "data.jsonl", root / "data.jsonl")
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {"320": {"content": "<extra>", "special": True}}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    msg = (f"{ckpt}: the tokenizer produces ids up to 320 (size 321, added and special tokens "
+           "included), beyond the model's vocab_size 320")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        _run(root, tmp_path / "out", export_hf=True)
+    with pytest.raises(SystemExit, match=re.escape(f"qnext finetune: {msg}")):
+        main(["finetune", "--checkpoint", str(ckpt), "--data", str(root / "data.jsonl"),
+              "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--seq-len",
+              "32", "--max-segments", "4", "--dtype", "float32", "--gdn-impl", "reference",
+              "--export-hf"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_finetune_help_shows_defaults_and_rejects_an_empty_mesh(capsys):
