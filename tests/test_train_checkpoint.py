@@ -75,6 +75,33 @@ def test_resume_matches_uninterrupted(hf_dir, tmp_path, capsys):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
+def test_checkpointer_restore_returns_the_state_and_meta_apart(tmp_path):
+    """TrainCheckpointer.restore returns the state alone (the tree saved, values and dtypes),
+    of the step asked for or the latest; the meta saved with a step is read by meta(step)."""
+    import jax.numpy as jnp
+
+    from qnext_jax.train.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(tmp_path / "ck", save_every=1, keep=None)
+    states = {s: {"step": jnp.asarray(s, jnp.int32),
+                  "params": {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) * s}}
+              for s in (1, 2)}
+    for s, state in states.items():
+        assert ckpt.save(s, state, {"data_step": s, "seed": 7})
+    ckpt.wait()
+    abstract = jax.eval_shape(lambda: states[1])
+    for step, want in ((1, 1), (None, 2)):
+        got = ckpt.restore(abstract, step=step)
+        assert isinstance(got, dict) and set(got) == {"step", "params"}
+        assert int(got["step"]) == want and got["step"].dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got["params"]["w"]),
+                                      np.arange(12, dtype=np.float32).reshape(3, 4) * want)
+    assert ckpt.meta(1) == {"data_step": 1, "seed": 7}
+    ckpt.close()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
+        TrainCheckpointer(tmp_path / "empty").restore(abstract)
+
+
 def test_schedule_change_warning_names_both_lengths_and_the_flag():
     """Extending a finished 100-step run to --steps 200 without --total-steps restarts the
     cosine from its middle: warned about, naming both lengths, the jump and --total-steps."""

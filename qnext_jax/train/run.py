@@ -244,7 +244,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                              f"not {seed}")
         abstract = trainer.abstract_state(params)
         try:
-            state, _ = ckpt.restore(abstract, trainer.state_shardings(abstract))
+            state = ckpt.restore(abstract, trainer.state_shardings(abstract), resumed_from)
         except ValueError as e:
             raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
                              "another structure; resume with the settings that wrote it (same "
