@@ -86,7 +86,7 @@ def stage_times(q, k, v, g, beta, bs: triton_fwd.BlockSizes, reps: int, interpre
     os_ = jax.jit(lambda q, k, G, h, vn: chunk_fwd_o(
         q, k, G, h, vn, scale=q.shape[-1] ** -0.5, out_dtype=jnp.bfloat16, chunk_size=C,
         block_v=bs.block_v_o, use_qk_l2norm=True, num_warps=bs.num_warps_o,
-        num_stages=bs.num_stages, interpret=interpret))
+        num_stages=bs.num_stages, interpret=interpret)[0])
     ms = {
         "cumsum": median_seconds(jax.jit(lambda g: triton_fwd.chunk_local_cumsum(g, C)), g,
                                  iters=reps),

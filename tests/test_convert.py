@@ -441,6 +441,71 @@ def test_written_config_names_the_saved_dtype(tmp_path):
         assert raw.get("dtype") == (want if has_dtype else None), d
 
 
+def _word_tokenizer(path: Path, words: int, specials=("<|endoftext|>",)) -> Path:
+    """A WordLevel tokenizer.json with ids 0..words-1, then the special tokens after them."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tok.add_special_tokens(list(specials))
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_export_refuses_a_tokenizer_beyond_vocab_size(tmp_path):
+    """A tokenizer whose ids (its special tokens included) reach the model's vocab_size is
+    refused by params_to_hf (finetune --export-hf) and by orbax_to_hf (qnext export), naming the
+    tokenizer's directory, its size and vocab_size, before anything is written; one that fits
+    (highest id vocab_size - 1) is exported with its files. A fresh user's export took a
+    tokenizer of ids the model cannot embed."""
+    from conftest import init_params, tiny_config
+
+    from qnext_jax.cli import main
+    from qnext_jax.convert import params_to_hf
+    from qnext_jax.tokenizer import max_token_id
+    from qnext_jax.train.run import save_params
+
+    config = tiny_config()  # vocab_size 96
+    params = init_params(config)
+    fits = _word_tokenizer(tmp_path / "fits", 95)      # special token id 95
+    big = _word_tokenizer(tmp_path / "big", 96)        # special token id 96
+    assert (max_token_id(fits), max_token_id(big)) == (95, 96)
+    msg = (f"{big}: the tokenizer produces ids up to 96 (size 97, added and special tokens "
+           "included), beyond the model's vocab_size 96")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        params_to_hf(config, params, tmp_path / "out", tokenizer_dir=big)
+    orbax = save_params(config, params, tmp_path / "orbax", tokenizer_dir=big)
+    with pytest.raises(ValueError, match=re.escape(msg.replace(str(big), str(orbax)))):
+        orbax_to_hf(orbax, tmp_path / "out", progress=False)
+    with pytest.raises(SystemExit, match=re.escape(
+            f"qnext export: {orbax}: the tokenizer produces ids up to 96 (size 97")):
+        main(["export", str(orbax), str(tmp_path / "out")])
+    # nothing written: no output directory, no temporary one beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "fits", "orbax"]
+
+    # tokenizer_config.json's added_tokens_decoder counts too (transformers adds those ids)
+    (fits / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"96": {"content": "<x>", "special": True}}}))
+    assert max_token_id(fits) == 96
+    with pytest.raises(ValueError, match=r"ids up to 96 \(size 97"):
+        params_to_hf(config, params, tmp_path / "out", tokenizer_dir=fits)
+    (fits / "tokenizer_config.json").unlink()
+    out = params_to_hf(config, params, tmp_path / "out", tokenizer_dir=fits)
+    assert (out / "tokenizer.json").read_bytes() == (fits / "tokenizer.json").read_bytes()
+    # no tokenizer, or a placeholder listing no ids: nothing to check
+    assert max_token_id(tmp_path / "orbax" / "params") is None
+    (tmp_path / "ph").mkdir()
+    (tmp_path / "ph" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    assert max_token_id(tmp_path / "ph") is None
+    params_to_hf(config, params, tmp_path / "out2", tokenizer_dir=tmp_path / "ph")
+    # Unigram's vocabulary is a list: its ids are the positions
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.Unigram([(f"u{i}", -1.0) for i in range(97)], 0, False)).save(
+        str(tmp_path / "ph" / "tokenizer.json"))
+    assert max_token_id(tmp_path / "ph") == 96
+
+
 def test_80b_name_map_covers_the_released_checkpoint():
     config = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
     raw = json.loads((REPO / "qnext_jax" / "presets" / "qwen3-next-80b-a3b.json").read_text())

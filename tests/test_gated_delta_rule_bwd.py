@@ -247,6 +247,49 @@ def test_saved_states_hold_the_normalised_q_k(dtype, Hv, cu):
                                    rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-6)
 
 
+def test_chunk_fwd_o_returns_o_and_the_normalised_q_k_or_none():
+    """Stage "o" (gpu_triton/o.chunk_fwd_o) returns (o, qn, kn) whatever return_normalized says:
+    qn, kn are None without it and common.l2norm of q and k with it; o is the same either way
+    and equals scale [(qn h) exp(G) + lower_incl(qn kn^T exp(G_i - G_j)) v_new] per chunk, in
+    float64 numpy."""
+    from pallas_kernels.gated_delta_rule import common
+    from pallas_kernels.gated_delta_rule.gpu_triton.o import chunk_fwd_o
+
+    B, Tp, Hk, Hv, dk, dv, C, scale = 2, 32, 1, 2, 16, 16, 16, 0.25
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((B, Tp, Hk, dk)) * 3.0
+    k = rng.standard_normal((B, Tp, Hk, dk)) * 0.25
+    G = -np.cumsum(rng.uniform(0.0, 0.2, (B, Tp // C, C, Hv)), axis=2).reshape(B, Tp, Hv)
+    h = rng.standard_normal((B, Tp // C, Hv, dk, dv))
+    v_new = rng.standard_normal((B, Tp, Hv, dv))
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, G, h, v_new)]
+
+    def run(normalized):
+        return chunk_fwd_o(*args, scale=scale, out_dtype=jnp.float32, chunk_size=C, block_v=16,
+                           use_qk_l2norm=True, return_normalized=normalized, interpret=True)
+
+    plain, kept = run(False), run(True)
+    assert len(plain) == len(kept) == 3 and plain[1] is None and plain[2] is None
+    np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(kept[0]))
+    for got, x in zip(kept[1:], args[:2]):
+        assert got.shape == (B, Tp, Hk, dk) and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(common.l2norm(x)), rtol=1e-6,
+                                   atol=1e-7)
+    qn, kn = (np.asarray(x, np.float64) for x in kept[1:])
+    want = np.zeros((B, Tp, Hv, dv))
+    mask = np.tril(np.ones((C, C)))
+    for b in range(B):
+        for c in range(Tp // C):
+            t = slice(c * C, (c + 1) * C)
+            for hv in range(Hv):
+                hk = hv // (Hv // Hk)
+                qc, kc, Gc = qn[b, t, hk], kn[b, t, hk], G[b, t, hv]
+                inter = (qc @ h[b, c, hv]) * np.exp(Gc)[:, None]
+                attn = (qc @ kc.T) * np.exp(Gc[:, None] - Gc[None, :]) * mask
+                want[b, t, hv] = scale * (inter + attn @ v_new[b, t, hv])
+    np.testing.assert_allclose(np.asarray(plain[0]), want, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_dv_local_drops_its_kernel():
     """BlockSizes.fuse_dv_local (the default): the gradient program has no stage "dv" kernel of
     its own; without it, and with seq_splits > 1 (whose segment maps read dv_local), it has."""

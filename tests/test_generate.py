@@ -54,6 +54,56 @@ def test_nearby_lengths_reuse_compiled_programs(tiny):
     assert gen._decode._cache_size() == 1
 
 
+def test_cache_is_sized_up_front_by_prompt_and_max_new_tokens(tiny, monkeypatch, capsys):
+    """What the README's generate section says: the cache is allocated before the prefill for
+    the prompt (rounded up to PROMPT_BUCKET = 64 tokens, or to the prefill chunk) plus
+    max_new_tokens, the sum rounded up to CACHE_BUCKET = 256 slots; those slots are the K/V
+    length of the attention layers, the GDN states do not depend on them; `qnext generate`
+    warns past max_position_embeddings and goes on to allocate the cache."""
+    import importlib
+
+    from qnext_jax.cache import init_cache
+
+    qgen = importlib.import_module("qnext_jax.generate")  # qnext_jax.generate is the function
+
+    cfg, params = tiny
+    sizes = []
+
+    class Allocated(Exception):
+        pass
+
+    def record(config, batch_size, max_length, *args, **kwargs):
+        sizes.append(max_length)
+        raise Allocated  # stop before compiling anything
+
+    monkeypatch.setattr(qgen, "init_cache", record)
+    cases = ((5, 6, None, 256), (70, 200, None, 512),  # 64 + 6 -> 256; 128 + 200 -> 512
+             (70, 160, 48, 256), (70, 161, 48, 512))   # chunks of 48: 96 + 160, 96 + 161
+    for T, new, chunk, want in cases:
+        with pytest.raises(Allocated):
+            Generator(cfg, prefill_chunk_size=chunk).generate(
+                params, np.zeros((1, T), np.int32), max_new_tokens=new)
+        assert sizes[-1] == want, (T, new, chunk)
+    small, big = init_cache(cfg, 1, 256), init_cache(cfg, 1, 512)
+    attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_full_attention(i)]
+    gdn = [i for i in range(cfg.num_hidden_layers) if not cfg.is_full_attention(i)]
+    assert attn and gdn
+    for i in attn:
+        assert small[f"layers_{i}"]["key"].shape == (1, cfg.num_key_value_heads, 256,
+                                                     cfg.head_dim)
+        assert big[f"layers_{i}"]["value"].shape[2] == 512
+    for i in gdn:
+        assert jax.tree_util.tree_map(jnp.shape, small[f"layers_{i}"]) == \
+            jax.tree_util.tree_map(jnp.shape, big[f"layers_{i}"])
+
+    capsys.readouterr()
+    with pytest.raises(Allocated):  # the demo model: max_position_embeddings 4096
+        qnext_main(["generate", "--prompt", "Hi", "--max-new-tokens", "4095"])
+    assert re.search(r"warning: \d+ prompt \+ 4095 new tokens go past the model's "
+                     r"max_position_embeddings \(4096\)", capsys.readouterr().err)
+    assert sizes[-1] == 4352  # 64 + 4095, rounded up to 256
+
+
 def test_eos_stops_generation(tiny):
     cfg, params = tiny
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 4)).astype(np.int32)

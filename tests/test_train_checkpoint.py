@@ -5,6 +5,7 @@ logits as our fine-tuned params."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -74,6 +75,33 @@ def test_resume_matches_uninterrupted(hf_dir, tmp_path, capsys):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
+def test_checkpointer_restore_returns_the_state_and_meta_apart(tmp_path):
+    """TrainCheckpointer.restore returns the state alone (the tree saved, values and dtypes),
+    of the step asked for or the latest; the meta saved with a step is read by meta(step)."""
+    import jax.numpy as jnp
+
+    from qnext_jax.train.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(tmp_path / "ck", save_every=1, keep=None)
+    states = {s: {"step": jnp.asarray(s, jnp.int32),
+                  "params": {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) * s}}
+              for s in (1, 2)}
+    for s, state in states.items():
+        assert ckpt.save(s, state, {"data_step": s, "seed": 7})
+    ckpt.wait()
+    abstract = jax.eval_shape(lambda: states[1])
+    for step, want in ((1, 1), (None, 2)):
+        got = ckpt.restore(abstract, step=step)
+        assert isinstance(got, dict) and set(got) == {"step", "params"}
+        assert int(got["step"]) == want and got["step"].dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got["params"]["w"]),
+                                      np.arange(12, dtype=np.float32).reshape(3, 4) * want)
+    assert ckpt.meta(1) == {"data_step": 1, "seed": 7}
+    ckpt.close()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
+        TrainCheckpointer(tmp_path / "empty").restore(abstract)
+
+
 def test_schedule_change_warning_names_both_lengths_and_the_flag():
     """Extending a finished 100-step run to --steps 200 without --total-steps restarts the
     cosine from its middle: warned about, naming both lengths, the jump and --total-steps."""
@@ -130,6 +158,34 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
         with torch.no_grad():
             ref = model_t(torch.from_numpy(ids)).logits.numpy()
         assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_finetune_export_hf_refuses_a_tokenizer_beyond_vocab_size(hf_dir, tmp_path):
+    """With --export-hf, a tokenizer that can produce an id >= vocab_size (here an added token
+    of tokenizer_config.json, id 320, that the data never uses) is refused before training, as
+    params_to_hf would refuse it after: the error names the checkpoint, the tokenizer's size and
+    vocab_size, and no output directory is written."""
+    import shutil
+
+    from qnext_jax.cli import main
+
+    root = tmp_path / "root"
+    ckpt = root / "hf"
+    shutil.copytree(hf_dir / "hf", ckpt)
+    shutil.copy(hf_dir / "data.jsonl", root / "data.jsonl")
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {"320": {"content": "<extra>", "special": True}}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    msg = (f"{ckpt}: the tokenizer produces ids up to 320 (size 321, added and special tokens "
+           "included), beyond the model's vocab_size 320")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        _run(root, tmp_path / "out", export_hf=True)
+    with pytest.raises(SystemExit, match=re.escape(f"qnext finetune: {msg}")):
+        main(["finetune", "--checkpoint", str(ckpt), "--data", str(root / "data.jsonl"),
+              "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--seq-len",
+              "32", "--max-segments", "4", "--dtype", "float32", "--gdn-impl", "reference",
+              "--export-hf"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_finetune_help_shows_defaults_and_rejects_an_empty_mesh(capsys):

@@ -188,6 +188,25 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> None:
+    """Refuse tokenizer files whose ids the model cannot embed: the highest id the tokenizer in
+    ``tokenizer_dir`` can produce (:func:`qnext_jax.tokenizer.max_token_id`, added and special
+    tokens included) must be below ``vocab_size``. Nothing to check (and no error) when the
+    directory has no tokenizer.json / tokenizer_config.json listing ids.
+
+    Raises:
+      ValueError: an id >= ``vocab_size``, naming the directory, the tokenizer's size (highest
+        id + 1) and ``vocab_size``; a tokenizer file that is not JSON.
+    """
+    from qnext_jax.tokenizer import max_token_id
+
+    top = max_token_id(tokenizer_dir)
+    if top is not None and top >= vocab_size:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer produces ids up to {top} (size "
+                         f"{top + 1}, added and special tokens included), beyond the model's "
+                         f"vocab_size {vocab_size}: the model cannot embed them")
+
+
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 

@@ -22,6 +22,7 @@ from qnext_jax.convert.hf_checkpoint import (
     SINGLE_FILE,
     atomic_directory,
     check_not_replaced,
+    check_tokenizer_fits,
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
@@ -112,7 +113,7 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
     Tensors keep their stored dtype (A_log and dt_bias float32); ``mtp.*`` is written when the
     config has ``mtp_num_hidden_layers > 0``. The config.json is copied with ``torch_dtype``
     (and ``dtype``, when it has one) set to the dtype written (that of the most bytes); the
-    tokenizer files are copied.
+    tokenizer files are copied (checked first: see Raises).
 
     Args:
       orbax_dir: directory written by ``hf_to_orbax``.
@@ -120,7 +121,8 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
       max_shard_size: bytes per safetensors shard (int, or "5GB" / "500MiB").
     Raises:
       ValueError: the params do not match the config's name map (names each leaf);
-        ``hf_dir`` is ``orbax_dir`` or holds it.
+        ``hf_dir`` is ``orbax_dir`` or holds it; the tokenizer in ``orbax_dir`` produces ids
+        >= the config's ``vocab_size`` (naming both; nothing written).
       FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
       FileNotFoundError: ``orbax_dir`` is not a checkpoint written by ``hf_to_orbax``.
     """
@@ -137,6 +139,7 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
     if bad:
         raise ValueError(f"{orbax_dir}: params do not match its config.json:\n  "
                          + "\n  ".join(bad))
+    check_tokenizer_fits(orbax_dir, config.vocab_size)
     order = [by_key[k] for g in index["groups"] for k in g["leaves"]]
     dtypes = {k: np.dtype(v["dtype"]) for k, v in stored.items()}
 
@@ -160,9 +163,12 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
       dtype: cast to this dtype (None keeps each leaf's; A_log and dt_bias stay float32).
       config_json: the config.json to write (default ``config.to_dict()``); its ``torch_dtype``
         (and ``dtype``, when it has one) is set to the dtype written (that of the most bytes).
-      tokenizer_dir: copy tokenizer files from here.
+      tokenizer_dir: copy tokenizer files from here; its tokenizer must produce ids below
+        ``config.vocab_size``, added and special tokens included.
     Raises:
-      ValueError: params that do not match the config; ``dtype`` not a floating-point dtype.
+      ValueError: params that do not match the config; ``dtype`` not a floating-point dtype;
+        the tokenizer in ``tokenizer_dir`` produces ids >= ``config.vocab_size`` (naming the
+        directory, the tokenizer's size and vocab_size). Raised before anything is written.
       FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
     """
     leaves = nm.name_map(config)
@@ -172,6 +178,8 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
     if missing or extra:
         raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
     dt = float_dtype(dtype)
+    if tokenizer_dir is not None:
+        check_tokenizer_fits(Path(tokenizer_dir), config.vocab_size)
     dtypes = {leaf.key: leaf.out_dtype(np.dtype(flat[leaf.key].dtype), dt) for leaf in leaves}
 
     def arrays():

@@ -7,7 +7,8 @@ the model config, and anything the caller adds).
 
     ckpt = TrainCheckpointer("OUT/checkpoints", save_every=100, keep=3)
     step = ckpt.latest_step()                          # None: start fresh
-    state, meta = ckpt.restore(abstract_state, shardings)   # resume
+    meta = ckpt.meta(step)                             # resume: the saved settings first,
+    state = ckpt.restore(abstract_state, shardings, step)   # then the state
     ckpt.maybe_save(step, state, {"data_step": step})  # every save_every steps
     ckpt.save(step, state, meta, force=True); ckpt.close()
 """
@@ -65,11 +66,15 @@ class TrainCheckpointer:
         return self.save(step, state, meta)
 
     def restore(self, abstract_state, shardings=None, step: int | None = None):
-        """(state, meta) of ``step`` (default: the latest).
+        """The train state saved as ``step`` (default: the latest); its ``meta`` is read apart,
+        with :meth:`meta`.
 
         Args:
           abstract_state: the state's structure with ``jax.ShapeDtypeStruct`` (or array) leaves.
           shardings: a matching tree of shardings to restore into (None: default device).
+        Returns:
+          the state, a tree of ``abstract_state``'s structure with its shapes and dtypes, its
+          arrays on ``shardings``.
         Raises:
           FileNotFoundError: no checkpoint in the directory.
         """
@@ -85,8 +90,8 @@ class TrainCheckpointer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
             shardings)
         out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"] or {})
+            state=ocp.args.StandardRestore(target)))
+        return out["state"]
 
     def meta(self, step: int) -> dict:
         """The JSON ``meta`` saved with ``step`` alone (no state restored)."""

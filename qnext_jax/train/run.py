@@ -190,6 +190,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     Returns:
       {"steps": last step, "metrics": last step's metrics, "final": path of the saved params,
        "hf": path of the HF export or None, "resumed_from": step or None}.
+    Raises:
+      ValueError (among others): the data's token ids, or with ``export_hf`` any id the
+        checkpoint's tokenizer can produce (added and special tokens included), reach the
+        model's vocab_size; checked before ``out`` is written.
     """
     from tqdm.auto import tqdm
 
@@ -211,6 +215,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         raise ValueError(f"{checkpoint}: the tokenizer produces ids up to "
                          f"{int(dataset.rows['input_ids'].max())}, beyond the model's vocab_size "
                          f"{config.vocab_size}")
+    if export_hf:  # params_to_hf refuses such a tokenizer: refuse before training, not after
+        from qnext_jax.convert.hf_checkpoint import check_tokenizer_fits
+
+        check_tokenizer_fits(checkpoint, config.vocab_size)
     trainer = Trainer(config, opt, train, mesh)
     out.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run writes nothing
     ckpt = TrainCheckpointer(out / "checkpoints", save_every=save_every, keep=keep)
@@ -236,7 +244,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                              f"not {seed}")
         abstract = trainer.abstract_state(params)
         try:
-            state, _ = ckpt.restore(abstract, trainer.state_shardings(abstract))
+            state = ckpt.restore(abstract, trainer.state_shardings(abstract), resumed_from)
         except ValueError as e:
             raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
                              "another structure; resume with the settings that wrote it (same "

@@ -314,7 +314,7 @@ def chunk_gated_delta_rule_fwd(
         return_inverse=return_states,
     )
     keep_qk = return_states and use_qk_l2norm
-    o = chunk_fwd_o(
+    o, qn, kn = chunk_fwd_o(
         q,
         k,
         G,
@@ -330,7 +330,7 @@ def chunk_gated_delta_rule_fwd(
         num_stages=block_sizes.num_stages,
         interpret=interpret,
     )
-    o, *normalized = o if keep_qk else (o,)
+    normalized = (qn, kn) if keep_qk else ()
     if lay.varlen is not None:
         s0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state
         final = jnp.where(lay.seq_has_tokens(), final[:N], s0.astype(jnp.float32))

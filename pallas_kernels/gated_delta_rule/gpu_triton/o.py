@@ -66,10 +66,12 @@ def chunk_fwd_o(
 
     Args:
       q, k: [B, Tp, Hk, dk]; G: [B, Tp, Hv] float32; h: [B, NC, Hv, dk, dv]; v_new: [B, Tp, Hv, dv].
-      return_normalized: with use_qk_l2norm, also return q and k L2-normalised (q unscaled).
+      return_normalized: with use_qk_l2norm, also write q and k L2-normalised (q unscaled).
     Returns:
-      o [B, Tp, Hv, dv] in out_dtype; with return_normalized also qn, kn [B, Tp, Hk, dk] in
-      h's dtype (the compute dtype).
+      (o, qn, kn), always three: o [B, Tp, Hv, dv] in out_dtype; with return_normalized qn, kn
+      [B, Tp, Hk, dk] in h's dtype (the compute dtype), else None and None.
+    Raises:
+      ValueError: block_v does not divide dv; return_normalized without use_qk_l2norm.
     """
     B, Tp, Hk, dk = q.shape
     Hv, dv = v_new.shape[2], v_new.shape[3]
@@ -102,4 +104,4 @@ def chunk_fwd_o(
         interpret=interpret,
         name="gdn_chunk_fwd_o",
     )(q, k, G, h, v_new)
-    return tuple(outs) if return_normalized else outs[0]
+    return (outs[0], outs[1], outs[2]) if return_normalized else (outs[0], None, None)
