@@ -371,3 +371,46 @@ def test_expert_parallel_gather_pallas_names_the_per_device_shard():
     with pytest.raises(ValueError, match=r"I = 512 / 8 over \('tensor',\): I = 64 must be a "
                                          r"multiple of block_i = 128"):
         expert_parallel_experts(*args, gate, gate, down, mesh, impl="gather_pallas")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_auto_takes_the_routed_decode_kernels_on_a_gpu_unscanned(scan_layers, monkeypatch):
+    """moe_impl="auto" on a GPU (the backend faked, the kernels in interpret mode): an
+    unscanned model's decode-sized calls, its MTP head's included, run the routed decode
+    kernels in every sparse-MoE layer; under the layer scan none does (its per-layer slices of
+    the stacked expert weights would be copied whole for a kernel). The logits equal the CPU's
+    auto path either way."""
+    import functools
+
+    from conftest import tiny_config
+
+    from pallas_kernels.moe import BlockSizes, routed_experts
+    from qnext_jax.modeling import moe
+    from qnext_jax.modeling.decoder import Qwen3NextForCausalLM
+
+    cfg = tiny_config(mtp_num_hidden_layers=1, num_hidden_layers=8)
+    sparse = sum(cfg.is_sparse_moe(i) for i in range(cfg.num_hidden_layers))
+    small = functools.partial(BlockSizes, block_i=16, block_d=8, block_r=8, splits=2,
+                              router_block_e=4, router_splits=2)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return routed_experts(*args, **kwargs, blocks=small(), interpret=True)
+
+    monkeypatch.setattr(moe, "routed_experts", recording)
+    monkeypatch.setattr(moe, "GatheredBlockSizes", small)
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 1)))
+    model = Qwen3NextForCausalLM(cfg, scan_layers=scan_layers, gdn_impl="reference",
+                                 attn_impl="xla", precision=HIGHEST)
+    params = model.init(jax.random.key(0), ids)["params"]
+    params = jax.tree.map(lambda w: w * 3.0, params)  # router logits of order 1
+    want, _ = model.apply({"params": params}, ids)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    got, _ = model.apply({"params": params}, ids)
+    assert len(calls) == (0 if scan_layers else sparse)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    calls.clear()
+    model.apply({"params": params}, jnp.zeros((1, 1, cfg.hidden_size)), ids,
+                jnp.zeros((1, 1), jnp.int32), method=Qwen3NextForCausalLM.mtp_logits)
+    assert len(calls) == 1  # the MTP head is never scanned

@@ -53,6 +53,7 @@ class Qwen3NextDecoderLayer(nn.Module):
     gdn_impl: str = "auto"
     moe_impl: str = "auto"
     attn_impl: str = "auto"
+    decode_kernels: bool = True  # see Qwen3NextSparseMoeBlock (False in the layer scan)
 
     @nn.compact
     def __call__(self, x, cos, sin, token_mask, cache=None, cache_index=None, kv_valid=None,
@@ -72,7 +73,8 @@ class Qwen3NextDecoderLayer(nn.Module):
         x = x + h.astype(x.dtype)
         h = RMSNorm(name="post_attention_layernorm", **norm)(x)
         if self.sparse_moe:
-            h = Qwen3NextSparseMoeBlock(cfg, moe_impl=self.moe_impl, name="mlp", **mod)(h)
+            h = Qwen3NextSparseMoeBlock(cfg, moe_impl=self.moe_impl,
+                                        decode_kernels=self.decode_kernels, name="mlp", **mod)(h)
         else:
             h = Qwen3NextMLP(cfg.intermediate_size, cfg.hidden_size, std=cfg.initializer_range,
                              name="mlp", **mod)(h)
@@ -198,7 +200,7 @@ def make_layers(config: Qwen3NextConfig, kinds_of: Sequence[int], remat: str = "
                 **kwargs) -> list:
     """Decoder layers named ``layers_0``, ``layers_1``, ...: layer n has the kind (mixer, FFN)
     of model layer ``kinds_of[n]``. Call inside a module's ``setup``; ``kwargs`` go to each
-    layer (dtype, param_dtype, precision, gdn_impl, moe_impl, attn_impl)."""
+    layer (dtype, param_dtype, precision, gdn_impl, moe_impl, attn_impl, decode_kernels)."""
     layer_cls = remat_layer(remat)
     return [layer_cls(config, full_attention=config.is_full_attention(i),
                       sparse_moe=config.is_sparse_moe(i), name=f"layers_{n}", **kwargs)
@@ -245,11 +247,14 @@ class Qwen3NextLayerBlock(nn.Module):
     remat: str = "none"
 
     def setup(self):
-        # Layer j of a block has the kind of layer j (the pattern repeats with period P).
+        # Layer j of a block has the kind of layer j (the pattern repeats with period P). Its
+        # expert weights are the scan's slices of the stacked params, which XLA would copy
+        # whole to hand to a Pallas kernel: auto keeps the MoE off the decode kernels here.
         self.layers = make_layers(self.config, range(self.period), self.remat,
                                   gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
                                   attn_impl=self.attn_impl, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, precision=self.precision)
+                                  param_dtype=self.param_dtype, precision=self.precision,
+                                  decode_kernels=False)
 
     def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens, cache, cache_index,
                  kv_valid):
@@ -305,9 +310,10 @@ class Qwen3NextForCausalLM(nn.Module):
         ``"auto"`` chooses by platform and token count, see ``moe.grouped_experts``; the decode
         paths ``gather`` and ``gather_pallas`` serve calls of at most E / 2 token-slots, larger
         ones (prefill) run auto). E.g.
-        ``"gather_pallas"``, the decode kernel that reads only the chosen experts' weights in
-        place: on one H200, 8 unscanned layers of the 80B decode at batch 1 in 2.12 ms a step
-        against 2.24 with auto's jnp gather; not under ``scan_layers``, where each layer's
+        ``"gather_pallas"``, the decode kernels that read only the chosen experts' weights in
+        place (with the router and the routing inside them where they fit, which ``"auto"``
+        also takes on a GPU without ``scan_layers`` and without a mesh: see
+        ``moe.Qwen3NextExperts.fuses_shared``); not under ``scan_layers``, where each layer's
         expert weights are a slice of the stacked params that XLA copies whole to pass to a
         kernel (the 80B on two H200s: 53.3 against 14.5 ms a step).
       attn_impl: the softmax attention of multi-token steps over a cache (prefill,

@@ -177,12 +177,11 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     / tokamax / gather_pallas: T = 1 0.105 / 0.145 / 0.083; T = 8 0.337 / 0.227 / 0.170;
     T = 32 1.180 / 0.494 / 0.483; T = 64 tokamax 0.69 (plain calls: T = 1024 tokamax 1.51 /
     capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms; both with the scatter-add
-    combine of then, tokamax 5.33 ms with the gathered one). gather_pallas is faster
-    at decode in isolation (T = 1 0.056 ms with the shared expert fused into its kernels) but
-    not auto's choice: in the 8-layer model on one H200 it was no faster (1.99 ms a batch-1
-    step with the jnp gather, 2.05 with it), and under a layer scan its kernel operands, the
-    layer's slice of the stacked expert weights, are copied whole first (Qwen3NextForCausalLM's
-    moe_impl)."""
+    combine of then, tokamax 5.33 ms with the gathered one). The Pallas decode kernels with
+    the router, routing and shared expert inside them (T = 1 0.037 ms) are auto's choice
+    before this one where they fit: see Qwen3NextExperts.fuses_shared (not under a layer scan,
+    whose slices of the stacked expert weights XLA copies whole for a kernel, nor under a
+    mesh); this gather serves the rest."""
     if _decode_sized(rows, num_experts):
         return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and import_tokamax()[0] is not None:
@@ -501,7 +500,10 @@ class Qwen3NextExperts(nn.Module):
     ``impl``: the implementation of :func:`grouped_experts` (one device) or
     :func:`expert_parallel_experts` (under a mesh); the decode paths (``DECODE_IMPLS``, which
     gather each token's experts' weights) serve calls of at most E / 2 token-slots, as auto's
-    choice does, and a larger call (a prefill) runs ``auto``.
+    choice does, and a larger call (a prefill) runs ``auto``. ``decode_kernels``: whether
+    ``auto`` may take the Pallas decode kernels with the routing inside them on a GPU
+    (:meth:`fuses_shared`); False in the layer scan, whose slices of the stacked expert weights
+    XLA would copy whole to hand to a kernel.
     """
 
     num_experts: int
@@ -512,6 +514,7 @@ class Qwen3NextExperts(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     impl: str = "auto"
+    decode_kernels: bool = True
 
     @nn.compact
     def __call__(self, x, weights=None, experts=None, *, router=None, shared=None):
@@ -552,9 +555,14 @@ class Qwen3NextExperts(nn.Module):
     def fuses_shared(self, rows: int, shared_inner: int) -> bool:
         """Whether a call of ``rows`` token-slots takes the router's weight and a shared expert
         of intermediate size ``shared_inner``, routing and computing both inside its kernels:
-        impl ``gather_pallas`` at decode size, no active mesh, the shared expert of the routed
-        experts' sizes (Qwen3-Next's 512) and E a power of 2 (the 80B's 512)."""
-        return (self.impl == "gather_pallas" and _decode_sized(rows, self.num_experts)
+        impl ``gather_pallas``, or ``auto`` on a GPU with ``decode_kernels``, at decode size, no
+        active mesh, the shared expert of the routed experts' sizes (Qwen3-Next's 512) and E a
+        power of 2 (the 80B's 512). On one H200, 8 unscanned layers of the 80B at batch 1
+        (profiles of 5 steps, two runs each): auto's jnp gather 299 kernels and 1.40 ms busy a
+        step, 2.15-2.38 ms a step; these kernels 275 and 1.18 ms, 1.98-2.01 ms."""
+        kernels = self.impl == "gather_pallas" or (
+            self.impl == "auto" and self.decode_kernels and jax.default_backend() == "gpu")
+        return (kernels and _decode_sized(rows, self.num_experts)
                 and sharding.active_mesh() is None and shared_inner == self.intermediate_size
                 and GatheredBlockSizes().mismatch(self.hidden_size, shared_inner,
                                                   self.num_experts) is None)
@@ -564,10 +572,11 @@ class Qwen3NextSparseMoeBlock(nn.Module):
     """Router + routed experts + sigmoid-gated shared expert. x [B, T, d] -> [B, T, d].
 
     The raw router logits [B*T, E] are sown as ``intermediates/router_logits`` (for the
-    load-balancing loss). With ``moe_impl="gather_pallas"`` at decode size the router's
-    matmul, the top-k routing and the shared expert run inside the routed experts' Pallas
-    kernels (:meth:`Qwen3NextExperts.fuses_shared`; the logits are then made in XLA too only
-    when ``intermediates`` is mutable, to be sown); otherwise :func:`route` runs here.
+    load-balancing loss). With ``moe_impl="gather_pallas"``, or ``"auto"`` on a GPU with
+    ``decode_kernels`` (not in the layer scan), at decode size the router's matmul, the top-k
+    routing and the shared expert run inside the routed experts' Pallas kernels
+    (:meth:`Qwen3NextExperts.fuses_shared`; the logits are then made in XLA too only when
+    ``intermediates`` is mutable, to be sown); otherwise :func:`route` runs here.
     """
 
     config: Qwen3NextConfig
@@ -575,6 +584,7 @@ class Qwen3NextSparseMoeBlock(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     moe_impl: str = "auto"
+    decode_kernels: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -584,7 +594,8 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         flat = x.reshape(B * T, d).astype(self.dtype)
         k, std = cfg.num_experts_per_tok, cfg.initializer_range
         routed = Qwen3NextExperts(cfg.num_experts, d, cfg.moe_intermediate_size, std=std,
-                                  impl=self.moe_impl, name="experts", **mod)
+                                  impl=self.moe_impl, decode_kernels=self.decode_kernels,
+                                  name="experts", **mod)
         shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=std,
                               name="shared_expert", **mod)
         if routed.fuses_shared(B * T * k, cfg.shared_expert_intermediate_size):
