@@ -187,8 +187,12 @@ def main():
 
     save()
 
+    # One device: no active mesh, as `qnext generate` without --mesh runs (the MoE's decode
+    # kernels with the routing inside serve only meshless calls).
+    active = mesh if mesh.devices.size > 1 else None
+
     def step(p, ids, cache):
-        with sharding.activate(mesh):
+        with sharding.activate(active):
             logits, cache = model.apply({"params": p}, ids, cache=cache)
             return logits[:, -1].argmax(-1), sharding.constrain_cache(cache)
 

@@ -558,8 +558,9 @@ class Qwen3NextExperts(nn.Module):
         impl ``gather_pallas``, or ``auto`` on a GPU with ``decode_kernels``, at decode size, no
         active mesh, the shared expert of the routed experts' sizes (Qwen3-Next's 512) and E a
         power of 2 (the 80B's 512). On one H200, 8 unscanned layers of the 80B at batch 1
-        (profiles of 5 steps, two runs each): auto's jnp gather 299 kernels and 1.40 ms busy a
-        step, 2.15-2.38 ms a step; these kernels 275 and 1.18 ms, 1.98-2.01 ms."""
+        without a mesh (profiles of 5 steps, two runs each): the jnp gather 299 kernels and
+        1.39 ms busy a step, 2.00-2.24 ms a step; these kernels 195 and 1.01 ms, 1.84-1.96
+        ms."""
         kernels = self.impl == "gather_pallas" or (
             self.impl == "auto" and self.decode_kernels and jax.default_backend() == "gpu")
         return (kernels and _decode_sized(rows, self.num_experts)
