@@ -215,7 +215,7 @@ def _cmd_generate(args) -> int:
 
                 config, params = load(args.checkpoint, mesh=mesh, dtype=args.dtype,
                                       shardings=tree_shardings(mesh))
-        except FileNotFoundError as e:
+        except (OSError, ValueError) as e:  # missing or unfit files, config, tensors
             raise SystemExit(f"--checkpoint: {e}") from None
         tokenizer = load_tokenizer(args.checkpoint)
     rope_scaling = None
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk-size", default=None,
                    type=_bounded(int, lambda n: n >= 1, "a positive integer"),
                    help="feed the prompt in chunks of this many tokens (bounded memory)")
-    g.add_argument("--speculative-tokens", type=int, default=0,
+    g.add_argument("--speculative-tokens", type=_NONNEGATIVE_INT, default=0,
                    help="draft N tokens per step with the MTP head (greedy only)")
     g.add_argument("--scan-layers", action="store_true",
                    help="run the layers as a scan over the repeating block of the layer pattern "

@@ -356,7 +356,7 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
 
 def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys):
     """Converting or exporting into the input directory (or a directory holding it) would delete
-    the input: refused, the input intact. An integer dtype would store every weight as 0:
+    the input, into a directory inside it would change it: refused, the input intact. An integer dtype would store every weight as 0:
     refused by the API and by the CLI."""
     from qnext_jax.cli import main
     from qnext_jax.convert import params_to_hf
@@ -371,7 +371,15 @@ def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys
     orbax = _convert(src, tmp_path)
     with pytest.raises(ValueError, match="would replace the input"):
         orbax_to_hf(orbax, orbax, overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="is inside the input .* would change it"):
+        orbax_to_hf(orbax, orbax / "params", overwrite=True, progress=False)
+    with pytest.raises(SystemExit, match="is inside the input"):
+        main(["export", str(orbax), str(orbax / "params"), "--overwrite"])
+    with pytest.raises(ValueError, match="is inside the input"):
+        hf_to_orbax(src, src / "converted", progress=False)
     assert (orbax / "params_index.json").is_file()
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert load(orbax)[0] is not None  # the converted checkpoint still loads
     for bad in ("int8", "bf16"):
         with pytest.raises(ValueError, match=f"dtype must be one of float32, bfloat16, float16, "
                                              f"float64, got '{bad}'"):

@@ -206,10 +206,19 @@ def test_generator_rejects_ids_outside_the_vocabulary():
 
 
 def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
-    """A missing checkpoint, a kernel for another platform, the demo model with options it
-    cannot serve: one line naming the option, no traceback, before any model is built."""
+    """A missing or unfit checkpoint, a kernel for another platform, the demo model with options
+    it cannot serve: one line naming the option, no traceback, before any model is built."""
     with pytest.raises(SystemExit, match="--checkpoint: .*neither a converted checkpoint"):
         qnext_main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "Hi"])
+    (tmp_path / "hf").mkdir()  # a broken config, a broken index: one line each
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": ')
+    with pytest.raises(SystemExit, match=r"--checkpoint: .*config.json is not valid JSON"):
+        qnext_main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "Hi"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    (tmp_path / "broken" / "params_index.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"--checkpoint: .*params_index.json is not valid JSON"):
+        qnext_main(["generate", "--checkpoint", str(tmp_path / "broken"), "--prompt", "Hi"])
     for impl, platform in (("pallas_triton", "GPU"), ("pallas_tpu", "TPU")):  # on the CPU
         with pytest.raises(SystemExit, match=f"--gdn-impl {impl} runs on a {platform}"):
             qnext_main(["generate", "--prompt", "Hi", "--gdn-impl", impl])
@@ -234,6 +243,11 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--speculative-tokens needs a --checkpoint"):
         qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "-1"])
+    assert e.value.code == 2
+    assert "--speculative-tokens: expected an integer >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--system TEXT is the system message of --chat: add "
                        "--chat .*or drop --system"):  # was silently ignored
         qnext_main(["generate", "--prompt", "Hi", "--system", "Be brief."])

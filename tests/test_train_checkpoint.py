@@ -14,7 +14,7 @@ from hf_fixtures import build_hf_checkpoint
 from test_train_data import make_checkpoint_tokenizer
 
 from qnext_jax.train.optimizer import OptimizerConfig
-from qnext_jax.train.run import finetune, schedule_change_warning
+from qnext_jax.train.run import finetune, schedule_change_warning, warmup_warning
 from qnext_jax.train.step import TrainConfig
 
 STEPS = 4
@@ -116,6 +116,16 @@ def test_schedule_change_warning_names_both_lengths_and_the_flag():
     assert schedule_change_warning(opt, None, start=100) is None  # not recorded: no claim
 
 
+def test_warmup_warning_names_both_flags():
+    from qnext_jax.train.optimizer import OptimizerConfig
+
+    msg = warmup_warning(OptimizerConfig(learning_rate=1e-3, warmup_steps=5, total_steps=1))
+    assert msg == ("[qnext finetune] warning: --warmup-steps 5 is not below the schedule's "
+                   "--total-steps 1 (default: --steps): the learning rate never reaches its "
+                   "peak 0.001")
+    assert warmup_warning(OptimizerConfig(warmup_steps=4, total_steps=5)) is None
+
+
 def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
     import torch
     from transformers import Qwen3NextForCausalLM as TorchModel
@@ -140,9 +150,14 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
     base = ["finetune", "--checkpoint", str(hf_dir / "hf"), "--data", str(hf_dir / "data.jsonl")]
     with pytest.raises(SystemExit, match="at step 2, past --steps 1: nothing to do"):
         main(base + ["--out", str(out), "--steps", "1"])
-    with pytest.raises(SystemExit, match=r"qnext finetune: .*missing \)"):  # a bad pattern
+    with pytest.raises(SystemExit, match=r"qnext finetune: train 're:\(': not a valid regular "
+                                         r"expression after 're:' \(missing \)"):
         main(base + ["--out", str(tmp_path / "re"), "--steps", "1", "--train", "re:("])
     assert not (tmp_path / "re").exists()  # a refused run leaves no empty output directory
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(SystemExit, match="afile: exists and is not a directory"):
+        main(base + ["--out", str(tmp_path / "afile"), "--steps", "1"])
+    assert (tmp_path / "afile").read_text() == "keep"
 
     config, params = load(out / "final")
     _, orig = load(hf_dir / "hf")

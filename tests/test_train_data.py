@@ -146,6 +146,12 @@ def test_packing_rows_segments_and_targets():
         np.testing.assert_array_equal(got_m, np.append(d_tr[1:], False).astype(np.float32))
         k += n
 
+    # documents of one token each, or no trainable target: nothing to train on
+    for bad in ([(np.array([7], np.int32), np.array([True]))] * 3,
+                [(np.array([7, 8, 9], np.int32), np.zeros(3, bool))]):
+        with pytest.raises(ValueError, match="no training targets in the dataset"):
+            pack_documents(bad, seq_len=10, max_segments=3)
+
     ds = PackedDataset(rows, max_segments=3)
     seq = [b for _, (_, b) in zip(range(7), ds.batches(batch_size=3, seed=5))]
     resumed = [b for _, (_, b) in zip(range(3), ds.batches(batch_size=3, start_step=4,

@@ -239,8 +239,9 @@ def config_naming_dtype(config_json: dict, dtype: np.dtype | None) -> dict:
 
 
 def check_not_replaced(out_dir: Path, source: Path) -> None:
-    """Refuse to write ``out_dir`` when that would replace ``source`` (the same directory, or
-    one inside it): the input would be deleted.
+    """Refuse to write ``out_dir`` when that would replace or change ``source``: the same
+    directory, one holding it (the input would be deleted), or one inside it (the input's
+    files would be replaced).
 
     Raises:
       ValueError: naming both directories.
@@ -249,6 +250,9 @@ def check_not_replaced(out_dir: Path, source: Path) -> None:
     if out == src or out in src.parents:
         raise ValueError(f"the output directory {out_dir} would replace the input {source}: "
                          "write to another directory")
+    if src in out.parents:
+        raise ValueError(f"the output directory {out_dir} is inside the input {source} and "
+                         "would change it: write to a directory outside it")
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ def load(path: str | Path, mesh=None, dtype=None, shardings=None
 
     path = Path(path)
     if is_orbax_dir(path):
-        config = Qwen3NextConfig.from_dict(json.loads((path / "config.json").read_text()))
+        config = Qwen3NextConfig.from_hf(path)  # its errors name the file
         shardings = _resolve_shardings(config, mesh, shardings)
         f32 = frozenset(leaf.key for leaf in nm.name_map(config) if leaf.float32)
         return config, restore(path, shardings, dtype, f32)

@@ -132,6 +132,10 @@ def read_index(root: str | Path) -> dict:
         raise FileNotFoundError(f"{path} not found: {root} is not a checkpoint written by "
                                 f"qnext_jax.convert.hf_to_orbax{finetune_out_hint(root)}"
                                 ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(index, dict):  # then refused below as of no known format
+        index = {}
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path}: unknown format {index.get('format')!r} version "
                          f"{index.get('version')!r}; expected {FORMAT!r} version {VERSION}")

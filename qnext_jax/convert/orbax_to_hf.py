@@ -129,8 +129,8 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
     index = read_index(orbax_dir)  # first: it names a directory that is no such checkpoint
     check_not_replaced(hf_dir, orbax_dir)
+    config = Qwen3NextConfig.from_hf(orbax_dir)  # its errors name the file
     raw = json.loads((orbax_dir / "config.json").read_text())
-    config = Qwen3NextConfig.from_dict(raw)
     by_key = {leaf.key: leaf for leaf in nm.name_map(config)}
     stored = index["leaves"]
     bad = [f"{k}: stored {stored.get(k, {}).get('shape')}, expected {list(by_key[k].shape)}"

@@ -206,6 +206,9 @@ def pack_documents(docs: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int,
       seq_len: tokens per row. max_segments: the model's bound on runs per row (>= 2).
     Returns:
       {"input_ids", "targets", "segment_ids" (int32), "loss_mask" (float32)}: [rows, seq_len].
+    Raises:
+      ValueError: no tokens, or no token that is a training target (a run would train on
+        nothing); max_segments < 2.
     """
     if max_segments < 2:
         raise ValueError(f"max_segments must be >= 2 (documents + a padding run), got "
@@ -246,7 +249,12 @@ def pack_documents(docs: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int,
         rows.append(cur)
     if not rows:
         raise ValueError("no tokens to pack (empty dataset)")
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if not packed["loss_mask"].any():
+        raise ValueError("no training targets in the dataset: a document needs at least 2 "
+                         "tokens (a chat document a non-empty assistant reply) for one to "
+                         "predict the next")
+    return packed
 
 
 @dataclasses.dataclass

@@ -85,10 +85,15 @@ def train_regex(train: str) -> re.Pattern:
     """The compiled regex of a ``train`` selection (see :class:`OptimizerConfig`).
 
     Raises:
-      ValueError: an unknown group name (lists the known ones).
+      ValueError: an unknown group name (lists the known ones); "re:" before a pattern that
+        is not a regular expression.
     """
     if train.startswith("re:"):
-        return re.compile(train[3:])
+        try:
+            return re.compile(train[3:])
+        except re.error as e:
+            raise ValueError(f"train {train!r}: not a valid regular expression after 're:' "
+                             f"({e})") from None
     parts = []
     for name in train.split("+"):
         name = name.strip()

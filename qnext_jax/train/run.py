@@ -104,6 +104,16 @@ def schedule_change_warning(opt: OptimizerConfig, saved_total_steps: int | None,
             f"--total-steps {saved_total_steps} to keep the checkpoint's schedule.")
 
 
+def warmup_warning(opt: OptimizerConfig) -> str | None:
+    """The warning for a warmup that does not end before the schedule does (the learning rate
+    never reaches its peak): one line naming both flags, or None."""
+    if opt.warmup_steps < opt.total_steps:
+        return None
+    return (f"[qnext finetune] warning: --warmup-steps {opt.warmup_steps} is not below the "
+            f"schedule's --total-steps {opt.total_steps} (default: --steps): the learning rate "
+            f"never reaches its peak {opt.learning_rate:g}")
+
+
 def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
     """Ctrl-C during a run: checkpoint ``state`` at the step it has reached (its own counter)
     unless that step is saved already, and say on stderr where a rerun resumes. The state may
@@ -200,6 +210,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     from qnext_jax.convert import load
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory (the output directory of the "
+                         "run: --out)")
     opt = opt or OptimizerConfig(total_steps=steps)
     train = dataclasses.replace(train or TrainConfig(), max_segments=max_segments)
     if mesh is None:
@@ -220,6 +233,8 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
 
         check_tokenizer_fits(checkpoint, config.vocab_size)
     trainer = Trainer(config, opt, train, mesh)
+    if (warning := warmup_warning(opt)) is not None:
+        print(warning, file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run writes nothing
     ckpt = TrainCheckpointer(out / "checkpoints", save_every=save_every, keep=keep)
     resumed_from = ckpt.latest_step()
