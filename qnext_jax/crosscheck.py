@@ -98,8 +98,12 @@ def crosscheck(hf_dir: str | Path, token_ids=None, batch: int = 2, length: int =
                seed: int = 0) -> CrosscheckReport:
     """Run both models on ``token_ids`` ([T] or [B, T]; random when None) and compare."""
     from qnext_jax.convert import load
+    from qnext_jax.convert.orbax_store import is_orbax_dir
     from qnext_jax.generate import check_token_ids
 
+    if is_orbax_dir(hf_dir):
+        raise ValueError(f"{hf_dir}: a converted checkpoint; crosscheck runs transformers on an "
+                         f"HF checkpoint: export it first (qnext export {hf_dir} HF_DIR)")
     config, params = load(hf_dir, dtype=jnp.float32)
     if token_ids is None:
         token_ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length))

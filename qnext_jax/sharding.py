@@ -133,7 +133,8 @@ def make_mesh(spec: str | Mapping[str, int] = "", devices: Sequence | None = Non
         raise ValueError(f"mesh spec {spec!r} ({desc}) needs {total} devices, but "
                          f"{len(devices)} {'is' if len(devices) == 1 else 'are'} available "
                          f"(jax.device_count() = {jax.device_count()}); the product of the axis "
-                         "sizes must equal the device count")
+                         "sizes must equal the device count (on a CPU, XLA_FLAGS="
+                         "--xla_force_host_platform_device_count=N before jax starts gives N)")
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         from jax.experimental import mesh_utils

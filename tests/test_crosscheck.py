@@ -99,3 +99,13 @@ def test_cli_crosscheck_without_torch_names_the_extra(monkeypatch):
                                          r"\(No module named 'torch'\): pip install -e "
                                          r"'\.\[crosscheck\]'"):
         qnext_main(["crosscheck", "some_dir"])
+
+
+def test_cli_crosscheck_of_a_converted_checkpoint_says_to_export_it(tmp_path):
+    """crosscheck runs transformers on an HF checkpoint: given a converted one it says so, in
+    one line naming the export."""
+    (tmp_path / "params_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"qnext crosscheck: .* a converted checkpoint; "
+                                         r"crosscheck runs transformers on an HF checkpoint: "
+                                         r"export it first \(qnext export "):
+        qnext_main(["crosscheck", str(tmp_path)])
