@@ -644,3 +644,22 @@ def test_streaming_peak_memory(tmp_path):
         t = read_tensor(info)
         want = t.T if t.ndim == 2 else t[:, 0, :].T
         np.testing.assert_array_equal(np.asarray(leaf), want)
+
+
+def test_truncated_safetensors_file_is_named_truncated(tmp_path):
+    """A safetensors file cut short (an interrupted download) says "truncated", where its last
+    tensor ends and how many bytes the file has."""
+    from qnext_jax.convert.safetensors_io import SafetensorsWriter, read_header
+
+    path = tmp_path / "model.safetensors"
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((4, 5), np.float32)
+    with SafetensorsWriter(path, [("a", a.dtype, a.shape), ("b", b.dtype, b.shape)]) as w:
+        w.write("a", a)
+        w.write("b", b)
+    header, _ = read_header(path)
+    assert header["b"].shape == (4, 5)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+    with pytest.raises(ValueError, match=rf"truncated: tensor 'b' ends at byte {len(data)} of the "
+                                         rf"file .* but the file has {len(data) - 8} bytes"):
+        read_header(path)

@@ -93,10 +93,15 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raise SafetensorsFormatError(
                 f"{path}: tensor {name!r} has a bad header entry {entry!r}") from None
         expect = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if e - b != expect or b < 0 or data_start + e > size:
+        if e - b != expect or b < 0:
             raise SafetensorsFormatError(
-                f"{path}: tensor {name!r} byte range [{b}, {e}) does not hold shape {shape} "
-                f"of {entry['dtype']} within the file ({size} bytes)")
+                f"{path}: tensor {name!r} byte range [{b}, {e}) of the data does not hold "
+                f"shape {shape} of {entry['dtype']} ({expect} bytes)")
+        if data_start + e > size:
+            raise SafetensorsFormatError(
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + e} of the file "
+                f"(its data starts after the {data_start}-byte header), but the file has "
+                f"{size} bytes")
         out[name] = TensorInfo(path, dtype, shape, data_start + b, data_start + e)
     return out, meta
 
