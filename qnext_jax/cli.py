@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else Triton), tokamax:mosaic or tokamax:triton (that kernel); default "
                         "auto: tokamax for bf16/fp16 on a GPU when installed, else xla")
     g.add_argument("--json", action="store_true",
-                   help="print one JSON result (tokens, text, timings) instead of streaming")
+                   help="print one JSON result (token_ids, text, timings) instead of streaming")
     g.add_argument("--chat", action="store_true",
                    help="render --prompt as a user message with the checkpoint's chat template "
                         "(generation prompt added) and stop at the template's end tokens")
@@ -566,7 +566,12 @@ def _attach_token_ids(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_attach_token_ids(argv))
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except SystemExit as e:  # every command's one-line errors start "qnext <command>: "
+        if isinstance(e.code, str) and not e.code.startswith("qnext "):
+            raise SystemExit(f"qnext {args.command}: {e.code}") from None
+        raise
 
 
 if __name__ == "__main__":

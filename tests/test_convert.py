@@ -375,6 +375,10 @@ def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys
         orbax_to_hf(orbax, orbax / "params", overwrite=True, progress=False)
     with pytest.raises(SystemExit, match="is inside the input"):
         main(["export", str(orbax), str(orbax / "params"), "--overwrite"])
+    with pytest.raises(SystemExit, match=r"^qnext export: \S*nope does not exist$"):
+        main(["export", str(tmp_path / "nope"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="an HF checkpoint, which needs no export"):
+        main(["export", str(src), str(tmp_path / "out")])
     with pytest.raises(ValueError, match="is inside the input"):
         hf_to_orbax(src, src / "converted", progress=False)
     assert (orbax / "params_index.json").is_file()

@@ -208,7 +208,7 @@ def test_generator_rejects_ids_outside_the_vocabulary():
 def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     """A missing or unfit checkpoint, a kernel for another platform, the demo model with options
     it cannot serve: one line naming the option, no traceback, before any model is built."""
-    with pytest.raises(SystemExit, match="--checkpoint: .*missing does not exist"):
+    with pytest.raises(SystemExit, match="^qnext generate: --checkpoint: .*missing does not exist"):
         qnext_main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "Hi"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="--checkpoint: .*empty: neither a converted checkpoint"):

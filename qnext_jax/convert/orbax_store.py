@@ -129,8 +129,12 @@ def read_index(root: str | Path) -> dict:
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
+        if not Path(root).exists():
+            raise FileNotFoundError(f"{root} does not exist") from None
+        hf = (" (it holds a config.json: an HF checkpoint, which needs no export)"
+              if (Path(root) / "config.json").is_file() else "")
         raise FileNotFoundError(f"{path} not found: {root} is not a checkpoint written by "
-                                f"qnext_jax.convert.hf_to_orbax{finetune_out_hint(root)}"
+                                f"qnext_jax.convert.hf_to_orbax{hf}{finetune_out_hint(root)}"
                                 ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
