@@ -229,7 +229,7 @@ def test_cli_names_missing_directories(ckpts, tmp_path, capsys):
         (["crosscheck", "--token-ids", "1,2,999999", str(ckpts["single"][0])],
          r"qnext crosscheck: token ids must be in \[0, vocab_size = \d+\): got 999999"),
         (["convert", missing, str(tmp_path / "o")], "qnext convert: .*nope"),
-        (["export", missing, str(tmp_path / "h")], "qnext export: .*nope.* not a checkpoint"),
+        (["export", missing, str(tmp_path / "h")], "qnext export: .*nope does not exist"),
         (["crosscheck", missing], "qnext crosscheck: .*nope"),
     ):
         with pytest.raises(SystemExit, match=expected):
