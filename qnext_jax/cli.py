@@ -92,13 +92,14 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
 
 
 @contextlib.contextmanager
-def _one_line_errors(command: str):
+def _one_line_errors():
     """A missing or unfit file or directory, a bad config or checkpoint, a bad pattern (OSError,
-    ValueError, re.error) as one line naming the command instead of a traceback."""
+    ValueError, re.error) as one line instead of a traceback (:func:`main` prefixes the
+    command)."""
     try:
         yield
     except (OSError, ValueError, re.error) as e:
-        raise SystemExit(f"qnext {command}: {e}") from None
+        raise SystemExit(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -113,7 +114,7 @@ def _exit_on_interrupt():
 def _cmd_convert(args) -> int:
     from qnext_jax.convert import hf_to_orbax
 
-    with _one_line_errors("convert"):
+    with _one_line_errors():
         hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}")
     return 0
@@ -122,7 +123,7 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from qnext_jax.convert import orbax_to_hf
 
-    with _one_line_errors("export"):
+    with _one_line_errors():
         orbax_to_hf(args.orbax_dir, args.hf_dir, overwrite=args.overwrite)
     print(f"wrote {args.hf_dir}")
     return 0
@@ -349,11 +350,11 @@ def _cmd_crosscheck(args) -> int:
     from qnext_jax.crosscheck import crosscheck
 
     ids = _token_ids(args.token_ids) if args.token_ids else None
-    with _one_line_errors("crosscheck"):
+    with _one_line_errors():
         try:
             report = crosscheck(args.hf_dir, token_ids=ids)
         except ModuleNotFoundError as e:
-            raise SystemExit(f"qnext crosscheck: needs torch and transformers ({e}): pip install "
+            raise SystemExit(f"needs torch and transformers ({e}): pip install "
                              "-e '.[crosscheck]'") from None
     print(report.table())
     return 0 if report.ok else 1
@@ -366,7 +367,7 @@ def _cmd_finetune(args) -> int:
 
     _check_impls(args.gdn_impl)
     mesh = _mesh_from_args(args)
-    with _one_line_errors("finetune"), _exit_on_interrupt():
+    with _one_line_errors(), _exit_on_interrupt():
         opt = OptimizerConfig(
             learning_rate=args.lr, warmup_steps=args.warmup_steps,
             total_steps=args.total_steps or args.steps, min_lr_ratio=args.min_lr_ratio,
