@@ -277,7 +277,8 @@ def _cmd_generate(args) -> int:
                         attn_impl=args.attn_impl, mesh=mesh,
                         prefill_chunk_size=args.prefill_chunk_size,
                         speculative_tokens=args.speculative_tokens,
-                        scan_layers=args.scan_layers)
+                        scan_layers=args.scan_layers,
+                        decode_steps_per_call=args.decode_steps_per_call)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if params is None:
@@ -316,7 +317,7 @@ def _cmd_generate(args) -> int:
         sys.stdout.write(decoder.flush())
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     n_timed = timings.get("decode_tokens", 0)
-    # None when no decode step was timed (the first one compiles): 1 or 2 new tokens.
+    # None when no decode step ran: 1 new token.
     decode_tps = n_timed / max(timings["decode_s"], 1e-9) if n_timed else None
     prefill_tps = len(ids) / max(timings["prefill_s"], 1e-9)
     spec = None
@@ -393,6 +394,7 @@ def _cmd_finetune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pallas_kernels.gated_delta_rule import IMPLS
+    from qnext_jax.generate import DECODE_STEPS_PER_CALL
     from qnext_jax.modeling.attention import ATTN_IMPLS
     from qnext_jax.modeling.moe import MOE_IMPLS
 
@@ -456,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the prompt in chunks of this many tokens (bounded memory)")
     g.add_argument("--speculative-tokens", type=_NONNEGATIVE_INT, default=0,
                    help="draft N tokens per step with the MTP head (greedy only)")
+    g.add_argument("--decode-steps-per-call", type=_POSITIVE_INT,
+                   default=DECODE_STEPS_PER_CALL,
+                   help="decode steps run on the device per call (an on-device loop: the host "
+                        "dispatches and waits once per that many tokens; text streams in "
+                        "bursts of up to that many)")
     g.add_argument("--scan-layers", action="store_true",
                    help="run the layers as a scan over the repeating block of the layer pattern "
                         "(params and cache stacked per block): compile time of prefill and "

@@ -1,5 +1,5 @@
-"""Jitted generation: a (chunked) prefill, then a decode step reused for every new token, or
-speculative decoding with the MTP head.
+"""Jitted generation: a (chunked) prefill, then decode steps run on the device in a loop of up
+to ``decode_steps_per_call`` tokens per call, or speculative decoding with the MTP head.
 
 Sampling follows the usual processors (transformers' order): temperature, then top-k, then
 top-p (nucleus), then a categorical draw; temperature 0 is greedy (argmax).
@@ -48,6 +48,12 @@ from qnext_jax.modeling.rope import rope_cos_sin
 # Prompt lengths and cache lengths are rounded up to these (fewer distinct compiled shapes).
 PROMPT_BUCKET = 64
 CACHE_BUCKET = 256
+# Decode steps per device call (Generator's decode_steps_per_call). One H200, 8 of the 80B's 48
+# layers, batch 1 (.devrun-style experiment, 2026-12-01): one step per call took 1.92 ms a token
+# (blocked) and 1.67 ms queued without a block; 16 steps in one on-device loop took 1.09 ms a
+# token, the GPU busy 89% of the loop (1.01 ms of kernels a step): the rest was the host's
+# dispatch and synchronisation of each call.
+DECODE_STEPS_PER_CALL = 16
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -180,6 +186,12 @@ class Generator:
       prefill_chunk_size: feed the prompt in chunks of this many tokens (None: in one piece).
       speculative_tokens: N > 0 drafts N tokens per step with the MTP head (greedy only; the
         config needs ``mtp_num_hidden_layers > 0``).
+      decode_steps_per_call: decode steps run on the device in one call (a ``while_loop`` that
+        samples, tracks eos and feeds each token back), so the host dispatches and waits once
+        per that many tokens, not per token (DECODE_STEPS_PER_CALL). :meth:`stream` then
+        yields tokens in bursts of up to this many; 1 is a call per token. The loop stops early
+        when every row has emitted eos or max_new_tokens is reached. Not used by speculative
+        decoding (one verify round per call).
       scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
         pattern (``Qwen3NextForCausalLM(scan_layers=True)``), with the stacked cache
         (``init_cache(..., scan_layers=True)``): compile time of prefill, decode and the
@@ -189,7 +201,7 @@ class Generator:
         raises ValueError.
 
     Each distinct (batch, chunk length, cache length) compiles the prefill once; the decode
-    step (or the speculative round) compiles once per (batch, cache length). Prompts are padded
+    loop (or the speculative round) compiles once per (batch, cache length). Prompts are padded
     (masked tail) to a multiple of ``PROMPT_BUCKET`` tokens and caches to a multiple of
     ``CACHE_BUCKET`` slots, so calls with nearby prompt lengths and max_new_tokens reuse the
     compiled functions.
@@ -198,9 +210,12 @@ class Generator:
     def __init__(self, config: Qwen3NextConfig, dtype=jnp.float32, precision=None,
                  gdn_impl: str = "auto", moe_impl: str = "auto", mesh=None, rules=None,
                  prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
-                 scan_layers: bool = False, attn_impl: str = "auto"):
+                 scan_layers: bool = False, attn_impl: str = "auto",
+                 decode_steps_per_call: int = DECODE_STEPS_PER_CALL):
         if prefill_chunk_size is not None and prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        if decode_steps_per_call < 1:
+            raise ValueError(f"decode_steps_per_call must be >= 1, got {decode_steps_per_call}")
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         if speculative_tokens and config.mtp_num_hidden_layers < 1:
@@ -219,6 +234,7 @@ class Generator:
             config, mesh, self.rules, scan_layers=scan_layers)
         self.prefill_chunk_size = prefill_chunk_size
         self.speculative_tokens = speculative_tokens
+        self.decode_steps_per_call = decode_steps_per_call
         self.model = Qwen3NextForCausalLM(config, dtype=dtype, precision=precision,
                                           gdn_impl=gdn_impl, moe_impl=moe_impl,
                                           attn_impl=attn_impl, scan_layers=scan_layers)
@@ -272,12 +288,41 @@ class Generator:
                 jnp.int32)
             return token, cache, {"cache": mcache, "valid": valid}, draft, mh_last
 
-    def _decode_fn(self, params, token, cache, key, sampling):
-        with sharding.activate(self.mesh, self.rules):
+    def _decode_fn(self, params, token, cache, key, done, eos_ids, steps, sampling):
+        """Up to ``steps`` (<= decode_steps_per_call) decode steps in a ``while_loop``, stopping
+        early once every row is done.
+
+        Args:
+          token: [B] int32, the last emitted token of each row (not yet in the cache).
+          key: the sampling key; each step draws with ``key, sub = split(key)``.
+          done: [B] bool, rows that have emitted eos (they repeat their token from then on).
+          eos_ids: [n_eos] int32 (may be empty). steps: int32 scalar.
+        Returns:
+          (tokens [B, decode_steps_per_call] int32, of which the first ``n`` are new, n (int32
+          scalar), the last token, cache, key, done).
+        """
+        B = token.shape[0]
+
+        def cond(carry):
+            i, done = carry[0], carry[4]
+            return (i < steps) & ~jnp.all(done)
+
+        def body(carry):
+            i, token, cache, key, done, out = carry
+            key, sub = jax.random.split(key)
             logits, cache = self.model.apply({"params": params}, token[:, None], cache=cache)
             cache = sharding.constrain_cache(cache)
-            token = sharding.constrain(sample_logits(logits[:, -1], key, *sampling), (None,))
-        return token, cache
+            new = sharding.constrain(sample_logits(logits[:, -1], sub, *sampling), (None,))
+            token = jnp.where(done, token, new)
+            done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+            out = jax.lax.dynamic_update_index_in_dim(out, token, i, axis=1)
+            return i + 1, token, cache, key, done, out
+
+        out = jnp.zeros((B, self.decode_steps_per_call), jnp.int32)
+        with sharding.activate(self.mesh, self.rules):
+            n, token, cache, key, done, out = jax.lax.while_loop(
+                cond, body, (jnp.zeros((), jnp.int32), token, cache, key, done, out))
+        return out, n, token, cache, key, done
 
     def _spec_fn(self, params, cache, mtp_state, token, draft, mtp_hidden, live):
         """One speculative round (greedy). See the module docstring.
@@ -407,7 +452,9 @@ class Generator:
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                attention_mask=None, eos_token_id: int | tuple[int, ...] | None = None,
                timings: dict | None = None) -> Iterator[np.ndarray]:
-        """Yield the next token of every sequence ([B] int32 numpy) until all stopped.
+        """Yield the next token of every sequence ([B] int32 numpy) until all stopped. The
+        decode loop runs ``decode_steps_per_call`` steps per device call, so after the first
+        token the tokens come in bursts of up to that many.
 
         Args:
           input_ids: [B, T] ids (left-padded, with ``attention_mask`` 0 on padding), or a list
@@ -519,23 +566,24 @@ class Generator:
                     if emitted >= max_new_tokens or done.all():
                         break
             return
-        for step in range(1, max_new_tokens):
-            if done.all():
-                break
-            key, sub = jax.random.split(key)
+        state = (jnp.asarray(token), cache, key, jnp.asarray(done))
+        eos_ids = jnp.asarray(eos, jnp.int32).reshape(-1)
+        while emitted < max_new_tokens and not done.all():
+            steps = jnp.asarray(min(self.decode_steps_per_call, max_new_tokens - emitted),
+                                jnp.int32)
+            args = (params, state[0], state[1], state[2], state[3], eos_ids, steps)
             ts = time.perf_counter()
-            new, cache = self._decode(params, jnp.asarray(token), cache, sub, sampling=sampling)
-            new = np.asarray(new)
-            if step == 1:  # the first call compiles the decode step
-                timings["compile_s"] += time.perf_counter() - ts
-            else:
-                timings["decode_s"] += time.perf_counter() - ts
-                timings["decode_steps"] += 1
-                timings["decode_tokens"] += 1
-            token = np.where(done, token, new)
-            if eos:
-                done = done | np.isin(token, eos)
-            yield token
+            decode = self._compile(self._decode, "decode", args, {}, {"sampling": sampling})
+            t_run = time.perf_counter()
+            timings["compile_s"] += t_run - ts
+            out, n, *state = decode(*args)
+            out, n, done = np.asarray(out), int(n), np.asarray(state[3])
+            timings["decode_s"] += time.perf_counter() - t_run
+            timings["decode_steps"] += n
+            timings["decode_tokens"] += n
+            for j in range(n):
+                yield out[:, j]
+            emitted += n
 
     def generate(self, params, input_ids, **kwargs) -> GenerationResult:
         """Run :meth:`stream` to the end; returns a :class:`GenerationResult`."""
@@ -549,10 +597,11 @@ class Generator:
 @functools.lru_cache(maxsize=8)
 def _generator(config: Qwen3NextConfig, dtype_name: str, gdn_impl: str, moe_impl: str,
                attn_impl: str, prefill_chunk_size: int | None, speculative_tokens: int,
-               scan_layers: bool) -> Generator:
+               scan_layers: bool, decode_steps_per_call: int) -> Generator:
     return Generator(config, dtype=jnp.dtype(dtype_name), gdn_impl=gdn_impl, moe_impl=moe_impl,
                      attn_impl=attn_impl, prefill_chunk_size=prefill_chunk_size,
-                     speculative_tokens=speculative_tokens, scan_layers=scan_layers)
+                     speculative_tokens=speculative_tokens, scan_layers=scan_layers,
+                     decode_steps_per_call=decode_steps_per_call)
 
 
 def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int = 32,
@@ -560,7 +609,8 @@ def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int 
              seed: int = 0, attention_mask=None, eos_token_id=None, dtype=None,
              gdn_impl: str = "auto", moe_impl: str = "auto", attn_impl: str = "auto",
              prefill_chunk_size: int | None = None, speculative_tokens: int = 0,
-             scan_layers: bool = False) -> np.ndarray:
+             scan_layers: bool = False,
+             decode_steps_per_call: int = DECODE_STEPS_PER_CALL) -> np.ndarray:
     """Generate ``max_new_tokens`` tokens after ``input_ids``: [B, T] (left-padded with
     ``attention_mask`` 0 where needed) or a list of token-id lists of any lengths (padded
     here). Returns int32 [B, n] numpy, n <= max_new_tokens (shorter when every sequence hit
@@ -568,13 +618,14 @@ def generate(config: Qwen3NextConfig, params, input_ids, *, max_new_tokens: int 
 
     ``dtype`` is the compute dtype (default: the dtype of the embedding params); ``gdn_impl``,
     ``moe_impl``, ``attn_impl``: see ``Qwen3NextForCausalLM``;
-    ``prefill_chunk_size``, ``speculative_tokens`` and ``scan_layers``: see :class:`Generator`
-    (params in either layout).
+    ``prefill_chunk_size``, ``speculative_tokens``, ``scan_layers`` (params in either layout)
+    and ``decode_steps_per_call``: see :class:`Generator`.
     """
     if dtype is None:
         dtype = params["embed_tokens"]["embedding"].dtype
     gen = _generator(config, jnp.dtype(dtype).name, gdn_impl, moe_impl, attn_impl,
-                     prefill_chunk_size, speculative_tokens, scan_layers)
+                     prefill_chunk_size, speculative_tokens, scan_layers,
+                     decode_steps_per_call)
     return gen.generate(params, input_ids, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         attention_mask=attention_mask, eos_token_id=eos_token_id).tokens

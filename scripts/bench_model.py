@@ -10,9 +10,12 @@ plan of ``qnext_jax.sharding``), and measures:
 * compile time and median time of a prefill of ``--prefill`` tokens (batch 1), and its model
   FLOPs (``bench_train.forward_flops_per_token``: the whole forward, lm_head on every token, as
   the program computes it) over the measured bf16 matmul rate of all devices together;
-* compile time and median time of one decode step at each ``--batches`` size with a
+* compile time and time per token of decode at each ``--batches`` size with a
   ``--context``-token cache (the cache is filled with random K/V and states: a decode step's cost
-  does not depend on their values);
+  does not depend on their values), through ``qnext generate``'s decode loop
+  (``Generator._decode``: ``--decode-steps-per-call`` greedy steps in one device call; median
+  call time over that count), and the median time of a call of one step
+  (``single_step_s``: the host's dispatch and synchronisation included in every token);
 * peak device memory (the largest over the devices);
 * the HBM roofline of each decode step: bytes of weights (the experts that the batch can touch)
   and state read and written, over the copy bandwidth of all devices together (a lower bound
@@ -20,7 +23,8 @@ plan of ``qnext_jax.sharding``), and measures:
 
 ``--scan-layers`` runs the layers as a scan over the repeating block (params and cache stacked):
 compile time flat in depth. ``--profile DIR`` also traces two prefills of each length and a few
-decode steps of each batch size (``scripts/profile_summary.py DIR/decode_b1 --steps 5``, or
+decode calls of each batch size (``scripts/profile_summary.py DIR/decode_b1 --steps 80`` for
+5 calls of 16 steps, or
 ``DIR/prefill_8192 --steps 2``, then lists the kernels, busy and idle time of a call). Prints a
 table and writes JSON (``--out``). Run on the GPU(s): ``PYTHONPATH=. python3
 scripts/bench_model.py --layers 8 --out $OUT/bench_model.json``; the full model on two H200s:
@@ -45,12 +49,14 @@ from qnext_jax import sharding
 from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert.name_map import abstract_params
+from qnext_jax.generate import DECODE_STEPS_PER_CALL, Generator
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.attention import ATTN_IMPLS
 from qnext_jax.modeling.decoder import stack_layers
 from qnext_jax.modeling.moe import MOE_IMPLS
 
-PROFILE_STEPS = 5  # decode steps traced per batch size with --profile
+PROFILE_CALLS = 5  # decode calls traced per batch size with --profile
+GREEDY = (0.0, None, None)  # the Generator's sampling argument: argmax
 
 
 def expected_distinct_experts(tokens: int, num_experts: int, top_k: int) -> float:
@@ -135,6 +141,8 @@ def main():
                     help="prompt lengths (none: decode only)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--decode-steps-per-call", type=int, default=DECODE_STEPS_PER_CALL,
+                    help="decode steps per device call (qnext generate's loop)")
     ap.add_argument("--gdn-impl", default="auto")
     ap.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS,
                     help="routed experts' impl (decode paths serve decode steps only)")
@@ -147,7 +155,7 @@ def main():
     ap.add_argument("--out", default="bench_model.json")
     ap.add_argument("--profile", default=None,
                     help="also trace 2 prefills of each length into PROFILE/prefill_<T> and "
-                         "PROFILE_STEPS decode steps of each batch into PROFILE/decode_b<B> with "
+                         "PROFILE_CALLS decode calls of each batch into PROFILE/decode_b<B> with "
                          "jax.profiler (summarise with scripts/profile_summary.py)")
     ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
     args = ap.parse_args()
@@ -215,30 +223,40 @@ def main():
         print(_row_text(rows[-1]), flush=True)
         save()
 
+    S = args.decode_steps_per_call
+    gen = Generator(cfg, dtype=jnp.bfloat16, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
+                    attn_impl=args.attn_impl, mesh=active, scan_layers=args.scan_layers,
+                    decode_steps_per_call=S)
     for B in args.batches:
-        cache = random_cache(cfg, mesh, B, args.context + 8, args.context, jax.random.key(2),
-                             args.scan_layers)
-        ids = jax.random.randint(jax.random.key(3), (B, 1), 0, cfg.vocab_size)
+        cache = random_cache(cfg, mesh, B, args.context + S + 8, args.context,
+                             jax.random.key(2), args.scan_layers)
+        ids = jax.random.randint(jax.random.key(3), (B,), 0, cfg.vocab_size)
+        loop_args = (jax.random.key(5), jnp.zeros((B,), bool), jnp.zeros((0,), jnp.int32))
         t = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=2).lower(params, ids, cache).compile()
+        compiled = gen._decode.lower(params, ids, cache, *loop_args, jnp.asarray(S, jnp.int32),
+                                     sampling=GREEDY).compile()
         compile_s = time.perf_counter() - t
         state = {"cache": cache}
 
-        def one(p, x, compiled=compiled, state=state):
-            tok, state["cache"] = compiled(p, x, state["cache"])
+        def call(p, steps, compiled=compiled, state=state, ids=ids, loop_args=loop_args):
+            out, _, _, state["cache"], _, _ = compiled(p, ids, state["cache"], *loop_args,
+                                                       steps)
             state["cache"]["index"] = jnp.asarray(args.context, jnp.int32)  # stay in place
-            return tok
+            return out
 
-        sec = median_seconds(one, params, ids, iters=20, warmup=3)
+        steps = jnp.asarray(S, jnp.int32)
+        sec = median_seconds(call, params, steps, iters=10, warmup=2) / S
+        single = median_seconds(call, params, jnp.asarray(1, jnp.int32), iters=20, warmup=3)
         if args.profile:
-            trace_calls(one, params, ids, log_dir=os.path.join(args.profile, f"decode_b{B}"),
-                        calls=PROFILE_STEPS)
+            trace_calls(call, params, steps, log_dir=os.path.join(args.profile, f"decode_b{B}"),
+                        calls=PROFILE_CALLS)
         roof = decode_bytes(cfg, params, B, args.context) / (bw * n_dev)
         record[f"decode_b{B}"] = {"compile_s": compile_s, "median_s": sec,
+                                  "steps_per_call": S, "single_step_s": single,
                                   "tokens_per_s": B / sec, "hbm_roofline_s": roof,
                                   "fraction_of_roofline": roof / sec}
         rows.append((f"decode b{B} ctx {args.context}", sec * 1e3, B / sec, compile_s, roof, None))
-        print(_row_text(rows[-1]), flush=True)
+        print(_row_text(rows[-1]) + f"; one step per call {single * 1e3:.2f} ms", flush=True)
         save()
 
     save()

@@ -8,8 +8,8 @@ MoE everywhere) at a tiny width (hidden 64, vocab 256, 8 experts), so the number
 compiler's cost of the program's structure, not of its size. The forward's batch is what ``qnext
 finetune`` feeds: packed rows with segment ids (``--no-packed``: plain rows). "prefill" and
 "decode" are the Generator's jitted functions (``qnext generate``): one prompt of ``--seq``
-tokens into an empty cache of ``--cache-len`` slots (stacked with scan_layers), and one decode
-step (greedy) on that cache. A depth of one period (4 layers) has no repeating block: its scan
+tokens into an empty cache of ``--cache-len`` slots (stacked with scan_layers), and the decode
+loop (greedy; its step inside a while_loop) on that cache. A depth of one period (4 layers) has no repeating block: its scan
 cell is n/a. Each program is traced, lowered and compiled afresh (no persistent compilation
 cache); with ``--repeats`` > 1 the minimum is kept. ``hlo_ops`` counts the instructions of the
 optimized HLO (a load-independent size measure).
@@ -91,7 +91,9 @@ def programs(model: Qwen3NextForCausalLM, args, names) -> dict:
             out["prefill"] = (gen._prefill, (ids, cache, ids, scalar, key),
                               {"sampling": GREEDY, "with_mtp": False})
         if "decode" in names:
-            out["decode"] = (gen._decode, (jax.ShapeDtypeStruct((B,), jnp.int32), cache, key),
+            out["decode"] = (gen._decode, (jax.ShapeDtypeStruct((B,), jnp.int32), cache, key,
+                                           jax.ShapeDtypeStruct((B,), jnp.bool_),
+                                           jax.ShapeDtypeStruct((1,), jnp.int32), scalar),
                              {"sampling": GREEDY})
     return out
 

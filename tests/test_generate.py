@@ -36,8 +36,13 @@ def test_greedy_generation_equals_uncached_argmax_loop(tiny):
     for t in range(5, 11):
         seq[:, t] = np.asarray(fwd(params, seq))[:, t - 1]
     np.testing.assert_array_equal(out, seq[:, 5:])
-    # One compiled decode step serves every token.
-    assert gen._decode._cache_size() == 1
+    # One compiled decode loop serves every token.
+    assert _programs(gen, "decode") == 1
+
+
+def _programs(gen, name):
+    """The compiled programs of a Generator named ``name`` ("prefill" or "decode")."""
+    return [key[0] for key in gen._compiled].count(name)
 
 
 def test_nearby_lengths_reuse_compiled_programs(tiny):
@@ -50,8 +55,8 @@ def test_nearby_lengths_reuse_compiled_programs(tiny):
         ids = rng.integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
         out = gen.generate(params, ids, max_new_tokens=new).tokens
         assert out.shape == (2, new)
-    assert len(gen._compiled) == 1
-    assert gen._decode._cache_size() == 1
+    assert _programs(gen, "prefill") == 1
+    assert _programs(gen, "decode") == 1
 
 
 def test_cache_is_sized_up_front_by_prompt_and_max_new_tokens(tiny, monkeypatch, capsys):
@@ -111,6 +116,42 @@ def test_eos_stops_generation(tiny):
     first = gen.generate(params, ids, max_new_tokens=3).tokens
     stopped = gen.generate(params, ids, max_new_tokens=3, eos_token_id=int(first[0, 0])).tokens
     assert stopped.tolist() == [[first[0, 0]]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_steps_per_call_give_the_same_tokens(tiny, temperature):
+    """The on-device decode loop: any number of steps per call gives the tokens of one step per
+    call (greedy, and sampled: each step splits the key as the single steps did), stops at eos
+    inside a burst (rows repeat their eos), and times every decode token."""
+    cfg, params = tiny
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 5)).astype(np.int32)
+    kw = {"max_new_tokens": 11, "temperature": temperature, "top_k": 30, "seed": 9}
+    ref = Generator(cfg, decode_steps_per_call=1).generate(params, ids, **kw)
+    assert ref.decode_tokens == ref.decode_steps == 10
+    for n in (3, 16):
+        gen = Generator(cfg, decode_steps_per_call=n)
+        out = gen.generate(params, ids, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        assert out.decode_tokens == out.decode_steps == 10
+        assert _programs(gen, "decode") == 1  # the last, shorter burst runs the same program
+    # eos: row 0's 5th token (in the second burst of 3) and row 1's 7th token are stop ids
+    # (either may come earlier in a row): rows repeat their first eos, and the loop stops when
+    # both rows did, by the 7th token.
+    eos = (int(ref.tokens[0, 4]), int(ref.tokens[1, 6]))
+    want = Generator(cfg, decode_steps_per_call=1).generate(params, ids, eos_token_id=eos, **kw)
+    got = Generator(cfg, decode_steps_per_call=3).generate(params, ids, eos_token_id=eos, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert got.tokens.shape[1] <= 7
+    first_eos = np.argmax(np.isin(got.tokens[0], eos))
+    assert first_eos <= 4 and np.all(got.tokens[0, first_eos:] == got.tokens[0, first_eos])
+
+
+def test_decode_steps_per_call_must_be_positive(tiny, capsys):
+    with pytest.raises(ValueError, match="decode_steps_per_call must be >= 1, got 0"):
+        Generator(tiny[0], decode_steps_per_call=0)
+    with pytest.raises(SystemExit):
+        qnext_main(["generate", "--prompt", "Hi", "--decode-steps-per-call", "0"])
+    assert "--decode-steps-per-call" in capsys.readouterr().err
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -333,8 +374,8 @@ def test_scan_layers_generator_equals_unrolled(two_periods):
                                       ref)
         np.testing.assert_array_equal(scanned.generate(stacked, ids, max_new_tokens=8, **kw).tokens,
                                       ref)
-    # One compiled decode step per sampling setting, for every token and both param layouts.
-    assert scanned._decode._cache_size() == 2
+    # One compiled decode loop per sampling setting, for every token and both param layouts.
+    assert _programs(scanned, "decode") == 2
     # The unrolled Generator takes stacked params too (unstacked for it); generate() scans.
     greedy = plain.generate(params, ids, max_new_tokens=4).tokens
     np.testing.assert_array_equal(plain.generate(stacked, ids, max_new_tokens=4).tokens, greedy)
