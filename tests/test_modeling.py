@@ -74,6 +74,36 @@ def test_split_prefill_then_decode_equals_full_prefill(dtype):
         assert split_err < max(2 * full_err, 1e-2), (split_err, full_err)
 
 
+def test_one_row_matmuls_as_two_rows_give_the_same_decode(monkeypatch):
+    """On a GPU, single-row projections that XLA would strength-reduce run with a zero second
+    row (layers.row_matmul): which ones, and, forced on the CPU, the same decode logits (batch
+    1, one token after a prefill; float32 and bf16)."""
+    from qnext_jax.modeling import layers
+
+    monkeypatch.setattr(layers, "_on_gpu", lambda: True)
+    one = jnp.ones((1, 1, 4096), jnp.bfloat16)
+    assert layers._one_row_dot(one, 2048)  # the 80B's out_proj: 8.4e6 elements
+    assert not layers._one_row_dot(one[..., :2048], 12288)  # in_proj_qkvz: 2.5e7, a GEMM
+    assert not layers._one_row_dot(jnp.ones((2, 1, 4096)), 2048)  # two rows
+    calls = []
+    plain = layers.row_matmul(lambda x: calls.append(x.shape) or x @ jnp.eye(4096, 8), one, 8)
+    assert calls == [(2, 4096)] and plain.shape == (1, 1, 8)
+
+    cfg = tiny_config()
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 9)))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        params = jax.tree.map(lambda w: w.astype(dtype) if w.ndim > 1 else w,
+                              init_params(cfg, scale=0.1))
+        logits = {}
+        for on_gpu in (False, True):
+            monkeypatch.setattr(layers, "_on_gpu", lambda on_gpu=on_gpu: on_gpu)
+            fn = _apply(cfg, dtype)
+            _, cache = fn(params, ids[:, :8], init_cache(cfg, 1, 16, dtype))
+            logits[on_gpu] = fn(params, ids[:, 8:], cache)[0].astype(jnp.float32)
+        err = float(jnp.max(jnp.abs(logits[True] - logits[False])))
+        assert err <= tol * float(jnp.max(jnp.abs(logits[False]))), (dtype, err)
+
+
 @pytest.mark.parametrize("lengths", [(6,), (13, 20, 1)])
 def test_left_padded_batch_equals_each_sequence_alone(lengths):
     cfg = tiny_config()

@@ -46,7 +46,7 @@ from pallas_kernels.moe import (
 )
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.modeling.layers import DenseKernel, dense, import_tokamax
+from qnext_jax.modeling.layers import DenseKernel, dense, import_tokamax, row_matmul
 
 
 class Qwen3NextMLP(nn.Module):
@@ -70,7 +70,10 @@ class Qwen3NextMLP(nn.Module):
                                             ("down_proj", (inner, d))))
         if kernels_only:
             return gate, up, down
-        dot = functools.partial(jnp.dot, precision=self.precision)
+        def dot(x, w):
+            return row_matmul(functools.partial(jnp.dot, b=w, precision=self.precision), x,
+                              w.shape[1])
+
         x = x.astype(self.dtype)
         return dot(jax.nn.silu(dot(x, gate)) * dot(x, up), down)
 
