@@ -60,6 +60,41 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def _read_prompts_file(path: str) -> list[tuple[int, dict]]:
+    """--prompts-file: JSON Lines, one object a prompt, {"prompt": TEXT} or {"token_ids": [IDS]}
+    (with --chat, "prompt" is the user message and an optional "system" its system message);
+    blank lines are skipped. Returns [(line number, object)]."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--prompts-file: cannot read {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--prompts-file {path} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("token_ids" in obj):
+            raise SystemExit(f'{where}: expected an object with "prompt" (text) or "token_ids" '
+                             f"(a list of ints), got {line[:80]!r}")
+        ids = obj.get("token_ids")
+        if ids is not None and (not isinstance(ids, list) or not ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise SystemExit(f'{where}: "token_ids" must be a non-empty list of ints, got '
+                             f"{ids!r:.80}")
+        for key in ("prompt", "system"):
+            if key in obj and not isinstance(obj[key], str):
+                raise SystemExit(f'{where}: "{key}" must be text, got {obj[key]!r:.80}')
+        prompts.append((n, obj))
+    if not prompts:
+        raise SystemExit(f"--prompts-file {path}: no prompts (one JSON object a line)")
+    return prompts
+
+
 def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = False,
                  attn_impl: str = "auto") -> None:
     """--gdn-impl / --moe-impl / --attn-impl name a kernel for another platform than JAX's,
@@ -179,13 +214,39 @@ def _mesh_from_args(args):
         raise SystemExit(f"--mesh: {e}") from None
 
 
+def _stream_one(gen, params, ids, kwargs, timings, tokenizer, stop, quiet) -> list[int]:
+    """Generate after one prompt, printing the text as the tokens come (the ids without a
+    tokenizer) unless ``quiet``; returns the new ids up to and with the first ``stop`` id."""
+    from qnext_jax.chat import StreamDecoder
+
+    new_ids: list[int] = []
+    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+    for step in gen.stream(params, [ids], timings=timings, **kwargs):
+        t = int(step[0])
+        new_ids.append(t)
+        if not quiet:
+            if decoder is None:
+                print(t, end=" ", flush=True)
+            elif t not in stop:
+                sys.stdout.write(decoder.push(t))
+                sys.stdout.flush()
+        if t in stop:
+            break
+    if decoder is not None and not quiet:
+        sys.stdout.write(decoder.flush())
+    return new_ids
+
+
 def _cmd_generate(args) -> int:
     import jax.numpy as jnp
+    import numpy as np
 
     from qnext_jax.config import ConfigError
     from qnext_jax.generate import Generator, check_token_ids
     from qnext_jax.tokenizer import ByteTokenizer, load_tokenizer
 
+    if args.prompts_file is not None and (args.prompt is not None or args.token_ids is not None):
+        raise SystemExit("give --prompts-file FILE or --prompt / --token-ids, not both")
     if args.prompt is not None and args.token_ids is not None and not args.chat:
         raise SystemExit("give --prompt TEXT or --token-ids IDS, not both")
     if args.system is not None and not args.chat:
@@ -227,6 +288,18 @@ def _cmd_generate(args) -> int:
         except ConfigError as e:
             raise SystemExit(f"--rope-scaling: {e}") from None
     stop_ids = tuple(config.eos_token_ids)
+    if args.prompts_file is not None:
+        entries = _read_prompts_file(args.prompts_file)
+    elif args.chat:
+        if args.prompt is None:
+            raise SystemExit("--chat needs --prompt TEXT (the user message)")
+        entries = [(None, {"prompt": args.prompt, "system": args.system})]
+    elif args.token_ids is not None:
+        entries = [(None, {"token_ids": _token_ids(args.token_ids)})]
+    elif args.prompt is not None:
+        entries = [(None, {"prompt": args.prompt})]
+    else:
+        raise SystemExit("give --prompt TEXT, --token-ids IDS or --prompts-file FILE")
     if args.chat:
         from qnext_jax.chat import (
             ChatTemplateError,
@@ -238,35 +311,47 @@ def _cmd_generate(args) -> int:
 
         if args.checkpoint is None or tokenizer is None:
             raise SystemExit("--chat needs a --checkpoint with tokenizer.json and a chat template")
-        if args.prompt is None:
-            raise SystemExit("--chat needs --prompt TEXT (the user message)")
         try:
             template = load_chat_template(args.checkpoint)
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}]
-            prompt_text = render_chat(template, messages, special_tokens(args.checkpoint),
-                                      add_generation_prompt=True)
+            specials = special_tokens(args.checkpoint)
         except ChatTemplateError as e:
             raise SystemExit(str(e)) from None
-        ids = tokenizer.encode(prompt_text)
         stop_ids = stop_token_ids(args.checkpoint, template, tokenizer, stop_ids)
-    elif args.token_ids is not None:
-        ids = _token_ids(args.token_ids)
-    elif args.prompt is not None:
-        if tokenizer is None:
-            raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --token-ids instead "
-                             "of --prompt")
-        ids = tokenizer.encode(args.prompt)
-    else:
-        raise SystemExit("give --prompt TEXT or --token-ids IDS")
-    if not ids:
-        raise SystemExit("the prompt has no tokens")
-    try:
-        check_token_ids(ids, config.vocab_size)
-    except ValueError as e:
-        raise SystemExit(f"the prompt's {e}") from None
-    if len(ids) + args.max_new_tokens > config.max_position_embeddings:
-        print(f"[qnext] warning: {len(ids)} prompt + {args.max_new_tokens} new tokens go past the "
+
+    def encode(line, entry) -> list[int]:
+        """One prompt's token ids (``line``: its --prompts-file line, or None)."""
+        where = "the prompt" if line is None else f"--prompts-file line {line}"
+        if "token_ids" in entry:
+            if args.chat:
+                raise SystemExit(f'{where}: --chat renders "prompt" texts, not token ids')
+            ids = entry["token_ids"]
+        elif args.chat:
+            system = entry.get("system", args.system)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": entry["prompt"]}]
+            try:
+                ids = tokenizer.encode(render_chat(template, messages, specials,
+                                                   add_generation_prompt=True))
+            except ChatTemplateError as e:
+                raise SystemExit(str(e)) from None
+        elif tokenizer is None:
+            raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass token ids "
+                             f"(--token-ids, or \"token_ids\" in --prompts-file) instead of "
+                             f"text")
+        else:
+            ids = tokenizer.encode(entry["prompt"])
+        if not ids:
+            raise SystemExit(f"{where} has no tokens")
+        try:
+            check_token_ids(ids, config.vocab_size)
+        except ValueError as e:
+            raise SystemExit(f"{where}'s {e}") from None
+        return list(ids)
+
+    prompts = [encode(line, entry) for line, entry in entries]
+    longest = max(len(ids) for ids in prompts)
+    if longest + args.max_new_tokens > config.max_position_embeddings:
+        print(f"[qnext] warning: {longest} prompt + {args.max_new_tokens} new tokens go past the "
               f"model's max_position_embeddings ({config.max_position_embeddings}); the cache "
               "is sized for all of them", file=sys.stderr)
     # The demo's weights are float32 unless --dtype casts them.
@@ -295,31 +380,22 @@ def _cmd_generate(args) -> int:
     if args.speculative_tokens and args.temperature > 0:
         raise SystemExit("--speculative-tokens is greedy only: use --temperature 0")
 
-    # Stream: print text as tokens come (unless --json).
-    from qnext_jax.chat import StreamDecoder
-
     timings: dict = {}
-    new_ids: list[int] = []
-    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
     stop = set(stop_ids)
-    for step in gen.stream(params, [ids], timings=timings, **kwargs):
-        t = int(step[0])
-        new_ids.append(t)
-        if not args.json:
-            if decoder is None:
-                print(t, end=" ", flush=True)
-            elif t not in stop:
-                sys.stdout.write(decoder.push(t))
-                sys.stdout.flush()
-        if t in stop:
-            break
-    if decoder is not None and not args.json:
-        sys.stdout.write(decoder.flush())
-    text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    if len(prompts) == 1:
+        rows = [_stream_one(gen, params, prompts[0], kwargs, timings, tokenizer, stop,
+                            args.json)]
+    else:  # one left-padded batch; each row ends at its first stop token
+        steps = np.stack(list(gen.stream(params, prompts, timings=timings, **kwargs)), axis=1)
+        rows = []
+        for row in steps.tolist():
+            ends = [i for i, t in enumerate(row) if t in stop]
+            rows.append(row[:ends[0] + 1] if ends else row)
+    texts = [tokenizer.decode(row) if tokenizer is not None else None for row in rows]
     n_timed = timings.get("decode_tokens", 0)
     # None when no decode step ran: 1 new token.
-    decode_tps = n_timed / max(timings["decode_s"], 1e-9) if n_timed else None
-    prefill_tps = len(ids) / max(timings["prefill_s"], 1e-9)
+    decode_tps = len(prompts) * n_timed / max(timings["decode_s"], 1e-9) if n_timed else None
+    prefill_tps = sum(map(len, prompts)) / max(timings["prefill_s"], 1e-9)
     spec = None
     if args.speculative_tokens:
         proposed = timings.get("spec_proposed", 0)
@@ -328,7 +404,9 @@ def _cmd_generate(args) -> int:
                 "accepted": timings.get("spec_accepted", 0),
                 "acceptance_rate": timings.get("spec_accepted", 0) / proposed if proposed else None}
     if args.json:
-        print(json.dumps({"prompt_ids": ids, "token_ids": new_ids, "text": text,
+        results = [{"prompt_ids": ids, "token_ids": row, "text": text}
+                   for ids, row, text in zip(prompts, rows, texts)]
+        print(json.dumps({**(results[0] if args.prompts_file is None else {"results": results}),
                           "compile_s": timings["compile_s"], "prefill_s": timings["prefill_s"],
                           "decode_s": timings["decode_s"],
                           "prefill_tokens_per_s": prefill_tps,
@@ -336,11 +414,16 @@ def _cmd_generate(args) -> int:
                           "prefill_chunk_size": args.prefill_chunk_size,
                           "stop_token_ids": list(stop_ids), "speculative": spec}))
         return 0
+    if len(prompts) > 1:
+        for i, (row, text) in enumerate(zip(rows, texts)):
+            body = text if text is not None else " ".join(map(str, row))
+            print(f"[{i}] {body}")
     print()
     extra = "" if spec is None else (
         f"; speculative {args.speculative_tokens}: acceptance "
         f"{spec['acceptance_rate'] if spec['acceptance_rate'] is not None else float('nan'):.2f}")
-    print(f"[qnext] prompt {len(ids)} tokens, generated {len(new_ids)}; "
+    print(f"[qnext] {len(prompts)} prompt(s) of {sum(map(len, prompts))} tokens, generated "
+          f"{sum(map(len, rows))}; "
           f"prefill {prefill_tps:.1f} tok/s, decode "
           f"{'n/a (no timed step)' if decode_tps is None else f'{decode_tps:.1f} tok/s'}, compile "
           f"{timings['compile_s']:.1f} s (dtype {jnp.dtype(dtype).name}){extra}", file=sys.stderr)
@@ -423,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's "
                    "tokenizer.json; bytes for the demo model)")
     g.add_argument("--token-ids", help="prompt as token ids, e.g. '1,2,3'")
+    g.add_argument("--prompts-file", default=None,
+                   help='a batch of prompts, JSON Lines: one object a line, {"prompt": TEXT} '
+                        'or {"token_ids": [IDS]} (with --chat "prompt" is the user message, '
+                        'an optional "system" its system message); generated as one '
+                        "left-padded batch, printed per prompt when done (--json: a \"results\" "
+                        "list)")
     g.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=32,
                    help="tokens to generate")
     g.add_argument("--temperature", default=0.0, help="sampling temperature; 0 = greedy",

@@ -154,6 +154,59 @@ def test_decode_steps_per_call_must_be_positive(tiny, capsys):
     assert "--decode-steps-per-call" in capsys.readouterr().err
 
 
+def test_cli_prompts_file_batch_equals_each_prompt_alone(tmp_path, capsys):
+    """--prompts-file: prompts of unequal lengths (text and token ids) in one left-padded
+    batch give each prompt's tokens alone (the demo model, float32, greedy)."""
+    lines = [{"prompt": "Hi"}, {"token_ids": [72, 101, 108, 108, 111, 44, 32, 119]},
+             {"prompt": "A longer prompt than the others"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    common = ["--max-new-tokens", "5", "--json"]
+    assert qnext_main(["generate", "--prompts-file", str(path), *common]) == 0
+    batch = json.loads(capsys.readouterr().out)
+    assert len(batch["results"]) == 3
+    for line, got in zip(lines, batch["results"]):
+        flag = (["--prompt", line["prompt"]] if "prompt" in line else
+                ["--token-ids", ",".join(map(str, line["token_ids"]))])
+        qnext_main(["generate", *flag, *common])
+        alone = json.loads(capsys.readouterr().out)
+        assert got["prompt_ids"] == alone["prompt_ids"]
+        assert got["token_ids"] == alone["token_ids"]  # up to 5, or to the first end token
+        assert 1 <= len(got["token_ids"]) <= 5
+    assert batch["decode_tokens_per_s"] > 0
+    # Without --json: one line per prompt, then the summary on stderr.
+    qnext_main(["generate", "--prompts-file", str(path), "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert [line[:4] for line in out.splitlines() if line] == ["[0] ", "[1] ", "[2] "]
+    assert re.search(r"\[qnext\] 3 prompt\(s\) of \d+ tokens, generated \d+;", err), err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"prompt": "a"}\nnot json\n', r"line 2: not JSON"),
+    ('{"text": "a"}\n', r'line 1: expected an object with "prompt" \(text\) or "token_ids"'),
+    ('{"prompt": "a", "token_ids": [1]}\n', r'line 1: expected an object with "prompt"'),
+    ('{"token_ids": [1, "2"]}\n', r'line 1: "token_ids" must be a non-empty list of ints'),
+    ('{"token_ids": []}\n', r'line 1: "token_ids" must be a non-empty list of ints'),
+    ('{"prompt": 3}\n', r'line 1: "prompt" must be text'),
+    ('{"token_ids": [1, 99999]}\n', r"--prompts-file line 1's token ids must be in \[0, vocab_size = 260\): got 99999"),
+    ("\n\n", r"no prompts \(one JSON object a line\)"),
+])
+def test_cli_prompts_file_errors_name_the_line(tmp_path, content, expected):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=expected):
+        qnext_main(["generate", "--prompts-file", str(path)])
+
+
+def test_cli_prompts_file_conflicts_and_missing_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n')
+    with pytest.raises(SystemExit, match="give --prompts-file FILE or --prompt / --token-ids"):
+        qnext_main(["generate", "--prompts-file", str(path), "--prompt", "b"])
+    with pytest.raises(SystemExit, match="--prompts-file: cannot read .*missing.jsonl"):
+        qnext_main(["generate", "--prompts-file", str(tmp_path / "missing.jsonl")])
+
+
 def test_seeded_sampling_is_reproducible(tiny):
     cfg, params = tiny
     ids = np.zeros((1, 3), np.int32)

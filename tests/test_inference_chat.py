@@ -128,3 +128,25 @@ def test_cli_chat_streams_and_stops(ckpt, capsys):
     streamed = capsys.readouterr().out
     assert streamed.rstrip("\n") == HFTokenizer(ckpt / "tokenizer.json").decode(
         [t for t in out["token_ids"] if t not in out["stop_token_ids"]])
+
+
+def test_cli_chat_prompts_file(ckpt, tmp_path, capsys):
+    """--chat with --prompts-file: each line's "prompt" (and "system") rendered as transformers'
+    template renders it, one batch; token ids are refused under --chat, naming the line."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"prompt": "hello there"}\n{"prompt": "a", "system": "a b c"}\n')
+    assert qnext_main(["generate", "--checkpoint", str(ckpt), "--chat", "--prompts-file",
+                       str(path), "--max-new-tokens", "3", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    hf = AutoTokenizer.from_pretrained(str(ckpt))
+    for got, messages in zip(results, ([{"role": "user", "content": "hello there"}],
+                                       [{"role": "system", "content": "a b c"},
+                                        {"role": "user", "content": "a"}]), strict=True):
+        ref = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert got["prompt_ids"] == hf(ref, add_special_tokens=False)["input_ids"]
+        assert 1 <= len(got["token_ids"]) <= 3
+    path.write_text('{"prompt": "hi"}\n{"token_ids": [1, 2]}\n')
+    with pytest.raises(SystemExit, match='--prompts-file line 2: --chat renders "prompt" texts'):
+        qnext_main(["generate", "--checkpoint", str(ckpt), "--chat", "--prompts-file", str(path)])
