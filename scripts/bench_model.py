@@ -139,7 +139,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prefill", type=int, nargs="*", default=[8192],
                     help="prompt lengths (none: decode only)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 32, 128],
+                    help="decode batch sizes (none: prefill only)")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--decode-steps-per-call", type=int, default=DECODE_STEPS_PER_CALL,
                     help="decode steps per device call (qnext generate's loop)")
