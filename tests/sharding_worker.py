@@ -12,6 +12,7 @@ It needs a fresh process because the device count is fixed when jax is first imp
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -106,8 +107,18 @@ def moe_check(out: str, examples: int = 15) -> None:
     # past the last group unwritten: here NaN, also in the gradient), which the expert-parallel
     # body must mask.
     moe._tokamax_ragged_dot = lambda implementation: _nan_tail_ragged_dot
+    # The Pallas decode kernels in interpret mode, with blocks that fit d 8, I 6: other
+    # devices' slots reach them as negative ids.
+    from pallas_kernels.moe import BlockSizes, gathered_expert_outputs
+
+    small = functools.partial(BlockSizes, block_i=2, block_d=4, block_r=2, splits=2,
+                              down_splits=1)
+    moe.GatheredBlockSizes = small
+    moe.gathered_expert_outputs = functools.partial(gathered_expert_outputs, interpret=True,
+                                                    blocks=small())
     for s, impl in (("data=2,expert=4", "tiles"), ("data=2,expert=4", "tokamax"),
-                    ("data=2,expert=4", "gather"), ("tensor=2,expert=4", "gather")):
+                    ("data=2,expert=4", "gather"), ("tensor=2,expert=4", "gather"),
+                    ("data=2,expert=4", "gather_pallas")):
         fns[f"{s}/{impl}"] = jax.jit(lambda *a, m=meshes[s], impl=impl: expert_parallel_experts(
             *a, mesh=m, precision=jax.lax.Precision.HIGHEST, impl=impl))
     worst = {s: 0.0 for s in fns}

@@ -123,6 +123,30 @@ def test_expert_outputs_float32_unweighted():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max())
 
 
+def test_negative_ids_give_zero_rows_and_gradients():
+    """A negative id (another device's expert under expert parallelism): a zero row in the
+    kernels and in the jnp reference, and no gradient through it; the other slots as before."""
+    x, _, experts, gate, up, down = _case(9, 3, 3, jnp.float32)
+    skip = np.array([[True, False, False], [False, False, False], [False, True, True]])
+    ids = jnp.where(jnp.asarray(skip), -1, experts)
+    got = np.asarray(gathered_expert_outputs(x, ids, gate, up, down, **BLOCKS))
+    full = np.asarray(gathered_expert_outputs(x, experts, gate, up, down, **BLOCKS))
+    ref = np.asarray(gathered_expert_outputs_reference(x, ids, gate, up, down,
+                                                       precision=jax.lax.Precision.HIGHEST))
+    assert np.all(got[skip] == 0) and np.all(ref[skip] == 0)
+    np.testing.assert_array_equal(got[~skip], full[~skip])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    probe = jnp.asarray(np.random.default_rng(2).standard_normal(got.shape), jnp.float32)
+    grads = jax.grad(lambda x, g, u, dn: jnp.sum(gathered_expert_outputs(
+        x, ids, g, u, dn, **BLOCKS) * probe), argnums=(0, 1, 2, 3))(x, gate, up, down)
+    kept = jax.grad(lambda x, g, u, dn: jnp.sum(gathered_expert_outputs(
+        x, experts, g, u, dn, **BLOCKS) * probe * ~skip[..., None]), argnums=(0, 1, 2, 3))(
+        x, gate, up, down)
+    for name, g, r in zip(("x", "gate", "up", "down"), grads, kept):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
 def test_gradients_equal_the_reference():
     args = _case(7, 2, 3, jnp.float32, duplicate=True)
     probe = jnp.asarray(np.random.default_rng(3).standard_normal((2, D)), jnp.float32)

@@ -43,7 +43,8 @@ the block from 12 kernels (0.043 ms busy, 0.050-0.051 ms a call in the loop) to 
 busy, 0.037-0.038 in the loop; 6 kernels and 0.037 ms busy with the router's matmuls in XLA).
 
 :func:`gathered_expert_outputs` is the two kernels alone: y, each slot's expert output before the
-weighting (expert parallelism drops the slots of other devices' experts from it first).
+weighting. Expert parallelism gives the slots of other devices' experts as negative ids: their
+programs write zeros and read no weights.
 
 Both kernels are matrix-vector products (one token row), summed with elementwise multiplies in
 float32: at decode the cost is the weight bytes, not FLOPs, so the blocks are wide (BI, BD =
@@ -129,10 +130,13 @@ def gathered_expert_outputs_reference(x, experts, gate_proj, up_proj, down_proj,
                                       precision=None):
     """Each token's k expert outputs, jnp: x [N, d], experts [N, k] -> [N, k, d] in x's dtype,
     ``expert_{experts[n, j]}(x[n])``, by gathering the chosen experts' weights ([N, k, d, I]
-    per projection) into batched matmuls."""
+    per projection) into batched matmuls; a negative id gives a zero row."""
+    valid = experts >= 0
+    experts = jnp.where(valid, experts, 0)
     h = jax.nn.silu(jnp.einsum("nd,nkdi->nki", x, gate_proj[experts], precision=precision)) * \
         jnp.einsum("nd,nkdi->nki", x, up_proj[experts], precision=precision)
-    return jnp.einsum("nki,nkid->nkd", h, down_proj[experts], precision=precision)
+    y = jnp.einsum("nki,nkid->nkd", h, down_proj[experts], precision=precision)
+    return jnp.where(valid[..., None], y, jnp.zeros((), y.dtype))
 
 
 def gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
@@ -247,7 +251,12 @@ def _gate_up_kernel(choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared, norm_
 
     def routed():
         if norm_topk_prob is None:
-            e = choice_ref[n * k + j]
+            e = choice_ref[n * k + j]  # negative: another device's expert, a zero row
+
+            @pl.when(e < 0)
+            def _():
+                g_ref[0, 0, :] = jnp.zeros((BI,), jnp.float32)
+                u_ref[0, 0, :] = jnp.zeros((BI,), jnp.float32)
         else:
             # the logits as the router's matmul gives them: in the model dtype (x's)
             logits = jnp.sum(choice_ref[:, n, :], axis=0).astype(x_ref.dtype)
@@ -259,7 +268,8 @@ def _gate_up_kernel(choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared, norm_
                 ids_ref[n * k + j] = e
                 weights_ref[n * k + j] = weight
 
-        run(lambda rows: gate_ref[e, rows, cols], lambda rows: up_ref[e, rows, cols])
+        pl.when(e >= 0)(lambda: run(lambda rows: gate_ref[e, rows, cols],
+                                    lambda rows: up_ref[e, rows, cols]))
 
     _by_slot(j, k, routed, (lambda: run(lambda rows: shared_refs[0][rows, cols],
                                         lambda rows: shared_refs[1][rows, cols]))
@@ -289,8 +299,13 @@ def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, k, shared, block_r, ste
         y_ref[0, 0, :] = y * weight() if weight_refs else y
 
     def routed():
-        e = ids_ref[n * k + j]
-        run(lambda rows: down_ref[e, rows, cols], lambda: weight_refs[0][n * k + j])
+        e = ids_ref[n * k + j]  # negative (given ids only): a zero row, no weights read
+        pl.when(e >= 0)(lambda: run(lambda rows: down_ref[e, rows, cols],
+                                    lambda: weight_refs[0][n * k + j]))
+
+        @pl.when(e < 0)
+        def _():
+            y_ref[0, 0, :] = jnp.zeros((BD,), jnp.float32)
 
     def shared_row():
         def weight():  # sigmoid of the gate's logit, rounded to the model dtype as a matmul's
@@ -460,8 +475,10 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *,
     Pallas kernels, reading the chosen experts' weights in place.
 
     Args:
-      x: [N, d] tokens (bf16 or float32). experts: [N, k] int expert ids in [0, E) (not
-        checked: an id out of range reads out of bounds).
+      x: [N, d] tokens (bf16 or float32). experts: [N, k] int expert ids in [0, E), or
+        negative: that slot's output is zero and no weights are read for it (expert
+        parallelism: another device's expert). Not checked: an id of E or more reads out of
+        bounds.
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d], in x's dtype.
       blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
         tests).

@@ -411,8 +411,9 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     axes the tokens live on). Falls back to :func:`grouped_experts` (under XLA's partitioner)
     when no mesh axis divides the experts or the intermediate dim. Inside the ``shard_map``
     the local experts run as ``gather`` (each token's local experts; the others' slots give
-    0, though every device gathers all k slots' weights, clipped to its own experts),
-    ``gather_pallas`` (the same through the Pallas kernels), ``tiles``, ``tokamax``
+    0, though every device gathers all k slots' weights, its first expert's for the others),
+    ``gather_pallas`` (the Pallas kernels, given the other devices' slots as negative ids:
+    their programs read no weights), ``tiles``, ``tokamax``
     (``"tokamax:<implementation>"`` too) or, for any other impl, ``jax.lax.ragged_dot``;
     ``auto`` on GPU chooses like :func:`grouped_experts` between gather and tokamax (capacity
     runs as tiles here). The rows routed to other devices' experts sort past the last local
@@ -457,10 +458,9 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         if impl in DECODE_IMPLS:
             local = experts - first  # [n, k]
             valid = (local >= 0) & (local < e_loc)
-            local = jnp.clip(local, 0, e_loc - 1)
-            y = (gathered_expert_outputs(x, local, gate, up, down) if impl == "gather_pallas"
-                 else gathered_expert_outputs_reference(x, local, gate, up, down, precision))
-            # The slots of other devices' experts ran a clipped stand-in expert: dropped.
+            ids = jnp.where(valid, local, -1)  # other devices' experts: negative, zero rows
+            y = (gathered_expert_outputs(x, ids, gate, up, down) if impl == "gather_pallas"
+                 else gathered_expert_outputs_reference(x, ids, gate, up, down, precision))
             return combine(_weighted_sum(y, weights, valid)).astype(x.dtype)
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
