@@ -242,7 +242,7 @@ def _cmd_generate(args) -> int:
     import numpy as np
 
     from qnext_jax.config import ConfigError
-    from qnext_jax.generate import Generator, check_token_ids
+    from qnext_jax.generate import DECODE_STEPS_PER_CALL, Generator, check_token_ids
     from qnext_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     if args.prompts_file is not None and (args.prompt is not None or args.token_ids is not None):
@@ -253,6 +253,9 @@ def _cmd_generate(args) -> int:
         raise SystemExit("--system TEXT is the system message of --chat: add --chat (and "
                          "--prompt TEXT as the user message), or drop --system")
     _check_impls(args.gdn_impl, args.moe_impl, args.scan_layers, args.attn_impl)
+    if args.speculative_tokens and args.decode_steps_per_call is not None:
+        print("[qnext] --decode-steps-per-call does not apply to --speculative-tokens (one "
+              "verify round a call): ignored", file=sys.stderr)
     if args.checkpoint is None and args.speculative_tokens:
         raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
                          "model has none")
@@ -363,7 +366,8 @@ def _cmd_generate(args) -> int:
                         prefill_chunk_size=args.prefill_chunk_size,
                         speculative_tokens=args.speculative_tokens,
                         scan_layers=args.scan_layers,
-                        decode_steps_per_call=args.decode_steps_per_call)
+                        decode_steps_per_call=args.decode_steps_per_call
+                        or DECODE_STEPS_PER_CALL)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if params is None:
@@ -412,6 +416,8 @@ def _cmd_generate(args) -> int:
                           "prefill_tokens_per_s": prefill_tps,
                           "decode_tokens_per_s": decode_tps, "rope_scaling": rope_scaling,
                           "prefill_chunk_size": args.prefill_chunk_size,
+                          "decode_steps_per_call": None if args.speculative_tokens else
+                          gen.decode_steps_per_call, "scan_layers": args.scan_layers,
                           "stop_token_ids": list(stop_ids), "speculative": spec}))
         return 0
     if len(prompts) > 1:
@@ -547,11 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the prompt in chunks of this many tokens (bounded memory)")
     g.add_argument("--speculative-tokens", type=_NONNEGATIVE_INT, default=0,
                    help="draft N tokens per step with the MTP head (greedy only)")
-    g.add_argument("--decode-steps-per-call", type=_POSITIVE_INT,
-                   default=DECODE_STEPS_PER_CALL,
+    g.add_argument("--decode-steps-per-call", type=_POSITIVE_INT, default=None,
                    help="decode steps run on the device per call (an on-device loop: the host "
                         "dispatches and waits once per that many tokens; text streams in "
-                        "bursts of up to that many)")
+                        f"bursts of up to that many; default {DECODE_STEPS_PER_CALL}); not "
+                        "with --speculative-tokens, which runs one verify round a call")
     g.add_argument("--scan-layers", action="store_true",
                    help="run the layers as a scan over the repeating block of the layer pattern "
                         "(params and cache stacked per block): compile time of prefill and "

@@ -243,7 +243,8 @@ class Generator:
                                 **({} if mesh is None else {"out_shardings": self.param_shardings}))
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "with_mtp"),
                                 donate_argnames=("cache", "mtp_state"))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("sampling",), donate_argnums=2)
+        self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "block"),
+                               donate_argnums=2)
         self._spec = jax.jit(self._spec_fn, donate_argnames=("cache", "mtp_state"))
         self._compiled: dict = {}
 
@@ -288,9 +289,9 @@ class Generator:
                 jnp.int32)
             return token, cache, {"cache": mcache, "valid": valid}, draft, mh_last
 
-    def _decode_fn(self, params, token, cache, key, done, eos_ids, steps, sampling):
-        """Up to ``steps`` (<= decode_steps_per_call) decode steps in a ``while_loop``, stopping
-        early once every row is done.
+    def _decode_fn(self, params, token, cache, key, done, eos_ids, steps, sampling, block):
+        """Up to ``steps`` (<= ``block``, the loop's static buffer of tokens) decode steps in a
+        ``while_loop``, stopping early once every row is done.
 
         Args:
           token: [B] int32, the last emitted token of each row (not yet in the cache).
@@ -298,8 +299,8 @@ class Generator:
           done: [B] bool, rows that have emitted eos (they repeat their token from then on).
           eos_ids: [n_eos] int32 (may be empty). steps: int32 scalar.
         Returns:
-          (tokens [B, decode_steps_per_call] int32, of which the first ``n`` are new, n (int32
-          scalar), the last token, cache, key, done).
+          (tokens [B, block] int32, of which the first ``n`` are new, n (int32 scalar), the
+          last token, cache, key, done).
         """
         B = token.shape[0]
 
@@ -318,7 +319,7 @@ class Generator:
             out = jax.lax.dynamic_update_index_in_dim(out, token, i, axis=1)
             return i + 1, token, cache, key, done, out
 
-        out = jnp.zeros((B, self.decode_steps_per_call), jnp.int32)
+        out = jnp.zeros((B, block), jnp.int32)
         with sharding.activate(self.mesh, self.rules):
             n, token, cache, key, done, out = jax.lax.while_loop(
                 cond, body, (jnp.zeros((), jnp.int32), token, cache, key, done, out))
@@ -568,12 +569,17 @@ class Generator:
             return
         state = (jnp.asarray(token), cache, key, jnp.asarray(done))
         eos_ids = jnp.asarray(eos, jnp.int32).reshape(-1)
+        # The loop's token buffer: decode_steps_per_call, but no more than this call can use
+        # (the decode steps left, rounded up to a power of two, at least the default): one
+        # compiled loop for most calls, and a memory bound for a huge decode_steps_per_call.
+        block = min(self.decode_steps_per_call,
+                    max(DECODE_STEPS_PER_CALL, 1 << (max_new_tokens - 2).bit_length()))
         while emitted < max_new_tokens and not done.all():
-            steps = jnp.asarray(min(self.decode_steps_per_call, max_new_tokens - emitted),
-                                jnp.int32)
+            steps = jnp.asarray(min(block, max_new_tokens - emitted), jnp.int32)
             args = (params, state[0], state[1], state[2], state[3], eos_ids, steps)
             ts = time.perf_counter()
-            decode = self._compile(self._decode, "decode", args, {}, {"sampling": sampling})
+            decode = self._compile(self._decode, "decode", args, {},
+                                   {"sampling": sampling, "block": block})
             t_run = time.perf_counter()
             timings["compile_s"] += t_run - ts
             out, n, *state = decode(*args)

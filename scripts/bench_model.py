@@ -235,7 +235,7 @@ def main():
         loop_args = (jax.random.key(5), jnp.zeros((B,), bool), jnp.zeros((0,), jnp.int32))
         t = time.perf_counter()
         compiled = gen._decode.lower(params, ids, cache, *loop_args, jnp.asarray(S, jnp.int32),
-                                     sampling=GREEDY).compile()
+                                     sampling=GREEDY, block=S).compile()
         compile_s = time.perf_counter() - t
         state = {"cache": cache}
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.generate import Generator
+from qnext_jax.generate import DECODE_STEPS_PER_CALL, Generator
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.decoder import scan_period
 from qnext_jax.train import loss as L
@@ -94,7 +94,7 @@ def programs(model: Qwen3NextForCausalLM, args, names) -> dict:
             out["decode"] = (gen._decode, (jax.ShapeDtypeStruct((B,), jnp.int32), cache, key,
                                            jax.ShapeDtypeStruct((B,), jnp.bool_),
                                            jax.ShapeDtypeStruct((1,), jnp.int32), scalar),
-                             {"sampling": GREEDY})
+                             {"sampling": GREEDY, "block": DECODE_STEPS_PER_CALL})
     return out
 
 

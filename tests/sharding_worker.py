@@ -239,7 +239,7 @@ def scan_check(out: str) -> None:
         _, _, _, cache, _, _ = gen._decode(
             stacked, jnp.zeros((2,), jnp.int32), cache, jax.random.key(0),
             jnp.zeros((2,), bool), jnp.zeros((0,), jnp.int32), jnp.asarray(2, jnp.int32),
-            sampling=(0.0, None, None))
+            sampling=(0.0, None, None), block=2)
         cache_placed = all(leaf.sharding.is_equivalent_to(s, leaf.ndim) for leaf, s in zip(
             jax.tree.leaves(cache), jax.tree.leaves(cache_sh), strict=True))
         result["meshes"][spec] = {

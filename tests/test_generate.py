@@ -146,12 +146,31 @@ def test_decode_steps_per_call_give_the_same_tokens(tiny, temperature):
     assert first_eos <= 4 and np.all(got.tokens[0, first_eos:] == got.tokens[0, first_eos])
 
 
+def test_decode_loop_buffer_is_bounded_by_the_tokens_left(tiny):
+    """A decode_steps_per_call far above max_new_tokens compiles a loop buffer of the steps
+    that can run (a power of two, at least the default 16), not of decode_steps_per_call."""
+    cfg, params = tiny
+    gen = Generator(cfg, decode_steps_per_call=10**9)
+    ids = np.zeros((1, 3), np.int32)
+    out = gen.generate(params, ids, max_new_tokens=40).tokens
+    np.testing.assert_array_equal(out, Generator(cfg).generate(params, ids,
+                                                               max_new_tokens=40).tokens)
+    blocks = [dict(key[3])["block"] for key in gen._compiled if key[0] == "decode"]
+    assert blocks == [64]  # 39 decode steps
+    gen.generate(params, ids, max_new_tokens=5)
+    assert sorted(dict(key[3])["block"] for key in gen._compiled if key[0] == "decode") == [
+        16, 64]
+
+
 def test_decode_steps_per_call_must_be_positive(tiny, capsys):
     with pytest.raises(ValueError, match="decode_steps_per_call must be >= 1, got 0"):
         Generator(tiny[0], decode_steps_per_call=0)
     with pytest.raises(SystemExit):
         qnext_main(["generate", "--prompt", "Hi", "--decode-steps-per-call", "0"])
     assert "--decode-steps-per-call" in capsys.readouterr().err
+    assert qnext_main(["generate", "--prompt", "Hi", "--max-new-tokens", "3", "--json",
+                       "--decode-steps-per-call", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode_steps_per_call"] == 2
 
 
 def test_cli_prompts_file_batch_equals_each_prompt_alone(tmp_path, capsys):
