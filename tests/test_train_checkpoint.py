@@ -57,7 +57,8 @@ def test_resume_matches_uninterrupted(hf_dir, tmp_path, capsys):
     capsys.readouterr()
     second = _run(hf_dir, tmp_path / "b")
     assert second["resumed_from"] == 2
-    assert "schedule" not in capsys.readouterr().err  # same schedule: no warning
+    err = capsys.readouterr().err
+    assert "schedule" not in err and "other settings" not in err  # the same: no warning
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == len(b) == STEPS
     np.testing.assert_allclose(b, a, rtol=1e-6)
@@ -267,6 +268,62 @@ def test_interrupted_run_saves_its_state_and_resumes_exactly(hf_dir, tmp_path, m
     full = _run(hf_dir, tmp_path / "full")
     np.testing.assert_allclose(_losses(tmp_path / "cut"), _losses(tmp_path / "full"), rtol=1e-6)
     assert full["steps"] == resumed["steps"] == STEPS
+
+
+def test_interrupt_while_logging_keeps_that_steps_metrics(hf_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    """Ctrl-C after step 3 ran but while its metrics were being logged: step 3 is saved and its
+    line logged all the same, so the resumed run's metrics.jsonl has every step once, with the
+    losses of an uninterrupted run (a line went missing before)."""
+    from qnext_jax.train.run import MetricsLog
+
+    write = MetricsLog.write
+    calls = []
+
+    def interrupted_write(self, record):
+        calls.append(record["step"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hf_dir, tmp_path / "cut", keep=2)
+    assert "interrupted after step 3, saved" in capsys.readouterr().err
+    monkeypatch.setattr(MetricsLog, "write", write)
+    assert [json.loads(x)["step"] for x in
+            (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert _run(hf_dir, tmp_path / "cut")["resumed_from"] == 3
+    _run(hf_dir, tmp_path / "full")
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in cut], _losses(tmp_path / "full"), rtol=1e-6)
+
+
+def test_resume_under_other_settings_warns_naming_them(hf_dir, tmp_path, capsys):
+    """A run resumed with another --lr and --batch-size, or on other data, continues but warns,
+    naming each setting with the checkpoint's and the new value (it was silent)."""
+    _run(hf_dir, tmp_path / "r", stop_after=2)
+    capsys.readouterr()
+    finetune(hf_dir / "hf", hf_dir / "data.jsonl", tmp_path / "r", steps=3, batch_size=3,
+             seq_len=32, max_segments=4,
+             opt=OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=STEPS),
+             train=TrainConfig(compute_dtype="float32", gdn_impl="reference"),
+             save_every=2, keep=1, progress=False)
+    err = capsys.readouterr().err
+    assert re.search(r"warning: resuming at step 2 under other settings than the checkpoint's: "
+                     r"--batch-size 2 \(now 3\), --lr 0\.002 \(now 0\.001\); the remaining "
+                     r"steps differ", err), err
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "a different document altogether"}) + "\n")
+    finetune(hf_dir / "hf", other, tmp_path / "r", steps=4, batch_size=3, seq_len=32,
+             max_segments=4,
+             opt=OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=STEPS),
+             train=TrainConfig(compute_dtype="float32", gdn_impl="reference"),
+             save_every=2, keep=1, progress=False)
+    err = capsys.readouterr().err
+    assert re.search(r"other settings than the checkpoint's: --data [0-9a-f']+ \(now ", err), err
+    assert "--lr" not in err
 
 
 def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):

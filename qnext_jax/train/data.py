@@ -20,6 +20,7 @@ of the same document and ``loss_mask[t]`` says whether that target is trained on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -278,6 +279,15 @@ class PackedDataset:
     @property
     def num_rows(self) -> int:
         return int(self.rows["input_ids"].shape[0])
+
+    def fingerprint(self) -> str:
+        """A short hash (16 hex digits, SHA-256) of the packed rows: the same data, tokenized
+        and packed alike, gives the same fingerprint (a resumed run checks it)."""
+        digest = hashlib.sha256()
+        for name in sorted(self.rows):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(self.rows[name]).tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def seq_len(self) -> int:

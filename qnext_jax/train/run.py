@@ -20,6 +20,7 @@ never interrupted: the batch order is a function of the step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -112,6 +113,20 @@ def warmup_warning(opt: OptimizerConfig) -> str | None:
     return (f"[qnext finetune] warning: --warmup-steps {opt.warmup_steps} is not below the "
             f"schedule's --total-steps {opt.total_steps} (default: --steps): the learning rate "
             f"never reaches its peak {opt.learning_rate:g}")
+
+
+def resume_settings_warning(saved: dict, now: dict, step: int) -> str | None:
+    """A warning (None when they agree) that a run resumed at ``step`` continues under other
+    settings than the checkpoint's (``saved``: the "settings" of its meta, flag -> value;
+    settings it did not record are skipped): its remaining steps will not be those of an
+    uninterrupted run."""
+    differ = [f"{flag} {saved[flag]!r} (now {value!r})" for flag, value in now.items()
+              if flag in saved and saved[flag] != value]
+    if not differ:
+        return None
+    return (f"[qnext finetune] warning: resuming at step {step} under other settings than the "
+            f"checkpoint's: {', '.join(differ)}; the remaining steps differ from an "
+            "uninterrupted run's (repeat the checkpoint's values to continue it exactly)")
 
 
 def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
@@ -241,6 +256,11 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     # What shapes the train state: a resume under other values cannot restore it.
     structure = {"--scan-layers": train.scan_layers, "--lora-rank": train.lora_rank,
                  "--train": opt.train}
+    # What the remaining steps depend on besides: a resume under other values warns.
+    settings = {"--batch-size": batch_size, "--seq-len": seq_len, "--lr": opt.learning_rate,
+                "--warmup-steps": opt.warmup_steps, "--min-lr-ratio": opt.min_lr_ratio,
+                "--weight-decay": opt.weight_decay, "--clip-norm": opt.clip_norm,
+                "--max-segments": max_segments, "--data": dataset.fingerprint()}
     if resumed_from is not None:
         # The checks on the saved settings come before the (large) restore of the state.
         meta = ckpt.meta(resumed_from)
@@ -265,9 +285,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                              "another structure; resume with the settings that wrote it (same "
                              f"scan_layers, lora_rank, train): {str(e).splitlines()[0][:300]}"
                              ) from None
-        warning = schedule_change_warning(opt, meta.get("total_steps"), start)
-        if warning is not None and start < steps:
-            print(warning, file=sys.stderr)
+        for warning in (schedule_change_warning(opt, meta.get("total_steps"), start),
+                        resume_settings_warning(meta.get("settings", {}), settings, start)):
+            if warning is not None and start < steps:
+                print(warning, file=sys.stderr)
     else:
         state, start = trainer.init_state(params, seed), 0
     del params
@@ -280,27 +301,37 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
 
     def meta_at(step):
         return {"data_step": step, "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
-                "total_steps": opt.total_steps, "structure": structure}
+                "total_steps": opt.total_steps, "structure": structure, "settings": settings}
 
+    def log_step(step, m, n_tokens, t0):  # step: the one just run (1-based)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.perf_counter() - t0
+        metrics = {"step": step, **m, "tokens_per_s": n_tokens / max(dt, 1e-9), "step_s": dt}
+        log.write(metrics)
+        return metrics
+
+    pending = None  # a step run but not logged yet: logged on Ctrl-C too
     try:
         for step in range(start, end):
             batch = dataset.batch_at(step, batch_size, seed)
             n_tokens = int((batch["segment_ids"] > 0).sum())
             t0 = time.perf_counter()
             state, m = trainer.step(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t0
-            metrics = {"step": step + 1, **m, "tokens_per_s": n_tokens / max(dt, 1e-9),
-                       "step_s": dt}
-            log.write(metrics)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                            lr=f"{m['lr']:.2e}", refresh=False)
+            pending = (step + 1, m, n_tokens, t0)
+            metrics = log_step(*pending)
+            pending = None
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}",
+                            refresh=False)
             bar.update(1)
             if ckpt.maybe_save(step + 1, state, meta_at(step + 1)):
                 last_saved = step + 1
         if end > start and last_saved != end:
             ckpt.save(end, state, meta_at(end), force=True)
     except KeyboardInterrupt:
+        if pending is not None:  # the step ran (its state is what gets saved): log it
+            with contextlib.suppress(Exception):
+                log_step(*pending)
         _save_on_interrupt(ckpt, state, last_saved, meta_at)
         raise
     finally:
