@@ -337,7 +337,21 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         hf_to_orbax(d, out, progress=False)
+    # overwrite replaces an earlier output only, not a directory of other files
+    with pytest.raises(FileExistsError, match=r"is not an earlier `qnext convert` output \(it "
+                                              r"holds keep.txt\): overwrite replaces only"):
+        hf_to_orbax(d, out, overwrite=True, progress=False)
     assert (out / "keep.txt").exists()
+    conv = _convert(d, tmp_path, "conv")
+    hf_to_orbax(d, conv, overwrite=True, progress=False)  # an earlier output: replaced
+    with pytest.raises(FileExistsError, match=r"is not an earlier `qnext export` output"):
+        orbax_to_hf(conv, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    hf = tmp_path / "hf_out"
+    orbax_to_hf(conv, hf, progress=False)
+    orbax_to_hf(conv, hf, overwrite=True, progress=False)  # an earlier export: replaced
+    with pytest.raises(FileNotFoundError, match="is a file: give the checkpoint's directory"):
+        load(conv / "config.json")
     # a failure while writing leaves neither the temp dir nor a changed out_dir
     from qnext_jax.convert import orbax_store
 
@@ -345,13 +359,14 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(orbax_store.ParamWriter, "close", boom)
+    before = sorted(p.name for p in conv.rglob("*"))
     with pytest.raises(OSError, match="disk full"):
-        hf_to_orbax(d, out, progress=False, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        hf_to_orbax(d, conv, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "hf_out", "out"]
+    assert sorted(p.name for p in conv.rglob("*")) == before
     monkeypatch.undo()
-    hf_to_orbax(d, out, progress=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "params_index.json").is_file()
+    hf_to_orbax(d, conv, progress=False, overwrite=True)
+    assert (conv / "params_index.json").is_file()
 
 
 def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys):

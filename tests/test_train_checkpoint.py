@@ -326,6 +326,15 @@ def test_resume_under_other_settings_warns_naming_them(hf_dir, tmp_path, capsys)
     assert "--lr" not in err
 
 
+def test_out_holding_a_checkpoint_is_refused(hf_dir):
+    """--out pointing at a checkpoint (the source itself, say) is refused before anything is
+    written into it."""
+    before = sorted(p.name for p in (hf_dir / "hf").iterdir())
+    with pytest.raises(ValueError, match="holds a checkpoint; the run's output \\(--out\\) needs"):
+        _run(hf_dir, hf_dir / "hf")
+    assert sorted(p.name for p in (hf_dir / "hf").iterdir()) == before
+
+
 def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):
     """--tensorboard with neither tensorboardX nor torch's tensorboard: metrics.jsonl only, and
     a warning that says so (it was silent)."""

@@ -255,6 +255,36 @@ def check_not_replaced(out_dir: Path, source: Path) -> None:
                          "would change it: write to a directory outside it")
 
 
+def is_hf_dir(path: Path) -> bool:
+    """Whether ``path`` holds an HF checkpoint: config.json and safetensors files."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, command: str, earlier_output) -> None:
+    """Refuse an output directory that exists and is not empty, unless ``overwrite`` and it
+    holds an earlier output of this kind (``earlier_output(path)`` True): ``--overwrite``
+    replaces a converted or exported checkpoint, never a directory of other files.
+
+    Raises:
+      FileExistsError: naming the directory, its first entries and ``command``'s flag.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
+                              f"(`qnext {command} --overwrite`) to replace it")
+    if not earlier_output(out_dir):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(f"{out_dir} is not an earlier `qnext {command}` output (it holds "
+                              f"{shown}): overwrite replaces only such a directory; write to "
+                              "a new or empty one")
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir``; on success it replaces ``out_dir``

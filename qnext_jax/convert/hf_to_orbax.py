@@ -16,11 +16,12 @@ from qnext_jax.convert.hf_checkpoint import (
     HFCheckpoint,
     atomic_directory,
     check_not_replaced,
+    check_out_dir,
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
 )
-from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
+from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter, is_orbax_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +47,6 @@ def peak_rss_bytes() -> int:
 def _leaf_nbytes(leaf: nm.Leaf, ckpt: HFCheckpoint, dtype) -> int:
     src = ckpt.tensors[leaf.sources[0]].dtype
     return leaf.size * leaf.out_dtype(src, dtype).itemsize
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
-                                  "(`qnext convert --overwrite`) to replace it")
 
 
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrite: bool = False,
@@ -97,7 +89,7 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
     check_not_replaced(out_dir, hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     config, leaves = ckpt.match()
-    _prepare_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, "convert", is_orbax_dir)
 
     sizes = [_leaf_nbytes(leaf, ckpt, dtype) for leaf in leaves]
     if group_bytes is None:

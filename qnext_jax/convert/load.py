@@ -67,6 +67,8 @@ def load(path: str | Path, mesh=None, dtype=None, shardings=None
         return hf_to_params(path, None if dtype is None else np.dtype(dtype), config, put)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file: give the checkpoint's directory")
     raise FileNotFoundError(f"{path}: neither a converted checkpoint (no params_index.json) nor "
                             f"an HF checkpoint (no config.json){finetune_out_hint(path)}")
 

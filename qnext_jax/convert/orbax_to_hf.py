@@ -22,10 +22,12 @@ from qnext_jax.convert.hf_checkpoint import (
     SINGLE_FILE,
     atomic_directory,
     check_not_replaced,
+    check_out_dir,
     check_tokenizer_fits,
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
+    is_hf_dir,
 )
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
@@ -71,9 +73,7 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
     # The dtype written: that of the most bytes (A_log and dt_bias stay float32).
     config_json = config_naming_dtype(config_json, max(bytes_of, key=bytes_of.get))
 
-    if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite=True "
-                              "(`qnext export --overwrite`) to replace it")
+    check_out_dir(hf_dir, overwrite, "export", is_hf_dir)
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))

@@ -228,6 +228,12 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (the output directory of the "
                          "run: --out)")
+    from qnext_jax.convert.hf_checkpoint import is_hf_dir
+    from qnext_jax.convert.orbax_store import is_orbax_dir
+
+    if out.is_dir() and (is_orbax_dir(out) or is_hf_dir(out)):
+        raise ValueError(f"{out} holds a checkpoint; the run's output (--out) needs a directory "
+                         "of its own (new, or an earlier run's to resume it)")
     opt = opt or OptimizerConfig(total_steps=steps)
     train = dataclasses.replace(train or TrainConfig(), max_segments=max_segments)
     if mesh is None:
