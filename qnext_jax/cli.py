@@ -386,7 +386,7 @@ def _cmd_generate(args) -> int:
 
     timings: dict = {}
     stop = set(stop_ids)
-    if len(prompts) == 1:
+    if args.prompts_file is None:
         rows = [_stream_one(gen, params, prompts[0], kwargs, timings, tokenizer, stop,
                             args.json)]
     else:  # one left-padded batch; each row ends at its first stop token
@@ -420,7 +420,7 @@ def _cmd_generate(args) -> int:
                           gen.decode_steps_per_call, "scan_layers": args.scan_layers,
                           "stop_token_ids": list(stop_ids), "speculative": spec}))
         return 0
-    if len(prompts) > 1:
+    if args.prompts_file is not None:
         for i, (row, text) in enumerate(zip(rows, texts)):
             body = text if text is not None else " ".join(map(str, row))
             print(f"[{i}] {body}")
