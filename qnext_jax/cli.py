@@ -60,12 +60,12 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
-def _read_prompts_file(path: str) -> list[tuple[int, dict]]:
+def _read_prompts_file(path: str, chat: bool) -> list[tuple[int, dict]]:
     """--prompts-file: JSON Lines, one object a prompt, {"prompt": TEXT} or {"token_ids": [IDS]}
-    (with --chat, "prompt" is the user message and an optional "system" its system message);
-    blank lines are skipped. Returns [(line number, object)]."""
+    (with ``chat``, "prompt" is the user message and an optional "system" its system message);
+    blank lines are skipped, a UTF-8 byte-order mark too. Returns [(line number, object)]."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"--prompts-file: cannot read {path}: {e}") from None
@@ -78,9 +78,18 @@ def _read_prompts_file(path: str) -> list[tuple[int, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or ("prompt" in obj) == ("token_ids" in obj):
+        if not isinstance(obj, dict) or ("prompt" not in obj and "token_ids" not in obj):
             raise SystemExit(f'{where}: expected an object with "prompt" (text) or "token_ids" '
                              f"(a list of ints), got {line[:80]!r}")
+        if "prompt" in obj and "token_ids" in obj:
+            raise SystemExit(f'{where}: give "prompt" or "token_ids", not both')
+        if chat and "token_ids" in obj:
+            raise SystemExit(f'{where}: --chat renders "prompt" texts, not token ids')
+        known = ("prompt", "system") if chat else ("prompt", "token_ids")
+        if unknown := sorted(set(obj) - set(known)):
+            raise SystemExit(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a line "
+                             f"holds {' or '.join(map(repr, known))}"
+                             + ("" if chat else ' ("system" with --chat)'))
         ids = obj.get("token_ids")
         if ids is not None and (not isinstance(ids, list) or not ids or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in ids)):
@@ -292,7 +301,7 @@ def _cmd_generate(args) -> int:
             raise SystemExit(f"--rope-scaling: {e}") from None
     stop_ids = tuple(config.eos_token_ids)
     if args.prompts_file is not None:
-        entries = _read_prompts_file(args.prompts_file)
+        entries = _read_prompts_file(args.prompts_file, args.chat)
     elif args.chat:
         if args.prompt is None:
             raise SystemExit("--chat needs --prompt TEXT (the user message)")
@@ -323,10 +332,8 @@ def _cmd_generate(args) -> int:
 
     def encode(line, entry) -> list[int]:
         """One prompt's token ids (``line``: its --prompts-file line, or None)."""
-        where = "the prompt" if line is None else f"--prompts-file line {line}"
-        if "token_ids" in entry:
-            if args.chat:
-                raise SystemExit(f'{where}: --chat renders "prompt" texts, not token ids')
+        where = "the prompt" if line is None else f"--prompts-file {args.prompts_file} line {line}"
+        if "token_ids" in entry:  # not with --chat (_read_prompts_file)
             ids = entry["token_ids"]
         elif args.chat:
             system = entry.get("system", args.system)
@@ -498,13 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir")
     c.add_argument("--dtype", default=None, choices=_DTYPES,
                    help="cast the weights to this dtype (default: keep the checkpoint's)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier `qnext convert` output in out_dir (refused when it "
+                        "holds other files)")
     c.set_defaults(fn=_cmd_convert)
 
     e = add_parser("export", help="Orbax checkpoint -> HF safetensors checkpoint")
     e.add_argument("orbax_dir")
     e.add_argument("hf_dir")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing hf_dir")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier `qnext export` output in hf_dir (refused when it "
+                        "holds other files)")
     e.set_defaults(fn=_cmd_export)
 
     g = add_parser("generate", help="generate text (no --checkpoint: the tiny demo model)")
@@ -517,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'or {"token_ids": [IDS]} (with --chat "prompt" is the user message, '
                         'an optional "system" its system message); generated as one '
                         "left-padded batch, printed per prompt when done (--json: a \"results\" "
-                        "list)")
+                        "list); --system is the system message of lines without one")
     g.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=32,
                    help="tokens to generate")
     g.add_argument("--temperature", default=0.0, help="sampling temperature; 0 = greedy",

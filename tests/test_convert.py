@@ -337,19 +337,29 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         hf_to_orbax(d, out, progress=False)
-    # overwrite replaces an earlier output only, not a directory of other files
-    with pytest.raises(FileExistsError, match=r"is not an earlier `qnext convert` output \(it "
-                                              r"holds keep.txt\): overwrite replaces only"):
+    # overwrite replaces an earlier output only, not a directory holding other files
+    with pytest.raises(FileExistsError, match=r"holds files `qnext convert` does not write "
+                                              r"\(keep.txt\), which replacing it would delete"):
         hf_to_orbax(d, out, overwrite=True, progress=False)
     assert (out / "keep.txt").exists()
     conv = _convert(d, tmp_path, "conv")
     hf_to_orbax(d, conv, overwrite=True, progress=False)  # an earlier output: replaced
-    with pytest.raises(FileExistsError, match=r"is not an earlier `qnext export` output"):
+    with pytest.raises(FileExistsError, match=r"`qnext export` does not write \(keep.txt\)"):
         orbax_to_hf(conv, out, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     hf = tmp_path / "hf_out"
     orbax_to_hf(conv, hf, progress=False)
     orbax_to_hf(conv, hf, overwrite=True, progress=False)  # an earlier export: replaced
+    # an HF checkpoint with files of its own (a download's notes, a .git): refused, kept
+    (hf / "NOTES.md").write_text("mine")
+    (hf / ".git").mkdir()
+    with pytest.raises(FileExistsError, match=r"does not write \(\.git, NOTES\.md\)"):
+        orbax_to_hf(conv, hf, overwrite=True, progress=False)
+    assert (hf / "NOTES.md").read_text() == "mine"
+    (conv / "mydata").mkdir()
+    with pytest.raises(FileExistsError, match=r"`qnext convert` does not write \(mydata\)"):
+        hf_to_orbax(d, conv, overwrite=True, progress=False)
+    (conv / "mydata").rmdir()
     with pytest.raises(FileNotFoundError, match="is a file: give the checkpoint's directory"):
         load(conv / "config.json")
     # a failure while writing leaves neither the temp dir nor a changed out_dir

@@ -203,11 +203,15 @@ def test_cli_prompts_file_batch_equals_each_prompt_alone(tmp_path, capsys):
 @pytest.mark.parametrize("content, expected", [
     ('{"prompt": "a"}\nnot json\n', r"line 2: not JSON"),
     ('{"text": "a"}\n', r'line 1: expected an object with "prompt" \(text\) or "token_ids"'),
-    ('{"prompt": "a", "token_ids": [1]}\n', r'line 1: expected an object with "prompt"'),
+    ('{"prompt": "a", "token_ids": [1]}\n', r'line 1: give "prompt" or "token_ids", not both'),
+    ('\ufeff{"prompt": "a", "x": 1}\n', r"line 1: unknown key\(s\) 'x'"),  # BOM skipped
     ('{"token_ids": [1, "2"]}\n', r'line 1: "token_ids" must be a non-empty list of ints'),
     ('{"token_ids": []}\n', r'line 1: "token_ids" must be a non-empty list of ints'),
     ('{"prompt": 3}\n', r'line 1: "prompt" must be text'),
-    ('{"token_ids": [1, 99999]}\n', r"--prompts-file line 1's token ids must be in \[0, vocab_size = 260\): got 99999"),
+    ('{"token_ids": [1, 99999]}\n',
+     r"--prompts-file \S+p\.jsonl line 1's token ids must be in \[0, vocab_size = 260\): got 99999"),
+    ('{"prompt": "a", "system": "b"}\n', (r"line 1: unknown key\(s\) 'system'; a line holds "
+                                           r"'prompt' or 'token_ids' \(\"system\" with --chat\)")),
     ("\n\n", r"no prompts \(one JSON object a line\)"),
 ])
 def test_cli_prompts_file_errors_name_the_line(tmp_path, content, expected):

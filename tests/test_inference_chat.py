@@ -148,5 +148,6 @@ def test_cli_chat_prompts_file(ckpt, tmp_path, capsys):
         assert got["prompt_ids"] == hf(ref, add_special_tokens=False)["input_ids"]
         assert 1 <= len(got["token_ids"]) <= 3
     path.write_text('{"prompt": "hi"}\n{"token_ids": [1, 2]}\n')
-    with pytest.raises(SystemExit, match='--prompts-file line 2: --chat renders "prompt" texts'):
+    with pytest.raises(SystemExit,
+                       match=r'--prompts-file \S+chat\.jsonl line 2: --chat renders "prompt" '):
         qnext_main(["generate", "--checkpoint", str(ckpt), "--chat", "--prompts-file", str(path)])

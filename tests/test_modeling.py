@@ -92,7 +92,7 @@ def test_one_row_matmuls_as_two_rows_give_the_same_decode(monkeypatch):
     cfg = tiny_config()
     ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 9)))
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-        params = jax.tree.map(lambda w: w.astype(dtype) if w.ndim > 1 else w,
+        params = jax.tree.map(lambda w, dtype=dtype: w.astype(dtype) if w.ndim > 1 else w,
                               init_params(cfg, scale=0.1))
         logits = {}
         for on_gpu in (False, True):

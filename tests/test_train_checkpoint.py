@@ -270,6 +270,22 @@ def test_interrupted_run_saves_its_state_and_resumes_exactly(hf_dir, tmp_path, m
     assert full["steps"] == resumed["steps"] == STEPS
 
 
+def test_interrupt_before_the_first_step_says_nothing_was_saved(hf_dir, tmp_path, monkeypatch,
+                                                                capsys):
+    """Ctrl-C during the first step: nothing to save, and the message says so (it said "saved:
+    a rerun resumes from it" over an empty checkpoints directory)."""
+    from qnext_jax.train.step import Trainer
+
+    def interrupted(self, state, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hf_dir, tmp_path / "cut")
+    assert "interrupted before the first step: nothing saved" in capsys.readouterr().err
+    assert not any((tmp_path / "cut" / "checkpoints").iterdir())
+
+
 def test_interrupt_while_logging_keeps_that_steps_metrics(hf_dir, tmp_path, monkeypatch,
                                                          capsys):
     """Ctrl-C after step 3 ran but while its metrics were being logged: step 3 is saved and its
@@ -322,7 +338,9 @@ def test_resume_under_other_settings_warns_naming_them(hf_dir, tmp_path, capsys)
              train=TrainConfig(compute_dtype="float32", gdn_impl="reference"),
              save_every=2, keep=1, progress=False)
     err = capsys.readouterr().err
-    assert re.search(r"other settings than the checkpoint's: --data [0-9a-f']+ \(now ", err), err
+    assert re.search(r"other settings than the checkpoint's: --data '\S*data\.jsonl, packed "
+                     r"rows [0-9a-f]{16}' \(now '\S*other\.jsonl, packed rows [0-9a-f]{16}'\)",
+                     err), err
     assert "--lr" not in err
 
 

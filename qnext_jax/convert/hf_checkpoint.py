@@ -255,18 +255,25 @@ def check_not_replaced(out_dir: Path, source: Path) -> None:
                          "would change it: write to a directory outside it")
 
 
-def is_hf_dir(path: Path) -> bool:
-    """Whether ``path`` holds an HF checkpoint: config.json and safetensors files."""
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, command: str, earlier_output) -> None:
-    """Refuse an output directory that exists and is not empty, unless ``overwrite`` and it
-    holds an earlier output of this kind (``earlier_output(path)`` True): ``--overwrite``
-    replaces a converted or exported checkpoint, never a directory of other files.
+def written_by_export(name: str) -> bool:
+    """Whether a file of this name is one ``qnext export`` writes (config, safetensors and
+    their index, tokenizer and generation files)."""
+    return (name in ("config.json", SINGLE_FILE, INDEX_FILE) or name in TOKENIZER_FILES
+            or bool(_SHARD.match(name)))
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None:
+    """Refuse an output directory that exists and is not empty, unless ``overwrite`` and every
+    entry in it is one that ``command`` writes (``written(name)`` True): ``--overwrite``
+    replaces an earlier output of the command, and refuses a directory holding anything else
+    (notes, a .git, another model's extra files), which the replacement would delete.
 
     Raises:
-      FileExistsError: naming the directory, its first entries and ``command``'s flag.
+      FileExistsError: naming the directory, ``command``'s flag, and the entries it does not
+        write.
     """
     if not out_dir.exists():
         return
@@ -278,11 +285,13 @@ def check_out_dir(out_dir: Path, overwrite: bool, command: str, earlier_output) 
     if not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
                               f"(`qnext {command} --overwrite`) to replace it")
-    if not earlier_output(out_dir):
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(f"{out_dir} is not an earlier `qnext {command}` output (it holds "
-                              f"{shown}): overwrite replaces only such a directory; write to "
-                              "a new or empty one")
+    foreign = [name for name in entries if not written(name)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out_dir} holds files `qnext {command}` does not write ({shown}), "
+                              "which replacing it would delete: overwrite replaces only an "
+                              f"earlier `qnext {command}` output; write to a new or empty "
+                              "directory")
 
 
 @contextlib.contextmanager

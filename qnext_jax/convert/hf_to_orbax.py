@@ -21,7 +21,7 @@ from qnext_jax.convert.hf_checkpoint import (
     copy_tokenizer_files,
     float_dtype,
 )
-from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter, is_orbax_dir
+from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter, written_by_convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
     check_not_replaced(out_dir, hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     config, leaves = ckpt.match()
-    check_out_dir(out_dir, overwrite, "convert", is_orbax_dir)
+    check_out_dir(out_dir, overwrite, "convert", written_by_convert)
 
     sizes = [_leaf_nbytes(leaf, ckpt, dtype) for leaf in leaves]
     if group_bytes is None:

@@ -61,6 +61,14 @@ def is_orbax_dir(path: str | Path) -> bool:
     return (Path(path) / INDEX_FILE).is_file()
 
 
+def written_by_convert(name: str) -> bool:
+    """Whether an entry of this name is one ``qnext convert`` (or a finetune's final params)
+    writes: the params, their index, config.json, tokenizer and generation files."""
+    from qnext_jax.convert.hf_checkpoint import TOKENIZER_FILES
+
+    return name in (INDEX_FILE, PARAMS_DIR, "config.json") or name in TOKENIZER_FILES
+
+
 class ParamWriter:
     """Write params leaf by leaf into ``root`` (see the module docstring).
 

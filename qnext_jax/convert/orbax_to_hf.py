@@ -27,7 +27,7 @@ from qnext_jax.convert.hf_checkpoint import (
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
-    is_hf_dir,
+    written_by_export,
 )
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
@@ -73,7 +73,7 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
     # The dtype written: that of the most bytes (A_log and dt_bias stay float32).
     config_json = config_naming_dtype(config_json, max(bytes_of, key=bytes_of.get))
 
-    check_out_dir(hf_dir, overwrite, "export", is_hf_dir)
+    check_out_dir(hf_dir, overwrite, "export", written_by_export)
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))

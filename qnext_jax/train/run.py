@@ -115,13 +115,18 @@ def warmup_warning(opt: OptimizerConfig) -> str | None:
             f"never reaches its peak {opt.learning_rate:g}")
 
 
-def resume_settings_warning(saved: dict, now: dict, step: int) -> str | None:
+def resume_settings_warning(saved: dict, now: dict, step: int,
+                            shown: dict | None = None) -> str | None:
     """A warning (None when they agree) that a run resumed at ``step`` continues under other
     settings than the checkpoint's (``saved``: the "settings" of its meta, flag -> value;
     settings it did not record are skipped): its remaining steps will not be those of an
-    uninterrupted run."""
-    differ = [f"{flag} {saved[flag]!r} (now {value!r})" for flag, value in now.items()
-              if flag in saved and saved[flag] != value]
+    uninterrupted run. ``shown``: flag -> (saved, now) to print instead of the values
+    compared (the data files' names beside the fingerprints of their rows)."""
+    differ = []
+    for flag, value in now.items():
+        if flag in saved and saved[flag] != value:
+            old, new = (shown or {}).get(flag, (saved[flag], value))
+            differ.append(f"{flag} {old!r} (now {new!r})")
     if not differ:
         return None
     return (f"[qnext finetune] warning: resuming at step {step} under other settings than the "
@@ -135,6 +140,10 @@ def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
     already be donated to the interrupted step; then a rerun resumes from ``last_saved``."""
     try:
         done = int(jax.device_get(state["step"]))
+        if done == 0:
+            print("[qnext finetune] interrupted before the first step: nothing saved; a rerun "
+                  "starts from the beginning", file=sys.stderr)
+            return
         if done != (last_saved or 0):
             ckpt.save(done, state, meta_at(done), force=True)
             ckpt.wait()
@@ -228,10 +237,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (the output directory of the "
                          "run: --out)")
-    from qnext_jax.convert.hf_checkpoint import is_hf_dir
     from qnext_jax.convert.orbax_store import is_orbax_dir
 
-    if out.is_dir() and (is_orbax_dir(out) or is_hf_dir(out)):
+    if out.is_dir() and (is_orbax_dir(out) or (out / "config.json").is_file()):
         raise ValueError(f"{out} holds a checkpoint; the run's output (--out) needs a directory "
                          "of its own (new, or an earlier run's to resume it)")
     opt = opt or OptimizerConfig(total_steps=steps)
@@ -291,8 +299,12 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                              "another structure; resume with the settings that wrote it (same "
                              f"scan_layers, lora_rank, train): {str(e).splitlines()[0][:300]}"
                              ) from None
+        data_shown = {"--data": (
+            f"{meta.get('data_file', '?')}, packed rows {meta.get('settings', {}).get('--data')}",
+            f"{data}, packed rows {settings['--data']}")}
         for warning in (schedule_change_warning(opt, meta.get("total_steps"), start),
-                        resume_settings_warning(meta.get("settings", {}), settings, start)):
+                        resume_settings_warning(meta.get("settings", {}), settings, start,
+                                                data_shown)):
             if warning is not None and start < steps:
                 print(warning, file=sys.stderr)
     else:
@@ -307,7 +319,8 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
 
     def meta_at(step):
         return {"data_step": step, "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
-                "total_steps": opt.total_steps, "structure": structure, "settings": settings}
+                "total_steps": opt.total_steps, "structure": structure, "settings": settings,
+                "data_file": str(data)}
 
     def log_step(step, m, n_tokens, t0):  # step: the one just run (1-based)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
