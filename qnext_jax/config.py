@@ -49,6 +49,23 @@ class ConfigError(ValueError):
     """A config.json that does not describe a valid Qwen3-Next model."""
 
 
+def read_config_json(path: str | Path) -> dict:
+    """The raw dict of an HF ``config.json`` (a file, or a directory holding one).
+
+    Raises:
+      ConfigError: no such file, or not JSON (naming the file).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3NextConfig:
     """Hyper-parameters of a Qwen3-Next model (field names and defaults as in transformers).
@@ -234,16 +251,7 @@ class Qwen3NextConfig:
     @classmethod
     def from_hf(cls, path: str | Path) -> "Qwen3NextConfig":
         """Read an HF ``config.json`` (a file, or a directory holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_preset(cls, name: str) -> "Qwen3NextConfig":

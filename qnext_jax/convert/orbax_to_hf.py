@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qnext_jax.config import Qwen3NextConfig
+from qnext_jax.config import Qwen3NextConfig, read_config_json
 from qnext_jax.convert import name_map as nm
 from qnext_jax.convert.hf_checkpoint import (
     INDEX_FILE,
@@ -129,8 +129,8 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
     index = read_index(orbax_dir)  # first: it names a directory that is no such checkpoint
     check_not_replaced(hf_dir, orbax_dir)
-    config = Qwen3NextConfig.from_hf(orbax_dir)  # its errors name the file
-    raw = json.loads((orbax_dir / "config.json").read_text())
+    raw = read_config_json(orbax_dir)  # its errors name the file
+    config = Qwen3NextConfig.from_dict(raw)
     by_key = {leaf.key: leaf for leaf in nm.name_map(config)}
     stored = index["leaves"]
     bad = [f"{k}: stored {stored.get(k, {}).get('shape')}, expected {list(by_key[k].shape)}"
