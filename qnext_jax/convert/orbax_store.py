@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qnext_jax.convert.hf_checkpoint import TOKENIZER_FILES
+
 FORMAT = "qnext-jax/orbax-params"
 VERSION = 1
 INDEX_FILE = "params_index.json"
@@ -64,8 +66,6 @@ def is_orbax_dir(path: str | Path) -> bool:
 def written_by_convert(name: str) -> bool:
     """Whether an entry of this name is one ``qnext convert`` (or a finetune's final params)
     writes: the params, their index, config.json, tokenizer and generation files."""
-    from qnext_jax.convert.hf_checkpoint import TOKENIZER_FILES
-
     return name in (INDEX_FILE, PARAMS_DIR, "config.json") or name in TOKENIZER_FILES
 
 

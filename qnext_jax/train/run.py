@@ -232,13 +232,12 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     from tqdm.auto import tqdm
 
     from qnext_jax.convert import load
+    from qnext_jax.convert.orbax_store import is_orbax_dir
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (the output directory of the "
                          "run: --out)")
-    from qnext_jax.convert.orbax_store import is_orbax_dir
-
     if out.is_dir() and (is_orbax_dir(out) or (out / "config.json").is_file()):
         raise ValueError(f"{out} holds a checkpoint; the run's output (--out) needs a directory "
                          "of its own (new, or an earlier run's to resume it)")
@@ -318,9 +317,8 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     last_saved = resumed_from
 
     def meta_at(step):
-        return {"data_step": step, "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
-                "total_steps": opt.total_steps, "structure": structure, "settings": settings,
-                "data_file": str(data)}
+        return {"data_step": step, "seed": seed, "total_steps": opt.total_steps,
+                "structure": structure, "settings": settings, "data_file": str(data)}
 
     def log_step(step, m, n_tokens, t0):  # step: the one just run (1-based)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
