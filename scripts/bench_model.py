@@ -50,7 +50,6 @@ from qnext_jax.cache import init_cache
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert.name_map import abstract_params
 from qnext_jax.generate import DECODE_STEPS_PER_CALL, Generator
-from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.attention import ATTN_IMPLS
 from qnext_jax.modeling.decoder import stack_layers
 from qnext_jax.modeling.moe import MOE_IMPLS
@@ -166,9 +165,6 @@ def main():
     else:
         base = Qwen3NextConfig.from_preset("qwen3-next-80b-a3b")
     cfg = base.replace(num_hidden_layers=args.layers)
-    model = Qwen3NextForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                 gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
-                                 attn_impl=args.attn_impl, scan_layers=args.scan_layers)
     devices = jax.devices()
     dev = devices[0]
     mesh = sharding.make_mesh(args.mesh or f"tensor={len(devices)}")
@@ -199,10 +195,14 @@ def main():
     # One device: no active mesh, as `qnext generate` without --mesh runs (the MoE's decode
     # kernels with the routing inside serve only meshless calls).
     active = mesh if mesh.devices.size > 1 else None
+    S = args.decode_steps_per_call
+    gen = Generator(cfg, dtype=jnp.bfloat16, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
+                    attn_impl=args.attn_impl, mesh=active, scan_layers=args.scan_layers,
+                    decode_steps_per_call=S)
 
-    def step(p, ids, cache):
+    def step(p, ids, cache):  # the prefill: the model's forward, the last position's argmax
         with sharding.activate(active):
-            logits, cache = model.apply({"params": p}, ids, cache=cache)
+            logits, cache = gen.model.apply({"params": p}, ids, cache=cache)
             return logits[:, -1].argmax(-1), sharding.constrain_cache(cache)
 
     for T in args.prefill:
@@ -224,10 +224,6 @@ def main():
         print(_row_text(rows[-1]), flush=True)
         save()
 
-    S = args.decode_steps_per_call
-    gen = Generator(cfg, dtype=jnp.bfloat16, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
-                    attn_impl=args.attn_impl, mesh=active, scan_layers=args.scan_layers,
-                    decode_steps_per_call=S)
     for B in args.batches:
         cache = random_cache(cfg, mesh, B, args.context + S + 8, args.context,
                              jax.random.key(2), args.scan_layers)
