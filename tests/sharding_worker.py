@@ -106,7 +106,7 @@ def moe_check(out: str, examples: int = 15) -> None:
     # with the intermediate dim split over tensor), and tokamax as its GPU kernels behave (rows
     # past the last group unwritten: here NaN, also in the gradient), which the expert-parallel
     # body must mask.
-    moe._tokamax_ragged_dot = lambda implementation: _nan_tail_ragged_dot
+    moe._tokamax_ragged_dot = lambda implementation, blocks=None: _nan_tail_ragged_dot
     # The Pallas decode kernels in interpret mode, with blocks that fit d 8, I 6: other
     # devices' slots reach them as negative ids.
     from pallas_kernels.moe import BlockSizes, gathered_expert_outputs
@@ -152,7 +152,7 @@ def moe_check(out: str, examples: int = 15) -> None:
     check()
 
     # Gradients (x, router weights, gate, up, down) through the NaN-tailed tokamax stand-in
-    # equal those through ragged_dot.
+    # equal those through ragged_dot (16 tokens' 32 slots over 16 experts: some without rows).
     def grad_fn(impl):
         def loss(x, weights, gate, up, down, experts):
             y = expert_parallel_experts(x, weights, experts, gate, up, down,
@@ -168,16 +168,19 @@ def moe_check(out: str, examples: int = 15) -> None:
               for shape in ((E, D, INNER), (E, D, INNER), (E, INNER, D))),
             rng.integers(0, E, (16, 2)).astype(np.int32))
     got, ref = grad_fn("tokamax")(*args), grad_fn("ragged_dot")(*args)
-    grad_rel = max(float(np.max(np.abs(np.asarray(g) - np.asarray(r))) /
-                         max(float(np.max(np.abs(np.asarray(r)))), 1e-6))
-                   for g, r in zip(got, ref))
+    # np.max, not max(): a NaN must reach the result (Python's max drops one after the first)
+    grad_rel = float(np.max([np.max(np.abs(np.asarray(g) - np.asarray(r))) /
+                             max(float(np.max(np.abs(np.asarray(r)))), 1e-6)
+                             for g, r in zip(got, ref)]))
     with open(out, "w") as f:
         json.dump({"worst_rel": worst, "grad_rel": grad_rel}, f)
 
 
 def _nan_tail_ragged_dot(lhs, rhs, group_sizes, precision=None):
-    """``jax.lax.ragged_dot`` whose output rows past the last group, and the gradient rows of
-    lhs past it, are NaN: how tokamax's GPU kernels leave them (unwritten)."""
+    """``jax.lax.ragged_dot`` whose output rows past the last group, the gradient rows of lhs
+    past it and the gradient of rhs for groups without rows are NaN, as tokamax's GPU kernels
+    leave them (unwritten); and whose rhs gradient is NaN where a row of lhs or of the
+    cotangent past the last group is (the GPU kernel's last block reads those rows)."""
     import jax
     import jax.numpy as jnp
 
@@ -197,6 +200,10 @@ def _nan_tail_ragged_dot(lhs, rhs, group_sizes, precision=None):
     def bwd(res, g):
         lhs, rhs, group_sizes = res
         dlhs, drhs = jax.vjp(lambda a, b: dot(a, b, group_sizes), lhs, rhs)[1](g)
+        drhs = jnp.where((group_sizes == 0)[:, None, None], jnp.nan, drhs)
+        nan_tail = jnp.any(tail(lhs, group_sizes) & (jnp.isnan(lhs).any(1, keepdims=True)
+                                                     | jnp.isnan(g).any(1, keepdims=True)))
+        drhs = jnp.where(nan_tail, jnp.nan, drhs)
         return jnp.where(tail(lhs, group_sizes), jnp.nan, dlhs), drhs, None
 
     f.defvjp(fwd, bwd)

@@ -120,11 +120,18 @@ def test_tokamax_equals_dense_loop_and_gradients():
 
 
 @pytest.mark.gpu
-def test_tokamax_mosaic_bf16_equals_dense_loop_and_gradients():
+@pytest.mark.parametrize("n", [200, 389])
+def test_tokamax_mosaic_bf16_equals_dense_loop_and_gradients(n):
     """tokamax's Pallas Mosaic GPU kernel (bf16) against the float64 loop on the same bf16
-    values, and its gradients against the tiles impl's in float32."""
+    values, and its gradients against the tiles impl's in float32: with tokamax's heuristic
+    blocks (n = 200: 80 rows an expert) and on sm90 with TOKAMAX_SM90_BLOCKS (n = 389: 778
+    rows over 5 used experts of 6, 130 an expert)."""
     pytest.importorskip("tokamax")
-    args = _routing_case(np.random.default_rng(0), 200, 2, 256, 128, jnp.bfloat16)
+    from qnext_jax.modeling import moe
+
+    args = _routing_case(np.random.default_rng(0), n, 2, 256, 128, jnp.bfloat16)
+    tuned = moe._tokamax_sm90_blocks("mosaic", args[0][:1].repeat(2 * n, 0), args[3], E)
+    assert (tuned is not None) == (n > 200 and jax.devices()[0].compute_capability == "9.0")
     rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
     f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
     got = jax.jit(lambda *a: grouped_experts(*a, impl="tokamax:mosaic"))(*args)
@@ -133,6 +140,58 @@ def test_tokamax_mosaic_bf16_equals_dense_loop_and_gradients():
     for name, g, r in zip(("x", "weights", "gate", "up", "down"), _grads("tokamax:mosaic", args),
                           _grads("tiles", f32, HIGHEST)):
         assert rel(g, np.asarray(r, np.float64)) < 2e-2, name
+
+
+@pytest.mark.parametrize("dtype, d", [(jnp.bfloat16, 8), (jnp.bfloat16, 7), (jnp.float32, 8)])
+def test_sort_dispatch_values_and_gradient(dtype, d):
+    """The sort's row gather (2-byte rows of even width moved as 4-byte words) equals
+    x[order // k] bit for bit, and its gradient (a gather and a sum in x's dtype) the float64
+    sum of each token's k slots' cotangents, bf16 and float32, odd widths included."""
+    from qnext_jax.modeling.moe import _sort_by_expert
+
+    rng = np.random.default_rng(d)
+    N, k = 9, 3
+    x = jnp.asarray(rng.standard_normal((N, d)), dtype)
+    keys = jnp.asarray(rng.integers(0, 4, N * k), jnp.int32)
+    probe = jnp.asarray(rng.standard_normal((N * k, d)), jnp.float32)
+    xs, order, _ = jax.jit(_sort_by_expert, static_argnums=2)(x, keys, k)
+    np.testing.assert_array_equal(np.asarray(xs.astype(jnp.float32)),
+                                  np.asarray(x.astype(jnp.float32))[np.asarray(order) // k])
+    loss = lambda x: jnp.sum(_sort_by_expert(x, keys, k)[0].astype(jnp.float32) * probe)
+    got = np.asarray(jax.jit(jax.grad(loss))(x).astype(jnp.float32))
+    # the slots' cotangents arrive in x's dtype: the probe rounded as the loss's cast sends it
+    g = np.asarray(probe.astype(dtype).astype(jnp.float32), np.float64)
+    ref = np.zeros((N, d))
+    np.add.at(ref, np.asarray(order) // k, g)
+    tol = 1e-2 * np.abs(ref).max() if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+def test_tokamax_sm90_blocks_choice(monkeypatch):
+    """The tuned Mosaic GPU blocks serve tokamax's Mosaic kernel (forced or its own choice) on
+    sm90 for bf16/fp16 rows and experts whose groups average at least TOKAMAX_SM90_MIN_GROUP
+    rows of all experts; anything else keeps tokamax's heuristic."""
+    from qnext_jax.modeling import moe
+
+    class Device:
+        platform, compute_capability = "gpu", "9.0"
+
+    S = jax.ShapeDtypeStruct
+    rows = moe.TOKAMAX_SM90_MIN_GROUP * 6
+    xs, w = S((rows, 4), jnp.bfloat16), S((6, 4, 2), jnp.bfloat16)
+    monkeypatch.setattr(jax, "devices", lambda: [Device()])
+    blocks = moe._tokamax_sm90_blocks
+    assert blocks(None, xs, w, 6) == blocks("mosaic", xs, w, 6) == moe.TOKAMAX_SM90_BLOCKS
+    assert blocks("mosaic", S((rows, 4), jnp.float16), S((6, 4, 2), jnp.float16), 6)
+    assert blocks("mosaic", S((rows - 1, 4), jnp.bfloat16), w, 6) is None  # groups too small
+    assert blocks("mosaic", xs, S((3, 4, 2), jnp.bfloat16), 12) is None  # of all 12 experts
+    assert blocks("triton", xs, w, 6) is None and blocks("xla", xs, w, 6) is None
+    assert blocks("mosaic", S((rows, 4), jnp.float32), S((6, 4, 2), jnp.float32), 6) is None
+    assert blocks("mosaic", xs, S((6, 4, 2), jnp.float16), 6) is None
+    Device.compute_capability = "10.0"
+    assert blocks("mosaic", xs, w, 6) is None
+    Device.platform, Device.compute_capability = "cpu", None
+    assert blocks(None, xs, w, 6) is None
 
 
 def test_tile_rows_and_bad_impl():

@@ -146,7 +146,16 @@ def _decode_sized(rows: int, num_experts: int) -> bool:
     return rows <= num_experts // 2
 
 
-TOKAMAX_ROW_MULTIPLE = 64  # rows handed to tokamax's ragged_dot: a multiple of its row tile
+TOKAMAX_ROW_MULTIPLE = 128  # rows handed to tokamax's ragged_dot: a multiple of its row tile
+# tokamax's Mosaic GPU ragged_dot on Hopper (sm90) where the experts' groups average at least
+# TOKAMAX_SM90_MIN_GROUP rows (prefill): (block_m, block_n, block_k, num_stages), a persistent
+# grid walking row blocks first. scripts/tune_moe.py on an H200, the 80B block at 16384 tokens
+# (320 rows an expert), the best of 42 configs against tokamax 0.0.17's heuristic (64, 64, 128,
+# 2 stages, not persistent), ms a call: gate / up [163840, 2048] x [512, 2048, 512] 0.691
+# against 1.192, down [163840, 512] x [512, 512, 2048] 0.920 against 1.214. At 1024 tokens
+# (20 rows an expert) the heuristic was the fastest of 19 configs.
+TOKAMAX_SM90_BLOCKS = (128, 128, 64, 6)
+TOKAMAX_SM90_MIN_GROUP = 128
 # The ``capacity`` impl's static rows per expert: mean + CAPACITY_SIGMAS * sqrt(mean) + 8.
 CAPACITY_SIGMAS = 4.0
 
@@ -161,16 +170,42 @@ def _parse_impl(impl: str, fn: str) -> tuple[str, str | None]:
     return name, implementation or None
 
 
-def _tokamax_ragged_dot(implementation: str | None):
+def _tokamax_ragged_dot(implementation: str | None, blocks: tuple[int, ...] | None = None):
     """``tokamax.ragged_dot`` (same arguments as ``jax.lax.ragged_dot``) with its
     ``implementation``: "mosaic" (Pallas Mosaic GPU, bf16/fp16 on sm90+), "triton" (registered
     by tokamax only when jax-triton imports), "xla" (``jax.lax.ragged_dot``), or None: the first
-    of those that takes the inputs. Raises ImportError when tokamax is not installed."""
+    of those that takes the inputs. ``blocks`` (block_m, block_n, block_k, num_stages): run the
+    Mosaic GPU kernel with these blocks on a persistent grid that walks the row blocks first,
+    instead of tokamax's heuristic
+    (callers pass them only for inputs that kernel takes). Raises ImportError when tokamax is not
+    installed."""
     tokamax, error = import_tokamax()
     if tokamax is None:
         raise ImportError("grouped_experts(impl='tokamax') needs the optional tokamax package: "
                           "pip install 'qnext-jax[gpu]' (or pip install tokamax)") from error
+    if blocks is not None:
+        from tokamax.ops.gpu import PallasMosaicRaggedDot, PallasMosaicRaggedDotConfig
+
+        bm, bn, bk, stages = blocks
+        implementation = [PallasMosaicRaggedDot(config=PallasMosaicRaggedDotConfig(
+            block_m=bm, block_n=bn, block_k=bk, num_stages=stages, split_k=1, persistent=True,
+            grid_minor_dim=0, grid_tile_width=1))]  # 0: tokamax's MatmulDimension.M
     return functools.partial(tokamax.ragged_dot, implementation=implementation)
+
+
+def _tokamax_sm90_blocks(implementation: str | None, xs, gate_proj,
+                         experts_total: int) -> tuple[int, ...] | None:
+    """TOKAMAX_SM90_BLOCKS where tokamax would run its Mosaic GPU kernel (``implementation``
+    "mosaic" or None, bf16/fp16 rows and experts of one dtype) on an sm90 GPU and the routed rows
+    xs [M, d] average at least TOKAMAX_SM90_MIN_GROUP an expert of ``experts_total``; else None
+    (tokamax's heuristic)."""
+    dev = jax.devices()[0]
+    if (implementation in (None, "mosaic") and xs.dtype in (jnp.bfloat16, jnp.float16)
+            and gate_proj.dtype == xs.dtype and dev.platform == "gpu"
+            and getattr(dev, "compute_capability", None) == "9.0"
+            and xs.shape[0] >= TOKAMAX_SM90_MIN_GROUP * experts_total):
+        return TOKAMAX_SM90_BLOCKS
+    return None
 
 
 def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
@@ -180,11 +215,11 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     / tokamax / gather_pallas: T = 1 0.105 / 0.145 / 0.083; T = 8 0.337 / 0.227 / 0.170;
     T = 32 1.180 / 0.494 / 0.483; T = 64 tokamax 0.69 (plain calls: T = 1024 tokamax 1.51 /
     capacity 1.87 ms; T = 16384 tokamax 7.98 / capacity 11.93 ms; both with the scatter-add
-    combine of then, tokamax 5.33 ms with the gathered one). The Pallas decode kernels with
-    the router, routing and shared expert inside them (T = 1 0.037 ms) are auto's choice
-    before this one where they fit: see Qwen3NextExperts.fuses_shared (not under a layer scan,
-    whose slices of the stacked expert weights XLA copies whole for a kernel, nor under a
-    mesh); this gather serves the rest."""
+    combine of then, tokamax 5.33 ms with the gathered one, 3.53 ms with TOKAMAX_SM90_BLOCKS).
+    The Pallas decode kernels with the router, routing and shared expert inside them (T = 1
+    0.037 ms) are auto's choice before this one where they fit: see
+    Qwen3NextExperts.fuses_shared (not under a layer scan, whose slices of the stacked expert
+    weights XLA copies whole for a kernel, nor under a mesh); this gather serves the rest."""
     if _decode_sized(rows, num_experts):
         return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and import_tokamax()[0] is not None:
@@ -211,6 +246,34 @@ def _permute_rows_bwd(inverse, g):
 _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch_rows(x, order, inverse, k: int):
+    """xs [N*k, d] with xs[r] = x[order[r] // k], x [N, d], for a permutation ``order`` of the
+    N*k slots (``inverse`` its inverse); the gradient dx[n] = sum_j g[inverse[n k + j]] is a
+    gather and a sum (XLA's transpose of a gather is a scatter-add). Rows of 2-byte elements
+    and even width move as 4-byte words: XLA's GPU gather took 0.43 ms for the 80B block's
+    [163840, 2048] bf16 rows at 16384 tokens on an H200, 0.33 ms as uint32 pairs (here the rows
+    go to a kernel; where a fusion consumes a gather, as the combine's sum does, the bitcast
+    keeps XLA from fusing it: 0.18 -> 0.53 ms)."""
+    rows = order // k
+    if x.dtype.itemsize != 2 or x.shape[1] % 2:
+        return x.at[rows].get()
+    words = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1, 2), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words.at[rows].get(), x.dtype).reshape(order.size, -1)
+
+
+def _dispatch_rows_fwd(x, order, inverse, k):
+    return _dispatch_rows(x, order, inverse, k), inverse
+
+
+def _dispatch_rows_bwd(k, inverse, g):
+    rows = g.at[inverse].get(unique_indices=True)
+    return jnp.sum(rows.reshape(-1, k, g.shape[1]), axis=1), None, None
+
+
+_dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
 def _sort_by_expert(x, keys, k: int):
     """Rows of x [N, d] repeated for each of their k slots and sorted by ``keys`` [N*k] (stable):
     (xs [N*k, d], order, inverse) with xs[r] = x[order[r] // k] and ``inverse`` the slot ->
@@ -218,7 +281,7 @@ def _sort_by_expert(x, keys, k: int):
     order = jnp.argsort(keys, stable=True)
     inverse = jnp.zeros_like(order).at[order].set(
         jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
-    return _permute_rows(jnp.repeat(x, k, axis=0), order, inverse), order, inverse
+    return _dispatch_rows(jnp.asarray(x), order, inverse, k), order, inverse
 
 
 def _combine_sorted(y, order, inverse, weights, valid=None):
@@ -241,26 +304,66 @@ def _weighted_sum(rows, weights, valid=None):
     return jnp.sum(rows.astype(jnp.float32) * w, axis=1)
 
 
-def _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision, ragged_dot):
+def _ragged_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision, ragged_dot,
+                    zero_tail: bool = False):
     """Expert MLP of rows sorted by expert: one grouped matmul per projection with
     ``ragged_dot`` (``jax.lax.ragged_dot`` or tokamax's: lhs [M, K], rhs [E, K, N],
-    group_sizes [E] -> [M, N])."""
-    h = jax.nn.silu(ragged_dot(xs, gate_proj, group_sizes, precision=precision)) * \
-        ragged_dot(xs, up_proj, group_sizes, precision=precision)
+    group_sizes [E] -> [M, N]). ``zero_tail``: the gate and up outputs' rows past
+    ``sum(group_sizes)``, and so their cotangents, are set to 0: a ragged_dot that leaves those
+    rows unwritten would otherwise carry their garbage, and that of the down projection's input
+    gradient, into the gate and up weight gradients, whose last group's block reads them."""
+    def dot(w):
+        y = ragged_dot(xs, w, group_sizes, precision=precision)
+        if zero_tail:
+            y = jnp.where((jnp.arange(y.shape[0]) < jnp.sum(group_sizes))[:, None], y,
+                          jnp.zeros((), y.dtype))
+        return y
+
+    h = jax.nn.silu(dot(gate_proj)) * dot(up_proj)
     return ragged_dot(h, down_proj, group_sizes, precision=precision)
 
 
+@jax.custom_vjp
+def _grad_only_of_groups(w, group_sizes):
+    """The identity on expert weights w [E, ...] whose gradient is zero for experts with no rows
+    (group_sizes [E]): tokamax's Mosaic GPU weight gradient (0.0.17) leaves those experts'
+    slices unwritten, which read NaN on an H200."""
+    return w
+
+
+def _grad_only_of_groups_fwd(w, group_sizes):
+    return w, group_sizes
+
+
+def _grad_only_of_groups_bwd(group_sizes, g):
+    used = (group_sizes > 0).reshape((-1,) + (1,) * (g.ndim - 1))
+    return jnp.where(used, g, jnp.zeros((), g.dtype)), None
+
+
+_grad_only_of_groups.defvjp(_grad_only_of_groups_fwd, _grad_only_of_groups_bwd)
+
+
 def _tokamax_experts(xs, group_sizes, gate_proj, up_proj, down_proj, precision,
-                     implementation: str | None):
+                     implementation: str | None, experts_total: int | None = None):
     """:func:`_ragged_experts` through tokamax's ``ragged_dot``. Its Mosaic GPU kernel takes row
     counts that are a multiple of its tiling (10 rows at decode failed on the H200), so zero rows
     past the last group pad xs to a multiple of TOKAMAX_ROW_MULTIPLE; their outputs are dropped.
     Rows of xs past ``sum(group_sizes)`` come back unwritten (forward) and their gradient rows
-    too (backward): callers with such rows mask both (see :func:`expert_parallel_experts`)."""
+    too (backward): callers with such rows mask both (see :func:`expert_parallel_experts`).
+    The weight gradients of experts without rows, which tokamax leaves unwritten, are zeroed
+    here, as are the gate and up outputs' rows past the groups (``zero_tail``): on an H200
+    both gave NaN in the weight gradients.
+    ``experts_total``: the model's experts (default gate_proj's: fewer under expert parallelism),
+    over which the rows' mean group size picks the kernel's blocks (:func:`_tokamax_sm90_blocks`)."""
     M = xs.shape[0]
     pad = -M % TOKAMAX_ROW_MULTIPLE
+    blocks = _tokamax_sm90_blocks(implementation, xs, gate_proj,
+                                  experts_total or gate_proj.shape[0])
+    gate_proj, up_proj, down_proj = (_grad_only_of_groups(w, group_sizes)
+                                     for w in (gate_proj, up_proj, down_proj))
     return _ragged_experts(jnp.pad(xs, ((0, pad), (0, 0))), group_sizes, gate_proj, up_proj,
-                           down_proj, precision, _tokamax_ragged_dot(implementation))[:M]
+                           down_proj, precision, _tokamax_ragged_dot(implementation, blocks),
+                           zero_tail=True)[:M]
 
 
 def _capacities(rows: int, num_experts: int) -> tuple[int, ...]:
@@ -473,7 +576,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         elif impl == "tokamax":  # the where also masks the unwritten gradient rows of xs
             xs = jnp.where(valid[order][:, None], xs, 0)
             y = _tokamax_experts(xs, group_sizes, gate, up, down, precision,
-                                 tokamax_implementation)
+                                 tokamax_implementation, e_total)
         else:
             y = _ragged_experts(xs, group_sizes, gate, up, down, precision,
                                 jax.lax.ragged_dot)  # [n*k, d]
