@@ -117,7 +117,8 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
     for flag, impl, fallback, needs_of in (
             ("--gdn-impl", gdn_impl, "auto or reference", {"pallas_triton": "gpu",
                                                            "pallas_tpu": "tpu"}),
-            ("--moe-impl", moe_impl, "auto", {"gather_pallas": "gpu"}),
+            ("--moe-impl", moe_impl, "auto", {"gather_pallas": "gpu", "tokamax:mosaic": "gpu",
+                                              "tokamax:triton": "gpu"}),
             ("--attn-impl", attn_impl, "auto or xla", tokamax_attn)):
         needs = needs_of.get(impl)
         if needs is not None and jax.default_backend() != needs:
@@ -542,9 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute/param dtype (default: the checkpoint's)")
     g.add_argument("--gdn-impl", default="auto", choices=gdn_impls,
                    help="Gated DeltaNet backend (default auto: Pallas on GPU/TPU)")
-    g.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS,
+    g.add_argument("--moe-impl", default="auto",
+                   choices=(*MOE_IMPLS, "tokamax:mosaic", "tokamax:triton", "tokamax:xla"),
                    help="routed experts' implementation (default auto: by platform and token "
-                        "count; gather_pallas: the GPU decode kernel, unscanned models)")
+                        "count; gather_pallas: the GPU decode kernel, unscanned models; gather "
+                        "and gather_pallas serve decode steps, prefills run auto's choice)")
     g.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
                    help="the prompt's softmax attention over the cache: xla (einsum softmax), "
                         "tokamax (tokamax's flash attention on a GPU: Mosaic GPU on Hopper, "

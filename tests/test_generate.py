@@ -342,8 +342,9 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     for impl, platform in (("pallas_triton", "GPU"), ("pallas_tpu", "TPU")):  # on the CPU
         with pytest.raises(SystemExit, match=f"--gdn-impl {impl} runs on a {platform}"):
             qnext_main(["generate", "--prompt", "Hi", "--gdn-impl", impl])
-    with pytest.raises(SystemExit, match="--moe-impl gather_pallas runs on a GPU"):
-        qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "gather_pallas"])
+    for impl in ("gather_pallas", "tokamax:mosaic", "tokamax:triton"):
+        with pytest.raises(SystemExit, match=f"--moe-impl {impl} runs on a GPU"):
+            qnext_main(["generate", "--prompt", "Hi", "--moe-impl", impl])
     with pytest.raises(SystemExit, match="--attn-impl tokamax:mosaic runs on a GPU.*auto or xla"):
         qnext_main(["generate", "--prompt", "Hi", "--attn-impl", "tokamax:mosaic"])
     import qnext_jax.modeling.layers

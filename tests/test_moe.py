@@ -199,9 +199,12 @@ def test_tile_rows_and_bad_impl():
     assert _tile_rows(640, 512) == 2
     assert _tile_rows(10240, 512) == 32
     assert _tile_rows(163840, 512) == 128  # capped
-    for impl in ("megablox", "tiles:mosaic"):  # only tokamax takes ":<implementation>"
+    for impl in ("megablox", "tiles:mosaic", None):  # only tokamax takes ":<implementation>"
         with pytest.raises(ValueError, match="impl must be one of"):
             grouped_experts(*_ZEROS, impl=impl)
+    for tm in (0, -1):
+        with pytest.raises(ValueError, match=f"tile_rows must be at least 1 .*got {tm}"):
+            grouped_experts(*_ZEROS, impl="tiles", tile_rows=tm)
 
 
 def test_without_tokamax_and_gpu_auto_choice(monkeypatch):

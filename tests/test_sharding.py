@@ -271,6 +271,7 @@ def test_expert_parallel_moe_equals_dense_loop(tmp_path):
     for mesh, err in result["worst_rel"].items():
         assert err <= 1e-5, (mesh, err)
     assert result["grad_rel"] <= 1e-5, result["grad_rel"]
+    assert result["capacity_runs_tiles"]
 
 
 def _free_port() -> int:

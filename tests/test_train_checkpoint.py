@@ -353,6 +353,32 @@ def test_out_holding_a_checkpoint_is_refused(hf_dir):
     assert sorted(p.name for p in (hf_dir / "hf").iterdir()) == before
 
 
+def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
+    """An --out holding entries a run does not write, or a final/ (hf/ with export_hf) holding
+    files its save does not write, is refused before anything is written or deleted."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError,
+                       match=r"mine holds entries a finetune run does not write \(notes.txt\)"):
+        _run(hf_dir, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    (out / "final").mkdir()
+    (out / "final" / "important.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"final holds files `qnext finetune` does not "
+                                              r"write \(important.txt\)"):
+        _run(hf_dir, out)
+    (out / "final" / "important.txt").unlink()
+    (out / "hf").mkdir()
+    (out / "hf" / "my_notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"hf holds files `qnext finetune --export-hf` "
+                                              r"does not write \(my_notes.txt\)"):
+        _run(hf_dir, out, export_hf=True)
+    assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
+    assert (out / "hf" / "my_notes.txt").read_text() == "keep"
+
+
 def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):
     """--tensorboard with neither tensorboardX nor torch's tensorboard: metrics.jsonl only, and
     a warning that says so (it was silent)."""

@@ -42,13 +42,17 @@ def test_schedule_warmup_cosine():
     assert float(s(110)) == pytest.approx(0.1, rel=1e-5)
 
 
-def test_loss_decreases_over_30_steps():
-    """bf16 compute, float32 master params and Adam state, per-layer remat, 2 micro-batches."""
+@pytest.mark.parametrize("gdn_impl", ["reference", pytest.param("auto", marks=pytest.mark.gpu)])
+def test_loss_decreases_over_30_steps(gdn_impl):
+    """bf16 compute, float32 master params and Adam state, per-layer remat, 2 micro-batches; on
+    a GPU also with auto's kernels (the GDN's Triton forward and backward, tokamax's grouped
+    matmul for the MoE where installed: its unwritten weight-gradient rows once made the
+    experts' weights NaN after one step)."""
     cfg = tiny_config(num_hidden_layers=2, full_attention_interval=2)  # GDN + attention
     trainer = Trainer(cfg, OptimizerConfig(learning_rate=3e-3, warmup_steps=3, total_steps=30,
                                            weight_decay=0.01, clip_norm=1.0),
                       TrainConfig(compute_dtype="bfloat16", remat="full", grad_accum=2,
-                                  gdn_impl="reference"))
+                                  gdn_impl=gdn_impl))
     state = trainer.init_state(init_params(cfg, scale=0.1), seed=0)
     batch = _repeated_text_batch(cfg)
     losses = []

@@ -163,7 +163,7 @@ CAPACITY_SIGMAS = 4.0
 def _parse_impl(impl: str, fn: str) -> tuple[str, str | None]:
     """``impl`` as (one of MOE_IMPLS, tokamax implementation or None): "tokamax:mosaic" ->
     ("tokamax", "mosaic"). Raises ValueError (naming ``fn``) for an unknown impl."""
-    name, _, implementation = impl.partition(":")
+    name, _, implementation = (impl if isinstance(impl, str) else "").partition(":")
     if name not in MOE_IMPLS or (implementation and name != "tokamax"):
         raise ValueError(f"{fn}: impl must be one of {MOE_IMPLS} or 'tokamax:<implementation>', "
                          f"got {impl!r}")
@@ -440,8 +440,8 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         (no sort: each token's k experts' weights gathered and applied, [N, k, d, I] gathered
         per projection; for decode), ``"gather_pallas"`` (the same with
         ``pallas_kernels.moe.gathered_experts``' Pallas Triton kernels, which read the chosen
-        experts' weights in place: GPU only, with their default blocks I a multiple of 128 and d
-        of 1024), ``"tokamax"``
+        experts' weights in place: GPU only, with their default blocks I a multiple of 256 and d
+        of 1024: ``pallas_kernels.moe.BlockSizes.mismatch`` names what else fails), ``"tokamax"``
         (tokamax's ``ragged_dot``, the optional ``gpu`` extra: on GPUs its Pallas Mosaic GPU
         kernel for bf16/fp16, falling back to its Triton kernel or XLA for other inputs;
         ``"tokamax:mosaic"``, ``"tokamax:triton"``, ``"tokamax:xla"`` force one of them),
@@ -455,15 +455,19 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         (on GPU: ``gather`` when there are at most E / 2 rows (decode), else ``tokamax`` when it
         is installed and the experts are bf16/fp16, else ``capacity``; elsewhere
         ``ragged_dot``).
-      tile_rows: rows per tile of ``tiles`` (default: :func:`_tile_rows`).
+      tile_rows: rows per tile of ``tiles`` (at least 1; default: :func:`_tile_rows`).
     Returns:
       [N, d]: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]). Differentiable in reverse
       mode (``jax.grad``, ``jax.vjp``); the sorting impls' row permutations are a custom_vjp,
       so forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined through them.
     Raises:
-      ValueError: an unknown ``impl``. ImportError: ``tokamax`` without tokamax installed.
+      ValueError: an unknown ``impl``, ``tile_rows`` below 1. ImportError: ``tokamax``
+        without tokamax installed.
     """
     impl, tokamax_implementation = _parse_impl(impl, "grouped_experts")
+    if tile_rows is not None and tile_rows < 1:
+        raise ValueError(f"grouped_experts: tile_rows must be at least 1 (or None for the "
+                         f"default), got {tile_rows}")
     N, k = experts.shape
     E = gate_proj.shape[0]
     if impl == "auto":
@@ -518,8 +522,8 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     ``gather_pallas`` (the Pallas kernels, given the other devices' slots as negative ids:
     their programs read no weights), ``tiles``, ``tokamax``
     (``"tokamax:<implementation>"`` too) or, for any other impl, ``jax.lax.ragged_dot``;
-    ``auto`` on GPU chooses like :func:`grouped_experts` between gather and tokamax (capacity
-    runs as tiles here). The rows routed to other devices' experts sort past the last local
+    ``auto`` on GPU chooses like :func:`grouped_experts` between gather and tokamax;
+    ``capacity`` (auto's or given) runs as tiles here. The rows routed to other devices' experts sort past the last local
     group, where tokamax's GPU kernels leave their outputs (and gradient rows) unwritten: both
     are masked out.
     """
@@ -535,7 +539,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     if impl == "auto":
         impl = "ragged_dot" if jax.default_backend() != "gpu" else _gpu_auto_impl(
             N * k, E, gate_proj.dtype)
-        impl = "tiles" if impl == "capacity" else impl
+    impl = "tiles" if impl == "capacity" else impl
     if impl == "gather_pallas":
         parts = math.prod(mesh.shape[a] for a in m_axes)
         if (why := GatheredBlockSizes().mismatch(d, inner // parts)) is not None:

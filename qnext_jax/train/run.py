@@ -36,6 +36,36 @@ from qnext_jax.train.optimizer import OptimizerConfig, make_schedule
 from qnext_jax.train.step import TrainConfig, Trainer
 
 
+# What a run writes in its OUT (see the module docstring); final/ and hf/ are written under a
+# temporary name first (".final.tmp-*", left only by a killed process).
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
+
+
+def check_run_dir(out: Path, export_hf: bool) -> None:
+    """Refuse, before anything is written, an OUT whose files the run would lose: one holding
+    entries a run does not write (another directory given by mistake), or a final/ (hf/ with
+    ``export_hf``) holding files that the save replacing it does not write.
+
+    Raises:
+      FileExistsError: naming the directory and the entries in the way.
+    """
+    from qnext_jax.convert.hf_checkpoint import check_out_dir, written_by_export
+    from qnext_jax.convert.orbax_store import written_by_convert
+
+    if not out.is_dir():
+        return
+    ours = lambda name: name in RUN_ENTRIES or name.startswith((".final.tmp-", ".hf.tmp-"))
+    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out} holds entries a finetune run does not write ({shown}): "
+                              "--out needs a new or empty directory, or an earlier run's to "
+                              "resume it")
+    check_out_dir(out / "final", True, "finetune", written_by_convert)
+    if export_hf:
+        check_out_dir(out / "hf", True, "finetune --export-hf", written_by_export)
+
+
 def _source_config_json(checkpoint: Path, config) -> dict:
     if (checkpoint / "config.json").is_file():
         raw = json.loads((checkpoint / "config.json").read_text())
@@ -228,6 +258,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
       ValueError (among others): the data's token ids, or with ``export_hf`` any id the
         checkpoint's tokenizer can produce (added and special tokens included), reach the
         model's vocab_size; checked before ``out`` is written.
+      FileExistsError: ``out`` holds what the run would lose (:func:`check_run_dir`).
     """
     from tqdm.auto import tqdm
 
@@ -241,6 +272,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     if out.is_dir() and (is_orbax_dir(out) or (out / "config.json").is_file()):
         raise ValueError(f"{out} holds a checkpoint; the run's output (--out) needs a directory "
                          "of its own (new, or an earlier run's to resume it)")
+    check_run_dir(out, export_hf)
     opt = opt or OptimizerConfig(total_steps=steps)
     train = dataclasses.replace(train or TrainConfig(), max_segments=max_segments)
     if mesh is None:
