@@ -142,13 +142,16 @@ def test_tokamax_mosaic_bf16_equals_dense_loop_and_gradients(n):
         assert rel(g, np.asarray(r, np.float64)) < 2e-2, name
 
 
+@pytest.mark.parametrize("words", [True, False])
 @pytest.mark.parametrize("dtype, d", [(jnp.bfloat16, 8), (jnp.bfloat16, 7), (jnp.float32, 8)])
-def test_sort_dispatch_values_and_gradient(dtype, d):
-    """The sort's row gather (2-byte rows of even width moved as 4-byte words) equals
+def test_sort_dispatch_values_and_gradient(dtype, d, words, monkeypatch):
+    """The sort's row gather (on GPUs 2-byte rows of even width move as 4-byte words) equals
     x[order // k] bit for bit, and its gradient (a gather and a sum in x's dtype) the float64
     sum of each token's k slots' cotangents, bf16 and float32, odd widths included."""
+    from qnext_jax.modeling import moe
     from qnext_jax.modeling.moe import _sort_by_expert
 
+    monkeypatch.setattr(moe, "_on_gpu", lambda: words)
     rng = np.random.default_rng(d)
     N, k = 9, 3
     x = jnp.asarray(rng.standard_normal((N, d)), dtype)

@@ -46,7 +46,13 @@ from pallas_kernels.moe import (
 )
 from qnext_jax import sharding
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.modeling.layers import DenseKernel, dense, import_tokamax, row_matmul
+from qnext_jax.modeling.layers import (
+    DenseKernel,
+    _on_gpu,
+    dense,
+    import_tokamax,
+    row_matmul,
+)
 
 
 class Qwen3NextMLP(nn.Module):
@@ -176,9 +182,8 @@ def _tokamax_ragged_dot(implementation: str | None, blocks: tuple[int, ...] | No
     by tokamax only when jax-triton imports), "xla" (``jax.lax.ragged_dot``), or None: the first
     of those that takes the inputs. ``blocks`` (block_m, block_n, block_k, num_stages): run the
     Mosaic GPU kernel with these blocks on a persistent grid that walks the row blocks first,
-    instead of tokamax's heuristic
-    (callers pass them only for inputs that kernel takes). Raises ImportError when tokamax is not
-    installed."""
+    instead of tokamax's heuristic (callers pass them only for inputs that kernel takes).
+    Raises ImportError when tokamax is not installed."""
     tokamax, error = import_tokamax()
     if tokamax is None:
         raise ImportError("grouped_experts(impl='tokamax') needs the optional tokamax package: "
@@ -246,27 +251,27 @@ def _permute_rows_bwd(inverse, g):
 _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dispatch_rows(x, order, inverse, k: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dispatch_rows(x, order, inverse, k: int, words: bool):
     """xs [N*k, d] with xs[r] = x[order[r] // k], x [N, d], for a permutation ``order`` of the
     N*k slots (``inverse`` its inverse); the gradient dx[n] = sum_j g[inverse[n k + j]] is a
-    gather and a sum (XLA's transpose of a gather is a scatter-add). Rows of 2-byte elements
-    and even width move as 4-byte words: XLA's GPU gather took 0.43 ms for the 80B block's
-    [163840, 2048] bf16 rows at 16384 tokens on an H200, 0.33 ms as uint32 pairs (here the rows
-    go to a kernel; where a fusion consumes a gather, as the combine's sum does, the bitcast
-    keeps XLA from fusing it: 0.18 -> 0.53 ms)."""
+    gather and a sum (XLA's transpose of a gather is a scatter-add). ``words``: rows of 2-byte
+    elements and even width move as 4-byte words (for GPUs: XLA's gather took 0.43 ms for the
+    80B block's [163840, 2048] bf16 rows at 16384 tokens on an H200, 0.33 ms as uint32 pairs;
+    here the rows go to a kernel, whereas where a fusion consumes a gather, as the combine's
+    sum does, the bitcast keeps XLA from fusing it: 0.18 -> 0.53 ms)."""
     rows = order // k
-    if x.dtype.itemsize != 2 or x.shape[1] % 2:
+    if not words or x.dtype.itemsize != 2 or x.shape[1] % 2:
         return x.at[rows].get()
     words = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1, 2), jnp.uint32)
     return jax.lax.bitcast_convert_type(words.at[rows].get(), x.dtype).reshape(order.size, -1)
 
 
-def _dispatch_rows_fwd(x, order, inverse, k):
-    return _dispatch_rows(x, order, inverse, k), inverse
+def _dispatch_rows_fwd(x, order, inverse, k, words):
+    return _dispatch_rows(x, order, inverse, k, words), inverse
 
 
-def _dispatch_rows_bwd(k, inverse, g):
+def _dispatch_rows_bwd(k, words, inverse, g):
     rows = g.at[inverse].get(unique_indices=True)
     return jnp.sum(rows.reshape(-1, k, g.shape[1]), axis=1), None, None
 
@@ -281,7 +286,7 @@ def _sort_by_expert(x, keys, k: int):
     order = jnp.argsort(keys, stable=True)
     inverse = jnp.zeros_like(order).at[order].set(
         jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
-    return _dispatch_rows(jnp.asarray(x), order, inverse, k), order, inverse
+    return _dispatch_rows(jnp.asarray(x), order, inverse, k, _on_gpu()), order, inverse
 
 
 def _combine_sorted(y, order, inverse, weights, valid=None):
@@ -523,9 +528,9 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     their programs read no weights), ``tiles``, ``tokamax``
     (``"tokamax:<implementation>"`` too) or, for any other impl, ``jax.lax.ragged_dot``;
     ``auto`` on GPU chooses like :func:`grouped_experts` between gather and tokamax;
-    ``capacity`` (auto's or given) runs as tiles here. The rows routed to other devices' experts sort past the last local
-    group, where tokamax's GPU kernels leave their outputs (and gradient rows) unwritten: both
-    are masked out.
+    ``capacity`` (auto's or given) runs as tiles here. The rows routed to other devices'
+    experts sort past the last local group, where tokamax's GPU kernels leave their outputs
+    (and gradient rows) unwritten: both are masked out.
     """
     N, k = experts.shape
     E, d, inner = gate_proj.shape
