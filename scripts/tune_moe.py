@@ -43,6 +43,8 @@ CONFIGS = ([(bm, bn, bk, st, pe, "M", 1)
            + [(128, 128, bk, st, True, minor, width)
               for bk, st in [(64, 4), (64, 5), (64, 6), (128, 3)]
               for minor in ("M", "N") for width in (1, 2, 4, 8)])
+
+
 def routed_inputs(T: int):
     """(xs [M, D], h [M, INNER], group_sizes [E]) of T random tokens' routing, M = T * TOP_K
     padded to moe.TOKAMAX_ROW_MULTIPLE rows as moe._tokamax_experts pads them."""
