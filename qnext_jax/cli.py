@@ -547,7 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=(*MOE_IMPLS, "tokamax:mosaic", "tokamax:triton", "tokamax:xla"),
                    help="routed experts' implementation (default auto: by platform and token "
                         "count; gather_pallas: the GPU decode kernel, unscanned models; gather "
-                        "and gather_pallas serve decode steps, prefills run auto's choice)")
+                        "and gather_pallas serve decode steps, prefills run auto's choice; "
+                        "tokamax[:mosaic|:triton|:xla]: tokamax's grouped matmul (the gpu "
+                        "extra), its own choice or one of its kernels, mosaic and triton on a "
+                        "GPU)")
     g.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
                    help="the prompt's softmax attention over the cache: xla (einsum softmax), "
                         "tokamax (tokamax's flash attention on a GPU: Mosaic GPU on Hopper, "

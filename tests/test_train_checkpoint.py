@@ -366,17 +366,40 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
     (out / "notes.txt").unlink()
     (out / "final").mkdir()
     (out / "final" / "important.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match=r"final holds files `qnext finetune` does not "
-                                              r"write \(important.txt\)"):
+    with pytest.raises(FileExistsError, match=r"final holds files the run's save does not "
+                                              r"write \(important.txt\), which replacing final/"):
         _run(hf_dir, out)
     (out / "final" / "important.txt").unlink()
     (out / "hf").mkdir()
     (out / "hf" / "my_notes.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match=r"hf holds files `qnext finetune --export-hf` "
-                                              r"does not write \(my_notes.txt\)"):
+    with pytest.raises(FileExistsError, match=r"hf holds files the run's save does not write "
+                                              r"\(my_notes.txt\), which replacing hf/"):
         _run(hf_dir, out, export_hf=True)
     assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
     assert (out / "hf" / "my_notes.txt").read_text() == "keep"
+    (out / "final").rmdir()
+    (out / "final").symlink_to(out / "hf")  # the save renames a directory into final's place
+    with pytest.raises(FileExistsError, match=r"final is a link; the run saves final/ as a new "
+                                              r"directory"):
+        _run(hf_dir, out)
+    assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
+
+
+def test_killed_saves_and_torn_metrics_lines_do_not_stop_a_rerun(hf_dir, tmp_path, capsys):
+    """A temporary directory left by a killed save of final/ is named on stderr (and left
+    alone); a torn last line of metrics.jsonl (a kill while writing it) is dropped on resume."""
+    out = tmp_path / "run"
+    _run(hf_dir, out, stop_after=2)
+    (out / ".final.tmp-0123abcd").mkdir()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 5.')
+    capsys.readouterr()
+    result = _run(hf_dir, out)
+    assert result["resumed_from"] == 2 and result["steps"] == STEPS
+    assert ".final.tmp-0123abcd, left by a save that was killed" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in
+            (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
+    assert (out / ".final.tmp-0123abcd").is_dir()
 
 
 def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):

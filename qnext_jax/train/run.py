@@ -41,29 +41,49 @@ from qnext_jax.train.step import TrainConfig, Trainer
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
 
 
+def _names(entries: list[str]) -> str:
+    return ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+
+
 def check_run_dir(out: Path, export_hf: bool) -> None:
     """Refuse, before anything is written, an OUT whose files the run would lose: one holding
     entries a run does not write (another directory given by mistake), or a final/ (hf/ with
-    ``export_hf``) holding files that the save replacing it does not write.
+    ``export_hf``) that its save could not replace without loss: a link or file, or a
+    directory holding files that save does not write. Temporary directories left by a killed
+    save are named on stderr.
 
     Raises:
       FileExistsError: naming the directory and the entries in the way.
     """
-    from qnext_jax.convert.hf_checkpoint import check_out_dir, written_by_export
+    from qnext_jax.convert.hf_checkpoint import written_by_export
     from qnext_jax.convert.orbax_store import written_by_convert
 
     if not out.is_dir():
         return
-    ours = lambda name: name in RUN_ENTRIES or name.startswith((".final.tmp-", ".hf.tmp-"))
-    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    entries = sorted(p.name for p in out.iterdir())
+    left = [n for n in entries if n.startswith((".final.tmp-", ".hf.tmp-"))]
+    foreign = [n for n in entries if n not in RUN_ENTRIES and n not in left]
     if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise FileExistsError(f"{out} holds entries a finetune run does not write ({shown}): "
-                              "--out needs a new or empty directory, or an earlier run's to "
-                              "resume it")
-    check_out_dir(out / "final", True, "finetune", written_by_convert)
-    if export_hf:
-        check_out_dir(out / "hf", True, "finetune --export-hf", written_by_export)
+        raise FileExistsError(f"{out} holds entries a finetune run does not write "
+                              f"({_names(foreign)}): --out needs a new or empty directory, or "
+                              "an earlier run's to resume it")
+    for sub, written, saved in (("final", written_by_convert, True),
+                                ("hf", written_by_export, export_hf)):
+        where = out / sub
+        if not saved or not (where.exists() or where.is_symlink()):
+            continue
+        if where.is_symlink() or not where.is_dir():
+            raise FileExistsError(f"{where} is a {'link' if where.is_symlink() else 'file'}; the "
+                                  f"run saves {sub}/ as a new directory renamed into its place: "
+                                  "move it away, or use another --out")
+        theirs = sorted(p.name for p in where.iterdir() if not written(p.name))
+        if theirs:
+            raise FileExistsError(f"{where} holds files the run's save does not write "
+                                  f"({_names(theirs)}), which replacing {sub}/ would delete: "
+                                  "move them out of it, or use another --out")
+    if left:
+        print(f"[qnext finetune] {out} holds {_names(left)}, left by a save that was killed; "
+              "the run does not use them: delete them to free their space", file=sys.stderr)
 
 
 def _source_config_json(checkpoint: Path, config) -> dict:
@@ -186,17 +206,27 @@ def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
           "resumes from it", file=sys.stderr)
 
 
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line's record, or None for a blank or torn line (a process killed while
+    writing it), which the log drops."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``path`` (and to TensorBoard when ``tensorboardX``
     or ``torch.utils.tensorboard`` is importable and ``tensorboard_dir`` is given). Records of
     steps after ``start`` already in the file (logged past the checkpoint a rerun resumes from,
-    e.g. before a kill) are dropped: the rerun logs those steps again."""
+    e.g. before a kill) are dropped: the rerun logs those steps again; so is a torn line."""
 
     def __init__(self, path: Path, tensorboard_dir: Path | None = None, start: int = 0):
         self.path = path
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start]
+                    if (record := _record(line)) is not None and record.get("step", 0) <= start]
             path.write_text("".join(line + "\n" for line in kept))
         self._f = open(path, "a")  # noqa: SIM115 (closed in close())
         self._tb = None
