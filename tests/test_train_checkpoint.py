@@ -383,6 +383,12 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
                                               r"directory"):
         _run(hf_dir, out)
     assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
+    with pytest.raises(ValueError, match="--out: empty"):
+        _run(hf_dir, "")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    with pytest.raises(ValueError, match="dangling: a link to a missing directory"):
+        _run(hf_dir, tmp_path / "dangling")
+    assert not (tmp_path / "missing").exists()
 
 
 def test_killed_saves_and_torn_metrics_lines_do_not_stop_a_rerun(hf_dir, tmp_path, capsys):
@@ -400,6 +406,11 @@ def test_killed_saves_and_torn_metrics_lines_do_not_stop_a_rerun(hf_dir, tmp_pat
     assert [json.loads(line)["step"] for line in
             (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
     assert (out / ".final.tmp-0123abcd").is_dir()
+    # An hf/ export older than final/ is named.
+    (out / "hf").mkdir()
+    capsys.readouterr()
+    _run(hf_dir, out)
+    assert f"{out / 'hf'} holds an earlier export, not step {STEPS}'s" in capsys.readouterr().err
 
 
 def test_tensorboard_without_a_writer_warns(tmp_path, monkeypatch, capsys):

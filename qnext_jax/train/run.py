@@ -295,7 +295,12 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     from qnext_jax.convert import load
     from qnext_jax.convert.orbax_store import is_orbax_dir
 
+    if not str(out).strip():
+        raise ValueError("--out: empty (the output directory of the run)")
     checkpoint, out = Path(checkpoint), Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{out}: a link to a missing directory (the output directory of the "
+                         "run: --out)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (the output directory of the "
                          "run: --out)")
@@ -431,6 +436,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         result["hf"] = params_to_hf(config, jax.device_get(final_params), out / "hf",
                                     config_json=cfg_json, tokenizer_dir=checkpoint,
                                     dtype=save_dtype, overwrite=True)
+    if not export_hf and (out / "hf").is_dir():
+        print(f"[qnext finetune] {out / 'hf'} holds an earlier export, not step {end}'s: rerun "
+              "with --export-hf to replace it", file=sys.stderr)
     if progress:
         print(f"[qnext finetune] {end} step{'' if end == 1 else 's'}; params in {result['final']}"
               + (f", HF checkpoint in {result['hf']}" if result["hf"] else ""), file=sys.stderr)
