@@ -35,7 +35,6 @@ from qnext_jax.train.data import DocumentTokenizer, PackedDataset, read_document
 from qnext_jax.train.optimizer import OptimizerConfig, make_schedule
 from qnext_jax.train.step import TrainConfig, Trainer
 
-
 # What a run writes in its OUT (see the module docstring); final/ and hf/ are written under a
 # temporary name first (".final.tmp-*", left only by a killed process).
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
