@@ -130,7 +130,8 @@ def test_tokamax_mosaic_bf16_equals_dense_loop_and_gradients(n):
     from qnext_jax.modeling import moe
 
     args = _routing_case(np.random.default_rng(0), n, 2, 256, 128, jnp.bfloat16)
-    tuned = moe._tokamax_sm90_blocks("mosaic", args[0][:1].repeat(2 * n, 0), args[3], E)
+    rows = jax.ShapeDtypeStruct((2 * n, 256), jnp.bfloat16)  # the n tokens' 2 slots each
+    tuned = moe._tokamax_sm90_blocks("mosaic", rows, args[3], E)
     assert (tuned is not None) == (n > 200 and jax.devices()[0].compute_capability == "9.0")
     rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
     f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]

@@ -265,6 +265,17 @@ def written_by_export(name: str) -> bool:
             or bool(_SHARD.match(name)))
 
 
+def unwritten_entries(out_dir: Path, written) -> list[str]:
+    """The sorted names of the entries of the directory ``out_dir`` that ``written(name)``
+    rejects: what replacing it with a command's output would delete."""
+    return sorted(p.name for p in out_dir.iterdir() if not written(p.name))
+
+
+def listed(names: list[str]) -> str:
+    """``names`` for a message: the first five, comma-separated, "..." after them."""
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
 def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None:
     """Refuse an output directory that exists and is not empty, unless ``overwrite`` and every
     entry in it is one that ``command`` writes (``written(name)`` True): ``--overwrite``
@@ -279,16 +290,15 @@ def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None
         return
     if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    entries = sorted(p.name for p in out_dir.iterdir())
-    if not entries:
+    if not any(out_dir.iterdir()):
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
                               f"(`qnext {command} --overwrite`) to replace it")
-    foreign = [name for name in entries if not written(name)]
+    foreign = unwritten_entries(out_dir, written)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise FileExistsError(f"{out_dir} holds files `qnext {command}` does not write ({shown}), "
+        raise FileExistsError(f"{out_dir} holds files `qnext {command}` does not write "
+                              f"({listed(foreign)}), "
                               "which replacing it would delete: overwrite replaces only an "
                               f"earlier `qnext {command}` output; write to a new or empty "
                               "directory")

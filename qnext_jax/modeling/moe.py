@@ -99,7 +99,7 @@ def _top_k(probs: jax.Array, k: int):
       the first maximum): 0.23-0.27 against 0.51 ms for 16384 x 512 on an H200;
     - in between (a few kernels each way), top_k."""
     rows = math.prod(probs.shape[:-1])
-    if jax.default_backend() != "gpu" or RANK_TOP_K_MAX_ROWS < rows < ARGMAX_TOP_K_MIN_ROWS:
+    if not _on_gpu() or RANK_TOP_K_MAX_ROWS < rows < ARGMAX_TOP_K_MIN_ROWS:
         return jax.lax.top_k(probs, k)
     ids = jnp.arange(probs.shape[-1], dtype=jnp.int32)
     if rows <= RANK_TOP_K_MAX_ROWS:
@@ -476,7 +476,7 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
     N, k = experts.shape
     E = gate_proj.shape[0]
     if impl == "auto":
-        impl = ("ragged_dot" if jax.default_backend() != "gpu" else
+        impl = ("ragged_dot" if not _on_gpu() else
                 _gpu_auto_impl(N * k, E, gate_proj.dtype))
     if impl == "gather":
         return gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
@@ -542,7 +542,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
                                impl)
     impl, tokamax_implementation = _parse_impl(impl, "expert_parallel_experts")
     if impl == "auto":
-        impl = "ragged_dot" if jax.default_backend() != "gpu" else _gpu_auto_impl(
+        impl = "ragged_dot" if not _on_gpu() else _gpu_auto_impl(
             N * k, E, gate_proj.dtype)
     impl = "tiles" if impl == "capacity" else impl
     if impl == "gather_pallas":
@@ -677,7 +677,7 @@ class Qwen3NextExperts(nn.Module):
         1.39 ms busy a step, 2.00-2.24 ms a step; these kernels 195 and 1.01 ms, 1.84-1.96
         ms."""
         kernels = self.impl == "gather_pallas" or (
-            self.impl == "auto" and self.decode_kernels and jax.default_backend() == "gpu")
+            self.impl == "auto" and self.decode_kernels and _on_gpu())
         return (kernels and _decode_sized(rows, self.num_experts)
                 and sharding.active_mesh() is None and shared_inner == self.intermediate_size
                 and GatheredBlockSizes().mismatch(self.hidden_size, shared_inner,

@@ -40,10 +40,6 @@ from qnext_jax.train.step import TrainConfig, Trainer
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
 
 
-def _names(entries: list[str]) -> str:
-    return ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-
-
 def check_run_dir(out: Path, export_hf: bool) -> None:
     """Refuse, before anything is written, an OUT whose files the run would lose: one holding
     entries a run does not write (another directory given by mistake), or a final/ (hf/ with
@@ -54,17 +50,16 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
     Raises:
       FileExistsError: naming the directory and the entries in the way.
     """
-    from qnext_jax.convert.hf_checkpoint import written_by_export
+    from qnext_jax.convert.hf_checkpoint import listed, unwritten_entries, written_by_export
     from qnext_jax.convert.orbax_store import written_by_convert
 
     if not out.is_dir():
         return
-    entries = sorted(p.name for p in out.iterdir())
-    left = [n for n in entries if n.startswith((".final.tmp-", ".hf.tmp-"))]
-    foreign = [n for n in entries if n not in RUN_ENTRIES and n not in left]
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith((".final.tmp-", ".hf.tmp-")))
+    foreign = unwritten_entries(out, lambda n: n in RUN_ENTRIES or n in left)
     if foreign:
         raise FileExistsError(f"{out} holds entries a finetune run does not write "
-                              f"({_names(foreign)}): --out needs a new or empty directory, or "
+                              f"({listed(foreign)}): --out needs a new or empty directory, or "
                               "an earlier run's to resume it")
     for sub, written, saved in (("final", written_by_convert, True),
                                 ("hf", written_by_export, export_hf)):
@@ -75,13 +70,13 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
             raise FileExistsError(f"{where} is a {'link' if where.is_symlink() else 'file'}; the "
                                   f"run saves {sub}/ as a new directory renamed into its place: "
                                   "move it away, or use another --out")
-        theirs = sorted(p.name for p in where.iterdir() if not written(p.name))
+        theirs = unwritten_entries(where, written)
         if theirs:
             raise FileExistsError(f"{where} holds files the run's save does not write "
-                                  f"({_names(theirs)}), which replacing {sub}/ would delete: "
+                                  f"({listed(theirs)}), which replacing {sub}/ would delete: "
                                   "move them out of it, or use another --out")
     if left:
-        print(f"[qnext finetune] {out} holds {_names(left)}, left by a save that was killed; "
+        print(f"[qnext finetune] {out} holds {listed(left)}, left by a save that was killed; "
               "the run does not use them: delete them to free their space", file=sys.stderr)
 
 
