@@ -54,6 +54,15 @@ CACHE_BUCKET = 256
 # token, the GPU busy 89% of the loop (1.01 ms of kernels a step): the rest was the host's
 # dispatch and synchronisation of each call.
 DECODE_STEPS_PER_CALL = 16
+# XLA options of the decode loop of a scanned model on a GPU. Each layer's weights are a slice
+# of the stacked params at the scan's index; a Triton GEMM fusion cannot read such a slice in
+# place, so XLA copied every dense weight of every layer on every step. cuBLAS GEMMs with
+# XLA's dynamic-slice fusion read most slices where they lie. One H200, 8 of the 80B's layers,
+# batch 1 (results/h200-2026-12-01c): 2.07-2.19 -> 1.77-1.86 ms a token, 72 -> 20 copies a
+# step; cuBLAS without the fusion 2.09 ms. (Pallas kernels are not fused: the MoE's decode
+# kernels stay off under the scan.)
+SCANNED_DECODE_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
+                              "xla_gpu_enable_dynamic_slice_fusion": True}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -243,8 +252,10 @@ class Generator:
                                 **({} if mesh is None else {"out_shardings": self.param_shardings}))
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "with_mtp"),
                                 donate_argnames=("cache", "mtp_state"))
+        self.decode_compiler_options = (SCANNED_DECODE_GPU_OPTIONS if scan_layers and
+                                        jax.default_backend() == "gpu" else None)
         self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "block"),
-                               donate_argnums=2)
+                               donate_argnums=2, compiler_options=self.decode_compiler_options)
         self._spec = jax.jit(self._spec_fn, donate_argnames=("cache", "mtp_state"))
         self._compiled: dict = {}
 

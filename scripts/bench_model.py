@@ -22,7 +22,9 @@ plan of ``qnext_jax.sharding``), and measures:
   when weights are replicated);
 
 ``--scan-layers`` runs the layers as a scan over the repeating block (params and cache stacked):
-compile time flat in depth. ``--profile DIR`` also traces two prefills of each length and a few
+compile time flat in depth. ``--compile-only`` builds nothing on the devices (params and caches
+are abstract: shapes, dtypes and shardings) and reports the compile times alone, so the full 48
+layers can be compiled on one GPU that could not hold them. ``--profile DIR`` also traces two prefills of each length and a few
 decode calls of each batch size (``scripts/profile_summary.py DIR/decode_b1 --steps 80`` for
 5 calls of 16 steps, or
 ``DIR/prefill_8192 --steps 2``, then lists the kernels, busy and idle time of a call). Prints a
@@ -85,14 +87,17 @@ def decode_bytes(cfg: Qwen3NextConfig, params, batch: int, context: int) -> floa
     return float(total)
 
 
-def random_params(cfg, mesh, key, scan_layers: bool):
+def random_params(cfg, mesh, key, scan_layers: bool, abstract: bool = False):
     """Random bf16 params (A_log, dt_bias float32), each leaf created on the devices in its
     sharding of ``sharding.param_shardings`` (stacked per block with ``scan_layers``): no host
-    ever holds the model."""
+    ever holds the model. ``abstract``: ``jax.ShapeDtypeStruct`` leaves carrying those
+    shardings instead (nothing allocated)."""
     shapes = abstract_params(cfg, jnp.bfloat16)
     if scan_layers:
         shapes = jax.eval_shape(lambda p: stack_layers(p, cfg), shapes)
     shards = sharding.param_shardings(cfg, mesh, scan_layers=scan_layers)
+    if abstract:
+        return _with_shardings(shapes, shards)
     leaves, treedef = jax.tree.flatten(shapes)
     keys = jax.random.split(key, len(leaves))
 
@@ -106,9 +111,16 @@ def random_params(cfg, mesh, key, scan_layers: bool):
     return jax.tree.unflatten(treedef, out)
 
 
-def random_cache(cfg, mesh, batch, length, context, key, scan_layers: bool):
+def _with_shardings(shapes, shards):
+    """``jax.ShapeDtypeStruct`` leaves of ``shapes`` carrying the matching leaf of ``shards``."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shards)
+
+
+def random_cache(cfg, mesh, batch, length, context, key, scan_layers: bool,
+                 abstract: bool = False):
     """A cache (in its shardings) whose first ``context`` slots hold random K/V and whose states
-    are random."""
+    are random (``abstract``: its shapes, dtypes and shardings only)."""
     def make(key):
         cache = init_cache(cfg, batch, length, jnp.bfloat16, scan_layers=scan_layers)
         leaves, treedef = jax.tree.flatten(cache)
@@ -121,13 +133,18 @@ def random_cache(cfg, mesh, batch, length, context, key, scan_layers: bool):
         cache["valid"] = jnp.arange(length)[None, :].repeat(batch, 0) < context
         return cache
 
-    return jax.jit(make, out_shardings=sharding.cache_shardings(
-        cfg, mesh, batch, length, jnp.bfloat16, scan_layers=scan_layers))(key)
+    shards = sharding.cache_shardings(cfg, mesh, batch, length, jnp.bfloat16,
+                                      scan_layers=scan_layers)
+    if abstract:
+        return _with_shardings(jax.eval_shape(make, key), shards)
+    return jax.jit(make, out_shardings=shards)(key)
 
 
 def _row_text(row) -> str:
     """One measured row as a line: name, ms, tokens/s, compile s (roofline / matmul share)."""
     name, ms, tps, cs, roof, mm = row
+    if ms is None:  # --compile-only
+        return f"{name}: compile {cs:.1f} s"
     extra = (f", HBM roofline {roof * 1e3:.3f} ms" if roof else "") + (
         f", {100 * mm:.1f}% of the matmul rate" if mm is not None else "")
     return f"{name}: {ms:.2f} ms, {tps:,.0f} tokens/s, compile {cs:.1f} s{extra}"
@@ -158,6 +175,8 @@ def main():
                          "PROFILE_CALLS decode calls of each batch into PROFILE/decode_b<B> with "
                          "jax.profiler (summarise with scripts/profile_summary.py)")
     ap.add_argument("--smoke", action="store_true", help="the tiny demo width (a CPU dry run)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="abstract params and caches (nothing allocated): compile times only")
     args = ap.parse_args()
 
     if args.smoke:
@@ -169,18 +188,22 @@ def main():
     dev = devices[0]
     mesh = sharding.make_mesh(args.mesh or f"tensor={len(devices)}")
     t = time.perf_counter()
-    params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0), args.scan_layers))
+    only = args.compile_only
+    params = jax.block_until_ready(random_params(cfg, mesh, jax.random.key(0), args.scan_layers,
+                                                 abstract=only))
     init_s = time.perf_counter() - t
     print(f"params created in {init_s:.1f} s", flush=True)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    ceilings = measure_ceilings()  # one device's rates; times the device count below
-    bw, peak = ceilings["copy_gb_per_s"] * 1e9, ceilings["bf16_matmul_tflops"] * 1e12
+    bw = peak = None  # one device's rates (times the device count below); not measured
+    if not only:      # with --compile-only
+        ceilings = measure_ceilings()
+        bw, peak = ceilings["copy_gb_per_s"] * 1e9, ceilings["bf16_matmul_tflops"] * 1e12
     n_dev = len(devices)
     rows, record = [], {"device": dev.device_kind, "devices": n_dev,
                         "mesh": sharding.mesh_sizes(mesh), "jax": jax.__version__,
                         "layers": args.layers, "scan_layers": args.scan_layers,
                         "gdn_impl": args.gdn_impl, "moe_impl": args.moe_impl,
-                        "attn_impl": args.attn_impl,
+                        "attn_impl": args.attn_impl, "compile_only": only,
                         "params": n_params, "init_s": init_s, "copy_bandwidth_Bps": bw,
                         "matmul_bf16_flops": peak}
 
@@ -206,11 +229,18 @@ def main():
             return logits[:, -1].argmax(-1), sharding.constrain_cache(cache)
 
     for T in args.prefill:
-        cache = random_cache(cfg, mesh, 1, T + 1, 0, jax.random.key(4), args.scan_layers)
+        cache = random_cache(cfg, mesh, 1, T + 1, 0, jax.random.key(4), args.scan_layers,
+                             abstract=only)
         ids = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
         t = time.perf_counter()
         compiled = jax.jit(step).lower(params, ids, cache).compile()
         compile_s = time.perf_counter() - t
+        if only:
+            record[f"prefill_{T}"] = {"compile_s": compile_s}
+            rows.append((f"prefill 1 x {T}", None, None, compile_s, None, None))
+            print(_row_text(rows[-1]), flush=True)
+            save()
+            continue
         sec = median_seconds(compiled, params, ids, cache, iters=5)
         if args.profile:
             trace_calls(compiled, params, ids, cache,
@@ -226,13 +256,19 @@ def main():
 
     for B in args.batches:
         cache = random_cache(cfg, mesh, B, args.context + S + 8, args.context,
-                             jax.random.key(2), args.scan_layers)
+                             jax.random.key(2), args.scan_layers, abstract=only)
         ids = jax.random.randint(jax.random.key(3), (B,), 0, cfg.vocab_size)
         loop_args = (jax.random.key(5), jnp.zeros((B,), bool), jnp.zeros((0,), jnp.int32))
         t = time.perf_counter()
         compiled = gen._decode.lower(params, ids, cache, *loop_args, jnp.asarray(S, jnp.int32),
                                      sampling=GREEDY, block=S).compile()
         compile_s = time.perf_counter() - t
+        if only:
+            record[f"decode_b{B}"] = {"compile_s": compile_s, "steps_per_call": S}
+            rows.append((f"decode b{B} ctx {args.context}", None, None, compile_s, None, None))
+            print(_row_text(rows[-1]), flush=True)
+            save()
+            continue
         state = {"cache": cache}
 
         def call(p, steps, compiled=compiled, state=state, ids=ids, loop_args=loop_args):
@@ -259,12 +295,16 @@ def main():
     save()
     print(f"\n{n_dev} x {dev.device_kind}, mesh {record['mesh']}, jax {jax.__version__}, "
           f"{'demo' if args.smoke else '80B'} width, {args.layers} layers, "
-          f"{n_params:.4g} params, copy bandwidth {bw / 1e12:.2f} TB/s, peak memory "
+          f"{n_params:.4g} params, copy bandwidth "
+          f"{f'{bw / 1e12:.2f} TB/s' if bw else 'not measured'}, peak memory "
           f"{(record['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB")
     print("| measure | ms | tokens/s | compile s | HBM roofline ms | % of roofline "
           "| % of matmul rate |")
     print("|---|---|---|---|---|---|---|")
     for name, ms, tps, cs, roof, mm in rows:
+        if ms is None:  # --compile-only
+            print(f"| {name} | - | - | {cs:.1f} | - | - | - |")
+            continue
         extra = f"{roof * 1e3:.3f} | {100 * roof / (ms / 1e3):.0f}%" if roof else "- | -"
         rate = f"{100 * mm:.1f}%" if mm is not None else "-"
         print(f"| {name} | {ms:.2f} | {tps:,.0f} | {cs:.1f} | {extra} | {rate} |")

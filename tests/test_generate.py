@@ -13,7 +13,7 @@ import pytest
 from conftest import SCAN_TWO_PERIODS, init_params, tiny_config
 
 from qnext_jax.cli import main as qnext_main
-from qnext_jax.generate import Generator, generate, sample_logits
+from qnext_jax.generate import SCANNED_DECODE_GPU_OPTIONS, Generator, generate, sample_logits
 from qnext_jax.modeling import Qwen3NextForCausalLM
 from qnext_jax.modeling.decoder import stack_layers
 
@@ -458,6 +458,32 @@ def test_scan_layers_generator_equals_unrolled(two_periods):
     np.testing.assert_array_equal(plain.generate(stacked, ids, max_new_tokens=4).tokens, greedy)
     np.testing.assert_array_equal(generate(cfg, stack_layers(params, cfg), ids, max_new_tokens=4,
                                            scan_layers=True), greedy)
+
+
+def test_scanned_decode_compiler_options_only_on_gpu(two_periods, monkeypatch):
+    """The scanned model's decode loop asks XLA for cuBLAS GEMMs on a GPU (Triton GEMM fusions
+    copied each layer's weight slice every step); the unrolled one and other backends keep
+    XLA's defaults."""
+    cfg, _ = two_periods
+    assert Generator(cfg, scan_layers=True).decode_compiler_options is None  # the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert Generator(cfg, scan_layers=True).decode_compiler_options == \
+        SCANNED_DECODE_GPU_OPTIONS
+    assert Generator(cfg).decode_compiler_options is None
+
+
+@pytest.mark.gpu
+def test_gpu_scanned_decode_equals_unrolled(two_periods):
+    """On a GPU the scanned decode loop (compiled with its XLA options) gives the unrolled
+    Generator's greedy tokens (float32, highest precision)."""
+    cfg, params = two_periods
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (3, 7)).astype(np.int32)
+    hi = jax.lax.Precision.HIGHEST
+    plain = Generator(cfg, precision=hi)
+    scanned = Generator(cfg, precision=hi, scan_layers=True)
+    assert scanned.decode_compiler_options
+    np.testing.assert_array_equal(scanned.generate(params, ids, max_new_tokens=12).tokens,
+                                  plain.generate(params, ids, max_new_tokens=12).tokens)
 
 
 def test_cli_generate_scan_layers(two_periods, monkeypatch, capsys):
