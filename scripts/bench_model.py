@@ -169,7 +169,8 @@ def main():
                     help="mesh spec over the local devices (default: tensor=<device count>)")
     ap.add_argument("--scan-layers", action="store_true",
                     help="the layers as a scan over the repeating block (compile time flat in depth)")
-    ap.add_argument("--out", default="bench_model.json")
+    ap.add_argument("--out", default="bench_model.json",
+                    help="the JSON record (rewritten after every measurement)")
     ap.add_argument("--profile", default=None,
                     help="also trace 2 prefills of each length into PROFILE/prefill_<T> and "
                          "PROFILE_CALLS decode calls of each batch into PROFILE/decode_b<B> with "
@@ -294,7 +295,8 @@ def main():
 
     save()
     print(f"\n{n_dev} x {dev.device_kind}, mesh {record['mesh']}, jax {jax.__version__}, "
-          f"{'demo' if args.smoke else '80B'} width, {args.layers} layers, "
+          f"{'demo' if args.smoke else '80B'} width, {args.layers} layers "
+          f"({'scanned' if args.scan_layers else 'unrolled'}), "
           f"{n_params:.4g} params, copy bandwidth "
           f"{f'{bw / 1e12:.2f} TB/s' if bw else 'not measured'}, peak memory "
           f"{(record['peak_bytes_in_use'] or 0) / 2**30:.1f} GiB")
@@ -308,6 +310,7 @@ def main():
         extra = f"{roof * 1e3:.3f} | {100 * roof / (ms / 1e3):.0f}%" if roof else "- | -"
         rate = f"{100 * mm:.1f}%" if mm is not None else "-"
         print(f"| {name} | {ms:.2f} | {tps:,.0f} | {cs:.1f} | {extra} | {rate} |")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -422,6 +422,18 @@ def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys
     assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="qnext convert: the output directory"):
         main(["convert", str(src), str(src), "--overwrite"])
+    # A fine-tuning run's final params look like a convert output; --overwrite keeps them.
+    run = tmp_path / "run"
+    main(["convert", str(src), str(run / "final")])
+    (run / "metrics.jsonl").write_text("")
+    stamp = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "final").iterdir())
+    for cmd in (["convert", str(src)], ["export", str(orbax)]):
+        with pytest.raises(SystemExit, match=r"--overwrite: \S*run/final holds the fine-tuned "
+                                             r"params of the run in \S*run, which replacing"):
+            main([*cmd, str(run / "final"), "--overwrite"])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / "final").iterdir()) == stamp
+    (run / "metrics.jsonl").unlink()  # no longer a run: an earlier convert output, replaced
+    assert main(["convert", str(src), str(run / "final"), "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("which", ["sharded", "mtp"])

@@ -385,6 +385,14 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
     with pytest.raises(ValueError, match="--out: empty"):
         _run(hf_dir, "")
+    with pytest.raises(FileNotFoundError, match=r"nope: no such checkpoint directory \(the "
+                                                r"checkpoint to fine-tune: --checkpoint\)"):
+        finetune(tmp_path / "nope", hf_dir / "data.jsonl", tmp_path / "o", steps=1)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty.jsonl: no tokens to pack \(empty dataset\)"):
+        finetune(hf_dir / "hf", tmp_path / "empty.jsonl", tmp_path / "o", steps=1,
+                 progress=False)
+    assert not (tmp_path / "o").exists()
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")
     with pytest.raises(ValueError, match="dangling: a link to a missing directory"):
         _run(hf_dir, tmp_path / "dangling")

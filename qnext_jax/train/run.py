@@ -40,6 +40,17 @@ from qnext_jax.train.step import TrainConfig, Trainer
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
 
 
+def run_of_final(path: str | Path) -> Path | None:
+    """The run directory whose fine-tuned params ``path`` is (OUT/final of a run: OUT holds the
+    run's checkpoints/ or metrics.jsonl), else None."""
+    path = Path(path).absolute()
+    run = path.parent
+    if path.name == "final" and ((run / "checkpoints").is_dir() or
+                                 (run / "metrics.jsonl").is_file()):
+        return run
+    return None
+
+
 def check_run_dir(out: Path, export_hf: bool) -> None:
     """Refuse, before anything is written, an OUT whose files the run would lose: one holding
     entries a run does not write (another directory given by mistake), or a final/ (hf/ with
@@ -283,6 +294,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         checkpoint's tokenizer can produce (added and special tokens included), reach the
         model's vocab_size; checked before ``out`` is written.
       FileExistsError: ``out`` holds what the run would lose (:func:`check_run_dir`).
+      FileNotFoundError: ``checkpoint`` does not exist.
     """
     from tqdm.auto import tqdm
 
@@ -292,6 +304,9 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     if not str(out).strip():
         raise ValueError("--out: empty (the output directory of the run)")
     checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory (the checkpoint "
+                                "to fine-tune: --checkpoint)")
     if out.is_symlink() and not out.exists():
         raise ValueError(f"{out}: a link to a missing directory (the output directory of the "
                          "run: --out)")
@@ -311,8 +326,13 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
 
         config, params = load(checkpoint, mesh=mesh, shardings=tree_shardings(mesh))
     tokenizer = DocumentTokenizer.from_checkpoint(checkpoint)
-    dataset = PackedDataset.from_documents(read_documents(data), tokenizer, seq_len,
-                                           max_segments)
+    try:
+        dataset = PackedDataset.from_documents(read_documents(data), tokenizer, seq_len,
+                                               max_segments)
+    except ValueError as e:  # every data error names where it came from
+        if not str(e).startswith(str(data)):
+            raise ValueError(f"{data}: {e}") from None
+        raise
     if int(dataset.rows["input_ids"].max()) >= config.vocab_size:
         raise ValueError(f"{checkpoint}: the tokenizer produces ids up to "
                          f"{int(dataset.rows['input_ids'].max())}, beyond the model's vocab_size "
