@@ -173,6 +173,40 @@ def test_decode_steps_per_call_must_be_positive(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["decode_steps_per_call"] == 2
 
 
+def test_cli_compilation_cache_serves_a_rerun(tmp_path):
+    """``--compilation-cache DIR``: the first run stores its compiled programs there, a rerun
+    loads them (nothing new stored) and gives the same tokens; ``auto`` uses
+    $XDG_CACHE_HOME/qnext-jax/xla; ``none`` stores nothing. Fresh processes, as the cache is set
+    once per process (this one's is the test suite's)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def run(where):
+        out = subprocess.run([sys.executable, "-m", "qnext_jax.cli", "generate", "--prompt",
+                              "Hi", "--max-new-tokens", "3", "--json", "--compilation-cache",
+                              where], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             check=True, timeout=300)
+        return json.loads(out.stdout)["token_ids"]
+
+    def entries(d):
+        return sorted(p.name for p in d.iterdir())
+
+    cache = tmp_path / "cache"
+    first = run(str(cache))
+    stored = entries(cache)
+    assert stored
+    assert run(str(cache)) == first
+    assert entries(cache) == stored
+    assert run("none") == first
+    assert entries(tmp_path) == ["cache"]  # neither a "none" directory nor the XDG default
+    assert run("auto") == first
+    assert entries(tmp_path / "xdg" / "qnext-jax" / "xla")
+
+
 def test_cli_prompts_file_batch_equals_each_prompt_alone(tmp_path, capsys):
     """--prompts-file: prompts of unequal lengths (text and token ids) in one left-padded
     batch give each prompt's tokens alone (the demo model, float32, greedy)."""
@@ -197,7 +231,7 @@ def test_cli_prompts_file_batch_equals_each_prompt_alone(tmp_path, capsys):
     qnext_main(["generate", "--prompts-file", str(path), "--max-new-tokens", "3"])
     out, err = capsys.readouterr()
     assert [line[:4] for line in out.splitlines() if line] == ["[0] ", "[1] ", "[2] "]
-    assert re.search(r"\[qnext\] 3 prompt\(s\) of \d+ tokens, generated \d+;", err), err
+    assert re.search(r"\[qnext\] 3 prompt\(s\), \d+ tokens in all, generated \d+;", err), err
 
 
 @pytest.mark.parametrize("content, expected", [
