@@ -705,7 +705,7 @@ def _add_compilation_cache(parser) -> None:
                              "else ~/.cache/qnext-jax/xla; none = off")
 
 
-def use_compilation_cache(where: str) -> None:
+def _use_compilation_cache(where: str) -> None:
     """``--compilation-cache``: JAX's persistent compilation cache in ``where`` ("none": off;
     "auto": a cache directory already configured (JAX_COMPILATION_CACHE_DIR, or set by the
     calling program) else ``$XDG_CACHE_HOME/qnext-jax/xla``, ``~/.cache`` without XDG). Programs
@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_attach_token_ids(argv))
     if hasattr(args, "compilation_cache"):
-        use_compilation_cache(args.compilation_cache)
+        _use_compilation_cache(args.compilation_cache)
     try:
         return args.fn(args)
     except SystemExit as e:  # every command's one-line errors start "qnext <command>: "

@@ -204,10 +204,11 @@ class Generator:
       scan_layers: run the decoder layers as a scan over the blocks of the periodic layer
         pattern (``Qwen3NextForCausalLM(scan_layers=True)``), with the stacked cache
         (``init_cache(..., scan_layers=True)``): compile time of prefill, decode and the
-        speculative round stays flat in depth. Params may come in either layout;
-        :meth:`prepare_params` converts them (per-layer params are stacked on every call
-        otherwise: convert once when generating repeatedly). A non-periodic layer pattern
-        raises ValueError.
+        speculative round stays flat in depth. On a GPU the decode loop compiles with
+        ``SCANNED_DECODE_GPU_OPTIONS`` (kept in ``decode_compiler_options``). Params may come
+        in either layout; :meth:`prepare_params` converts them (per-layer params are stacked
+        on every call otherwise: convert once when generating repeatedly). A non-periodic
+        layer pattern raises ValueError.
 
     Each distinct (batch, chunk length, cache length) compiles the prefill once; the decode
     loop (or the speculative round) compiles once per (batch, cache length). Prompts are padded
