@@ -723,7 +723,11 @@ def _use_compilation_cache(where: str) -> None:
             return
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         where = os.path.join(base, "qnext-jax", "xla")
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(where))
+    where = os.path.expanduser(where)
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise SystemExit(f"--compilation-cache: {where} is not a directory (a directory to "
+                         "keep compiled programs in, or none)")
+    jax.config.update("jax_compilation_cache_dir", where)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -731,9 +735,9 @@ def _use_compilation_cache(where: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_attach_token_ids(argv))
-    if hasattr(args, "compilation_cache"):
-        _use_compilation_cache(args.compilation_cache)
     try:
+        if hasattr(args, "compilation_cache"):
+            _use_compilation_cache(args.compilation_cache)
         return args.fn(args)
     except SystemExit as e:  # every command's one-line errors start "qnext <command>: "
         if isinstance(e.code, str) and not e.code.startswith("qnext "):

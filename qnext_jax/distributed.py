@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -51,8 +52,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       process_id: this process's index in [0, num_processes) (default: ``JAX_PROCESS_ID``).
       local_device_ids: restrict this process to these local devices (passed through).
     Raises:
-      ValueError: a coordinator without the process count / id, or an id out of range; no
-        coordinator given and none found in the environment (JAX's cluster detection).
+      ValueError: a coordinator not HOST:PORT, or without the process count / id; an id out
+        of range; no coordinator given and none found in the environment (JAX's cluster
+        detection).
     """
     global _initialized
     if _initialized:
@@ -62,6 +64,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    if coordinator is not None and not re.fullmatch(r"\S+:\d+", coordinator):
+        raise ValueError(f"coordinator {coordinator!r}: expected HOST:PORT (process 0's "
+                         "address and a free port, e.g. 10.0.0.1:1234)")
     if coordinator is not None and (num_processes is None or process_id is None):
         raise ValueError(f"a coordinator ({coordinator}) needs the number of processes and this "
                          f"process's id (--num-processes/--process-id or {ENV_NUM_PROCESSES}/"

@@ -443,10 +443,16 @@ class Generator:
                 raise ValueError("give attention_mask only with an already padded [B, T] "
                                  "input_ids, not with a list of prompts")
             return pad_prompts(input_ids)
-        input_ids = np.asarray(input_ids, np.int32)
+        input_ids = np.asarray(input_ids)
+        if input_ids.size and not np.issubdtype(input_ids.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {input_ids.dtype}")
+        input_ids = input_ids.astype(np.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length] (or a list of token-id "
                              f"lists), got shape {input_ids.shape}")
+        if not input_ids.size:
+            raise ValueError(f"input_ids must hold at least one prompt of at least one token, "
+                             f"got shape {input_ids.shape}")
         if attention_mask is None:
             attention_mask = np.ones(input_ids.shape, np.int32)
         attention_mask = np.asarray(attention_mask, np.int32)

@@ -106,7 +106,8 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
             n = 0
         if n < 1:
             raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer, "
-                             f"got {size!r}")
+                             f"got {size!r} (axes are separated by commas: "
+                             "'tensor=2,expert=4')")
         sizes[name] = n
     return sizes
 

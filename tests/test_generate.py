@@ -162,6 +162,29 @@ def test_decode_loop_buffer_is_bounded_by_the_tokens_left(tiny):
         16, 64]
 
 
+def test_bad_prompts_and_params_layouts_are_named(tiny, two_periods):
+    """Float token ids (which int32 would truncate), an empty prompt or batch, 1-D ids into the
+    model, and params of the other layout (per layer vs stacked) get errors naming them."""
+    cfg, params = tiny
+    gen = Generator(cfg)
+    with pytest.raises(ValueError, match="token ids must be integers, got dtype float32"):
+        gen.generate(params, jnp.asarray([[1.5, 2.0]]), max_new_tokens=1)
+    for empty in ([[]], np.zeros((1, 0), np.int32), np.zeros((0, 3), np.int32)):
+        with pytest.raises(ValueError, match="at least one prompt of at least one token"):
+            gen.generate(params, empty, max_new_tokens=1)
+    model = Qwen3NextForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, length\] token ids, got "
+                                         r"shape \(3,\)"):
+        model.apply({"params": params}, jnp.asarray([1, 2, 3]))
+    cfg8, per_layer = two_periods
+    ids = jnp.asarray([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"scan_layers=True needs the stacked params of "
+                                         r"stack_layers\(params, config\), got per-layer"):
+        Qwen3NextForCausalLM(cfg8, scan_layers=True).apply({"params": per_layer}, ids)
+    with pytest.raises(ValueError, match="scan_layers=False needs per-layer params"):
+        Qwen3NextForCausalLM(cfg8).apply({"params": stack_layers(per_layer, cfg8)}, ids)
+
+
 def test_decode_steps_per_call_must_be_positive(tiny, capsys):
     with pytest.raises(ValueError, match="decode_steps_per_call must be >= 1, got 0"):
         Generator(tiny[0], decode_steps_per_call=0)
@@ -205,6 +228,11 @@ def test_cli_compilation_cache_serves_a_rerun(tmp_path):
     assert entries(tmp_path) == ["cache"]  # neither a "none" directory nor the XDG default
     assert run("auto") == first
     assert entries(tmp_path / "xdg" / "qnext-jax" / "xla")
+    with pytest.raises(SystemExit, match="qnext generate: --compilation-cache: .*a_file is not "
+                                         "a directory"):
+        (tmp_path / "a_file").write_text("")
+        qnext_main(["generate", "--prompt", "Hi", "--compilation-cache",
+                    str(tmp_path / "a_file")])
 
 
 def test_cli_prompts_file_batch_equals_each_prompt_alone(tmp_path, capsys):

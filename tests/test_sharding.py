@@ -78,6 +78,8 @@ def test_mesh_spec_errors():
         sharding.parse_mesh_spec("data=0")
     with pytest.raises(ValueError, match=r"positive integer"):
         sharding.parse_mesh_spec("data=two")
+    with pytest.raises(ValueError, match=r"got '2;expert=4' \(axes are separated by commas"):
+        sharding.parse_mesh_spec("tensor=2;expert=4")
     with pytest.raises(ValueError, match=r"not AXIS=SIZE"):
         sharding.parse_mesh_spec("data")
     with pytest.raises(ValueError, match=r"given twice"):
@@ -327,3 +329,16 @@ def test_distributed_without_a_coordinator_says_how_to_give_one(monkeypatch):
     monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keep this process's collectives
     with pytest.raises(ValueError, match="--coordinator HOST:PORT"):
         distributed.initialize(num_processes=2, process_id=0)
+
+
+@pytest.mark.parametrize("coordinator", ["localhost", "localhost:", "host:port"])
+def test_distributed_coordinator_must_be_host_and_port(coordinator, monkeypatch):
+    """A coordinator without a numeric port is named before JAX's own parsing (an IndexError
+    from inside jax.distributed for "localhost")."""
+    import jax
+
+    from qnext_jax import distributed
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **_: pytest.fail("reached JAX"))
+    with pytest.raises(ValueError, match=f"coordinator '{coordinator}': expected HOST:PORT"):
+        distributed.initialize(coordinator=coordinator, num_processes=2, process_id=0)

@@ -424,10 +424,22 @@ class Qwen3NextForCausalLM(nn.Module):
           (logits [B, T, vocab], new cache or None), plus a tuple of hidden states
           (embeddings, after each layer, final normed) [B, T, d] when output_hidden_states.
         Raises:
-          ValueError: a cache too short for the new tokens (checked when not traced), one of
-            another batch size, or one whose layout (per layer or stacked) is not the model's.
+          ValueError: input_ids not 2-D; params or a cache whose layout (per layer or stacked)
+            is not the model's; a cache too short for the new tokens (checked when not traced)
+            or of another batch size.
         """
         cfg = self.config
+        if jnp.ndim(input_ids) != 2:
+            raise ValueError(f"input_ids must be [batch, length] token ids, got shape "
+                             f"{jnp.shape(input_ids)}")
+        if not self.is_initializing() and \
+                self.has_variable("params", BLOCKS if not self.scan_layers else "layers_0"):
+            raise ValueError(
+                "the params' layout does not match the model's: " + (
+                    "scan_layers=True needs the stacked params of stack_layers(params, config), "
+                    "got per-layer entries (layers_0, ...)" if self.scan_layers else
+                    f"scan_layers=False needs per-layer params (unstack_layers(params, config)), "
+                    f"got a stacked {BLOCKS!r} entry"))
         if cache is not None and (BLOCKS in cache) != self.scan_layers:
             raise ValueError(
                 "the cache's layout does not match the model's: " + (
