@@ -222,10 +222,12 @@ def chunk_gated_delta_rule(
     Args:
       q, k: [B, T, Hk, dk], bfloat16 or float32.
       v: [B, T, Hv, dv], Hv a multiple of Hk (value head h reads key head h // (Hv // Hk)).
-      g: [B, T, Hv] log decay (<= 0), float32.
+      g: [B, T, Hv] log decay (<= 0), float32 (another float dtype is cast to float32, as
+        FLA does; its rounding is then already in the input).
       beta: [B, T, Hv] in (0, 1); used in float32 (never rounded to bf16).
       scale: multiplies q; default dk ** -0.5.
-      initial_state: [N, Hv, dk, dv] float32 or None (zeros). N = B, or len(cu_seqlens) - 1.
+      initial_state: [N, Hv, dk, dv] float32 or None (zeros); another float dtype is cast to
+        float32. N = B, or len(cu_seqlens) - 1.
       output_final_state: also return the state after the last token (of each sequence).
       use_qk_l2norm_in_kernel: L2-normalise q and k (x * rsqrt(sum x^2 + 1e-6), float32) first.
       cu_seqlens: optional [N + 1] int32 offsets of sequences packed along T (then B must be 1);
