@@ -93,14 +93,19 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _integer_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids``, or ValueError when they are not integers (a cast would truncate floats)."""
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):  # ([] reads as float64)
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    return ids
+
+
 def check_token_ids(input_ids, vocab_size: int, attention_mask=None) -> None:
     """Raise ValueError naming the (first five) ids of real tokens outside [0, vocab_size):
     input_ids [B, T] (or [T]) host ints, attention_mask 0 on padding. The model would embed
     such an id as NaN (an out-of-range gather) and generate without an error; also raise when
     the ids are not integers (floats would be truncated silently)."""
-    ids = np.atleast_2d(np.asarray(input_ids))
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):  # ([] reads as float64)
-        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    ids = _integer_ids(np.atleast_2d(np.asarray(input_ids)))
     real = np.ones(ids.shape, bool) if attention_mask is None else \
         np.atleast_2d(np.asarray(attention_mask)).astype(bool)
     rows, cols = np.nonzero(real & ((ids < 0) | (ids >= vocab_size)))
@@ -117,9 +122,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
     """Left-pad token-id lists of unequal length.
 
     Returns (input_ids int32 [B, T], attention_mask int32 [B, T]) with T the longest prompt;
-    padded slots hold ``pad_id`` and mask 0. Raises ValueError on an empty batch or prompt.
+    padded slots hold ``pad_id`` and mask 0. Raises ValueError on an empty batch or prompt, or
+    ids that are not integers.
     """
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = [_integer_ids(np.asarray(p)).tolist() for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("pad_prompts: every prompt needs at least one token (and the batch "
                          "at least one prompt)")
@@ -443,10 +449,7 @@ class Generator:
                 raise ValueError("give attention_mask only with an already padded [B, T] "
                                  "input_ids, not with a list of prompts")
             return pad_prompts(input_ids)
-        input_ids = np.asarray(input_ids)
-        if input_ids.size and not np.issubdtype(input_ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {input_ids.dtype}")
-        input_ids = input_ids.astype(np.int32)
+        input_ids = _integer_ids(np.asarray(input_ids)).astype(np.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length] (or a list of token-id "
                              f"lists), got shape {input_ids.shape}")

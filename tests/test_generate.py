@@ -169,6 +169,8 @@ def test_bad_prompts_and_params_layouts_are_named(tiny, two_periods):
     gen = Generator(cfg)
     with pytest.raises(ValueError, match="token ids must be integers, got dtype float32"):
         gen.generate(params, jnp.asarray([[1.5, 2.0]]), max_new_tokens=1)
+    with pytest.raises(ValueError, match="token ids must be integers, got dtype float64"):
+        gen.generate(params, [[1.5, 2.0], [3.0]], max_new_tokens=1)  # left-padded here
     for empty in ([[]], np.zeros((1, 0), np.int32), np.zeros((0, 3), np.int32)):
         with pytest.raises(ValueError, match="at least one prompt of at least one token"):
             gen.generate(params, empty, max_new_tokens=1)
