@@ -440,12 +440,12 @@ def test_expert_parallel_gather_pallas_names_the_per_device_shard():
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_auto_takes_the_routed_decode_kernels_on_a_gpu_unscanned(scan_layers, monkeypatch):
-    """moe_impl="auto" on a GPU (the backend faked, the kernels in interpret mode): an
-    unscanned model's decode-sized calls, its MTP head's included, run the routed decode
-    kernels in every sparse-MoE layer; under the layer scan none does (its per-layer slices of
-    the stacked expert weights would be copied whole for a kernel). The logits equal the CPU's
-    auto path either way."""
+def test_auto_takes_the_routed_decode_kernels_on_a_gpu(scan_layers, monkeypatch):
+    """moe_impl="auto" on a GPU (the backend faked, the kernels in interpret mode): decode-sized
+    calls, the MTP head's included, run the routed decode kernels in every sparse-MoE layer;
+    under the layer scan they are handed the whole stacks of the experts' weights and the
+    block's index (a per-layer slice would be copied whole for a kernel), once per MoE layer of
+    the scan's body. The logits equal the CPU's auto path either way."""
     import functools
 
     from conftest import tiny_config
@@ -461,7 +461,7 @@ def test_auto_takes_the_routed_decode_kernels_on_a_gpu_unscanned(scan_layers, mo
     calls = []
 
     def recording(*args, **kwargs):
-        calls.append(1)
+        calls.append((args[2].shape, kwargs.get("layer")))
         return routed_experts(*args, **kwargs, blocks=small(), interpret=True)
 
     monkeypatch.setattr(moe, "routed_experts", recording)
@@ -474,7 +474,13 @@ def test_auto_takes_the_routed_decode_kernels_on_a_gpu_unscanned(scan_layers, mo
     want, _ = model.apply({"params": params}, ids)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     got, _ = model.apply({"params": params}, ids)
-    assert len(calls) == (0 if scan_layers else sparse)
+    if scan_layers:  # the body (traced once or more) gets stacks of 2 blocks and the index
+        per_block = sparse // 2
+        assert len(calls) >= per_block and len(calls) % per_block == 0
+        assert all(shape[0] == 2 and layer is not None and jnp.ndim(layer) == 0
+                   for shape, layer in calls)
+    else:
+        assert [layer for _, layer in calls] == [None] * sparse
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
     calls.clear()
     model.apply({"params": params}, jnp.zeros((1, 1, cfg.hidden_size)), ids,

@@ -189,6 +189,85 @@ def test_bad_shapes():
         gathered_experts(x, w, e, g, u, dn[:, :, :32], **BLOCKS)
 
 
+def _stack(seed, layers, dtype):
+    """Expert projections stacked over ``layers`` layers: [L, E, D, INNER] x 2, [L, E, INNER,
+    D]."""
+    cases = [_case(seed + i, 1, 1, dtype)[3:] for i in range(layers)]
+    return tuple(jnp.stack(ws) for ws in zip(*cases))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_of_stacked_experts(dtype):
+    """Stacked projections [L, ...] and a layer, concrete or traced (a lax.scan's index, as a
+    scanned model hands them): the same values as that layer's projections given alone, for
+    gathered_experts, gathered_expert_outputs and routed_experts; gradients w.r.t. the stack
+    are the layer's, zero elsewhere."""
+    x, w, e = _case(5, 3, 2, dtype)[:3]
+    stack = _stack(20, 3, dtype)
+    # jitted and eager interpret-mode kernels may round differently; another layer's weights
+    # would differ by O(1)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    close = lambda got, want, **kw: np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), **tol, **kw)
+    for layer in range(3):
+        alone = tuple(s[layer] for s in stack)
+        close(gathered_experts(x, w, e, *stack, layer=layer, **BLOCKS),
+              gathered_experts(x, w, e, *alone, **BLOCKS))
+
+    def scanned(fn):  # fn(layer) at every layer of a scan over the stack's layers
+        return jax.jit(lambda: jax.lax.scan(lambda c, i: (c, fn(i)), 0, jnp.arange(3))[1])()
+
+    for name, fn in (
+            ("gathered_experts", lambda i, *s: gathered_experts(x, w, e, *s, layer=i, **BLOCKS)),
+            ("gathered_expert_outputs",
+             lambda i, *s: gathered_expert_outputs(x, e, *s, layer=i, **BLOCKS))):
+        got = scanned(lambda i, fn=fn: fn(i, *stack))
+        want = jnp.stack([fn(None, *(s[i] for s in stack)) for i in range(3)])
+        close(got, want, err_msg=name)
+    xr, router, _, _, _, sh = _routed_case(7, 2, 3, dtype, shared=True)
+    rstack = tuple(jnp.concatenate([s, s], axis=1) for s in stack)  # 16 experts a layer
+    routed = lambda i, *s: routed_experts(xr, router, *s, top_k=3, norm_topk_prob=True,
+                                          shared=sh, layer=i, **BLOCKS)
+    got = scanned(lambda i: routed(i, *rstack))
+    for i in range(3):
+        out, weights, experts = routed(None, *(s[i] for s in rstack))
+        close(got[0][i], out)
+        np.testing.assert_allclose(np.asarray(got[1][i]), np.asarray(weights), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got[2][i]), np.asarray(experts))
+    if dtype == jnp.float32:
+        loss = lambda s, layer: jnp.sum(gathered_experts(x, w, e, *s, layer=layer, **BLOCKS))
+        grads = jax.grad(loss)(stack, jnp.int32(1))
+        alone = jax.grad(lambda s: loss(s, None))(tuple(s[1] for s in stack))
+        for g, a in zip(grads, alone):
+            np.testing.assert_allclose(np.asarray(g[1]), np.asarray(a), rtol=1e-6, atol=1e-7)
+            assert not np.asarray(g[0]).any() and not np.asarray(g[2]).any()
+        rloss = lambda s, layer: jnp.sum(routed(layer, *s)[0])
+        grads = jax.grad(rloss)(rstack, jnp.int32(2))
+        alone = jax.grad(lambda s: rloss(s, None))(tuple(s[2] for s in rstack))
+        for g, a in zip(grads, alone):
+            np.testing.assert_allclose(np.asarray(g[2]), np.asarray(a), rtol=1e-6, atol=1e-7)
+            assert not np.asarray(g[:2]).any()
+
+
+def test_layer_bad_arguments():
+    x, w, e, g, u, dn = _case(0, 1, 2, jnp.float32)
+    stack = _stack(1, 2, jnp.float32)
+    with pytest.raises(ValueError, match=r"expected gate_proj, up_proj \[L, E, d, I\] .* "
+                                         r"\(with layer\)"):
+        gathered_experts(x, w, e, g, u, dn, layer=0, **BLOCKS)
+    with pytest.raises(ValueError, match=r"expected gate_proj, up_proj \[E, d, I\] .* "
+                                         r"\(without layer\)"):
+        gathered_expert_outputs(x, e, *stack, **BLOCKS)
+    with pytest.raises(ValueError, match=r"layer = 2 must be in \[0, L = 2\)"):
+        gathered_experts(x, w, e, *stack, layer=2, **BLOCKS)
+    with pytest.raises(ValueError, match="layer must be an integer scalar"):
+        gathered_experts(x, w, e, *stack, layer=jnp.zeros((1,), jnp.int32), **BLOCKS)
+    with pytest.raises(ValueError, match="layer must be an integer scalar"):
+        gathered_experts(x, w, e, *stack, layer=0.0, **BLOCKS)
+    with pytest.raises(ValueError, match=r"in stacks of \[2, 2, 1\] layers"):
+        gathered_experts(x, w, e, *stack[:2], stack[2][:1], layer=0, **BLOCKS)
+
+
 def test_export_cuda():
     """Lowers to Triton for CUDA from the CPU (an abstract H200): the expert id indexes the
     weights inside the kernel."""

@@ -224,9 +224,9 @@ def _router_kernel(x_ref, router_ref, *refs, block_r, steps):
             shared_logit_ref[0][0, 0] = shared_logit
 
 
-def _gate_up_kernel(choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared, norm_topk_prob,
-                    block_r, steps):
-    # choice_ref: the expert ids [N k] int32, or (routing: norm_topk_prob not None) the router
+def _gate_up_kernel(layer_ref, choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared,
+                    norm_topk_prob, block_r, steps):
+    # layer_ref: [1] int32, the layer l of the stacked experts' weights [L, E, ...]; choice_ref: the expert ids [N k] int32, or (routing: norm_topk_prob not None) the router
     # logits' partial sums [S, N, E] float32; refs: (shared gate [d, I], shared up [d, I],)
     # g_part, u_part blocks [1, 1, BI] (, routing: the expert ids [N k] int32 and weights [N k]
     # float32 it writes).
@@ -268,16 +268,18 @@ def _gate_up_kernel(choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared, norm_
                 ids_ref[n * k + j] = e
                 weights_ref[n * k + j] = weight
 
-        pl.when(e >= 0)(lambda: run(lambda rows: gate_ref[e, rows, cols],
-                                    lambda rows: up_ref[e, rows, cols]))
+        layer = layer_ref[0]
+        pl.when(e >= 0)(lambda: run(lambda rows: gate_ref[layer, e, rows, cols],
+                                    lambda rows: up_ref[layer, e, rows, cols]))
 
     _by_slot(j, k, routed, (lambda: run(lambda rows: shared_refs[0][rows, cols],
                                         lambda rows: shared_refs[1][rows, cols]))
              if shared else None)
 
 
-def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, k, shared, block_r, steps, dtype):
-    # ids_ref: the expert ids [N k]; g_ref, u_ref: the [S, R, I] float32 partial sums; refs:
+def _down_kernel(layer_ref, ids_ref, g_ref, u_ref, down_ref, *refs, k, shared, block_r, steps,
+                 dtype):
+    # layer_ref: [1] int32, the layer of the stacked weights; ids_ref: the expert ids [N k]; g_ref, u_ref: the [S, R, I] float32 partial sums; refs:
     # (shared down [I, d],) (weighting: the weights [N k] float32 (, the partial sums [S, N]
     # float32 of the shared expert's gate logits),) y block [1, 1, BD].
     *ins, y_ref = refs
@@ -300,7 +302,8 @@ def _down_kernel(ids_ref, g_ref, u_ref, down_ref, *refs, k, shared, block_r, ste
 
     def routed():
         e = ids_ref[n * k + j]  # negative (given ids only): a zero row, no weights read
-        pl.when(e >= 0)(lambda: run(lambda rows: down_ref[e, rows, cols],
+        layer = layer_ref[0]
+        pl.when(e >= 0)(lambda: run(lambda rows: down_ref[layer, e, rows, cols],
                                     lambda: weight_refs[0][n * k + j]))
 
         @pl.when(e < 0)
@@ -341,10 +344,11 @@ def _router_partials(x, router_weight, shared_gate, blocks, interpret):
     return parts[0], (parts[1] if shared_gate is not None else None)
 
 
-def _kernels(x, choice, gate_proj, up_proj, down_proj, shared, k, blocks, interpret,
+def _kernels(x, choice, gate_proj, up_proj, down_proj, layer, shared, k, blocks, interpret,
              norm_topk_prob=None, shared_gate=None):
     """The pallas_calls over N tokens' rows: k routed slots each, then the shared expert
-    (``shared``: its (gate, up, down), or ()).
+    (``shared``: its (gate, up, down), or ()), with the experts of layer ``layer`` ([1] int32)
+    of the stacked gate_proj, up_proj [L, E, d, I] and down_proj [L, E, I, d].
 
     choice: the expert ids [N k] int32, or (norm_topk_prob a bool) the router's weight [d, E],
     whose matmul the "router" kernel makes first (with the shared expert's gate [d, 1],
@@ -353,7 +357,7 @@ def _kernels(x, choice, gate_proj, up_proj, down_proj, shared, k, blocks, interp
     logit). Returns y [S', rows, d] float32 and the routing: (ids [N k] int32, weights [N k]
     float32), or () given the ids."""
     N, d = x.shape
-    inner = gate_proj.shape[2]
+    inner = gate_proj.shape[3]
     rows = N * (k + bool(shared))
     bi, bd, br = blocks.block_i, blocks.block_d, blocks.block_r
     splits, down_splits = blocks.splits, blocks.down_splits
@@ -368,41 +372,74 @@ def _kernels(x, choice, gate_proj, up_proj, down_proj, shared, k, blocks, interp
         functools.partial(_gate_up_kernel, k=k, shared=bool(shared),
                           norm_topk_prob=norm_topk_prob, block_r=br, steps=d // splits // br),
         grid=(rows, inner // bi, splits),
-        in_specs=[_whole(choice.shape), _whole(x.shape), _whole(gate_proj.shape),
-                  _whole(up_proj.shape)] + [_whole(w.shape) for w in shared[:2]],
+        in_specs=[_whole(layer.shape), _whole(choice.shape), _whole(x.shape),
+                  _whole(gate_proj.shape), _whole(up_proj.shape)]
+        + [_whole(w.shape) for w in shared[:2]],
         out_specs=[pl.BlockSpec((1, 1, bi), lambda r, c, s: (s, r, c))] * 2
         + [_whole(o.shape) for o in routing],
         out_shape=[part, part, *routing],
         compiler_params=params, interpret=interpret, name="moe_gathered_gate_up",
-    )(choice, x, gate_proj, up_proj, *shared[:2])
+    )(layer, choice, x, gate_proj, up_proj, *shared[:2])
     ids = routing[0] if routing else choice
     weighting = (routing[1], *([shared_logits] if shared else [])) if routing else ()
     y = pl.pallas_call(
         functools.partial(_down_kernel, k=k, shared=bool(shared), block_r=br,
                           steps=inner // down_splits // br, dtype=x.dtype),
         grid=(rows, d // bd, down_splits),
-        in_specs=[_whole(ids.shape), _whole(g_part.shape), _whole(u_part.shape),
-                  _whole(down_proj.shape)]
+        in_specs=[_whole(layer.shape), _whole(ids.shape), _whole(g_part.shape),
+                  _whole(u_part.shape), _whole(down_proj.shape)]
         + [_whole(w.shape) for w in (*shared[2:], *weighting)],
         out_specs=pl.BlockSpec((1, 1, bd), lambda r, c, s: (s, r, c)),
         out_shape=jax.ShapeDtypeStruct((down_splits, rows, d), jnp.float32),
         compiler_params=params, interpret=interpret, name="moe_gathered_down",
-    )(ids, g_part, u_part, down_proj, *shared[2:], *weighting)
+    )(layer, ids, g_part, u_part, down_proj, *shared[2:], *weighting)
     return y, tuple(routing)
 
 
+def _stacked(fn, layer, gate_proj, up_proj, down_proj):
+    """The experts' projections as stacks of layers [L, E, ...] and the layer to read as a [1]
+    int32 array: given ``layer``, the projections as they are ([L, E, d, I], [L, E, d, I],
+    [L, E, I, d]); without it, [E, d, I], [E, d, I], [E, I, d] as a stack of one layer (a
+    reshape, no copy) and layer 0. Raises ValueError (naming ``fn``) for projections of another
+    rank, a layer that is not an integer scalar, or a concrete layer outside [0, L)."""
+    ndim = 3 if layer is None else 4
+    if any(w.ndim != ndim for w in (gate_proj, up_proj, down_proj)):
+        lead = "" if layer is None else "L, "
+        raise ValueError(
+            f"{fn}: expected gate_proj, up_proj [{lead}E, d, I] and down_proj [{lead}E, I, d] "
+            f"({'with' if layer is not None else 'without'} layer); got {gate_proj.shape}, "
+            f"{up_proj.shape}, {down_proj.shape}")
+    if layer is None:
+        return gate_proj[None], up_proj[None], down_proj[None], jnp.zeros((1,), jnp.int32)
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"{fn}: layer must be an integer scalar, got {layer!r}")
+    L = gate_proj.shape[0]
+    if isinstance(layer, (int, np.integer)) and not 0 <= layer < L:
+        raise ValueError(f"{fn}: layer = {layer} must be in [0, L = {L})")
+    return gate_proj, up_proj, down_proj, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def _at_layer(w, layer):
+    """Layer ``layer`` ([1] int32) of a stack w [L, ...]."""
+    return lax.dynamic_index_in_dim(w, layer[0], keepdims=False)
+
+
 def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
-    """ValueError (naming ``fn``) unless x is [N, d], the experts' projections [E, d, I],
-    [E, d, I], [E, I, d], the shared expert's (gate, up, down) [d, I], [d, I], [I, d], and the
-    blocks fit (with ``routing``, E too)."""
+    """ValueError (naming ``fn``) unless x is [N, d], the experts' projections (stacks of
+    :func:`_stacked`) [L, E, d, I], [L, E, d, I], [L, E, I, d], the shared expert's (gate, up,
+    down) [d, I], [d, I], [I, d], and the blocks fit (with ``routing``, E too)."""
     if x.ndim != 2:
         raise ValueError(f"{fn}: x {x.shape} must be [N, d]")
     d = x.shape[1]
-    E, d_w, inner = gate_proj.shape
-    if d_w != d or up_proj.shape != gate_proj.shape or down_proj.shape != (E, inner, d):
-        raise ValueError(f"{fn}: expected gate_proj, up_proj [E, d = {d}, I] and down_proj "
-                         f"[E, I, d]; got {gate_proj.shape}, {up_proj.shape}, "
-                         f"{down_proj.shape}")
+    L, E, d_w, inner = gate_proj.shape
+    if d_w != d or up_proj.shape != gate_proj.shape or down_proj.shape != (L, E, inner, d):
+        projections = (gate_proj, up_proj, down_proj)
+        layers = {w.shape[0] for w in projections}
+        raise ValueError(
+            f"{fn}: expected gate_proj, up_proj [E, d = {d}, I] and down_proj [E, I, d] (a "
+            f"layer's); got {', '.join(str(w.shape[1:]) for w in projections)}"
+            + (f" in stacks of {[w.shape[0] for w in projections]} layers"
+               if len(layers) > 1 else ""))
     if shared and tuple(w.shape for w in shared) != ((d, inner), (d, inner), (inner, d)):
         raise ValueError(f"{fn}: the shared expert's gate_proj, up_proj, down_proj must be "
                          f"[d, I], [d, I], [I, d] with the routed experts' d = {d}, I = {inner}; "
@@ -445,31 +482,37 @@ def _weighted_rows(y, row_weights):
     return jnp.sum(row_weights.astype(jnp.float32)[..., None] * rows, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _outputs(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
+def _no_grad(a):
+    """The (float0) cotangent of an integer input."""
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _outputs(x, experts, gate_proj, up_proj, down_proj, layer, shared, blocks, interpret):
     ids = experts.reshape(-1).astype(jnp.int32)
-    y, _ = _kernels(x, ids, gate_proj, up_proj, down_proj, shared, experts.shape[1], blocks,
-                    interpret)
+    y, _ = _kernels(x, ids, gate_proj, up_proj, down_proj, layer, shared, experts.shape[1],
+                    blocks, interpret)
     return y.sum(0)  # [N slots, d]
 
 
-def _outputs_fwd(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret):
-    y = _outputs(x, experts, gate_proj, up_proj, down_proj, shared, blocks, interpret)
-    return y, (x, experts, gate_proj, up_proj, down_proj, shared)
+def _outputs_fwd(x, experts, gate_proj, up_proj, down_proj, layer, shared, blocks, interpret):
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, layer, shared, blocks, interpret)
+    return y, (x, experts, gate_proj, up_proj, down_proj, layer, shared)
 
 
 def _outputs_bwd(blocks, interpret, res, dy):
-    x, experts, gate_proj, up_proj, down_proj, shared = res
-    _, vjp = jax.vjp(lambda x, g, u, dn, sh: _outputs_reference(x, experts, g, u, dn, sh),
-                     x, gate_proj, up_proj, down_proj, shared)
+    x, experts, gate_proj, up_proj, down_proj, layer, shared = res
+    _, vjp = jax.vjp(lambda x, g, u, dn, sh: _outputs_reference(
+        x, experts, *(_at_layer(w, layer) for w in (g, u, dn)), sh),
+        x, gate_proj, up_proj, down_proj, shared)
     dx, dg, du, ddn, dsh = vjp(dy)
-    return dx, np.zeros(experts.shape, jax.dtypes.float0), dg, du, ddn, dsh
+    return dx, _no_grad(experts), dg, du, ddn, _no_grad(layer), dsh
 
 
 _outputs.defvjp(_outputs_fwd, _outputs_bwd)
 
 
-def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *,
+def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=None,
                             blocks: BlockSizes = BlockSizes(), interpret: bool = False):
     """Each token's k expert outputs ``expert_{experts[n, j]}(x[n])``, unweighted, by the two
     Pallas kernels, reading the chosen experts' weights in place.
@@ -480,28 +523,36 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *,
         parallelism: another device's expert). Not checked: an id of E or more reads out of
         bounds.
       gate_proj, up_proj: [E, d, I]; down_proj: [E, I, d], in x's dtype.
+      layer: None, or an integer scalar (a traced one too): the projections are then stacks
+        over layers ([L, E, d, I], [L, E, d, I], [L, E, I, d]) and layer ``layer``'s experts
+        are read in place. A scanned model hands its layer scan's whole stack and index, where
+        a slice of the stack would be copied whole to reach a kernel. Not checked when traced:
+        a layer outside [0, L) reads out of bounds.
       blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
         tests).
     Returns:
       [N, k, d] float32. The gradient is that of :func:`gathered_expert_outputs_reference`.
     Raises:
-      ValueError: shapes that do not match, or blocks that do not divide I and d.
+      ValueError: shapes that do not match (or a layer given to unstacked projections), or
+        blocks that do not divide I and d.
     """
-    _check("gathered_expert_outputs", x, gate_proj, up_proj, down_proj, (), blocks)
-    _check_experts("gathered_expert_outputs", x, experts)
-    y = _outputs(x, experts, gate_proj, up_proj, down_proj, (), blocks, interpret)
+    fn = "gathered_expert_outputs"
+    gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
+    _check(fn, x, gate_proj, up_proj, down_proj, (), blocks)
+    _check_experts(fn, x, experts)
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, layer, (), blocks, interpret)
     return y.reshape(*experts.shape, x.shape[1])
 
 
 def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shared=None,
-                     blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+                     layer=None, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) with the SwiGLU experts
     ``down(silu(x gate) * (x up))``, reading the chosen experts' weights in place; with
     ``shared``, plus ``shared_weights[n] * shared_expert(x[n])`` computed as one more row of
     the same two kernels (no kernels of its own).
 
     Args:
-      x, experts, gate_proj, up_proj, down_proj, blocks, interpret: as for
+      x, experts, gate_proj, up_proj, down_proj, layer, blocks, interpret: as for
         :func:`gathered_expert_outputs`.
       weights: [N, k] router weights.
       shared: None, or (shared_weights [N], gate [d, I], up [d, I], down [I, d]): a shared
@@ -515,12 +566,14 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shar
     """
     fn = "gathered_experts"
     shared_w, shared_proj = _split_shared(fn, shared, x.shape[0], "shared_weights")
+    gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
     _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks)
     _check_experts(fn, x, experts)
     if weights.shape != experts.shape:
         raise ValueError(f"{fn}: weights {weights.shape} and experts {experts.shape} must both "
                          f"be [N = {x.shape[0]}, k]")
-    y = _outputs(x, experts, gate_proj, up_proj, down_proj, shared_proj, blocks, interpret)
+    y = _outputs(x, experts, gate_proj, up_proj, down_proj, layer, shared_proj, blocks,
+                 interpret)
     row_weights = weights.astype(jnp.float32)
     if shared is not None:
         row_weights = jnp.concatenate([row_weights, shared_w.astype(jnp.float32)[:, None]], 1)
@@ -550,38 +603,41 @@ def _routed_reference(x, router_weight, gate_proj, up_proj, down_proj, shared, e
     return _weighted_rows(y, row_weights).astype(x.dtype), weights
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _routed(x, router_weight, gate_proj, up_proj, down_proj, shared, top_k, norm_topk_prob,
-            blocks, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _routed(x, router_weight, gate_proj, up_proj, down_proj, layer, shared, top_k,
+            norm_topk_prob, blocks, interpret):
     N, d = x.shape
-    y, (ids, weights) = _kernels(x, router_weight, gate_proj, up_proj, down_proj, shared[1:],
-                                 top_k, blocks, interpret, norm_topk_prob,
+    y, (ids, weights) = _kernels(x, router_weight, gate_proj, up_proj, down_proj, layer,
+                                 shared[1:], top_k, blocks, interpret, norm_topk_prob,
                                  shared[0] if shared else None)
     # The weighted rows' sums over the down splits and each token's slots: one XLA fusion.
     out = y.reshape(-1, N, top_k + bool(shared), d).sum((0, 2)).astype(x.dtype)
     return out, weights.reshape(N, top_k), ids.reshape(N, top_k)
 
 
-def _routed_fwd(x, router_weight, gate_proj, up_proj, down_proj, shared, top_k,
+def _routed_fwd(x, router_weight, gate_proj, up_proj, down_proj, layer, shared, top_k,
                 norm_topk_prob, blocks, interpret):
-    out = _routed(x, router_weight, gate_proj, up_proj, down_proj, shared, top_k,
+    out = _routed(x, router_weight, gate_proj, up_proj, down_proj, layer, shared, top_k,
                   norm_topk_prob, blocks, interpret)
-    return out, (x, router_weight, gate_proj, up_proj, down_proj, shared, out[2])
+    return out, (x, router_weight, gate_proj, up_proj, down_proj, layer, shared, out[2])
 
 
 def _routed_bwd(top_k, norm_topk_prob, blocks, interpret, res, cotangents):
-    *primals, experts = res
+    x, router_weight, gate_proj, up_proj, down_proj, layer, shared, experts = res
     d_out, d_weights, _ = cotangents
-    _, vjp = jax.vjp(lambda *a: _routed_reference(*a, experts, norm_topk_prob), *primals)
-    return vjp((d_out, d_weights))
+    _, vjp = jax.vjp(lambda x, r, g, u, dn, sh: _routed_reference(
+        x, r, *(_at_layer(w, layer) for w in (g, u, dn)), sh, experts, norm_topk_prob),
+        x, router_weight, gate_proj, up_proj, down_proj, shared)
+    dx, dr, dg, du, ddn, dsh = vjp((d_out, d_weights))
+    return dx, dr, dg, du, ddn, _no_grad(layer), dsh
 
 
 _routed.defvjp(_routed_fwd, _routed_bwd)
 
 
 def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: int,
-                   norm_topk_prob: bool, shared=None, blocks: BlockSizes = BlockSizes(),
-                   interpret: bool = False):
+                   norm_topk_prob: bool, shared=None, layer=None,
+                   blocks: BlockSizes = BlockSizes(), interpret: bool = False):
     """A decode MoE block (transformers' Qwen3NextSparseMoeBlock) in three Pallas kernels: the
     router's matmul, each token's top-k routing, its k experts weighted and, with ``shared``,
     the sigmoid-gated shared expert (see the module docstring):
@@ -601,6 +657,11 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
         to 1.
       shared: None, or (shared_expert_gate [d, 1], gate [d, I], up [d, I], down [I, d]): a
         shared expert of the routed experts' sizes (as Qwen3-Next's) and its gate's kernel.
+      layer: None, or an integer scalar (a traced one too): the projections are then stacks
+        over layers ([L, E, d, I], [L, E, d, I], [L, E, I, d]) and layer ``layer``'s experts
+        are read in place. A scanned model hands its layer scan's whole stack and index, where
+        a slice of the stack would be copied whole to reach a kernel. Not checked when traced:
+        a layer outside [0, L) reads out of bounds.
       blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
         tests).
     Returns:
@@ -613,13 +674,14 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
       projections and ``shared``, through out and weights) is that of the jnp reference with
       these experts, recomputed.
     Raises:
-      ValueError: shapes that do not match, top_k out of [1, E], E not a power of 2, or blocks
-        that do not divide I and d.
+      ValueError: shapes that do not match (or a layer given to unstacked projections), top_k
+        out of [1, E], E not a power of 2, or blocks that do not divide I and d.
     """
     fn = "routed_experts"
     shared_gate, shared_proj = (None, ()) if shared is None else (shared[0], tuple(shared[1:]))
+    gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
     _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, routing=True)
-    d, E = x.shape[1], gate_proj.shape[0]
+    d, E = x.shape[1], gate_proj.shape[1]
     if router_weight.shape != (d, E):
         raise ValueError(f"{fn}: router_weight {router_weight.shape} must be [d = {d}, "
                          f"E = {E}]")
@@ -628,5 +690,5 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
     if not 1 <= top_k <= E:
         raise ValueError(f"{fn}: top_k = {top_k} must be in [1, E = {E}]")
     shared = () if shared is None else (shared_gate, *shared_proj)
-    return _routed(x, router_weight, gate_proj, up_proj, down_proj, shared, int(top_k),
+    return _routed(x, router_weight, gate_proj, up_proj, down_proj, layer, shared, int(top_k),
                    bool(norm_topk_prob), blocks, interpret)

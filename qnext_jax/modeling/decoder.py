@@ -57,7 +57,10 @@ class Qwen3NextDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, token_mask, cache=None, cache_index=None, kv_valid=None,
-                 segment_ids=None, cu_seqlens=None):
+                 segment_ids=None, cu_seqlens=None, expert_stack=None):
+        """``expert_stack``: None, or (in the layer scan, for an MoE layer) the scan's whole
+        stacks of this layer's expert weights and the block's index (see
+        ``Qwen3NextExperts``)."""
         cfg = self.config
         mod = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=self.param_dtype)
@@ -74,7 +77,8 @@ class Qwen3NextDecoderLayer(nn.Module):
         h = RMSNorm(name="post_attention_layernorm", **norm)(x)
         if self.sparse_moe:
             h = Qwen3NextSparseMoeBlock(cfg, moe_impl=self.moe_impl,
-                                        decode_kernels=self.decode_kernels, name="mlp", **mod)(h)
+                                        decode_kernels=self.decode_kernels, name="mlp", **mod)(
+                h, expert_stack)
         else:
             h = Qwen3NextMLP(cfg.intermediate_size, cfg.hidden_size, std=cfg.initializer_range,
                              name="mlp", **mod)(h)
@@ -208,7 +212,8 @@ def make_layers(config: Qwen3NextConfig, kinds_of: Sequence[int], remat: str = "
 
 
 def run_layers(layers: Sequence[nn.Module], x, cos, sin, token_mask, cache=None,
-               cache_index=None, kv_valid=None, segment_ids=None, cu_seqlens=None):
+               cache_index=None, kv_valid=None, segment_ids=None, cu_seqlens=None,
+               expert_stacks=None):
     """Run decoder layers in order: the one loop over layers of both parameter layouts (the
     unrolled model runs all L layers, the scan's body the P layers of a block).
 
@@ -216,6 +221,8 @@ def run_layers(layers: Sequence[nn.Module], x, cos, sin, token_mask, cache=None,
       layers: the modules of :func:`make_layers` (layer n reads ``cache["layers_{n}"]``).
       x: [B, T, d]; the other arguments as for :class:`Qwen3NextDecoderLayer`.
       cache: None, or {"layers_{n}": that layer's cache} for these layers.
+      expert_stacks: None, or {"layers_{n}": layer n's ``expert_stack``} for the MoE layers
+        (see :class:`Qwen3NextDecoderLayer`).
     Returns:
       (x [B, T, d], the output of each layer (a list of [B, T, d]), the new
       {"layers_{n}": cache} or None without a cache).
@@ -225,7 +232,8 @@ def run_layers(layers: Sequence[nn.Module], x, cos, sin, token_mask, cache=None,
         name = f"layers_{n}"
         x, new_cache[name] = layer(x, cos, sin, token_mask,
                                    None if cache is None else cache[name], cache_index,
-                                   kv_valid, segment_ids, cu_seqlens)
+                                   kv_valid, segment_ids, cu_seqlens,
+                                   (expert_stacks or {}).get(name))
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         outs.append(x)
     return x, outs, (None if cache is None else new_cache)
@@ -234,7 +242,10 @@ def run_layers(layers: Sequence[nn.Module], x, cos, sin, token_mask, cache=None,
 class Qwen3NextLayerBlock(nn.Module):
     """One period of the layer pattern, ``layers_0`` .. ``layers_{P-1}``: the body of the layer
     scan. ``x`` [B, T, d] and the block's cache ({"layers_{j}": ...} or None) -> (x, (the P
-    layers' outputs [P, B, T, d], the block's new cache or None))."""
+    layers' outputs [P, B, T, d], the block's new cache or None)). ``expert_stacks`` (None, or
+    {"layers_{j}": (gate_proj, up_proj, down_proj)} of the MoE layers: the whole stacks over
+    the blocks, a broadcast input) and ``block_index`` (this block's, a scanned input) let the
+    decode kernels read the block's experts in place (see ``Qwen3NextExperts``)."""
 
     config: Qwen3NextConfig
     period: int
@@ -249,7 +260,8 @@ class Qwen3NextLayerBlock(nn.Module):
     def setup(self):
         # Layer j of a block has the kind of layer j (the pattern repeats with period P). Its
         # expert weights are the scan's slices of the stacked params, which XLA would copy
-        # whole to hand to a Pallas kernel: auto keeps the MoE off the decode kernels here.
+        # whole to hand to a Pallas kernel: auto takes the decode kernels here only given the
+        # whole stacks (expert_stacks), which they index by the block.
         self.layers = make_layers(self.config, range(self.period), self.remat,
                                   gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
                                   attn_impl=self.attn_impl, dtype=self.dtype,
@@ -257,9 +269,11 @@ class Qwen3NextLayerBlock(nn.Module):
                                   decode_kernels=False)
 
     def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens, cache, cache_index,
-                 kv_valid):
+                 kv_valid, expert_stacks=None, block_index=None):
+        stacks = None if expert_stacks is None else {
+            name: (*weights, block_index) for name, weights in expert_stacks.items()}
         x, outs, new_cache = run_layers(self.layers, x, cos, sin, token_mask, cache,
-                                        cache_index, kv_valid, segment_ids, cu_seqlens)
+                                        cache_index, kv_valid, segment_ids, cu_seqlens, stacks)
         return x, (jnp.stack(outs), new_cache)  # unused outputs are dead code under jit
 
 
@@ -354,7 +368,8 @@ class Qwen3NextForCausalLM(nn.Module):
             # block axis first, like the params; everything else is the same for every block.
             b = nn.broadcast
             scanned = nn.scan(Qwen3NextLayerBlock, variable_axes={"params": 0, "intermediates": 0},
-                              split_rngs={"params": True}, in_axes=(b, b, b, b, b, 0, b, b),
+                              split_rngs={"params": True},
+                              in_axes=(b, b, b, b, b, 0, b, b, b, 0),
                               length=cfg.num_hidden_layers // period)
             # The attribute's name is the params key: BLOCKS.
             self.blocks = scanned(cfg, period, gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
@@ -368,6 +383,20 @@ class Qwen3NextForCausalLM(nn.Module):
             self.lm_head = dense(cfg.vocab_size, name="lm_head", std=cfg.initializer_range, **mod)
         if cfg.mtp_num_hidden_layers > 0:
             self.mtp = Qwen3NextMTP(cfg, moe_impl=self.moe_impl, attn_impl=self.attn_impl, **mod)
+
+    def _expert_stacks(self):
+        """The scanned layout's expert weights as the layer scan's broadcast inputs: ({"layers_
+        {j}": (gate_proj, up_proj, down_proj)} of the block's MoE layers, each [L / P, E, ...],
+        and the blocks' indices [L / P]), or (None, None) while initializing. Unused (dead code
+        under jit) unless the decode kernels take them."""
+        if self.is_initializing() or not self.has_variable("params", BLOCKS):
+            return None, None
+        blocks = self.variables["params"][BLOCKS]
+        stacks = {name: tuple(layer["mlp"]["experts"][w]
+                              for w in ("gate_proj", "up_proj", "down_proj"))
+                  for name, layer in blocks.items() if "experts" in layer.get("mlp", {})}
+        n_blocks = self.config.num_hidden_layers // scan_period(self.config)
+        return stacks, jnp.arange(n_blocks, dtype=jnp.int32)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: [B, T, d] -> [B, T, vocab] (the embedding's transpose when tied)."""
@@ -473,7 +502,8 @@ class Qwen3NextForCausalLM(nn.Module):
         if self.scan_layers:
             x, (outs, blocks_cache) = self.blocks(
                 x, cos, sin, token_mask, segment_ids, cu_seqlens,
-                None if cache is None else cache[BLOCKS], cache_index, kv_valid)
+                None if cache is None else cache[BLOCKS], cache_index, kv_valid,
+                *self._expert_stacks())
             new_cache = {BLOCKS: blocks_cache}
             if output_hidden_states:  # outs [L / P, P, B, T, d], layer b * P + j at [b, j]
                 hidden.extend(outs.reshape((cfg.num_hidden_layers,) + x.shape))

@@ -618,7 +618,10 @@ class Qwen3NextExperts(nn.Module):
     choice does, and a larger call (a prefill) runs ``auto``. ``decode_kernels``: whether
     ``auto`` may take the Pallas decode kernels with the routing inside them on a GPU
     (:meth:`fuses_shared`); False in the layer scan, whose slices of the stacked expert weights
-    XLA would copy whole to hand to a kernel.
+    XLA would copy whole to hand to a kernel. There the call may instead be given ``stacked``:
+    the scan's whole stacks of this layer's expert weights (gate_proj, up_proj [L / P, E, d, I],
+    down_proj [L / P, E, I, d]) and the block's index, which the kernels read in place (the
+    layer's own params, the scan's slices, are then not read).
     """
 
     num_experts: int
@@ -632,14 +635,16 @@ class Qwen3NextExperts(nn.Module):
     decode_kernels: bool = True
 
     @nn.compact
-    def __call__(self, x, weights=None, experts=None, *, router=None, shared=None):
+    def __call__(self, x, weights=None, experts=None, *, router=None, shared=None,
+                 stacked=None):
         """x [N, d] -> [N, d], each token's routed experts, given either
         - weights [N, k] (router weights) and experts [N, k] int (:func:`route`'s), or
         - ``router`` (router_weight [d, E], top_k, norm_topk_prob) and ``shared``
           (shared_expert_gate [d, 1], gate [d, I], up [d, I], down [I, d]): the
           ``gather_pallas`` decode kernels make the router's matmul, route each token and add
           its sigmoid-gated shared expert, computed as one more row (``routed_experts``;
-          :meth:`fuses_shared`)."""
+          :meth:`fuses_shared`), from ``stacked`` (gate, up, down stacks, block index) when
+          given (the layer scan)."""
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
         impl = self.impl
         init = nn.initializers.normal(self.std)
@@ -649,11 +654,15 @@ class Qwen3NextExperts(nn.Module):
         cast = lambda w: w.astype(self.dtype)
         if router is not None or shared is not None:
             if router is None or shared is None or not self.fuses_shared(
-                    x.shape[0] * router[1], shared[1].shape[1]):
+                    x.shape[0] * router[1], shared[1].shape[1], stacked):
                 raise ValueError("Qwen3NextExperts: the router logits and a shared expert are "
                                  "only taken together, by the gather_pallas decode kernels "
                                  "(see fuses_shared)")
             router_weight, top_k, norm_topk_prob = router
+            if stacked is not None:  # in place, in this layer's dtype (fuses_shared checks)
+                *stacks, index = stacked
+                return routed_experts(x, router_weight, *stacks, layer=index, top_k=top_k,
+                                      norm_topk_prob=norm_topk_prob, shared=shared)[0]
             return routed_experts(x, router_weight, cast(gate), cast(up), cast(down),
                                   top_k=top_k, norm_topk_prob=norm_topk_prob, shared=shared)[0]
         if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
@@ -667,17 +676,20 @@ class Qwen3NextExperts(nn.Module):
         return grouped_experts(x, weights.astype(self.dtype), experts, cast(gate), cast(up),
                                cast(down), self.precision, impl=impl)
 
-    def fuses_shared(self, rows: int, shared_inner: int) -> bool:
+    def fuses_shared(self, rows: int, shared_inner: int, stacked=None) -> bool:
         """Whether a call of ``rows`` token-slots takes the router's weight and a shared expert
         of intermediate size ``shared_inner``, routing and computing both inside its kernels:
-        impl ``gather_pallas``, or ``auto`` on a GPU with ``decode_kernels``, at decode size, no
-        active mesh, the shared expert of the routed experts' sizes (Qwen3-Next's 512) and E a
-        power of 2 (the 80B's 512). On one H200, 8 unscanned layers of the 80B at batch 1
-        without a mesh (profiles of 5 steps, two runs each): the jnp gather 299 kernels and
-        1.39 ms busy a step, 2.00-2.24 ms a step; these kernels 195 and 1.01 ms, 1.84-1.96
-        ms."""
+        impl ``gather_pallas``, or ``auto`` on a GPU with ``decode_kernels`` or ``stacked``
+        (the layer scan's stacks, which must then be in this layer's dtype: a cast would copy
+        them whole), at decode size, no active mesh, the shared expert of the routed experts'
+        sizes (Qwen3-Next's 512) and E a power of 2 (the 80B's 512). On one H200, 8 unscanned
+        layers of the 80B at batch 1 without a mesh (profiles of 5 steps, two runs each): the
+        jnp gather 299 kernels and 1.39 ms busy a step, 2.00-2.24 ms a step; these kernels 195
+        and 1.01 ms, 1.84-1.96 ms."""
+        if stacked is not None and stacked[0].dtype != jnp.dtype(self.dtype):
+            return False
         kernels = self.impl == "gather_pallas" or (
-            self.impl == "auto" and self.decode_kernels and _on_gpu())
+            self.impl == "auto" and (self.decode_kernels or stacked is not None) and _on_gpu())
         return (kernels and _decode_sized(rows, self.num_experts)
                 and sharding.active_mesh() is None and shared_inner == self.intermediate_size
                 and GatheredBlockSizes().mismatch(self.hidden_size, shared_inner,
@@ -703,7 +715,9 @@ class Qwen3NextSparseMoeBlock(nn.Module):
     decode_kernels: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, expert_stack=None):
+        """``expert_stack``: None, or the layer scan's (gate_proj, up_proj, down_proj stacks,
+        block index) for the decode kernels (``Qwen3NextExperts``' ``stacked``)."""
         cfg = self.config
         B, T, d = x.shape
         mod = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
@@ -714,7 +728,7 @@ class Qwen3NextSparseMoeBlock(nn.Module):
                                   name="experts", **mod)
         shared = Qwen3NextMLP(cfg.shared_expert_intermediate_size, d, std=std,
                               name="shared_expert", **mod)
-        if routed.fuses_shared(B * T * k, cfg.shared_expert_intermediate_size):
+        if routed.fuses_shared(B * T * k, cfg.shared_expert_intermediate_size, expert_stack):
             # The kernels take the router's and the shared gate's weights (same param paths).
             router_weight, shared_gate = (
                 DenseKernel((d, n), std, self.param_dtype, name=name)().astype(self.dtype)
@@ -723,7 +737,8 @@ class Qwen3NextSparseMoeBlock(nn.Module):
                 self.sow("intermediates", "router_logits",
                          jnp.dot(flat, router_weight, precision=self.precision))
             out = routed(flat, router=(router_weight, k, cfg.norm_topk_prob),
-                         shared=(shared_gate, *shared(flat, kernels_only=True)))
+                         shared=(shared_gate, *shared(flat, kernels_only=True)),
+                         stacked=expert_stack)
         else:
             logits = dense(cfg.num_experts, name="gate", std=std, **mod)(flat)
             self.sow("intermediates", "router_logits", logits)
