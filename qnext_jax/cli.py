@@ -104,11 +104,9 @@ def _read_prompts_file(path: str, chat: bool) -> list[tuple[int, dict]]:
     return prompts
 
 
-def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = False,
-                 attn_impl: str = "auto") -> None:
-    """--gdn-impl / --moe-impl / --attn-impl name a kernel for another platform than JAX's,
-    --moe-impl tokamax without tokamax installed, or --moe-impl gather_pallas with
-    --scan-layers: stop before building."""
+def _check_impls(gdn_impl: str, moe_impl: str = "auto", attn_impl: str = "auto") -> None:
+    """--gdn-impl / --moe-impl / --attn-impl name a kernel for another platform than JAX's, or
+    --moe-impl tokamax without tokamax installed: stop before building."""
     import jax
 
     from qnext_jax.modeling.attention import ATTN_IMPLS
@@ -130,10 +128,6 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", scan_layers: bool = Fals
         if import_tokamax()[0] is None:
             raise SystemExit(f"--moe-impl {moe_impl} needs the optional tokamax package: "
                              "pip install 'qnext-jax[gpu]' (or pip install tokamax)")
-    if moe_impl == "gather_pallas" and scan_layers:
-        raise SystemExit("--moe-impl gather_pallas with --scan-layers: under the layer scan XLA "
-                         "copies each layer's expert weights whole for the kernel (the 80B "
-                         "decoded 3.7x slower); use auto, or drop --scan-layers")
 
 
 @contextlib.contextmanager
@@ -275,7 +269,7 @@ def _cmd_generate(args) -> int:
     if args.system is not None and not args.chat:
         raise SystemExit("--system TEXT is the system message of --chat: add --chat (and "
                          "--prompt TEXT as the user message), or drop --system")
-    _check_impls(args.gdn_impl, args.moe_impl, args.scan_layers, args.attn_impl)
+    _check_impls(args.gdn_impl, args.moe_impl, args.attn_impl)
     if args.speculative_tokens and args.decode_steps_per_call is not None:
         print("[qnext] --decode-steps-per-call does not apply to --speculative-tokens (one "
               "verify round a call): ignored", file=sys.stderr)
@@ -559,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-impl", default="auto",
                    choices=(*MOE_IMPLS, "tokamax:mosaic", "tokamax:triton", "tokamax:xla"),
                    help="routed experts' implementation (default auto: by platform and token "
-                        "count; gather_pallas: the GPU decode kernel, unscanned models; gather "
+                        "count; gather_pallas: the GPU decode kernels; gather "
                         "and gather_pallas serve decode steps, prefills run auto's choice; "
                         "tokamax[:mosaic|:triton|:xla]: tokamax's grouped matmul (the gpu "
                         "extra), its own choice or one of its kernels, mosaic and triton on a "

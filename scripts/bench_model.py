@@ -166,7 +166,8 @@ def main():
     ap.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS,
                     help="softmax attention's impl")
     ap.add_argument("--mesh", default=None,
-                    help="mesh spec over the local devices (default: tensor=<device count>)")
+                    help="mesh spec over the local devices (default: tensor=<device count>; "
+                         "one device runs without a mesh unless this is given)")
     ap.add_argument("--scan-layers", action="store_true",
                     help="the layers as a scan over the repeating block (compile time flat in depth)")
     ap.add_argument("--out", default="bench_model.json",
@@ -216,9 +217,10 @@ def main():
 
     save()
 
-    # One device: no active mesh, as `qnext generate` without --mesh runs (the MoE's decode
-    # kernels with the routing inside serve only meshless calls).
-    active = mesh if mesh.devices.size > 1 else None
+    # One device without --mesh: no active mesh, as `qnext generate` without --mesh runs (the
+    # MoE's decode kernels with the routing inside serve only meshless calls); --mesh on one
+    # device runs its mesh, as `qnext generate --mesh` would.
+    active = mesh if mesh.devices.size > 1 or args.mesh else None
     S = args.decode_steps_per_call
     gen = Generator(cfg, dtype=jnp.bfloat16, gdn_impl=args.gdn_impl, moe_impl=args.moe_impl,
                     attn_impl=args.attn_impl, mesh=active, scan_layers=args.scan_layers,

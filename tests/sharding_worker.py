@@ -179,9 +179,25 @@ def moe_check(out: str, examples: int = 15) -> None:
     grad_rel = float(np.max([np.max(np.abs(np.asarray(g) - np.asarray(r))) /
                              max(float(np.max(np.abs(np.asarray(r)))), 1e-6)
                              for g, r in zip(got, ref)]))
+    # The layer scan's stacks of 3 layers with a traced layer index: the decode impls read the
+    # layer's experts from the stacks in place, the others its slice; each equals the layer's
+    # own projections through the numpy loop.
+    stacks = [rng.standard_normal((3,) + shape).astype(np.float32)
+              for shape in ((E, D, INNER), (E, D, INNER), (E, INNER, D))]
+    x, weights, experts = args[0], args[1], args[5]
+    stacked_rel = {}
+    for s, impl in (("data=2,expert=4", "gather"), ("tensor=2,expert=4", "gather"),
+                    ("data=2,expert=4", "gather_pallas"), ("expert=8", "ragged_dot")):
+        fn = jax.jit(lambda layer, *a, m=meshes[s], impl=impl: expert_parallel_experts(
+            *a, mesh=m, precision=jax.lax.Precision.HIGHEST, impl=impl, layer=layer))
+        for layer in (0, 2):
+            got = np.asarray(fn(jnp.int32(layer), x, weights, experts, *stacks))
+            ref = routed_experts(x, weights, experts, *(w[layer] for w in stacks))
+            stacked_rel[f"{s}/{impl}/{layer}"] = float(np.max(np.abs(got - ref)) /
+                                                       np.max(np.abs(ref)))
     with open(out, "w") as f:
-        json.dump({"worst_rel": worst, "grad_rel": grad_rel, "capacity_runs_tiles": bool(tiled)},
-                  f)
+        json.dump({"worst_rel": worst, "grad_rel": grad_rel, "capacity_runs_tiles": bool(tiled),
+                   "stacked_rel": stacked_rel}, f)
 
 
 def _nan_tail_ragged_dot(lhs, rhs, group_sizes, precision=None):

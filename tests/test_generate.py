@@ -436,9 +436,6 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="--system TEXT is the system message of --chat: add "
                        "--chat .*or drop --system"):  # was silently ignored
         qnext_main(["generate", "--prompt", "Hi", "--system", "Be brief."])
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # past the platform check
-    with pytest.raises(SystemExit, match="--moe-impl gather_pallas with --scan-layers"):
-        qnext_main(["generate", "--prompt", "Hi", "--moe-impl", "gather_pallas", "--scan-layers"])
 
 
 def test_cli_warns_that_greedy_ignores_top_k(capsys):

@@ -486,3 +486,37 @@ def test_auto_takes_the_routed_decode_kernels_on_a_gpu(scan_layers, monkeypatch)
     model.apply({"params": params}, jnp.zeros((1, 1, cfg.hidden_size)), ids,
                 jnp.zeros((1, 1), jnp.int32), method=Qwen3NextForCausalLM.mtp_logits)
     assert len(calls) == 1  # the MTP head is never scanned
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "gather", "capacity", "tiles", "gather_pallas"])
+def test_grouped_experts_layer_of_stacks(impl, monkeypatch):
+    """grouped_experts given stacks over 3 layers and a traced layer index (a layer scan's)
+    equals the numpy loop with that layer's projections; gather_pallas (its kernels in
+    interpret mode) reads the stacks in place, handed the index."""
+    import functools
+
+    from pallas_kernels.moe import BlockSizes, gathered_experts
+    from qnext_jax.modeling import moe
+
+    seen = []
+
+    def kernels(*args, layer=None, **kwargs):
+        seen.append(layer)
+        return gathered_experts(*args, layer=layer, interpret=True, **kwargs,
+                                blocks=BlockSizes(block_i=8, block_d=8, block_r=8, splits=1,
+                                                  down_splits=1))
+
+    monkeypatch.setattr(moe, "gathered_experts", kernels)
+    rng = np.random.default_rng(3)
+    d, inner = 16, 8  # blocks of 8 fit
+    x = rng.standard_normal((2, d)).astype(np.float32)
+    weights = rng.random((2, 2)).astype(np.float32)
+    experts = np.array([[0, 4], [5, 5]], np.int32)
+    stacks = [(rng.standard_normal((3, E) + shape) / shape[0] ** 0.5).astype(np.float32)
+              for shape in ((d, inner), (d, inner), (inner, d))]
+    fn = jax.jit(functools.partial(grouped_experts, precision=HIGHEST, impl=impl))
+    for layer in (0, 2):
+        got = fn(x, weights, experts, *stacks, layer=jnp.int32(layer))
+        want = routed_experts(x, weights, experts, *(w[layer] for w in stacks))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert bool(seen) == (impl == "gather_pallas") and all(i is not None for i in seen)

@@ -206,7 +206,7 @@ def test_layer_of_stacked_experts(dtype):
     stack = _stack(20, 3, dtype)
     # jitted and eager interpret-mode kernels may round differently; another layer's weights
     # would differ by O(1)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 2e-2}
     close = lambda got, want, **kw: np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), **tol, **kw)
     for layer in range(3):

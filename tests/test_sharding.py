@@ -274,6 +274,9 @@ def test_expert_parallel_moe_equals_dense_loop(tmp_path):
         assert err <= 1e-5, (mesh, err)
     assert result["grad_rel"] <= 1e-5, result["grad_rel"]
     assert result["capacity_runs_tiles"]
+    assert len(result["stacked_rel"]) == 8
+    for case, err in result["stacked_rel"].items():
+        assert err <= 1e-5, (case, err)
 
 
 def _free_port() -> int:

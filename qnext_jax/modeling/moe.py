@@ -435,7 +435,7 @@ def _tiled_experts(xs, sorted_e, group_sizes, gate_proj, up_proj, down_proj, pre
 
 
 def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision=None,
-                    impl: str = "auto", tile_rows: int | None = None):
+                    impl: str = "auto", tile_rows: int | None = None, layer=None):
     """Dropless routed experts by sorting tokens and one grouped matmul per projection.
 
     Args:
@@ -461,6 +461,10 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         is installed and the experts are bf16/fp16, else ``capacity``; elsewhere
         ``ragged_dot``).
       tile_rows: rows per tile of ``tiles`` (at least 1; default: :func:`_tile_rows`).
+      layer: None, or an integer scalar (the layer scan's block index): the projections are
+        then stacks over layers ([L, E, d, I], [L, E, d, I], [L, E, I, d]) and layer
+        ``layer``'s experts run; ``gather_pallas`` reads them from the stacks in place, the
+        other impls from that layer's slice.
     Returns:
       [N, d]: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]). Differentiable in reverse
       mode (``jax.grad``, ``jax.vjp``); the sorting impls' row permutations are a custom_vjp,
@@ -474,15 +478,17 @@ def grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precisio
         raise ValueError(f"grouped_experts: tile_rows must be at least 1 (or None for the "
                          f"default), got {tile_rows}")
     N, k = experts.shape
-    E = gate_proj.shape[0]
+    E = gate_proj.shape[-3]
     if impl == "auto":
         impl = ("ragged_dot" if not _on_gpu() else
                 _gpu_auto_impl(N * k, E, gate_proj.dtype))
+    if impl == "gather_pallas":
+        return gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, layer=layer)
+    if layer is not None:
+        gate_proj, up_proj, down_proj = (w[layer] for w in (gate_proj, up_proj, down_proj))
     if impl == "gather":
         return gathered_experts_reference(x, weights, experts, gate_proj, up_proj, down_proj,
                                           precision)
-    if impl == "gather_pallas":
-        return gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj)
     flat = experts.reshape(-1)  # [N*k]
     xs, order, inverse = _sort_by_expert(x, flat, k)  # [N*k, d]
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
@@ -515,7 +521,8 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, mesh,
-                            rules=sharding.DEFAULT_RULES, precision=None, impl: str = "auto"):
+                            rules=sharding.DEFAULT_RULES, precision=None, impl: str = "auto",
+                            layer=None):
     """:func:`grouped_experts` split over the mesh's expert (and tensor) axes with ``shard_map``.
 
     Same arguments and result as :func:`grouped_experts` (global shapes), plus ``mesh`` and the
@@ -531,20 +538,28 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     ``capacity`` (auto's or given) runs as tiles here. The rows routed to other devices'
     experts sort past the last local group, where tokamax's GPU kernels leave their outputs
     (and gradient rows) unwritten: both are masked out.
+
+    ``layer``: None, or an integer scalar (the layer scan's block index): the projections are
+    then stacks over layers ([L, E, d, I], [L, E, d, I], [L, E, I, d], as a scanned model's
+    params hold them) and layer ``layer``'s experts run; the decode impls read them from the
+    stacks in place, the others from that layer's slice.
     """
     N, k = experts.shape
-    E, d, inner = gate_proj.shape
+    E, d, inner = gate_proj.shape[-3:]
     wspec = sharding.logical_to_spec(("experts", None, "mlp"), (E, d, inner), mesh, rules)
     wspec = tuple(wspec) + (None,) * (3 - len(wspec))
     e_axes, m_axes = _axes(wspec[0]), _axes(wspec[2])
     if not e_axes and not m_axes:
         return grouped_experts(x, weights, experts, gate_proj, up_proj, down_proj, precision,
-                               impl)
+                               impl, layer=layer)
     impl, tokamax_implementation = _parse_impl(impl, "expert_parallel_experts")
     if impl == "auto":
         impl = "ragged_dot" if not _on_gpu() else _gpu_auto_impl(
             N * k, E, gate_proj.dtype)
     impl = "tiles" if impl == "capacity" else impl
+    if layer is not None and impl not in DECODE_IMPLS:
+        gate_proj, up_proj, down_proj = (w[layer] for w in (gate_proj, up_proj, down_proj))
+        layer = None
     if impl == "gather_pallas":
         parts = math.prod(mesh.shape[a] for a in m_axes)
         if (why := GatheredBlockSizes().mismatch(d, inner // parts)) is not None:
@@ -559,20 +574,24 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     e0 = e_axes if e_axes else None
     m0 = m_axes if m_axes else None
 
-    def body(x, weights, experts, gate, up, down):
+    def body(x, weights, experts, gate, up, down, layer):
         if gather:  # dispatch: every device of an expert group sees the group's tokens
             x = jax.lax.all_gather(x, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
             experts = jax.lax.all_gather(experts, gather, axis=0, tiled=True)
         n = x.shape[0]
-        e_loc = gate.shape[0]
+        e_loc = gate.shape[-3]
         first = jax.lax.axis_index(e_axes) * e_loc if e_axes else 0
         if impl in DECODE_IMPLS:
             local = experts - first  # [n, k]
             valid = (local >= 0) & (local < e_loc)
             ids = jnp.where(valid, local, -1)  # other devices' experts: negative, zero rows
-            y = (gathered_expert_outputs(x, ids, gate, up, down) if impl == "gather_pallas"
-                 else gathered_expert_outputs_reference(x, ids, gate, up, down, precision))
+            if impl == "gather_pallas":
+                y = gathered_expert_outputs(x, ids, gate, up, down, layer=layer)
+            else:  # XLA reads a stacked layer's gathered experts without slicing it first
+                if layer is not None:
+                    gate, up, down = (w[layer] for w in (gate, up, down))
+                y = gathered_expert_outputs_reference(x, ids, gate, up, down, precision)
             return combine(_weighted_sum(y, weights, valid)).astype(x.dtype)
         local = experts.reshape(-1) - first  # [n*k]
         valid = (local >= 0) & (local < e_loc)
@@ -602,11 +621,13 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
         return out
 
+    lead = () if layer is None else (None,)  # the stacks' layer axis: not split
     fn = jax.shard_map(body, mesh=mesh,
-                       in_specs=(tspec, tspec, tspec, P(e0, None, m0), P(e0, None, m0),
-                                 P(e0, m0, None)),
+                       in_specs=(tspec, tspec, tspec, P(*lead, e0, None, m0),
+                                 P(*lead, e0, None, m0), P(*lead, e0, m0, None), P()),
                        out_specs=tspec, check_vma=False)
-    return fn(x, weights, experts, gate_proj, up_proj, down_proj)
+    return fn(x, weights, experts, gate_proj, up_proj, down_proj,
+              None if layer is None else jnp.asarray(layer, jnp.int32))
 
 
 class Qwen3NextExperts(nn.Module):
@@ -643,8 +664,9 @@ class Qwen3NextExperts(nn.Module):
           (shared_expert_gate [d, 1], gate [d, I], up [d, I], down [I, d]): the
           ``gather_pallas`` decode kernels make the router's matmul, route each token and add
           its sigmoid-gated shared expert, computed as one more row (``routed_experts``;
-          :meth:`fuses_shared`), from ``stacked`` (gate, up, down stacks, block index) when
-          given (the layer scan)."""
+          :meth:`fuses_shared`).
+        ``stacked`` (the layer scan's stacks of gate, up, down and the block index, or None)
+        serves the decode kernels (with a mesh, its decode impls), in this layer's dtype."""
         E, d, inner = self.num_experts, self.hidden_size, self.intermediate_size
         impl = self.impl
         init = nn.initializers.normal(self.std)
@@ -667,14 +689,18 @@ class Qwen3NextExperts(nn.Module):
                                   top_k=top_k, norm_topk_prob=norm_topk_prob, shared=shared)[0]
         if impl in DECODE_IMPLS and not _decode_sized(experts.size, E):  # a prefill
             impl = "auto"
+        weights = weights.astype(self.dtype)
+        projections, layer = (cast(gate), cast(up), cast(down)), None
+        if (stacked is not None and stacked[0].dtype == jnp.dtype(self.dtype)
+                and _decode_sized(experts.size, E)):  # the decode impls read them in place
+            *projections, layer = stacked
         active = sharding.active_mesh()
         if active is not None:
             mesh, rules = active
-            return expert_parallel_experts(x, weights.astype(self.dtype), experts, cast(gate),
-                                           cast(up), cast(down), mesh, rules, self.precision,
-                                           impl)
-        return grouped_experts(x, weights.astype(self.dtype), experts, cast(gate), cast(up),
-                               cast(down), self.precision, impl=impl)
+            return expert_parallel_experts(x, weights, experts, *projections, mesh, rules,
+                                           self.precision, impl, layer=layer)
+        return grouped_experts(x, weights, experts, *projections, self.precision, impl=impl,
+                               layer=layer)
 
     def fuses_shared(self, rows: int, shared_inner: int, stacked=None) -> bool:
         """Whether a call of ``rows`` token-slots takes the router's weight and a shared expert
@@ -744,5 +770,6 @@ class Qwen3NextSparseMoeBlock(nn.Module):
             self.sow("intermediates", "router_logits", logits)
             weights, experts = route(logits, k, cfg.norm_topk_prob)
             shared_gate = dense(1, name="shared_expert_gate", std=std, **mod)(flat)
-            out = routed(flat, weights, experts) + jax.nn.sigmoid(shared_gate) * shared(flat)
+            out = routed(flat, weights, experts, stacked=expert_stack) + \
+                jax.nn.sigmoid(shared_gate) * shared(flat)
         return out.reshape(B, T, d)
