@@ -60,7 +60,7 @@ DECODE_STEPS_PER_CALL = 16
 # XLA's dynamic-slice fusion read most slices where they lie. One H200, 8 of the 80B's layers,
 # batch 1 (results/h200-2026-12-01c): 2.07-2.19 -> 1.77-1.86 ms a token, 72 -> 20 copies a
 # step; cuBLAS without the fusion 2.09 ms. (Pallas kernels are not fused: the MoE's decode
-# kernels stay off under the scan.)
+# kernels are handed the whole stacks of expert weights and the scan's index instead.)
 SCANNED_DECODE_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False,
                               "xla_gpu_enable_dynamic_slice_fusion": True}
 

@@ -16,7 +16,8 @@ Two parameter layouts of the decoder layers:
   ``params["blocks"]["layers_{j}"]`` (j < P) holds layer j of every block stacked on a leading
   axis of size L / P: ``params["blocks"]["layers_{j}"][b]`` is ``params["layers_{b * P + j}"]``.
   The cache of a scanned model is stacked the same way (``init_cache(..., scan_layers=True)``:
-  ``cache["blocks"]["layers_{j}"]``), and the scan carries each block's slice of it in and out.
+  ``cache["blocks"]["layers_{j}"]``); the scan carries it whole and updates each block's slice
+  in place.
 
 :func:`stack_layers` and :func:`unstack_layers` convert between the two (exactly), for params
 and caches alike. Both layouts run the same layers through :func:`run_layers`.
@@ -241,11 +242,14 @@ def run_layers(layers: Sequence[nn.Module], x, cos, sin, token_mask, cache=None,
 
 class Qwen3NextLayerBlock(nn.Module):
     """One period of the layer pattern, ``layers_0`` .. ``layers_{P-1}``: the body of the layer
-    scan. ``x`` [B, T, d] and the block's cache ({"layers_{j}": ...} or None) -> (x, (the P
-    layers' outputs [P, B, T, d], the block's new cache or None)). ``expert_stacks`` (None, or
-    {"layers_{j}": (gate_proj, up_proj, down_proj)} of the MoE layers: the whole stacks over
-    the blocks, a broadcast input) and ``block_index`` (this block's, a scanned input) let the
-    decode kernels read the block's experts in place (see ``Qwen3NextExperts``)."""
+    scan. The carry (``x`` [B, T, d], the stacked cache of all blocks ({"layers_{j}": ...} with
+    the block axis first) or None) -> (the carry with block ``block_index``'s cache updated in
+    place, the P layers' outputs [P, B, T, d]). The cache is carried whole rather than scanned
+    in and out by slices, which XLA allocated anew and copied back on every call (the decode
+    loop's cache copies). ``expert_stacks`` (None, or {"layers_{j}": (gate_proj, up_proj,
+    down_proj)} of the MoE layers: the whole stacks over the blocks, a broadcast input) and
+    ``block_index`` (this block's, a scanned input) let the decode kernels read the block's
+    experts in place (see ``Qwen3NextExperts``)."""
 
     config: Qwen3NextConfig
     period: int
@@ -268,13 +272,28 @@ class Qwen3NextLayerBlock(nn.Module):
                                   param_dtype=self.param_dtype, precision=self.precision,
                                   decode_kernels=False)
 
-    def __call__(self, x, cos, sin, token_mask, segment_ids, cu_seqlens, cache, cache_index,
-                 kv_valid, expert_stacks=None, block_index=None):
+    def __call__(self, carry, cos, sin, token_mask, segment_ids, cu_seqlens, cache_index,
+                 kv_valid, expert_stacks, block_index):
+        x, cache = carry
         stacks = None if expert_stacks is None else {
             name: (*weights, block_index) for name, weights in expert_stacks.items()}
-        x, outs, new_cache = run_layers(self.layers, x, cos, sin, token_mask, cache,
+        block_cache = None if cache is None else jax.tree.map(
+            lambda c: jax.lax.dynamic_index_in_dim(c, block_index, keepdims=False), cache)
+        x, outs, new_cache = run_layers(self.layers, x, cos, sin, token_mask, block_cache,
                                         cache_index, kv_valid, segment_ids, cu_seqlens, stacks)
-        return x, (jnp.stack(outs), new_cache)  # unused outputs are dead code under jit
+        extra = None
+        if cache is not None:
+            # The carry keeps the cache's entries; one a layer adds (speculative decoding's
+            # per-token states) leaves as a scanned output, one it drops (their marker) as None.
+            extra = {name: {key: layer.get(key) for key in {*layer, *cache[name]}
+                            if key not in layer or key not in cache[name]}
+                     for name, layer in new_cache.items()}
+            kept = {name: {key: layer.get(key, cache[name][key][block_index])
+                           for key in cache[name]}
+                    for name, layer in new_cache.items()}
+            cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(
+                c, n.astype(c.dtype), block_index, 0), cache, kept)
+        return (x, cache), (jnp.stack(outs), extra)  # unused outputs: dead code under jit
 
 
 class Qwen3NextMTP(nn.Module):
@@ -364,12 +383,12 @@ class Qwen3NextForCausalLM(nn.Module):
                                      embedding_init=nn.initializers.normal(cfg.initializer_range))
         if self.scan_layers:
             period = scan_period(cfg)
-            # The block's cache (a scanned input) and new cache (a scanned output) carry the
-            # block axis first, like the params; everything else is the same for every block.
+            # The stacked cache rides in the carry (block axis first, like the params); the
+            # block's index is the scanned input; everything else is the same for every block.
             b = nn.broadcast
             scanned = nn.scan(Qwen3NextLayerBlock, variable_axes={"params": 0, "intermediates": 0},
                               split_rngs={"params": True},
-                              in_axes=(b, b, b, b, b, 0, b, b, b, 0),
+                              in_axes=(b, b, b, b, b, b, b, b, 0),
                               length=cfg.num_hidden_layers // period)
             # The attribute's name is the params key: BLOCKS.
             self.blocks = scanned(cfg, period, gdn_impl=self.gdn_impl, moe_impl=self.moe_impl,
@@ -385,18 +404,16 @@ class Qwen3NextForCausalLM(nn.Module):
             self.mtp = Qwen3NextMTP(cfg, moe_impl=self.moe_impl, attn_impl=self.attn_impl, **mod)
 
     def _expert_stacks(self):
-        """The scanned layout's expert weights as the layer scan's broadcast inputs: ({"layers_
+        """The scanned layout's expert weights as a broadcast input of the layer scan: {"layers_
         {j}": (gate_proj, up_proj, down_proj)} of the block's MoE layers, each [L / P, E, ...],
-        and the blocks' indices [L / P]), or (None, None) while initializing. Unused (dead code
-        under jit) unless the decode kernels take them."""
+        or None while initializing. Unused (dead code under jit) unless the decode kernels take
+        them."""
         if self.is_initializing() or not self.has_variable("params", BLOCKS):
-            return None, None
+            return None
         blocks = self.variables["params"][BLOCKS]
-        stacks = {name: tuple(layer["mlp"]["experts"][w]
-                              for w in ("gate_proj", "up_proj", "down_proj"))
-                  for name, layer in blocks.items() if "experts" in layer.get("mlp", {})}
-        n_blocks = self.config.num_hidden_layers // scan_period(self.config)
-        return stacks, jnp.arange(n_blocks, dtype=jnp.int32)
+        return {name: tuple(layer["mlp"]["experts"][w]
+                            for w in ("gate_proj", "up_proj", "down_proj"))
+                for name, layer in blocks.items() if "experts" in layer.get("mlp", {})}
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: [B, T, d] -> [B, T, vocab] (the embedding's transpose when tied)."""
@@ -500,10 +517,14 @@ class Qwen3NextForCausalLM(nn.Module):
                                                            cache_index, axis=1)
         hidden = [x]
         if self.scan_layers:
-            x, (outs, blocks_cache) = self.blocks(
-                x, cos, sin, token_mask, segment_ids, cu_seqlens,
-                None if cache is None else cache[BLOCKS], cache_index, kv_valid,
-                *self._expert_stacks())
+            (x, blocks_cache), (outs, extra) = self.blocks(
+                (x, None if cache is None else cache[BLOCKS]), cos, sin, token_mask,
+                segment_ids, cu_seqlens, cache_index, kv_valid, self._expert_stacks(),
+                jnp.arange(cfg.num_hidden_layers // scan_period(cfg), dtype=jnp.int32))
+            if blocks_cache is not None:  # with what the layers added, less what they dropped
+                blocks_cache = {name: {key: v for key, v in {**layer, **extra[name]}.items()
+                                       if v is not None}
+                                for name, layer in blocks_cache.items()}
             new_cache = {BLOCKS: blocks_cache}
             if output_hidden_states:  # outs [L / P, P, B, T, d], layer b * P + j at [b, j]
                 hidden.extend(outs.reshape((cfg.num_hidden_layers,) + x.shape))

@@ -223,8 +223,9 @@ def _gpu_auto_impl(rows: int, num_experts: int, dtype) -> str:
     combine of then, tokamax 5.33 ms with the gathered one, 3.53 ms with TOKAMAX_SM90_BLOCKS).
     The Pallas decode kernels with the router, routing and shared expert inside them (T = 1
     0.037 ms) are auto's choice before this one where they fit: see
-    Qwen3NextExperts.fuses_shared (not under a layer scan, whose slices of the stacked expert
-    weights XLA copies whole for a kernel, nor under a mesh); this gather serves the rest."""
+    Qwen3NextExperts.fuses_shared (under a layer scan given the whole stacks of expert weights,
+    whose slices XLA would copy whole for a kernel; not under a mesh); this gather serves the
+    rest."""
     if _decode_sized(rows, num_experts):
         return "gather"
     if dtype in (jnp.bfloat16, jnp.float16) and import_tokamax()[0] is not None:
@@ -727,7 +728,8 @@ class Qwen3NextSparseMoeBlock(nn.Module):
 
     The raw router logits [B*T, E] are sown as ``intermediates/router_logits`` (for the
     load-balancing loss). With ``moe_impl="gather_pallas"``, or ``"auto"`` on a GPU with
-    ``decode_kernels`` (not in the layer scan), at decode size the router's matmul, the top-k
+    ``decode_kernels`` or (in the layer scan) ``expert_stack``, at decode size the router's
+    matmul, the top-k
     routing and the shared expert run inside the routed experts' Pallas kernels
     (:meth:`Qwen3NextExperts.fuses_shared`; the logits are then made in XLA too only when
     ``intermediates`` is mutable, to be sown); otherwise :func:`route` runs here.
