@@ -150,21 +150,9 @@ def _exit_on_interrupt():
         raise SystemExit(130) from None
 
 
-def _refuse_overwriting_a_run(out, overwrite: bool) -> None:
-    """--overwrite never replaces a fine-tuning run's final params: they look like a convert
-    output, but are the run's result."""
-    from qnext_jax.train.run import run_of_final
-
-    run = run_of_final(out) if overwrite else None
-    if run is not None:
-        raise SystemExit(f"--overwrite: {out} holds the fine-tuned params of the run in {run}, "
-                         "which replacing them would lose; write to another directory")
-
-
 def _cmd_convert(args) -> int:
     from qnext_jax.convert import hf_to_orbax
 
-    _refuse_overwriting_a_run(args.out_dir, args.overwrite)
     with _one_line_errors():
         hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}")
@@ -174,7 +162,6 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from qnext_jax.convert import orbax_to_hf
 
-    _refuse_overwriting_a_run(args.hf_dir, args.overwrite)
     with _one_line_errors():
         orbax_to_hf(args.orbax_dir, args.hf_dir, overwrite=args.overwrite)
     print(f"wrote {args.hf_dir}")

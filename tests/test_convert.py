@@ -428,9 +428,13 @@ def test_refuses_to_replace_its_input_and_integer_dtypes(ckpts, tmp_path, capsys
     (run / "metrics.jsonl").write_text("")
     stamp = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "final").iterdir())
     for cmd in (["convert", str(src)], ["export", str(orbax)]):
-        with pytest.raises(SystemExit, match=r"--overwrite: \S*run/final holds the fine-tuned "
+        with pytest.raises(SystemExit, match=r"\S*run/final holds the fine-tuned "
                                              r"params of the run in \S*run, which replacing"):
             main([*cmd, str(run / "final"), "--overwrite"])
+    for call in (lambda: hf_to_orbax(src, run / "final", overwrite=True, progress=False),
+                 lambda: orbax_to_hf(orbax, run / "final", overwrite=True, progress=False)):
+        with pytest.raises(FileExistsError, match="holds the fine-tuned params of the run"):
+            call()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / "final").iterdir()) == stamp
     (run / "metrics.jsonl").unlink()  # no longer a run: an earlier convert output, replaced
     assert main(["convert", str(src), str(run / "final"), "--overwrite"]) == 0

@@ -226,9 +226,10 @@ def _router_kernel(x_ref, router_ref, *refs, block_r, steps):
 
 def _gate_up_kernel(layer_ref, choice_ref, x_ref, gate_ref, up_ref, *refs, k, shared,
                     norm_topk_prob, block_r, steps):
-    # layer_ref: [1] int32, the layer l of the stacked experts' weights [L, E, ...]; choice_ref: the expert ids [N k] int32, or (routing: norm_topk_prob not None) the router
-    # logits' partial sums [S, N, E] float32; refs: (shared gate [d, I], shared up [d, I],)
-    # g_part, u_part blocks [1, 1, BI] (, routing: the expert ids [N k] int32 and weights [N k]
+    # layer_ref: [1] int32, the layer of the stacked experts' weights [L, E, ...]; choice_ref:
+    # the expert ids [N k] int32, or (routing: norm_topk_prob not None) the router logits'
+    # partial sums [S, N, E] float32; refs: (shared gate [d, I], shared up [d, I],) g_part,
+    # u_part blocks [1, 1, BI] (, routing: the expert ids [N k] int32 and weights [N k]
     # float32 it writes).
     shared_refs, (g_ref, u_ref, *routing_refs) = refs[:2 * shared], refs[2 * shared:]
     r, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -279,9 +280,10 @@ def _gate_up_kernel(layer_ref, choice_ref, x_ref, gate_ref, up_ref, *refs, k, sh
 
 def _down_kernel(layer_ref, ids_ref, g_ref, u_ref, down_ref, *refs, k, shared, block_r, steps,
                  dtype):
-    # layer_ref: [1] int32, the layer of the stacked weights; ids_ref: the expert ids [N k]; g_ref, u_ref: the [S, R, I] float32 partial sums; refs:
-    # (shared down [I, d],) (weighting: the weights [N k] float32 (, the partial sums [S, N]
-    # float32 of the shared expert's gate logits),) y block [1, 1, BD].
+    # layer_ref: [1] int32, the layer of the stacked weights; ids_ref: the expert ids [N k];
+    # g_ref, u_ref: the [S, R, I] float32 partial sums; refs: (shared down [I, d],) (weighting:
+    # the weights [N k] float32 (, the partial sums [S, N] float32 of the shared expert's gate
+    # logits),) y block [1, 1, BD].
     *ins, y_ref = refs
     shared_refs, weight_refs = ins[:int(shared)], ins[int(shared):]
     r, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)

@@ -276,15 +276,27 @@ def listed(names: list[str]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
+def run_of_final(path: str | Path) -> Path | None:
+    """The fine-tuning run (``qnext_jax.train.run``'s OUT) whose final params ``path`` is: OUT
+    of OUT/final when OUT holds the run's checkpoints/ or metrics.jsonl; else None."""
+    path = Path(path).absolute()
+    run = path.parent
+    if path.name == "final" and ((run / "checkpoints").is_dir() or
+                                 (run / "metrics.jsonl").is_file()):
+        return run
+    return None
+
+
 def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None:
     """Refuse an output directory that exists and is not empty, unless ``overwrite`` and every
     entry in it is one that ``command`` writes (``written(name)`` True): ``--overwrite``
     replaces an earlier output of the command, and refuses a directory holding anything else
-    (notes, a .git, another model's extra files), which the replacement would delete.
+    (notes, a .git, another model's extra files), which the replacement would delete, and a
+    fine-tuning run's final params (:func:`run_of_final`), which look like a convert output.
 
     Raises:
       FileExistsError: naming the directory, ``command``'s flag, and the entries it does not
-        write.
+        write (or the run whose params it holds).
     """
     if not out_dir.exists():
         return
@@ -295,6 +307,9 @@ def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None
     if not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
                               f"(`qnext {command} --overwrite`) to replace it")
+    if (run := run_of_final(out_dir)) is not None:
+        raise FileExistsError(f"{out_dir} holds the fine-tuned params of the run in {run}, "
+                              "which replacing them would lose; write to another directory")
     foreign = unwritten_entries(out_dir, written)
     if foreign:
         raise FileExistsError(f"{out_dir} holds files `qnext {command}` does not write "

@@ -40,17 +40,6 @@ from qnext_jax.train.step import TrainConfig, Trainer
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
 
 
-def run_of_final(path: str | Path) -> Path | None:
-    """The run directory whose fine-tuned params ``path`` is (OUT/final of a run: OUT holds the
-    run's checkpoints/ or metrics.jsonl), else None."""
-    path = Path(path).absolute()
-    run = path.parent
-    if path.name == "final" and ((run / "checkpoints").is_dir() or
-                                 (run / "metrics.jsonl").is_file()):
-        return run
-    return None
-
-
 def check_run_dir(out: Path, export_hf: bool) -> None:
     """Refuse, before anything is written, an OUT whose files the run would lose: one holding
     entries a run does not write (another directory given by mistake), or a final/ (hf/ with
