@@ -683,7 +683,8 @@ def _add_compilation_cache(parser) -> None:
     parser.add_argument("--compilation-cache", default="auto", metavar="DIR",
                         help="keep compiled programs here, so that a rerun skips XLA's compile "
                              "(minutes for the 80B): auto = JAX_COMPILATION_CACHE_DIR when set, "
-                             "else ~/.cache/qnext-jax/xla; none = off")
+                             "else $XDG_CACHE_HOME/qnext-jax/xla (~/.cache without it); "
+                             "none = off")
 
 
 def _use_compilation_cache(where: str) -> None:

@@ -356,6 +356,22 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     with pytest.raises(FileExistsError, match=r"does not write \(\.git, NOTES\.md\)"):
         orbax_to_hf(conv, hf, overwrite=True, progress=False)
     assert (hf / "NOTES.md").read_text() == "mine"
+    # an original HF checkpoint (the conversion's own source: the same file names as an
+    # export, without the export's marker): refused, kept, by the API and the CLI
+    stamp = sorted((p.name, p.stat().st_mtime_ns) for p in d.iterdir())
+    with pytest.raises(FileExistsError, match=r"has no qnext_export.json, .* not an earlier "
+                                              r"`qnext export` output"):
+        orbax_to_hf(conv, d, overwrite=True, progress=False)
+    from qnext_jax.cli import main
+
+    with pytest.raises(SystemExit, match="has no qnext_export.json"):
+        main(["export", str(conv), str(d), "--overwrite"])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in d.iterdir()) == stamp
+    (tmp_path / "link").symlink_to(hf)  # a link to an earlier export: named, not followed
+    with pytest.raises(FileExistsError, match=r"link is a symbolic link \(to \S*hf_out\)"):
+        orbax_to_hf(conv, tmp_path / "link", overwrite=True, progress=False)
+    assert (tmp_path / "link").is_symlink() and (hf / "NOTES.md").exists()
+    (tmp_path / "link").unlink()
     (conv / "mydata").mkdir()
     with pytest.raises(FileExistsError, match=r"`qnext convert` does not write \(mydata\)"):
         hf_to_orbax(d, conv, overwrite=True, progress=False)

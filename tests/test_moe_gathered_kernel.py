@@ -258,13 +258,15 @@ def test_layer_bad_arguments():
     with pytest.raises(ValueError, match=r"expected gate_proj, up_proj \[E, d, I\] .* "
                                          r"\(without layer\)"):
         gathered_expert_outputs(x, e, *stack, **BLOCKS)
-    with pytest.raises(ValueError, match=r"layer = 2 must be in \[0, L = 2\)"):
-        gathered_experts(x, w, e, *stack, layer=2, **BLOCKS)
+    for layer in (2, -1, jnp.asarray(5), np.int64(-2)):  # concrete: checked, arrays too
+        with pytest.raises(ValueError, match=r"layer = -?\d must be in \[0, L = 2\)"):
+            gathered_experts(x, w, e, *stack, layer=layer, **BLOCKS)
     with pytest.raises(ValueError, match="layer must be an integer scalar"):
         gathered_experts(x, w, e, *stack, layer=jnp.zeros((1,), jnp.int32), **BLOCKS)
-    with pytest.raises(ValueError, match="layer must be an integer scalar"):
-        gathered_experts(x, w, e, *stack, layer=0.0, **BLOCKS)
-    with pytest.raises(ValueError, match=r"in stacks of \[2, 2, 1\] layers"):
+    for layer in (0.0, "1", True, jnp.float32(0)):
+        with pytest.raises(ValueError, match="layer must be an integer scalar"):
+            gathered_experts(x, w, e, *stack, layer=layer, **BLOCKS)
+    with pytest.raises(ValueError, match=r"in stacks of \[2, 2, 1\] layers \(one L for all\)"):
         gathered_experts(x, w, e, *stack[:2], stack[2][:1], layer=0, **BLOCKS)
 
 

@@ -413,11 +413,14 @@ def _stacked(fn, layer, gate_proj, up_proj, down_proj):
             f"{up_proj.shape}, {down_proj.shape}")
     if layer is None:
         return gate_proj[None], up_proj[None], down_proj[None], jnp.zeros((1,), jnp.int32)
-    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+    dtype = np.dtype(type(layer)) if isinstance(layer, (int, np.integer)) else getattr(
+        layer, "dtype", None)
+    if (isinstance(layer, bool) or dtype is None or not jnp.issubdtype(dtype, jnp.integer)
+            or np.ndim(layer) != 0):
         raise ValueError(f"{fn}: layer must be an integer scalar, got {layer!r}")
     L = gate_proj.shape[0]
-    if isinstance(layer, (int, np.integer)) and not 0 <= layer < L:
-        raise ValueError(f"{fn}: layer = {layer} must be in [0, L = {L})")
+    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < L:
+        raise ValueError(f"{fn}: layer = {int(layer)} must be in [0, L = {L})")
     return gate_proj, up_proj, down_proj, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
@@ -439,8 +442,8 @@ def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
         layers = {w.shape[0] for w in projections}
         raise ValueError(
             f"{fn}: expected gate_proj, up_proj [E, d = {d}, I] and down_proj [E, I, d] (a "
-            f"layer's); got {', '.join(str(w.shape[1:]) for w in projections)}"
-            + (f" in stacks of {[w.shape[0] for w in projections]} layers"
+            f"layer's, d of x {x.shape}); got {', '.join(str(w.shape[1:]) for w in projections)}"
+            + (f" in stacks of {[w.shape[0] for w in projections]} layers (one L for all)"
                if len(layers) > 1 else ""))
     if shared and tuple(w.shape for w in shared) != ((d, inner), (d, inner), (inner, d)):
         raise ValueError(f"{fn}: the shared expert's gate_proj, up_proj, down_proj must be "

@@ -258,11 +258,16 @@ def check_not_replaced(out_dir: Path, source: Path) -> None:
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
+# Written by ``qnext export`` into its output: the mark of a directory that ``--overwrite`` may
+# replace (an original HF checkpoint has the same file names, and replacing it would lose it).
+EXPORT_MARKER = "qnext_export.json"
+
+
 def written_by_export(name: str) -> bool:
     """Whether a file of this name is one ``qnext export`` writes (config, safetensors and
-    their index, tokenizer and generation files)."""
-    return (name in ("config.json", SINGLE_FILE, INDEX_FILE) or name in TOKENIZER_FILES
-            or bool(_SHARD.match(name)))
+    their index, tokenizer and generation files, EXPORT_MARKER)."""
+    return (name in ("config.json", SINGLE_FILE, INDEX_FILE, EXPORT_MARKER)
+            or name in TOKENIZER_FILES or bool(_SHARD.match(name)))
 
 
 def unwritten_entries(out_dir: Path, written) -> list[str]:
@@ -287,17 +292,23 @@ def run_of_final(path: str | Path) -> Path | None:
     return None
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, command: str, written,
+                  marker: str | None = None) -> None:
     """Refuse an output directory that exists and is not empty, unless ``overwrite`` and every
     entry in it is one that ``command`` writes (``written(name)`` True): ``--overwrite``
     replaces an earlier output of the command, and refuses a directory holding anything else
-    (notes, a .git, another model's extra files), which the replacement would delete, and a
-    fine-tuning run's final params (:func:`run_of_final`), which look like a convert output.
+    (notes, a .git, another model's extra files), which the replacement would delete, a
+    fine-tuning run's final params (:func:`run_of_final`), which look like a convert output,
+    and, given ``marker`` (a file name the command writes into every output), a directory
+    without it: not the command's output, though its names are (an original checkpoint).
 
     Raises:
       FileExistsError: naming the directory, ``command``'s flag, and the entries it does not
-        write (or the run whose params it holds).
+        write (or the run whose params it holds, or the missing marker).
     """
+    if out_dir.is_symlink():  # replacing it would replace the link, not what it points to
+        raise FileExistsError(f"{out_dir} is a symbolic link (to {out_dir.resolve()}); write "
+                              "to the directory it points to, or to a new one")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -317,6 +328,11 @@ def check_out_dir(out_dir: Path, overwrite: bool, command: str, written) -> None
                               "which replacing it would delete: overwrite replaces only an "
                               f"earlier `qnext {command}` output; write to a new or empty "
                               "directory")
+    if marker is not None and not (out_dir / marker).is_file():
+        raise FileExistsError(f"{out_dir} has no {marker}, which `qnext {command}` writes into "
+                              f"its outputs: it is not an earlier `qnext {command}` output (an "
+                              "original checkpoint?), which replacing it would lose; write to "
+                              "a new or empty directory")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import numpy as np
 from qnext_jax.config import Qwen3NextConfig, read_config_json
 from qnext_jax.convert import name_map as nm
 from qnext_jax.convert.hf_checkpoint import (
+    EXPORT_MARKER,
     INDEX_FILE,
     SINGLE_FILE,
     atomic_directory,
@@ -73,7 +74,7 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
     # The dtype written: that of the most bytes (A_log and dt_bias stay float32).
     config_json = config_naming_dtype(config_json, max(bytes_of, key=bytes_of.get))
 
-    check_out_dir(hf_dir, overwrite, "export", written_by_export)
+    check_out_dir(hf_dir, overwrite, "export", written_by_export, EXPORT_MARKER)
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))
@@ -101,6 +102,10 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
             (tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(
+            {"written_by": "qnext export (qnext-jax)",
+             "note": "marks this directory as one `qnext export --overwrite` may replace"},
+            indent=2) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)
     return hf_dir
