@@ -209,6 +209,10 @@ def test_stack_unstack_layers_round_trip_and_scanned_init_layout():
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="already in the scanned layout"):
+        stack_layers(stacked, cfg)
+    with pytest.raises(ValueError, match="params have no layers_5"):
+        stack_layers({k: v for k, v in params.items() if k != "layers_5"}, cfg)
 
 
 def test_scanned_layers_equal_unrolled_logits_hidden_and_grads():

@@ -164,6 +164,9 @@ def stack_layers(params: dict, config: Qwen3NextConfig) -> dict:
     L = config.num_hidden_layers
     names = [f"layers_{i}" for i in range(L)]
     missing = [n for n in names if n not in params]
+    if missing and BLOCKS in params:
+        raise ValueError(f"stack_layers: params are already in the scanned layout (a {BLOCKS!r} "
+                         "entry, no layers_0...): pass them as they are")
     if missing:
         raise ValueError(f"stack_layers: params have no {', '.join(missing)} (expected the "
                          f"per-layer layout of {L} layers)")
