@@ -291,8 +291,7 @@ class Qwen3NextLayerBlock(nn.Module):
             extra = {name: {key: layer.get(key) for key in {*layer, *cache[name]}
                             if key not in layer or key not in cache[name]}
                      for name, layer in new_cache.items()}
-            kept = {name: {key: layer.get(key, cache[name][key][block_index])
-                           for key in cache[name]}
+            kept = {name: {key: layer.get(key, block_cache[name][key]) for key in cache[name]}
                     for name, layer in new_cache.items()}
             cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(
                 c, n.astype(c.dtype), block_index, 0), cache, kept)
