@@ -724,3 +724,51 @@ def test_truncated_safetensors_file_is_named_truncated(tmp_path):
     with pytest.raises(ValueError, match=rf"truncated: tensor 'b' ends at byte {len(data)} of the "
                                          rf"file .* but the file has {len(data) - 8} bytes"):
         read_header(path)
+
+
+def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_path):
+    """--overwrite replaces an earlier output only when every file under it, in its
+    subdirectories too, is one the command writes: a file put into a convert output's params/,
+    or a directory put into an export, is named (its path in the output) and kept; the output
+    is not replaced. A fresh user lost such a file (only the top-level names were checked)."""
+    d, _ = ckpts["single"]
+    conv = _convert(d, tmp_path, "conv")
+    (conv / "params" / "extra.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"`qnext convert` does not write "
+                                              r"\(params/extra\.txt\), which replacing it"):
+        hf_to_orbax(d, conv, overwrite=True, progress=False)
+    assert (conv / "params" / "extra.txt").read_text() == "mine"
+    (conv / "params" / "extra.txt").unlink()
+    hf_to_orbax(d, conv, overwrite=True, progress=False)  # the output alone: replaced
+    hf = tmp_path / "hf"
+    orbax_to_hf(conv, hf, progress=False)
+    (hf / "notes").mkdir()
+    (hf / "notes" / "a.txt").write_text("a")
+    (hf / "notes" / "b.txt").write_text("b")
+    (hf / "sub" / "deeper").mkdir(parents=True)
+    (hf / "sub" / "deeper" / "config.json").write_text("{}")  # an export's name, not its place
+    with pytest.raises(FileExistsError, match=r"`qnext export` does not write \(notes, sub\)"):
+        orbax_to_hf(conv, hf, overwrite=True, progress=False)
+    assert (hf / "notes" / "b.txt").read_text() == "b"
+    assert (hf / "sub" / "deeper" / "config.json").is_file()
+
+
+def test_params_to_hf_refuses_a_tokenizer_dir_without_tokenizer_files(tmp_path):
+    """tokenizer_dir that does not exist, or holds no tokenizer file, is refused before
+    anything is written (it wrote a checkpoint without a tokenizer, silently)."""
+    from conftest import init_params, tiny_config
+
+    from qnext_jax.convert import params_to_hf
+    from qnext_jax.train.run import save_params
+
+    config = tiny_config()
+    params = init_params(config)
+    (tmp_path / "empty").mkdir()
+    for write in (params_to_hf, save_params):
+        with pytest.raises(FileNotFoundError, match=r"tokenizer_dir \S*nope: no such "
+                                                    r"directory"):
+            write(config, params, tmp_path / "out", tokenizer_dir=tmp_path / "nope")
+        with pytest.raises(ValueError, match=r"tokenizer_dir \S*empty: holds no tokenizer files "
+                                             r"\(expected tokenizer\.json"):
+            write(config, params, tmp_path / "out", tokenizer_dir=tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

@@ -5,7 +5,10 @@ logits as our fine-tuned params."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
 
 import jax
 import numpy as np
@@ -342,6 +345,18 @@ def test_resume_under_other_settings_warns_naming_them(hf_dir, tmp_path, capsys)
                      r"rows [0-9a-f]{16}' \(now '\S*other\.jsonl, packed rows [0-9a-f]{16}'\)",
                      err), err
     assert "--lr" not in err
+    # the loss's settings and another row length (which repacks the same documents)
+    finetune(hf_dir / "hf", other, tmp_path / "r", steps=5, batch_size=3, seq_len=24,
+             max_segments=4,
+             opt=OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=STEPS),
+             train=TrainConfig(compute_dtype="float32", gdn_impl="reference", aux_coef=0.5),
+             save_every=2, keep=1, progress=False)
+    err = capsys.readouterr().err
+    assert re.search(r"resuming \S+ from step 4 \(checkpoint 4\) to step 5", err), err
+    assert re.search(r"--seq-len 32 \(now 24\), --data '\S*other\.jsonl, packed rows "
+                     r"[0-9a-f]{16}' \(now '\S*other\.jsonl, packed rows [0-9a-f]{16}, "
+                     r"repacked by the --seq-len change'\), --aux-coef None \(now 0\.5\);",
+                     err), err
 
 
 def test_out_holding_a_checkpoint_is_refused(hf_dir):
@@ -370,6 +385,12 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
                                               r"write \(important.txt\), which replacing final/"):
         _run(hf_dir, out)
     (out / "final" / "important.txt").unlink()
+    (out / "final" / "params").mkdir()  # a file in a subdirectory: checked too
+    (out / "final" / "params" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"final holds files the run's save does not "
+                                              r"write \(params/mine.txt\)"):
+        _run(hf_dir, out)
+    shutil.rmtree(out / "final" / "params")
     (out / "hf").mkdir()
     (out / "hf" / "my_notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match=r"hf holds files the run's save does not write "
@@ -377,6 +398,13 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
         _run(hf_dir, out, export_hf=True)
     assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
     assert (out / "hf" / "my_notes.txt").read_text() == "keep"
+    (out / "hf" / "my_notes.txt").unlink()
+    (out / "hf" / "config.json").write_text("{}")  # an HF checkpoint copied there: no marker
+    with pytest.raises(FileExistsError, match=r"hf has no qnext_export.json, which the run's "
+                                              r"export writes: it is not an earlier export"):
+        _run(hf_dir, out, export_hf=True)
+    assert (out / "hf" / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]  # refused before any step
     (out / "final").rmdir()
     (out / "final").symlink_to(out / "hf")  # the save renames a directory into final's place
     with pytest.raises(FileExistsError, match=r"final is a link; the run saves final/ as a new "
@@ -463,3 +491,50 @@ def test_resume_under_another_structure_names_the_setting(hf_dir, tmp_path):
                  opt=OptimizerConfig(learning_rate=2e-3, total_steps=STEPS),
                  train=TrainConfig(compute_dtype="float32", gdn_impl="reference", lora_rank=2),
                  save_every=2, keep=1, progress=False)
+
+
+def test_sigterm_saves_the_state_as_ctrl_c_does(hf_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) at step 2 saves step 1, as Ctrl-C does, and the
+    rerun resumes there; the handler before the run is back after it (SIGTERM saved nothing)."""
+    from qnext_jax.train.step import Trainer
+
+    step = Trainer.step
+    calls = []
+
+    def terminated_step(self, state, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, state, batch)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "step", terminated_step)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hf_dir, tmp_path / "t")
+    err = capsys.readouterr().err
+    assert "SIGTERM received: saving the state" in err
+    assert "interrupted after step 1, saved" in err, err
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(Trainer, "step", step)
+    assert _run(hf_dir, tmp_path / "t", stop_after=1)["resumed_from"] == 1
+
+
+def test_resume_with_another_models_checkpoint_names_it(hf_dir, tmp_path):
+    """A run resumed with a --checkpoint of another shape (the same flags): the error names
+    the checkpoint the run recorded and Orbax's whole mismatch, not a cut first line."""
+    _run(hf_dir, tmp_path / "r", stop_after=2)
+    other = tmp_path / "other"
+    build_hf_checkpoint(other, {"vocab_size": 320, "num_hidden_layers": 2,
+                                "full_attention_interval": 2, "moe_intermediate_size": 24})
+    make_checkpoint_tokenizer(other)
+    with pytest.raises(ValueError) as e:
+        finetune(other, hf_dir / "data.jsonl", tmp_path / "r", steps=STEPS, batch_size=2,
+                 seq_len=32, max_segments=4,
+                 opt=OptimizerConfig(learning_rate=2e-3, total_steps=STEPS),
+                 train=TrainConfig(compute_dtype="float32", gdn_impl="reference"),
+                 save_every=2, keep=1, progress=False)
+    msg = str(e.value)
+    assert re.search(r"step 2 holds a train state of another structure than this run's; resume "
+                     r"with the --checkpoint \(model\) and settings that wrote it \(recorded: "
+                     r"\S*hf;", msg), msg
+    assert not msg.rstrip().endswith(":") and len(msg.split("Orbax: ")[1]) > 40, msg

@@ -188,6 +188,24 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def check_tokenizer_dir(tokenizer_dir: str | Path, what: str = "tokenizer_dir") -> Path:
+    """``tokenizer_dir`` as a Path, checked to be a directory holding tokenizer files (any of
+    TOKENIZER_FILES): the files a writer given it copies.
+
+    Raises:
+      FileNotFoundError: it is not a directory (naming ``what``, the argument).
+      ValueError: it holds none of TOKENIZER_FILES.
+    """
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {tokenizer_dir}: no such directory (the directory to "
+                                "copy the tokenizer files from)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{what} {tokenizer_dir}: holds no tokenizer files (expected "
+                         f"tokenizer.json and its companions: {listed(list(TOKENIZER_FILES))})")
+    return path
+
+
 def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> None:
     """Refuse tokenizer files whose ids the model cannot embed: the highest id the tokenizer in
     ``tokenizer_dir`` can produce (:func:`qnext_jax.tokenizer.max_token_id`, added and special
@@ -263,17 +281,38 @@ _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 EXPORT_MARKER = "qnext_export.json"
 
 
-def written_by_export(name: str) -> bool:
-    """Whether a file of this name is one ``qnext export`` writes (config, safetensors and
-    their index, tokenizer and generation files, EXPORT_MARKER)."""
-    return (name in ("config.json", SINGLE_FILE, INDEX_FILE, EXPORT_MARKER)
-            or name in TOKENIZER_FILES or bool(_SHARD.match(name)))
+def written_by_export(rel: str) -> bool:
+    """Whether a file at this path (relative to the output, "/"-separated) is one ``qnext
+    export`` writes: config, safetensors and their index, tokenizer and generation files,
+    EXPORT_MARKER; all at the top (export writes no subdirectory)."""
+    return (rel in ("config.json", SINGLE_FILE, INDEX_FILE, EXPORT_MARKER)
+            or rel in TOKENIZER_FILES or bool(_SHARD.match(rel)))
 
 
 def unwritten_entries(out_dir: Path, written) -> list[str]:
-    """The sorted names of the entries of the directory ``out_dir`` that ``written(name)``
-    rejects: what replacing it with a command's output would delete."""
-    return sorted(p.name for p in out_dir.iterdir() if not written(p.name))
+    """The sorted paths (relative to ``out_dir``, "/"-separated) of the files, links and empty
+    directories anywhere under ``out_dir`` that ``written(path)`` rejects: what replacing the
+    directory with a command's output would delete. A subdirectory the command does not
+    write, all of whose contents are rejected, is named alone (``.git``, not each file in
+    it)."""
+    return _rejected(out_dir, written, "")[0]
+
+
+def _rejected(directory: Path, written, prefix: str) -> tuple[list[str], bool]:
+    """(:func:`unwritten_entries` of ``directory`` with paths under ``prefix``, whether every
+    entry in it is rejected)."""
+    found, every = [], True
+    for entry in sorted(directory.iterdir()):
+        rel = prefix + entry.name
+        if entry.is_dir() and not entry.is_symlink() and any(entry.iterdir()):
+            inside, all_of_it = _rejected(entry, written, rel + "/")
+            found += [rel] if all_of_it and not written(rel) else inside
+            every = every and all_of_it
+        elif written(rel):
+            every = False
+        else:
+            found.append(rel)
+    return found, every
 
 
 def listed(names: list[str]) -> str:
@@ -295,9 +334,10 @@ def run_of_final(path: str | Path) -> Path | None:
 def check_out_dir(out_dir: Path, overwrite: bool, command: str, written,
                   marker: str | None = None) -> None:
     """Refuse an output directory that exists and is not empty, unless ``overwrite`` and every
-    entry in it is one that ``command`` writes (``written(name)`` True): ``--overwrite``
-    replaces an earlier output of the command, and refuses a directory holding anything else
-    (notes, a .git, another model's extra files), which the replacement would delete, a
+    file anywhere under it is one that ``command`` writes (``written(path)`` True, see
+    :func:`unwritten_entries`): ``--overwrite`` replaces an earlier output of the command, and
+    refuses a directory holding anything else (notes, a .git, another model's extra files, a
+    file put into its subdirectories), which the replacement would delete, a
     fine-tuning run's final params (:func:`run_of_final`), which look like a convert output,
     and, given ``marker`` (a file name the command writes into every output), a directory
     without it: not the command's output, though its names are (an original checkpoint).

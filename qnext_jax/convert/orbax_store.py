@@ -22,6 +22,7 @@ slowed down with the number of calls, hundreds here.)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,8 @@ MIN_GROUP_BYTES = 32 * 1024 * 1024
 # zarr chunks of at most this size: a sharded restore reads (and decompresses) only the chunks
 # of its own shards rather than whole arrays.
 CHUNK_BYTES = 64 * 1024 * 1024
+# A path in a group's directory, written by ParamWriter.flush.
+_GROUP = re.compile(rf"^{PARAMS_DIR}/\d{{5}}(/|$)")
 
 
 def _nest(flat: dict[str, object]) -> dict:
@@ -63,10 +66,13 @@ def is_orbax_dir(path: str | Path) -> bool:
     return (Path(path) / INDEX_FILE).is_file()
 
 
-def written_by_convert(name: str) -> bool:
-    """Whether an entry of this name is one ``qnext convert`` (or a finetune's final params)
-    writes: the params, their index, config.json, tokenizer and generation files."""
-    return name in (INDEX_FILE, PARAMS_DIR, "config.json") or name in TOKENIZER_FILES
+def written_by_convert(rel: str) -> bool:
+    """Whether a file at this path (relative to the output, "/"-separated) is one ``qnext
+    convert`` (or a finetune's final params) writes: the params index, config.json, tokenizer
+    and generation files, and in PARAMS_DIR the groups' directories (their contents are
+    Orbax's)."""
+    return (rel in (INDEX_FILE, PARAMS_DIR, "config.json") or rel in TOKENIZER_FILES
+            or bool(_GROUP.match(rel)))
 
 
 class ParamWriter:

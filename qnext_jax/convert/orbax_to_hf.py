@@ -24,6 +24,7 @@ from qnext_jax.convert.hf_checkpoint import (
     atomic_directory,
     check_not_replaced,
     check_out_dir,
+    check_tokenizer_dir,
     check_tokenizer_fits,
     config_naming_dtype,
     copy_tokenizer_files,
@@ -168,12 +169,15 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
       dtype: cast to this dtype (None keeps each leaf's; A_log and dt_bias stay float32).
       config_json: the config.json to write (default ``config.to_dict()``); its ``torch_dtype``
         (and ``dtype``, when it has one) is set to the dtype written (that of the most bytes).
-      tokenizer_dir: copy tokenizer files from here; its tokenizer must produce ids below
-        ``config.vocab_size``, added and special tokens included.
+      tokenizer_dir: copy tokenizer files from here (a directory holding tokenizer.json or
+        its companions); its tokenizer must produce ids below ``config.vocab_size``, added and
+        special tokens included.
     Raises:
       ValueError: params that do not match the config; ``dtype`` not a floating-point dtype;
         the tokenizer in ``tokenizer_dir`` produces ids >= ``config.vocab_size`` (naming the
-        directory, the tokenizer's size and vocab_size). Raised before anything is written.
+        directory, the tokenizer's size and vocab_size); ``tokenizer_dir`` holds no tokenizer
+        files. Raised before anything is written.
+      FileNotFoundError: ``tokenizer_dir`` is not a directory.
       FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
     """
     leaves = nm.name_map(config)
@@ -184,7 +188,8 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
         raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
     dt = float_dtype(dtype)
     if tokenizer_dir is not None:
-        check_tokenizer_fits(Path(tokenizer_dir), config.vocab_size)
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
+        check_tokenizer_fits(tokenizer_dir, config.vocab_size)
     dtypes = {leaf.key: leaf.out_dtype(np.dtype(flat[leaf.key].dtype), dt) for leaf in leaves}
 
     def arrays():
@@ -195,5 +200,5 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
             yield leaf.key, value.astype(dtypes[leaf.key], copy=False)
 
     return _write_hf(Path(hf_dir), config_json or config.to_dict(), leaves, dtypes, arrays(),
-                     parse_size(max_shard_size), Path(tokenizer_dir) if tokenizer_dir else None,
+                     parse_size(max_shard_size), tokenizer_dir,
                      overwrite, progress)

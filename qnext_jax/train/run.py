@@ -50,19 +50,25 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
     Raises:
       FileExistsError: naming the directory and the entries in the way.
     """
-    from qnext_jax.convert.hf_checkpoint import listed, unwritten_entries, written_by_export
+    from qnext_jax.convert.hf_checkpoint import (
+        EXPORT_MARKER,
+        listed,
+        unwritten_entries,
+        written_by_export,
+    )
     from qnext_jax.convert.orbax_store import written_by_convert
 
     if not out.is_dir():
         return
     left = sorted(p.name for p in out.iterdir() if p.name.startswith((".final.tmp-", ".hf.tmp-")))
-    foreign = unwritten_entries(out, lambda n: n in RUN_ENTRIES or n in left)
+    ours = set(RUN_ENTRIES) | set(left)
+    foreign = unwritten_entries(out, lambda rel: rel.split("/")[0] in ours)
     if foreign:
         raise FileExistsError(f"{out} holds entries a finetune run does not write "
                               f"({listed(foreign)}): --out needs a new or empty directory, or "
                               "an earlier run's to resume it")
-    for sub, written, saved in (("final", written_by_convert, True),
-                                ("hf", written_by_export, export_hf)):
+    for sub, written, saved, marker in (("final", written_by_convert, True, None),
+                                        ("hf", written_by_export, export_hf, EXPORT_MARKER)):
         where = out / sub
         if not saved or not (where.exists() or where.is_symlink()):
             continue
@@ -75,6 +81,11 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
             raise FileExistsError(f"{where} holds files the run's save does not write "
                                   f"({listed(theirs)}), which replacing {sub}/ would delete: "
                                   "move them out of it, or use another --out")
+        if marker is not None and any(where.iterdir()) and not (where / marker).is_file():
+            raise FileExistsError(f"{where} has no {marker}, which the run's export writes: it "
+                                  f"is not an earlier export of this run (a checkpoint copied "
+                                  f"there?), which replacing {sub}/ would lose: move it away, "
+                                  "or use another --out")
     if left:
         print(f"[qnext finetune] {out} holds {listed(left)}, left by a save that was killed; "
               "the run does not use them: delete them to free their space", file=sys.stderr)
@@ -95,13 +106,16 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
 
     Args:
       dtype: cast the stored leaves (None keeps them; A_log and dt_bias stay float32).
+      tokenizer_dir: copy the tokenizer files from here (None: none copied).
     Raises:
       ValueError: the params do not match the config's name map; ``dtype`` is not a
-        floating-point dtype.
+        floating-point dtype; ``tokenizer_dir`` holds no tokenizer files.
+      FileNotFoundError: ``tokenizer_dir`` is not a directory.
     """
     from qnext_jax.convert import name_map as nm
     from qnext_jax.convert.hf_checkpoint import (
         atomic_directory,
+        check_tokenizer_dir,
         config_naming_dtype,
         copy_tokenizer_files,
         float_dtype,
@@ -111,6 +125,8 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
     out_dir = Path(out_dir)
     leaves = nm.name_map(config)
     dt = float_dtype(dtype)
+    if tokenizer_dir is not None:
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
     with atomic_directory(out_dir) as tmp:
         biggest = max(leaf.size for leaf in leaves) * 4
         writer = ParamWriter(tmp, max(biggest, MIN_GROUP_BYTES))
@@ -128,7 +144,7 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
         config_json = config_naming_dtype(config_json or config.to_dict(), dt)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer_dir is not None:
-            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+            copy_tokenizer_files(tokenizer_dir, tmp)
     return out_dir
 
 
@@ -198,6 +214,28 @@ def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
         return
     print(f"[qnext finetune] interrupted after step {done}, saved: a rerun of the same command "
           "resumes from it", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within it, SIGTERM (a scheduler's preemption, ``kill``) raises KeyboardInterrupt in the
+    main thread, so the run saves its state as on Ctrl-C; the handler is restored after. Does
+    nothing outside the main thread, where no handler can be set."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        print("[qnext finetune] SIGTERM received: saving the state", file=sys.stderr)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _record(line: str) -> dict | None:
@@ -343,7 +381,11 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     settings = {"--batch-size": batch_size, "--seq-len": seq_len, "--lr": opt.learning_rate,
                 "--warmup-steps": opt.warmup_steps, "--min-lr-ratio": opt.min_lr_ratio,
                 "--weight-decay": opt.weight_decay, "--clip-norm": opt.clip_norm,
-                "--max-segments": max_segments, "--data": dataset.fingerprint()}
+                "--max-segments": max_segments, "--data": dataset.fingerprint(),
+                "--dtype": train.compute_dtype, "--grad-accum": train.grad_accum,
+                "--aux-coef": train.aux_coef, "--mtp-coef": train.mtp_coef,
+                "--checkpoint": str(checkpoint.resolve()),
+                **({"--lora-alpha": train.lora_alpha} if train.lora_rank else {})}
     if resumed_from is not None:
         # The checks on the saved settings come before the (large) restore of the state.
         meta = ckpt.meta(resumed_from)
@@ -364,16 +406,25 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         try:
             state = ckpt.restore(abstract, trainer.state_shardings(abstract), resumed_from)
         except ValueError as e:
+            detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise ValueError(f"{out / 'checkpoints'}: step {resumed_from} holds a train state of "
-                             "another structure; resume with the settings that wrote it (same "
-                             f"scan_layers, lora_rank, train): {str(e).splitlines()[0][:300]}"
+                             "another structure than this run's; resume with the --checkpoint "
+                             f"(model) and settings that wrote it (recorded: "
+                             f"{meta.get('settings', {}).get('--checkpoint', 'not recorded')}; "
+                             f"--scan-layers, --lora-rank, --train). Orbax: {detail[:400]}"
                              ) from None
+        print(f"[qnext finetune] resuming {out} from step {start} (checkpoint "
+              f"{resumed_from}) to step {steps}", file=sys.stderr)
+        saved_settings = meta.get("settings", {})
+        # Rows packed to another length differ though the documents may not.
+        repacked = [flag for flag in ("--seq-len", "--max-segments")
+                    if saved_settings.get(flag, settings[flag]) != settings[flag]]
         data_shown = {"--data": (
-            f"{meta.get('data_file', '?')}, packed rows {meta.get('settings', {}).get('--data')}",
-            f"{data}, packed rows {settings['--data']}")}
+            f"{meta.get('data_file', '?')}, packed rows {saved_settings.get('--data')}",
+            f"{data}, packed rows {settings['--data']}"
+            + (f", repacked by the {' and '.join(repacked)} change" if repacked else ""))}
         for warning in (schedule_change_warning(opt, meta.get("total_steps"), start),
-                        resume_settings_warning(meta.get("settings", {}), settings, start,
-                                                data_shown)):
+                        resume_settings_warning(saved_settings, settings, start, data_shown)):
             if warning is not None and start < steps:
                 print(warning, file=sys.stderr)
     else:
@@ -398,33 +449,34 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         return metrics
 
     pending = None  # a step run but not logged yet: logged on Ctrl-C too
-    try:
-        for step in range(start, end):
-            batch = dataset.batch_at(step, batch_size, seed)
-            n_tokens = int((batch["segment_ids"] > 0).sum())
-            t0 = time.perf_counter()
-            state, m = trainer.step(state, batch)
-            pending = (step + 1, m, n_tokens, t0)
-            metrics = log_step(*pending)
-            pending = None
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                            tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}",
-                            refresh=False)
-            bar.update(1)
-            if ckpt.maybe_save(step + 1, state, meta_at(step + 1)):
-                last_saved = step + 1
-        if end > start and last_saved != end:
-            ckpt.save(end, state, meta_at(end), force=True)
-    except KeyboardInterrupt:
-        if pending is not None:  # the step ran (its state is what gets saved): log it
-            with contextlib.suppress(Exception):
-                log_step(*pending)
-        _save_on_interrupt(ckpt, state, last_saved, meta_at)
-        raise
-    finally:
-        bar.close()
-        log.close()
-        ckpt.close()
+    with _terminate_as_interrupt():  # SIGTERM saves the state as Ctrl-C does
+        try:
+            for step in range(start, end):
+                batch = dataset.batch_at(step, batch_size, seed)
+                n_tokens = int((batch["segment_ids"] > 0).sum())
+                t0 = time.perf_counter()
+                state, m = trainer.step(state, batch)
+                pending = (step + 1, m, n_tokens, t0)
+                metrics = log_step(*pending)
+                pending = None
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.2e}",
+                                refresh=False)
+                bar.update(1)
+                if ckpt.maybe_save(step + 1, state, meta_at(step + 1)):
+                    last_saved = step + 1
+            if end > start and last_saved != end:
+                ckpt.save(end, state, meta_at(end), force=True)
+        except KeyboardInterrupt:
+            if pending is not None:  # the step ran (its state is what gets saved): log it
+                with contextlib.suppress(Exception):
+                    log_step(*pending)
+            _save_on_interrupt(ckpt, state, last_saved, meta_at)
+            raise
+        finally:
+            bar.close()
+            log.close()
+            ckpt.close()
     result = {"steps": end, "metrics": metrics, "final": None, "hf": None,
               "resumed_from": resumed_from}
     if end < steps:
