@@ -338,13 +338,13 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     with pytest.raises(FileExistsError, match="not empty"):
         hf_to_orbax(d, out, progress=False)
     # overwrite replaces an earlier output only, not a directory holding other files
-    with pytest.raises(FileExistsError, match=r"holds files `qnext convert` does not write "
+    with pytest.raises(FileExistsError, match=r"holds files not written by `qnext convert` "
                                               r"\(keep.txt\), which replacing it would delete"):
         hf_to_orbax(d, out, overwrite=True, progress=False)
     assert (out / "keep.txt").exists()
     conv = _convert(d, tmp_path, "conv")
     hf_to_orbax(d, conv, overwrite=True, progress=False)  # an earlier output: replaced
-    with pytest.raises(FileExistsError, match=r"`qnext export` does not write \(keep.txt\)"):
+    with pytest.raises(FileExistsError, match=r"not written by `qnext export` \(keep.txt\)"):
         orbax_to_hf(conv, out, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     hf = tmp_path / "hf_out"
@@ -353,7 +353,7 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     # an HF checkpoint with files of its own (a download's notes, a .git): refused, kept
     (hf / "NOTES.md").write_text("mine")
     (hf / ".git").mkdir()
-    with pytest.raises(FileExistsError, match=r"does not write \(\.git, NOTES\.md\)"):
+    with pytest.raises(FileExistsError, match=r"by `qnext export` \(\.git, NOTES\.md\)"):
         orbax_to_hf(conv, hf, overwrite=True, progress=False)
     assert (hf / "NOTES.md").read_text() == "mine"
     # an original HF checkpoint (the conversion's own source: the same file names as an
@@ -373,7 +373,7 @@ def test_refuses_non_empty_out_dir_and_cleans_up_on_failure(ckpts, tmp_path, mon
     assert (tmp_path / "link").is_symlink() and (hf / "NOTES.md").exists()
     (tmp_path / "link").unlink()
     (conv / "mydata").mkdir()
-    with pytest.raises(FileExistsError, match=r"`qnext convert` does not write \(mydata\)"):
+    with pytest.raises(FileExistsError, match=r"not written by `qnext convert` \(mydata\)"):
         hf_to_orbax(d, conv, overwrite=True, progress=False)
     (conv / "mydata").rmdir()
     with pytest.raises(FileNotFoundError, match="is a file: give the checkpoint's directory"):
@@ -734,7 +734,7 @@ def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_p
     d, _ = ckpts["single"]
     conv = _convert(d, tmp_path, "conv")
     (conv / "params" / "extra.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"`qnext convert` does not write "
+    with pytest.raises(FileExistsError, match=r"not written by `qnext convert` "
                                               r"\(params/extra\.txt\), which replacing it"):
         hf_to_orbax(d, conv, overwrite=True, progress=False)
     assert (conv / "params" / "extra.txt").read_text() == "mine"
@@ -747,10 +747,23 @@ def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_p
     (hf / "notes" / "b.txt").write_text("b")
     (hf / "sub" / "deeper").mkdir(parents=True)
     (hf / "sub" / "deeper" / "config.json").write_text("{}")  # an export's name, not its place
-    with pytest.raises(FileExistsError, match=r"`qnext export` does not write \(notes, sub\)"):
+    with pytest.raises(FileExistsError, match=r"not written by `qnext export` \(notes, sub\)"):
         orbax_to_hf(conv, hf, overwrite=True, progress=False)
     assert (hf / "notes" / "b.txt").read_text() == "b"
     assert (hf / "sub" / "deeper" / "config.json").is_file()
+    # a file of a name export writes, added by hand (the earlier export wrote none: its
+    # qnext_export.json lists what it wrote), would be lost too
+    shutil.rmtree(hf / "notes")
+    shutil.rmtree(hf / "sub")
+    assert "added_tokens.json" not in json.loads((hf / "qnext_export.json").read_text())[
+        "files"]
+    (hf / "added_tokens.json").write_text('{"<x>": 96}')
+    with pytest.raises(FileExistsError, match=r"not written by `qnext export` "
+                                              r"\(added_tokens\.json\)"):
+        orbax_to_hf(conv, hf, overwrite=True, progress=False)
+    assert (hf / "added_tokens.json").read_text() == '{"<x>": 96}'
+    (hf / "added_tokens.json").unlink()
+    orbax_to_hf(conv, hf, overwrite=True, progress=False)
 
 
 def test_params_to_hf_refuses_a_tokenizer_dir_without_tokenizer_files(tmp_path):

@@ -289,6 +289,31 @@ def written_by_export(rel: str) -> bool:
             or rel in TOKENIZER_FILES or bool(_SHARD.match(rel)))
 
 
+def write_export_marker(out_dir: Path) -> None:
+    """Write EXPORT_MARKER into an export's directory ``out_dir`` (its last file), listing the
+    files there: what a later ``--overwrite`` may replace (:func:`written_by_export_into`)."""
+    files = sorted([p.name for p in out_dir.iterdir()] + [EXPORT_MARKER])
+    (out_dir / EXPORT_MARKER).write_text(json.dumps(
+        {"written_by": "qnext export (qnext-jax)",
+         "note": "marks this directory as one `qnext export --overwrite` may replace",
+         "files": files}, indent=2) + "\n")
+
+
+def written_by_export_into(out_dir: Path):
+    """The predicate (relative path -> bool) of the files an earlier ``qnext export`` wrote
+    into ``out_dir``: those its EXPORT_MARKER lists (a file the user added there since, say a
+    generation_config.json, is not one); :func:`written_by_export` when the marker is missing,
+    unreadable or lists none (written before it listed them)."""
+    try:
+        files = json.loads((Path(out_dir) / EXPORT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if not isinstance(files, list):
+        return written_by_export
+    names = {str(name) for name in files} | {EXPORT_MARKER}
+    return names.__contains__
+
+
 def unwritten_entries(out_dir: Path, written) -> list[str]:
     """The sorted paths (relative to ``out_dir``, "/"-separated) of the files, links and empty
     directories anywhere under ``out_dir`` that ``written(path)`` rejects: what replacing the
@@ -363,7 +388,7 @@ def check_out_dir(out_dir: Path, overwrite: bool, command: str, written,
                               "which replacing them would lose; write to another directory")
     foreign = unwritten_entries(out_dir, written)
     if foreign:
-        raise FileExistsError(f"{out_dir} holds files `qnext {command}` does not write "
+        raise FileExistsError(f"{out_dir} holds files not written by `qnext {command}` "
                               f"({listed(foreign)}), "
                               "which replacing it would delete: overwrite replaces only an "
                               f"earlier `qnext {command}` output; write to a new or empty "

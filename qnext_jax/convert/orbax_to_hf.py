@@ -29,7 +29,8 @@ from qnext_jax.convert.hf_checkpoint import (
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
-    written_by_export,
+    write_export_marker,
+    written_by_export_into,
 )
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
@@ -75,7 +76,7 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
     # The dtype written: that of the most bytes (A_log and dt_bias stay float32).
     config_json = config_naming_dtype(config_json, max(bytes_of, key=bytes_of.get))
 
-    check_out_dir(hf_dir, overwrite, "export", written_by_export, EXPORT_MARKER)
+    check_out_dir(hf_dir, overwrite, "export", written_by_export_into(hf_dir), EXPORT_MARKER)
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))
@@ -103,12 +104,9 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
             (tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        (tmp / EXPORT_MARKER).write_text(json.dumps(
-            {"written_by": "qnext export (qnext-jax)",
-             "note": "marks this directory as one `qnext export --overwrite` may replace"},
-            indent=2) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)
+        write_export_marker(tmp)
     return hf_dir
 
 

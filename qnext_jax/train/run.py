@@ -54,7 +54,7 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
         EXPORT_MARKER,
         listed,
         unwritten_entries,
-        written_by_export,
+        written_by_export_into,
     )
     from qnext_jax.convert.orbax_store import written_by_convert
 
@@ -67,8 +67,9 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
         raise FileExistsError(f"{out} holds entries a finetune run does not write "
                               f"({listed(foreign)}): --out needs a new or empty directory, or "
                               "an earlier run's to resume it")
-    for sub, written, saved, marker in (("final", written_by_convert, True, None),
-                                        ("hf", written_by_export, export_hf, EXPORT_MARKER)):
+    for sub, written, saved, marker in (
+            ("final", written_by_convert, True, None),
+            ("hf", written_by_export_into(out / "hf"), export_hf, EXPORT_MARKER)):
         where = out / sub
         if not saved or not (where.exists() or where.is_symlink()):
             continue
