@@ -728,9 +728,10 @@ def test_truncated_safetensors_file_is_named_truncated(tmp_path):
 
 def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_path):
     """--overwrite replaces an earlier output only when every file under it, in its
-    subdirectories too, is one the command writes: a file put into a convert output's params/,
-    or a directory put into an export, is named (its path in the output) and kept; the output
-    is not replaced. A fresh user lost such a file (only the top-level names were checked)."""
+    subdirectories too, is one the earlier output wrote: a file put into a convert output's
+    params/, a directory put into an export, a file of one of the command's names added by
+    hand, is named (its path in the output) and kept; the output is not replaced. A fresh user
+    lost such a file (only the top-level names were checked)."""
     d, _ = ckpts["single"]
     conv = _convert(d, tmp_path, "conv")
     (conv / "params" / "extra.txt").write_text("mine")
@@ -740,6 +741,16 @@ def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_p
     assert (conv / "params" / "extra.txt").read_text() == "mine"
     (conv / "params" / "extra.txt").unlink()
     hf_to_orbax(d, conv, overwrite=True, progress=False)  # the output alone: replaced
+    # a file of a name convert writes, added by hand (the source has none; the params index
+    # lists what the conversion wrote): refused, kept
+    assert "added_tokens.json" not in json.loads((conv / "params_index.json").read_text())[
+        "files"]
+    (conv / "added_tokens.json").write_text('{"<x>": 96}')
+    with pytest.raises(FileExistsError, match=r"not written by `qnext convert` "
+                                              r"\(added_tokens\.json\)"):
+        hf_to_orbax(d, conv, overwrite=True, progress=False)
+    assert (conv / "added_tokens.json").read_text() == '{"<x>": 96}'
+    (conv / "added_tokens.json").unlink()
     hf = tmp_path / "hf"
     orbax_to_hf(conv, hf, progress=False)
     (hf / "notes").mkdir()

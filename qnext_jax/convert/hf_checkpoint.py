@@ -291,7 +291,7 @@ def written_by_export(rel: str) -> bool:
 
 def write_export_marker(out_dir: Path) -> None:
     """Write EXPORT_MARKER into an export's directory ``out_dir`` (its last file), listing the
-    files there: what a later ``--overwrite`` may replace (:func:`written_by_export_into`)."""
+    files there: what a later ``--overwrite`` may replace (:func:`written_into`)."""
     files = sorted([p.name for p in out_dir.iterdir()] + [EXPORT_MARKER])
     (out_dir / EXPORT_MARKER).write_text(json.dumps(
         {"written_by": "qnext export (qnext-jax)",
@@ -299,19 +299,21 @@ def write_export_marker(out_dir: Path) -> None:
          "files": files}, indent=2) + "\n")
 
 
-def written_by_export_into(out_dir: Path):
-    """The predicate (relative path -> bool) of the files an earlier ``qnext export`` wrote
-    into ``out_dir``: those its EXPORT_MARKER lists (a file the user added there since, say a
-    generation_config.json, is not one); :func:`written_by_export` when the marker is missing,
-    unreadable or lists none (written before it listed them)."""
+def written_into(out_dir: Path, listing: str, written):
+    """``written`` (relative path -> bool) narrowed to what an earlier output in ``out_dir``
+    wrote: the top-level names that its JSON file ``listing`` lists under "files" (EXPORT_MARKER,
+    or a convert output's params index), so that a file the user added since, even of a name
+    the command writes (a hand-written generation_config.json), is not one. ``written`` itself
+    when ``listing`` is missing, unreadable or lists none (written before outputs listed
+    their files)."""
     try:
-        files = json.loads((Path(out_dir) / EXPORT_MARKER).read_text()).get("files")
+        files = json.loads((Path(out_dir) / listing).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         files = None
     if not isinstance(files, list):
-        return written_by_export
-    names = {str(name) for name in files} | {EXPORT_MARKER}
-    return names.__contains__
+        return written
+    names = {str(name) for name in files} | {listing}
+    return lambda rel: rel.split("/")[0] in names and written(rel)
 
 
 def unwritten_entries(out_dir: Path, written) -> list[str]:

@@ -20,8 +20,15 @@ from qnext_jax.convert.hf_checkpoint import (
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
+    written_into,
 )
-from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter, written_by_convert
+from qnext_jax.convert.orbax_store import (
+    INDEX_FILE,
+    MIN_GROUP_BYTES,
+    ParamWriter,
+    record_files,
+    written_by_convert,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +96,8 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
     check_not_replaced(out_dir, hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     config, leaves = ckpt.match()
-    check_out_dir(out_dir, overwrite, "convert", written_by_convert)
+    check_out_dir(out_dir, overwrite, "convert",
+                  written_into(out_dir, INDEX_FILE, written_by_convert))
 
     sizes = [_leaf_nbytes(leaf, ckpt, dtype) for leaf in leaves]
     if group_bytes is None:
@@ -107,6 +115,7 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
         (tmp / "config.json").write_text(
             json.dumps(config_naming_dtype(ckpt.config_json(config), dtype), indent=2) + "\n")
         copy_tokenizer_files(hf_dir, tmp)
+        record_files(tmp)
     result = ConversionResult(out_dir, config, len(ckpt.tensors), len(leaves), sum(sizes),
                               peak_rss_bytes())
     if progress:

@@ -3,7 +3,8 @@
 Layout of a converted checkpoint directory::
 
     OUT/config.json          the HF config (mtp_num_hidden_layers set)
-    OUT/params_index.json    {"format", "version", "groups": [{"dir", "leaves"}], "leaves": {...}}
+    OUT/params_index.json    {"format", "version", "groups": [{"dir", "leaves"}], "leaves": {...},
+                             "files": the names at OUT's top, what --overwrite may replace}
     OUT/params/00000/        an Orbax StandardCheckpointer checkpoint: a nested dict holding the
     OUT/params/00001/        leaves listed for it in params_index.json ("layers_0/mlp/gate/kernel")
     ...
@@ -73,6 +74,15 @@ def written_by_convert(rel: str) -> bool:
     Orbax's)."""
     return (rel in (INDEX_FILE, PARAMS_DIR, "config.json") or rel in TOKENIZER_FILES
             or bool(_GROUP.match(rel)))
+
+
+def record_files(root: str | Path) -> None:
+    """Add to ``root``'s INDEX_FILE, under "files", the names at its top, once every file is
+    written: what a later ``--overwrite`` may replace (``hf_checkpoint.written_into``)."""
+    path = Path(root) / INDEX_FILE
+    index = json.loads(path.read_text())
+    index["files"] = sorted(p.name for p in Path(root).iterdir())
+    path.write_text(json.dumps(index, indent=1))
 
 
 class ParamWriter:

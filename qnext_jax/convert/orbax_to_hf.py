@@ -30,7 +30,8 @@ from qnext_jax.convert.hf_checkpoint import (
     copy_tokenizer_files,
     float_dtype,
     write_export_marker,
-    written_by_export_into,
+    written_by_export,
+    written_into,
 )
 from qnext_jax.convert.orbax_store import _flatten, iter_groups_numpy, read_index
 from qnext_jax.convert.safetensors_io import SafetensorsWriter
@@ -76,7 +77,8 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
     # The dtype written: that of the most bytes (A_log and dt_bias stay float32).
     config_json = config_naming_dtype(config_json, max(bytes_of, key=bytes_of.get))
 
-    check_out_dir(hf_dir, overwrite, "export", written_by_export_into(hf_dir), EXPORT_MARKER)
+    check_out_dir(hf_dir, overwrite, "export",
+                  written_into(hf_dir, EXPORT_MARKER, written_by_export), EXPORT_MARKER)
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))

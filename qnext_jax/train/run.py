@@ -54,9 +54,10 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
         EXPORT_MARKER,
         listed,
         unwritten_entries,
-        written_by_export_into,
+        written_by_export,
+        written_into,
     )
-    from qnext_jax.convert.orbax_store import written_by_convert
+    from qnext_jax.convert.orbax_store import INDEX_FILE, written_by_convert
 
     if not out.is_dir():
         return
@@ -68,8 +69,9 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
                               f"({listed(foreign)}): --out needs a new or empty directory, or "
                               "an earlier run's to resume it")
     for sub, written, saved, marker in (
-            ("final", written_by_convert, True, None),
-            ("hf", written_by_export_into(out / "hf"), export_hf, EXPORT_MARKER)):
+            ("final", written_into(out / "final", INDEX_FILE, written_by_convert), True, None),
+            ("hf", written_into(out / "hf", EXPORT_MARKER, written_by_export), export_hf,
+             EXPORT_MARKER)):
         where = out / sub
         if not saved or not (where.exists() or where.is_symlink()):
             continue
@@ -121,7 +123,7 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
         copy_tokenizer_files,
         float_dtype,
     )
-    from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
+    from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter, record_files
 
     out_dir = Path(out_dir)
     leaves = nm.name_map(config)
@@ -146,6 +148,7 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        record_files(tmp)
     return out_dir
 
 
