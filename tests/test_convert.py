@@ -740,6 +740,16 @@ def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_p
         hf_to_orbax(d, conv, overwrite=True, progress=False)
     assert (conv / "params" / "extra.txt").read_text() == "mine"
     (conv / "params" / "extra.txt").unlink()
+    # inside Orbax's group directories too (what the conversion wrote there is listed)
+    (conv / "params" / "00000" / "notes.txt").write_text("mine")
+    (conv / "params" / "00009").mkdir()
+    (conv / "params" / "00009" / "x.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not written by `qnext convert` "
+                                              r"\(params/00000/notes\.txt, params/00009\)"):
+        hf_to_orbax(d, conv, overwrite=True, progress=False)
+    assert (conv / "params" / "00000" / "notes.txt").read_text() == "mine"
+    (conv / "params" / "00000" / "notes.txt").unlink()
+    shutil.rmtree(conv / "params" / "00009")
     hf_to_orbax(d, conv, overwrite=True, progress=False)  # the output alone: replaced
     # a file of a name convert writes, added by hand (the source has none; the params index
     # lists what the conversion wrote): refused, kept

@@ -538,3 +538,22 @@ def test_resume_with_another_models_checkpoint_names_it(hf_dir, tmp_path):
                      r"with the --checkpoint \(model\) and settings that wrote it \(recorded: "
                      r"\S*hf;", msg), msg
     assert not msg.rstrip().endswith(":") and len(msg.split("Orbax: ")[1]) > 40, msg
+
+
+def test_a_finished_run_without_its_checkpoints_is_not_started_over(hf_dir, tmp_path):
+    """A run whose checkpoints/ was deleted (to free space) keeps its final/ and hf/: a rerun
+    is refused before training (it trained from step 0 and replaced them). A directory in
+    checkpoints/ that is no checkpoint is named (it gave Orbax's KeyError traceback)."""
+    out = tmp_path / "r"
+    _run(hf_dir, out, export_hf=True)
+    shutil.rmtree(out / "checkpoints")
+    stamp = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"holds a run's final/ and hf/ but no checkpoint "
+                                              r"to resume from .* --checkpoint \S*r/final\)"):
+        _run(hf_dir, out, export_hf=True)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*")) == stamp
+    (out / "checkpoints" / "5").mkdir(parents=True)
+    (out / "checkpoints" / "5" / "n.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoints/5: not a train checkpoint \(no readable "
+                                         r"meta"):
+        _run(hf_dir, out)

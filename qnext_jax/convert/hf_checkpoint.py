@@ -289,10 +289,23 @@ def written_by_export(rel: str) -> bool:
             or rel in TOKENIZER_FILES or bool(_SHARD.match(rel)))
 
 
+def files_under(root: Path) -> list[str]:
+    """The sorted paths (relative to ``root``, "/"-separated) of the files, links and empty
+    directories anywhere under ``root`` (links not followed): what an output lists as written
+    by it (:func:`written_into`)."""
+    found = []
+    for entry in sorted(Path(root).iterdir()):
+        if entry.is_dir() and not entry.is_symlink() and any(entry.iterdir()):
+            found += [f"{entry.name}/{rel}" for rel in files_under(entry)]
+        else:
+            found.append(entry.name)
+    return found
+
+
 def write_export_marker(out_dir: Path) -> None:
     """Write EXPORT_MARKER into an export's directory ``out_dir`` (its last file), listing the
     files there: what a later ``--overwrite`` may replace (:func:`written_into`)."""
-    files = sorted([p.name for p in out_dir.iterdir()] + [EXPORT_MARKER])
+    files = sorted([*files_under(out_dir), EXPORT_MARKER])
     (out_dir / EXPORT_MARKER).write_text(json.dumps(
         {"written_by": "qnext export (qnext-jax)",
          "note": "marks this directory as one `qnext export --overwrite` may replace",
@@ -300,46 +313,43 @@ def write_export_marker(out_dir: Path) -> None:
 
 
 def written_into(out_dir: Path, listing: str, written):
-    """``written`` (relative path -> bool) narrowed to what an earlier output in ``out_dir``
-    wrote: the top-level names that its JSON file ``listing`` lists under "files" (EXPORT_MARKER,
-    or a convert output's params index), so that a file the user added since, even of a name
-    the command writes (a hand-written generation_config.json), is not one. ``written`` itself
-    when ``listing`` is missing, unreadable or lists none (written before outputs listed
-    their files)."""
+    """The predicate (relative path -> bool) of what an earlier output in ``out_dir`` wrote:
+    the paths (:func:`files_under`) that its JSON file ``listing`` lists under "files"
+    (EXPORT_MARKER, or a convert output's params index), so that a file the user added since,
+    anywhere in it and even of a name the command writes (a hand-written
+    generation_config.json), is not one. ``written`` (the command's names) when ``listing`` is
+    missing, unreadable or lists none (written before outputs listed their files)."""
     try:
         files = json.loads((Path(out_dir) / listing).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         files = None
     if not isinstance(files, list):
         return written
-    names = {str(name) for name in files} | {listing}
-    return lambda rel: rel.split("/")[0] in names and written(rel)
+    return {str(name) for name in files}.union({listing}).__contains__
 
 
 def unwritten_entries(out_dir: Path, written) -> list[str]:
-    """The sorted paths (relative to ``out_dir``, "/"-separated) of the files, links and empty
-    directories anywhere under ``out_dir`` that ``written(path)`` rejects: what replacing the
-    directory with a command's output would delete. A subdirectory the command does not
-    write, all of whose contents are rejected, is named alone (``.git``, not each file in
-    it)."""
-    return _rejected(out_dir, written, "")[0]
-
-
-def _rejected(directory: Path, written, prefix: str) -> tuple[list[str], bool]:
-    """(:func:`unwritten_entries` of ``directory`` with paths under ``prefix``, whether every
-    entry in it is rejected)."""
-    found, every = [], True
-    for entry in sorted(directory.iterdir()):
-        rel = prefix + entry.name
-        if entry.is_dir() and not entry.is_symlink() and any(entry.iterdir()):
-            inside, all_of_it = _rejected(entry, written, rel + "/")
-            found += [rel] if all_of_it and not written(rel) else inside
-            every = every and all_of_it
-        elif written(rel):
-            every = False
-        else:
-            found.append(rel)
-    return found, every
+    """The paths under ``out_dir`` (:func:`files_under`) that ``written(path)`` rejects: what
+    replacing the directory with a command's output would delete. A subdirectory the command
+    does not write, all of whose contents are rejected, is named alone (``.git``, not each
+    file in it)."""
+    paths = files_under(out_dir)
+    rejected = {path for path in paths if not written(path)}
+    all_rejected: dict[str, bool] = {}  # subdirectory -> whether every path under it is
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            all_rejected[d] = all_rejected.get(d, True) and path in rejected
+    named = []
+    for path in paths:
+        if path in rejected:
+            parts = path.split("/")
+            dirs = ("/".join(parts[:i]) for i in range(1, len(parts)))
+            name = next((d for d in dirs if all_rejected[d] and not written(d)), path)
+            if name not in named:
+                named.append(name)
+    return named
 
 
 def listed(names: list[str]) -> str:

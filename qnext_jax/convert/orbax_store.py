@@ -4,7 +4,7 @@ Layout of a converted checkpoint directory::
 
     OUT/config.json          the HF config (mtp_num_hidden_layers set)
     OUT/params_index.json    {"format", "version", "groups": [{"dir", "leaves"}], "leaves": {...},
-                             "files": the names at OUT's top, what --overwrite may replace}
+                             "files": every path under OUT, what --overwrite may replace}
     OUT/params/00000/        an Orbax StandardCheckpointer checkpoint: a nested dict holding the
     OUT/params/00001/        leaves listed for it in params_index.json ("layers_0/mlp/gate/kernel")
     ...
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qnext_jax.convert.hf_checkpoint import TOKENIZER_FILES
+from qnext_jax.convert.hf_checkpoint import TOKENIZER_FILES, files_under
 
 FORMAT = "qnext-jax/orbax-params"
 VERSION = 1
@@ -77,11 +77,12 @@ def written_by_convert(rel: str) -> bool:
 
 
 def record_files(root: str | Path) -> None:
-    """Add to ``root``'s INDEX_FILE, under "files", the names at its top, once every file is
-    written: what a later ``--overwrite`` may replace (``hf_checkpoint.written_into``)."""
+    """Add to ``root``'s INDEX_FILE, under "files", the paths of everything under ``root``
+    (``hf_checkpoint.files_under``), once every file is written: what a later ``--overwrite``
+    may replace (``hf_checkpoint.written_into``)."""
     path = Path(root) / INDEX_FILE
     index = json.loads(path.read_text())
-    index["files"] = sorted(p.name for p in Path(root).iterdir())
+    index["files"] = files_under(Path(root))
     path.write_text(json.dumps(index, indent=1))
 
 

@@ -97,7 +97,12 @@ class TrainCheckpointer:
         """The JSON ``meta`` saved with ``step`` alone (no state restored)."""
         import orbax.checkpoint as ocp
 
-        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (KeyError, ValueError, OSError) as e:  # a directory of that name, no checkpoint
+            raise ValueError(f"{self.directory / str(step)}: not a train checkpoint (no readable "
+                             f"meta: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             "move it out of the checkpoints directory") from None
         return dict(out["meta"] or {})
 
     def wait(self) -> None:

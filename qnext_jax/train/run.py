@@ -42,10 +42,11 @@ RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "hf")
 
 def check_run_dir(out: Path, export_hf: bool) -> None:
     """Refuse, before anything is written, an OUT whose files the run would lose: one holding
-    entries a run does not write (another directory given by mistake), or a final/ (hf/ with
-    ``export_hf``) that its save could not replace without loss: a link or file, or a
-    directory holding files that save does not write. Temporary directories left by a killed
-    save are named on stderr.
+    entries a run does not write (another directory given by mistake), a final/ (hf/ with
+    ``export_hf``) that its save could not replace without loss (a link or file, or a
+    directory holding files that save does not write), or a final/ or hf/ without the
+    checkpoints to resume their run (deleted to free space: a rerun would start over).
+    Temporary directories left by a killed save are named on stderr.
 
     Raises:
       FileExistsError: naming the directory and the entries in the way.
@@ -89,6 +90,15 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
                                   f"is not an earlier export of this run (a checkpoint copied "
                                   f"there?), which replacing {sub}/ would lose: move it away, "
                                   "or use another --out")
+    checkpoints = out / "checkpoints"
+    resumable = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    results = [f"{sub}/" for sub in ("final", "hf") if (out / sub).is_dir()
+               and any((out / sub).iterdir())]
+    if results and not resumable:
+        raise FileExistsError(f"{out} holds a run's {' and '.join(results)} but no checkpoint to "
+                              "resume from (checkpoints/ is empty or gone): a rerun would train "
+                              "from step 0 and replace them. Move them away, or use another "
+                              f"--out (to train on from its result: --checkpoint {out / 'final'})")
     if left:
         print(f"[qnext finetune] {out} holds {listed(left)}, left by a save that was killed; "
               "the run does not use them: delete them to free their space", file=sys.stderr)
