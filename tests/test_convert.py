@@ -806,3 +806,33 @@ def test_params_to_hf_refuses_a_tokenizer_dir_without_tokenizer_files(tmp_path):
                                              r"\(expected tokenizer\.json"):
             write(config, params, tmp_path / "out", tokenizer_dir=tmp_path / "empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_api_refuses_bad_arguments_naming_them(ckpts, tmp_path):
+    """A mesh spec string for load's mesh, a dtype outside the float ones, params_to_hf given
+    None for the config or the params, and generate given the params of a deeper model: each
+    named (they gave AttributeErrors, a bare numpy TypeError, or silently used the first
+    layers)."""
+    from conftest import init_params, tiny_config
+
+    from qnext_jax.convert import params_to_hf
+    from qnext_jax.generate import generate
+
+    d, _ = ckpts["single"]
+    with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh, got str 'tensor=2': "
+                                        r"make one with qnext_jax.sharding.make_mesh"):
+        load(d, mesh="tensor=2")
+    with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16, "
+                                         r"float64, got 'float8'"):
+        load(d, dtype="float8")
+    config = tiny_config()
+    params = init_params(config)
+    with pytest.raises(TypeError, match="params must be the model's params .* got NoneType"):
+        params_to_hf(config, None, tmp_path / "x")
+    with pytest.raises(TypeError, match="config must be a Qwen3NextConfig, got NoneType"):
+        params_to_hf(None, params, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    shallow = config.replace(num_hidden_layers=config.num_hidden_layers - 1)
+    with pytest.raises(ValueError, match=rf"the params have more layers than the config's "
+                                         rf"num_hidden_layers = {shallow.num_hidden_layers}"):
+        generate(shallow, params, [[1, 2]], max_new_tokens=1)

@@ -112,12 +112,21 @@ def test_schedule_change_warning_names_both_lengths_and_the_flag():
     opt = OptimizerConfig(learning_rate=1e-3, total_steps=200, min_lr_ratio=0.1)
     msg = schedule_change_warning(opt, 100, start=100)
     assert msg == ("[qnext finetune] warning: resuming at step 100 with a learning-rate schedule "
-                   "of --total-steps 200 (default: --steps), but the checkpoint was trained with "
-                   "--total-steps 100: the remaining steps follow another schedule (next step's "
-                   "learning rate 0.00055 instead of 0.0001). Pass --total-steps 100 to keep the "
-                   "checkpoint's schedule.")
+                   "of --total-steps 200 (which defaults to --steps), but the checkpoint was "
+                   "trained with --total-steps 100: the remaining steps follow another schedule "
+                   "(next step's learning rate 0.00055 instead of 0.0001). Pass --total-steps "
+                   "100 to keep the checkpoint's schedule.")
     assert schedule_change_warning(opt, 200, start=100) is None
     assert schedule_change_warning(opt, None, start=100) is None  # not recorded: no claim
+    # rates that differ past 3 digits are shown with the digits that tell them apart; rates
+    # the same to 5 digits are not shown as a change (it read "1e-05 instead of 1e-05")
+    close = schedule_change_warning(OptimizerConfig(learning_rate=1e-5, total_steps=1000), 1010,
+                                    start=300)
+    new, old = re.search(r"learning rate (\S+) instead of (\S+)\)", close).groups()
+    assert new != old and float(new) != float(old), close
+    same = schedule_change_warning(OptimizerConfig(learning_rate=1e-5, total_steps=1000), 1001,
+                                   start=2)
+    assert "(next step's learning rate 1e-05 either way, later ones differ)" in same, same
 
 
 def test_warmup_warning_names_both_flags():
@@ -491,6 +500,10 @@ def test_resume_under_another_structure_names_the_setting(hf_dir, tmp_path):
                  opt=OptimizerConfig(learning_rate=2e-3, total_steps=STEPS),
                  train=TrainConfig(compute_dtype="float32", gdn_impl="reference", lora_rank=2),
                  save_every=2, keep=1, progress=False)
+    with pytest.raises(ValueError, match=r"trained with seed 0, not 1 \(the data order and RNG "
+                                         r"follow the seed\): resume with --seed 0, or use "
+                                         r"another --out"):
+        _run(hf_dir, tmp_path / "r", seed=1)
 
 
 def test_sigterm_saves_the_state_as_ctrl_c_does(hf_dir, tmp_path, monkeypatch, capsys):

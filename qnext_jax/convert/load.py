@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from qnext_jax.config import Qwen3NextConfig
 from qnext_jax.convert import name_map as nm
+from qnext_jax.convert.hf_checkpoint import float_dtype
 from qnext_jax.convert.orbax_store import _flatten, finetune_out_hint, is_orbax_dir, restore
 
 
@@ -44,9 +43,16 @@ def load(path: str | Path, mesh=None, dtype=None, shardings=None
     Raises:
       FileNotFoundError: ``path`` is neither kind of checkpoint.
       CheckpointMismatchError: an HF directory whose tensors do not match its config.
+      TypeError: ``mesh`` is not a Mesh (a mesh spec string, say).
+      ValueError: ``dtype`` is not a floating-point dtype (naming those accepted).
     """
     import jax
 
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__} {mesh!r}: "
+                        "make one with qnext_jax.sharding.make_mesh('tensor=2'), and shard by "
+                        "the plan with shardings=qnext_jax.sharding.tree_shardings(mesh)")
+    dtype = float_dtype(dtype)
     path = Path(path)
     if is_orbax_dir(path):
         config = Qwen3NextConfig.from_hf(path)  # its errors name the file
@@ -64,7 +70,7 @@ def load(path: str | Path, mesh=None, dtype=None, shardings=None
             return (jax.device_put(arr, flat_sh[key]) if key in flat_sh
                     else jax.numpy.asarray(arr))
 
-        return hf_to_params(path, None if dtype is None else np.dtype(dtype), config, put)
+        return hf_to_params(path, dtype, config, put)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if not path.is_dir():

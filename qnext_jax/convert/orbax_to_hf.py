@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +179,13 @@ def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,
         files. Raised before anything is written.
       FileNotFoundError: ``tokenizer_dir`` is not a directory.
       FileExistsError: ``hf_dir`` is not empty and ``overwrite`` is False.
+      TypeError: ``config`` is not a Qwen3NextConfig or ``params`` not a dict.
     """
+    if not isinstance(config, Qwen3NextConfig):
+        raise TypeError(f"config must be a Qwen3NextConfig, got {type(config).__name__}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be the model's params (a nested dict), got "
+                        f"{type(params).__name__}")
     leaves = nm.name_map(config)
     flat = dict(_flatten(params))
     missing = [leaf.key for leaf in leaves if leaf.key not in flat]

@@ -473,8 +473,8 @@ class Qwen3NextForCausalLM(nn.Module):
           (embeddings, after each layer, final normed) [B, T, d] when output_hidden_states.
         Raises:
           ValueError: input_ids not 2-D; params or a cache whose layout (per layer or stacked)
-            is not the model's; a cache too short for the new tokens (checked when not traced)
-            or of another batch size.
+            is not the model's; per-layer params of more layers than the config's; a cache too
+            short for the new tokens (checked when not traced) or of another batch size.
         """
         cfg = self.config
         if jnp.ndim(input_ids) != 2:
@@ -488,6 +488,13 @@ class Qwen3NextForCausalLM(nn.Module):
                     "got per-layer entries (layers_0, ...)" if self.scan_layers else
                     f"scan_layers=False needs per-layer params (unstack_layers(params, config)), "
                     f"got a stacked {BLOCKS!r} entry"))
+        extra = f"layers_{cfg.num_hidden_layers}"
+        if not self.is_initializing() and not self.scan_layers and \
+                self.has_variable("params", extra):
+            raise ValueError(f"the params have more layers than the config's "
+                             f"num_hidden_layers = {cfg.num_hidden_layers} (they hold {extra}): "
+                             "params of another model? Load config and params together "
+                             "(qnext_jax.convert.load)")
         if cache is not None and (BLOCKS in cache) != self.scan_layers:
             raise ValueError(
                 "the cache's layout does not match the model's: " + (

@@ -172,11 +172,14 @@ def schedule_change_warning(opt: OptimizerConfig, saved_total_steps: int | None,
         return None
     old = float(make_schedule(dataclasses.replace(opt, total_steps=saved_total_steps))(start))
     new = float(make_schedule(opt)(start))
+    digits = next((n for n in (3, 5) if f"{new:.{n}g}" != f"{old:.{n}g}"), None)
+    rates = (f"next step's learning rate {new:.{digits}g} instead of {old:.{digits}g}"
+             if digits else f"next step's learning rate {new:.3g} either way, later ones differ")
     return (f"[qnext finetune] warning: resuming at step {start} with a learning-rate schedule "
-            f"of --total-steps {opt.total_steps} (default: --steps), but the checkpoint was "
-            f"trained with --total-steps {saved_total_steps}: the remaining steps follow another "
-            f"schedule (next step's learning rate {new:.3g} instead of {old:.3g}). Pass "
-            f"--total-steps {saved_total_steps} to keep the checkpoint's schedule.")
+            f"of --total-steps {opt.total_steps} (which defaults to --steps), but the checkpoint "
+            f"was trained with --total-steps {saved_total_steps}: the remaining steps follow "
+            f"another schedule ({rates}). Pass --total-steps {saved_total_steps} to keep the "
+            "checkpoint's schedule.")
 
 
 def warmup_warning(opt: OptimizerConfig) -> str | None:
@@ -415,7 +418,8 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
                              f"{steps}: nothing to do (give more steps to continue it)")
         if meta.get("seed", seed) != seed:
             raise ValueError(f"{out}: the checkpoint was trained with seed {meta['seed']}, "
-                             f"not {seed}")
+                             f"not {seed} (the data order and RNG follow the seed): resume with "
+                             f"--seed {meta['seed']}, or use another --out for a new run")
         abstract = trainer.abstract_state(params)
         try:
             state = ckpt.restore(abstract, trainer.state_shardings(abstract), resumed_from)
