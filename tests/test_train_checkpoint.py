@@ -139,7 +139,7 @@ def test_warmup_warning_names_both_flags():
     assert warmup_warning(OptimizerConfig(warmup_steps=4, total_steps=5)) is None
 
 
-def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
+def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path, capsys):
     import torch
     from transformers import Qwen3NextForCausalLM as TorchModel
 
@@ -153,6 +153,8 @@ def test_cli_finetune_then_export_reloads_in_transformers(hf_dir, tmp_path):
                "2", "--seq-len", "32", "--max-segments", "4", "--lr", "2e-3", "--dtype",
                "float32", "--gdn-impl", "reference", "--save-every", "1", "--export-hf"])
     assert rc == 0
+    assert re.search(r"data: 12 documents from 1 file, \d+ tokens in \d+ packed rows of 32\n",
+                     capsys.readouterr().err)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert {"loss", "ce", "aux", "grad_norm", "lr", "tokens_per_s"} <= set(records[0])

@@ -13,7 +13,13 @@ import pytest
 from conftest import init_params, tiny_config
 
 from qnext_jax.modeling import Qwen3NextForCausalLM
-from qnext_jax.train.data import DocumentTokenizer, PackedDataset, pack_documents, read_documents
+from qnext_jax.train.data import (
+    DocumentTokenizer,
+    PackedDataset,
+    data_files,
+    pack_documents,
+    read_documents,
+)
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -62,6 +68,9 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
     (texts / "b.txt").write_text("hello world")
     (texts / "a.md").write_text("the lazy dog")
     (texts / "skip.bin").write_bytes(b"\x00")
+    (texts / "sub").mkdir()
+    (texts / "sub" / "c.txt").write_text("not read")
+    assert data_files(texts) == ([texts / "a.md", texts / "b.txt"], ["skip.bin", "sub/"])
     assert read_documents(texts) == [{"text": "the lazy dog", "source": str(texts / "a.md")},
                                      {"text": "hello world", "source": str(texts / "b.txt")}]
     assert read_documents(texts / "b.txt") == [{"text": "hello world",
@@ -69,8 +78,32 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
     (tmp_path / "nocontent.jsonl").write_text(
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}))
     with pytest.raises(ValueError, match=r"nocontent\.jsonl:1: expected each message as an object "
-                                         r"with 'role' and 'content' strings, got "):
+                                         r"with a 'role' of system, user, assistant, tool and a "
+                                         r"'content' string, got "):
         read_documents(tmp_path / "nocontent.jsonl")
+    # an unknown role was taken silently
+    (tmp_path / "robot.jsonl").write_text(
+        json.dumps({"messages": [{"role": "robot", "content": "beep"}]}))
+    with pytest.raises(ValueError, match=r"robot\.jsonl:1: .* got \"\{'role': 'robot'"):
+        read_documents(tmp_path / "robot.jsonl")
+    # a .json file holding one JSON array (as HF datasets write) or one (pretty-printed) object;
+    # a .json of one object per line still reads as JSONL; a bad line says JSONL is expected
+    (tmp_path / "arr.json").write_text(json.dumps([{"text": "a b"}, {"messages": chat}], indent=1))
+    assert read_documents(tmp_path / "arr.json") == [
+        {"text": "a b", "source": f"{tmp_path / 'arr.json'}[0]"},
+        {"messages": chat, "source": f"{tmp_path / 'arr.json'}[1]"}]
+    (tmp_path / "one.json").write_text(json.dumps({"text": "c d"}, indent=2))
+    assert read_documents(tmp_path / "one.json") == [{"text": "c d",
+                                                      "source": str(tmp_path / "one.json")}]
+    (tmp_path / "lines.json").write_text('{"text": "e"}\n{"text": "f"}\n')
+    assert [d["text"] for d in read_documents(tmp_path / "lines.json")] == ["e", "f"]
+    (tmp_path / "arr.json").write_text(json.dumps([{"text": "a b"}, {"txt": 1}]))
+    with pytest.raises(ValueError, match=r"arr\.json\[1\]: expected an object with a 'text'"):
+        read_documents(tmp_path / "arr.json")
+    (tmp_path / "torn.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"torn\.jsonl:2: not valid JSON .*; expected one JSON "
+                                         r"object per line \(JSONL\)"):
+        read_documents(tmp_path / "torn.jsonl")
     (tmp_path / "nodata").mkdir()
     (tmp_path / "nodata" / "x.bin").write_bytes(b"\x00")
     with pytest.raises(ValueError, match=r"nodata: no data files in this directory \(expected "

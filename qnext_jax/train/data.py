@@ -30,57 +30,101 @@ import numpy as np
 TEXT_SUFFIXES = (".txt", ".md")
 
 
-def read_documents(path: str | Path) -> list[dict]:
-    """Documents from a JSONL file (``text`` or ``messages`` per line), a plain text file (one
-    document) or a directory of such files (sorted by name).
+def data_files(path: str | Path) -> tuple[list[Path], list[str]]:
+    """The files :func:`read_documents` reads from ``path``: ``path`` itself, or a directory's
+    .jsonl / .json / text files (sorted by name, not its subdirectories); and the names it
+    skips there (subdirectories, files of other suffixes).
 
-    Returns:
-      [{"text": str} or {"messages": list}, with "source": where it came from ("FILE:LINE" for a
-      JSONL line, "FILE" for a text file), which :meth:`DocumentTokenizer.encode` names in its
-      errors].
     Raises:
-      ValueError: a JSONL line that is not an object with ``text`` or ``messages``, or with a
-        message that is not an object with ``role`` and ``content`` strings (names the file and
-        line); a directory without data files.
       FileNotFoundError: ``path`` does not exist.
+      ValueError: a directory without data files.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file or directory")
-    if path.is_dir():
-        files = [f for f in sorted(path.iterdir())
-                 if f.suffix in (".jsonl", ".json") or f.suffix in TEXT_SUFFIXES]
-        if not files:
-            raise ValueError(f"{path}: no data files in this directory (expected .jsonl / .json "
-                             f"or {' / '.join(sorted(TEXT_SUFFIXES))} files)")
-        return [doc for f in files for doc in read_documents(f)]
-    if path.suffix in (".jsonl", ".json"):
-        docs = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    if not path.is_dir():
+        return [path], []
+    files, skipped = [], []
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".jsonl", ".json", *TEXT_SUFFIXES):
+            files.append(f)
+        else:
+            skipped.append(f.name + ("/" if f.is_dir() else ""))
+    if not files:
+        raise ValueError(f"{path}: no data files in this directory (expected .jsonl / .json "
+                         f"or {' / '.join(sorted(TEXT_SUFFIXES))} files; subdirectories are "
+                         "not read)")
+    return files, skipped
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, object) of a .jsonl / .json file: one JSON value per line, or, for a .json file
+    holding one JSON value (an array of objects, as HF datasets write, or one object), its
+    items. ``where`` is "FILE:LINE" or "FILE[INDEX]"."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # one object per line, then
+        if isinstance(whole, list):
+            yield from ((f"{path}[{i}]", obj) for i, obj in enumerate(whole))
+            return
+        if isinstance(whole, dict):
+            yield str(path), whole
+            return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e}); expected one JSON object per "
+                             "line (JSONL)") from None
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def read_documents(path: str | Path) -> list[dict]:
+    """Documents from a JSONL file (``text`` or ``messages`` per line; a .json file may also
+    hold one JSON array of such objects), a plain text file (one document) or a directory of
+    such files (:func:`data_files`).
+
+    Returns:
+      [{"text": str} or {"messages": list}, with "source": where it came from ("FILE:LINE" for a
+      JSONL line, "FILE[INDEX]" for an item of a JSON array, "FILE" for a text file), which
+      :meth:`DocumentTokenizer.encode` names in its errors].
+    Raises:
+      ValueError: a record that is not an object with ``text`` or ``messages``, or with a
+        message that is not an object with ``role`` (one of ROLES) and ``content`` strings
+        (names the file and line); a directory without data files.
+      FileNotFoundError: ``path`` does not exist.
+    """
+    files, _ = data_files(path)
+    docs = []
+    for f in files:
+        if f.suffix not in (".jsonl", ".json"):
+            docs.append({"text": f.read_text(), "source": str(f)})
+            continue
+        for where, obj in _json_records(f):
             if not isinstance(obj, dict) or not (
                     isinstance(obj.get("text"), str) or isinstance(obj.get("messages"), list)):
                 raise ValueError(  # noqa: TRY004 (bad data, not a bad argument)
-                    f"{path}:{n}: expected an object with a 'text' string or a "
+                    f"{where}: expected an object with a 'text' string or a "
                     f"'messages' list, got {str(obj)[:80]!r}")
             if "messages" in obj:
                 bad = next((m for m in obj["messages"] if not (
-                    isinstance(m, dict) and isinstance(m.get("role"), str)
+                    isinstance(m, dict) and m.get("role") in ROLES
                     and isinstance(m.get("content"), str))), None)
                 if bad is not None:
                     raise ValueError(
-                        f"{path}:{n}: expected each message as an object with 'role' and "
-                        f"'content' strings, got {str(bad)[:80]!r}")
-                docs.append({"messages": obj["messages"], "source": f"{path}:{n}"})
+                        f"{where}: expected each message as an object with a 'role' of "
+                        f"{', '.join(ROLES)} and a 'content' string, got {str(bad)[:80]!r}")
+                docs.append({"messages": obj["messages"], "source": where})
             else:
-                docs.append({"text": obj["text"], "source": f"{path}:{n}"})
-        return docs
-    return [{"text": path.read_text(), "source": str(path)}]
+                docs.append({"text": obj["text"], "source": where})
+    return docs
 
 
 @dataclasses.dataclass

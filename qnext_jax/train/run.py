@@ -31,7 +31,12 @@ import jax
 import numpy as np
 
 from qnext_jax.train.checkpoint import TrainCheckpointer
-from qnext_jax.train.data import DocumentTokenizer, PackedDataset, read_documents
+from qnext_jax.train.data import (
+    DocumentTokenizer,
+    PackedDataset,
+    data_files,
+    read_documents,
+)
 from qnext_jax.train.optimizer import OptimizerConfig, make_schedule
 from qnext_jax.train.step import TrainConfig, Trainer
 
@@ -343,6 +348,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
     from tqdm.auto import tqdm
 
     from qnext_jax.convert import load
+    from qnext_jax.convert.hf_checkpoint import listed
     from qnext_jax.convert.orbax_store import is_orbax_dir
 
     if not str(out).strip():
@@ -371,12 +377,21 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         config, params = load(checkpoint, mesh=mesh, shardings=tree_shardings(mesh))
     tokenizer = DocumentTokenizer.from_checkpoint(checkpoint)
     try:
-        dataset = PackedDataset.from_documents(read_documents(data), tokenizer, seq_len,
-                                               max_segments)
+        docs = read_documents(data)
+        dataset = PackedDataset.from_documents(docs, tokenizer, seq_len, max_segments)
     except ValueError as e:  # every data error names where it came from
         if not str(e).startswith(str(data)):
             raise ValueError(f"{data}: {e}") from None
         raise
+    files, skipped = data_files(data)
+    if skipped:
+        print(f"[qnext finetune] {data}: not read: {listed(skipped)} (subdirectories, and files "
+              "other than .jsonl, .json, .txt, .md)", file=sys.stderr)
+    if progress:
+        tokens = int((dataset.rows["segment_ids"] > 0).sum())
+        print(f"[qnext finetune] data: {len(docs)} documents from {len(files)} "
+              f"file{'' if len(files) == 1 else 's'}, {tokens} tokens in {dataset.num_rows} "
+              f"packed rows of {seq_len}", file=sys.stderr)
     if int(dataset.rows["input_ids"].max()) >= config.vocab_size:
         raise ValueError(f"{checkpoint}: the tokenizer produces ids up to "
                          f"{int(dataset.rows['input_ids'].max())}, beyond the model's vocab_size "
