@@ -714,6 +714,21 @@ def _use_compilation_cache(where: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+# What to lower when a command runs out of device memory.
+_MEMORY_HINTS = {
+    "finetune": "lower --batch-size or --seq-len, or use --remat full, --grad-accum, --lora-rank "
+                "or a --mesh over more devices",
+    "generate": "lower the batch (--prompts-file), --max-new-tokens or --prefill-chunk-size, or "
+                "use --dtype bfloat16 or a --mesh over more devices",
+}
+
+
+def _out_of_memory(e: Exception, command: str) -> bool:
+    """Whether ``e`` is XLA's out-of-memory error (RESOURCE_EXHAUSTED) in a command that
+    names what to lower."""
+    return command in _MEMORY_HINTS and "RESOURCE_EXHAUSTED" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_attach_token_ids(argv))
@@ -721,6 +736,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "compilation_cache"):
             _use_compilation_cache(args.compilation_cache)
         return args.fn(args)
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError among them
+        if not _out_of_memory(e, args.command):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        raise SystemExit(f"qnext {args.command}: out of device memory ({first}): "
+                         f"{_MEMORY_HINTS[args.command]}") from None
     except SystemExit as e:  # every command's one-line errors start "qnext <command>: "
         if isinstance(e.code, str) and not e.code.startswith("qnext "):
             raise SystemExit(f"qnext {args.command}: {e.code}") from None

@@ -572,3 +572,34 @@ def test_a_finished_run_without_its_checkpoints_is_not_started_over(hf_dir, tmp_
     with pytest.raises(ValueError, match=r"checkpoints/5: not a train checkpoint \(no readable "
                                          r"meta"):
         _run(hf_dir, out)
+
+
+def test_seq_len_past_the_model_and_out_of_memory_are_named(hf_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    """--seq-len past max_position_embeddings warns (it ran silently); XLA's out-of-memory
+    error ends the command with one line naming what to lower (it was a raw traceback)."""
+    from qnext_jax import cli
+
+    finetune(hf_dir / "hf", hf_dir / "data.jsonl", tmp_path / "long", steps=1, batch_size=1,
+             seq_len=520, max_segments=4, progress=False, stop_after=0,
+             train=TrainConfig(compute_dtype="float32", gdn_impl="reference"))
+    assert ("warning: --seq-len 520 is past the model's max_position_embeddings (512)"
+            in capsys.readouterr().err)
+
+    def raising(message):
+        def run(*args, **kwargs):
+            raise RuntimeError(message)
+        return run
+
+    argv = ["finetune", "--checkpoint", str(hf_dir / "hf"), "--data", str(hf_dir / "data.jsonl"),
+            "--out", str(tmp_path / "o"), "--steps", "1"]
+    monkeypatch.setattr("qnext_jax.train.run.finetune", raising(
+        "RESOURCE_EXHAUSTED: Out of memory allocating 1306923528952 bytes.\nmore detail"))
+    with pytest.raises(SystemExit, match=r"^qnext finetune: out of device memory "
+                                         r"\(RESOURCE_EXHAUSTED: Out of memory allocating "
+                                         r"1306923528952 bytes\.\): lower --batch-size or "
+                                         r"--seq-len"):
+        cli.main(argv)
+    monkeypatch.setattr("qnext_jax.train.run.finetune", raising("other"))
+    with pytest.raises(RuntimeError, match="^other$"):  # other errors are not renamed
+        cli.main(argv)

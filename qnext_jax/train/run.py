@@ -375,6 +375,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
         from qnext_jax.sharding import tree_shardings
 
         config, params = load(checkpoint, mesh=mesh, shardings=tree_shardings(mesh))
+    if seq_len > config.max_position_embeddings:
+        print(f"[qnext finetune] warning: --seq-len {seq_len} is past the model's "
+              f"max_position_embeddings ({config.max_position_embeddings}): positions beyond it "
+              "are outside what it was trained on", file=sys.stderr)
     tokenizer = DocumentTokenizer.from_checkpoint(checkpoint)
     try:
         docs = read_documents(data)
