@@ -260,6 +260,9 @@ def _cmd_generate(args) -> int:
     if args.speculative_tokens and args.decode_steps_per_call is not None:
         print("[qnext] --decode-steps-per-call does not apply to --speculative-tokens (one "
               "verify round a call): ignored", file=sys.stderr)
+    if args.checkpoint is None and args.chat:  # before anything is loaded or built
+        raise SystemExit("--chat needs a --checkpoint with tokenizer.json and a chat template: "
+                         "the demo model has none")
     if args.checkpoint is None and args.speculative_tokens:
         raise SystemExit("--speculative-tokens needs a --checkpoint with an MTP head: the demo "
                          "model has none")
@@ -316,7 +319,7 @@ def _cmd_generate(args) -> int:
             stop_token_ids,
         )
 
-        if args.checkpoint is None or tokenizer is None:
+        if tokenizer is None:
             raise SystemExit("--chat needs a --checkpoint with tokenizer.json and a chat template")
         try:
             template = load_chat_template(args.checkpoint)

@@ -836,3 +836,18 @@ def test_api_refuses_bad_arguments_naming_them(ckpts, tmp_path):
     with pytest.raises(ValueError, match=rf"the params have more layers than the config's "
                                          rf"num_hidden_layers = {shallow.num_hidden_layers}"):
         generate(shallow, params, [[1, 2]], max_new_tokens=1)
+
+
+def test_convert_names_a_converted_input_and_long_mismatch_lists(ckpts, tmp_path):
+    """Converting a convert output says what it is (it said no safetensors file was found); a
+    mismatch of more than 50 tensors of a kind names the attribute that holds them all."""
+    from qnext_jax.cli import main
+
+    conv = _convert(ckpts["single"][0], tmp_path)
+    with pytest.raises(SystemExit, match=r"^qnext convert: \S*out is a `qnext convert` output "
+                                         r"already \(it holds params_index\.json\), not an HF "
+                                         r"checkpoint"):
+        main(["convert", str(conv), str(tmp_path / "again")])
+    err = CheckpointMismatchError("d", missing=[(f"t{i}", (2,)) for i in range(53)])
+    assert str(err).splitlines()[-1] == "  ... and 3 more missing (all in the error's .missing)"
+    assert len(err.missing) == 53

@@ -428,6 +428,9 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--speculative-tokens needs a --checkpoint"):
         qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "2"])
+    with pytest.raises(SystemExit, match="--chat needs a --checkpoint with tokenizer.json and a "
+                                         "chat template: the demo model has none"):
+        qnext_main(["generate", "--chat", "--prompt", "hi"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         qnext_main(["generate", "--prompt", "Hi", "--speculative-tokens", "-1"])

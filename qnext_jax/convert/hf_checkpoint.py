@@ -56,17 +56,18 @@ class CheckpointMismatchError(ValueError):
                 f"{len(self.mismatched)} with the wrong shape, {len(self.problems)} other "
                 "problem(s)")
         rows = []
-        for label, items, render in (  # problems first: a missing shard explains the rest
-                ("problem", self.problems, str),
-                ("missing", self.missing, lambda x: f"{x[0]}: expected {fmt(x[1])}"),
-                ("unexpected", self.unexpected, lambda x: f"{x[0]}: found {fmt(x[1])}"),
-                ("wrong shape", self.mismatched,
+        for label, attr, render in (  # problems first: a missing shard explains the rest
+                ("problem", "problems", str),
+                ("missing", "missing", lambda x: f"{x[0]}: expected {fmt(x[1])}"),
+                ("unexpected", "unexpected", lambda x: f"{x[0]}: found {fmt(x[1])}"),
+                ("wrong shape", "mismatched",
                  lambda x: f"{x[0]}: expected {fmt(x[1])}, found {fmt(x[2])}")):
+            items = getattr(self, attr)
             for item in items[:_MAX_LISTED]:
                 rows.append(f"  {label}: {render(item)}")
             if len(items) > _MAX_LISTED:
-                rows.append(f"  ... and {len(items) - _MAX_LISTED} more {label} (see the "
-                            "exception's attributes)")
+                rows.append(f"  ... and {len(items) - _MAX_LISTED} more {label} (all in the "
+                            f"error's .{attr})")
         return "\n".join([head] + rows)
 
     @property
@@ -108,6 +109,12 @@ class HFCheckpoint:
         else:
             files = sorted(p.name for p in d.glob("*.safetensors"))
             if not files:
+                from qnext_jax.convert.orbax_store import INDEX_FILE as CONVERTED_INDEX
+
+                if (d / CONVERTED_INDEX).is_file():
+                    raise FileNotFoundError(f"{d} is a `qnext convert` output already (it holds "
+                                            f"{CONVERTED_INDEX}), not an HF checkpoint: load, "
+                                            "generate from or export it as it is")
                 raise FileNotFoundError(f"{d} has no {INDEX_FILE}, {SINGLE_FILE} or other "
                                         "*.safetensors file")
         for fname in files:
