@@ -416,6 +416,13 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
         _run(hf_dir, out, export_hf=True)
     assert (out / "hf" / "config.json").read_text() == "{}"
     assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]  # refused before any step
+    # an export of another checkpoint put there (qnext export OTHER OUT/hf)
+    (out / "hf" / "qnext_export.json").write_text(json.dumps(
+        {"files": ["config.json", "qnext_export.json"], "source": str(tmp_path / "other")}))
+    with pytest.raises(FileExistsError, match=r"hf holds an export of \S*other, not of this "
+                                              r"run's final/"):
+        _run(hf_dir, out, export_hf=True)
+    (out / "hf" / "qnext_export.json").unlink()
     (out / "final").rmdir()
     (out / "final").symlink_to(out / "hf")  # the save renames a directory into final's place
     with pytest.raises(FileExistsError, match=r"final is a link; the run saves final/ as a new "

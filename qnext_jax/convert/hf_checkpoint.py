@@ -309,14 +309,16 @@ def files_under(root: Path) -> list[str]:
     return found
 
 
-def write_export_marker(out_dir: Path) -> None:
+def write_export_marker(out_dir: Path, source: Path | None = None) -> None:
     """Write EXPORT_MARKER into an export's directory ``out_dir`` (its last file), listing the
-    files there: what a later ``--overwrite`` may replace (:func:`written_into`)."""
+    files there: what a later ``--overwrite`` may replace (:func:`written_into`); and the
+    converted checkpoint exported, ``source`` (absolute), when there is one."""
     files = sorted([*files_under(out_dir), EXPORT_MARKER])
     (out_dir / EXPORT_MARKER).write_text(json.dumps(
         {"written_by": "qnext export (qnext-jax)",
          "note": "marks this directory as one `qnext export --overwrite` may replace",
-         "files": files}, indent=2) + "\n")
+         "files": files, "source": None if source is None else str(Path(source).resolve())},
+        indent=2) + "\n")
 
 
 def written_into(out_dir: Path, listing: str, written):

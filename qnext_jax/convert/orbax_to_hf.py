@@ -52,8 +52,10 @@ def parse_size(size: int | str) -> int:
 
 def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: dict[str, np.dtype],
               arrays: Iterator[tuple[str, np.ndarray]], max_shard_size: int,
-              tokenizer_src: Path | None, overwrite: bool, progress: bool) -> Path:
-    """Write ``arrays`` ((leaf key, value) in the order of ``leaves``) as an HF checkpoint."""
+              tokenizer_src: Path | None, overwrite: bool, progress: bool,
+              source: Path | None = None) -> Path:
+    """Write ``arrays`` ((leaf key, value) in the order of ``leaves``) as an HF checkpoint;
+    ``source``: the converted checkpoint exported (recorded in EXPORT_MARKER), if any."""
     from tqdm.auto import tqdm
 
     # The plan: every HF tensor (name, dtype, shape) in order, cut into shards.
@@ -108,7 +110,7 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)
-        write_export_marker(tmp)
+        write_export_marker(tmp, source)
     return hf_dir
 
 
@@ -154,7 +156,7 @@ def orbax_to_hf(orbax_dir: str | Path, hf_dir: str | Path, *, max_shard_size: in
             yield from group.items()
 
     return _write_hf(hf_dir, raw, order, dtypes, arrays(), parse_size(max_shard_size),
-                     orbax_dir, overwrite, progress)
+                     orbax_dir, overwrite, progress, source=orbax_dir)
 
 
 def params_to_hf(config: Qwen3NextConfig, params: dict, hf_dir: str | Path, *,

@@ -90,6 +90,11 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
             raise FileExistsError(f"{where} holds files the run's save does not write "
                                   f"({listed(theirs)}), which replacing {sub}/ would delete: "
                                   "move them out of it, or use another --out")
+        source = _exported_from(where / marker) if marker is not None else None
+        if source is not None and source != (out / "final").resolve():
+            raise FileExistsError(f"{where} holds an export of {source}, not of this run's "
+                                  f"final/, which replacing {sub}/ would lose: move it away, or "
+                                  "use another --out")
         if marker is not None and any(where.iterdir()) and not (where / marker).is_file():
             raise FileExistsError(f"{where} has no {marker}, which the run's export writes: it "
                                   f"is not an earlier export of this run (a checkpoint copied "
@@ -107,6 +112,16 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
     if left:
         print(f"[qnext finetune] {out} holds {listed(left)}, left by a save that was killed; "
               "the run does not use them: delete them to free their space", file=sys.stderr)
+
+
+def _exported_from(marker: Path) -> Path | None:
+    """The converted checkpoint an export's EXPORT_MARKER ``marker`` names as its source (None:
+    no marker, or an export of in-memory params, as the run's own)."""
+    try:
+        source = json.loads(marker.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source) if isinstance(source, str) else None
 
 
 def _source_config_json(checkpoint: Path, config) -> dict:
