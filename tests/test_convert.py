@@ -751,16 +751,6 @@ def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_p
     (conv / "params" / "00000" / "notes.txt").unlink()
     shutil.rmtree(conv / "params" / "00009")
     hf_to_orbax(d, conv, overwrite=True, progress=False)  # the output alone: replaced
-    # a file of a name convert writes, added by hand (the source has none; the params index
-    # lists what the conversion wrote): refused, kept
-    assert "added_tokens.json" not in json.loads((conv / "params_index.json").read_text())[
-        "files"]
-    (conv / "added_tokens.json").write_text('{"<x>": 96}')
-    with pytest.raises(FileExistsError, match=r"not written by `qnext convert` "
-                                              r"\(added_tokens\.json\)"):
-        hf_to_orbax(d, conv, overwrite=True, progress=False)
-    assert (conv / "added_tokens.json").read_text() == '{"<x>": 96}'
-    (conv / "added_tokens.json").unlink()
     hf = tmp_path / "hf"
     orbax_to_hf(conv, hf, progress=False)
     (hf / "notes").mkdir()
@@ -772,19 +762,23 @@ def test_overwrite_refuses_files_put_into_an_outputs_subdirectories(ckpts, tmp_p
         orbax_to_hf(conv, hf, overwrite=True, progress=False)
     assert (hf / "notes" / "b.txt").read_text() == "b"
     assert (hf / "sub" / "deeper" / "config.json").is_file()
-    # a file of a name export writes, added by hand (the earlier export wrote none: its
-    # qnext_export.json lists what it wrote), would be lost too
     shutil.rmtree(hf / "notes")
     shutil.rmtree(hf / "sub")
-    assert "added_tokens.json" not in json.loads((hf / "qnext_export.json").read_text())[
-        "files"]
-    (hf / "added_tokens.json").write_text('{"<x>": 96}')
-    with pytest.raises(FileExistsError, match=r"not written by `qnext export` "
-                                              r"\(added_tokens\.json\)"):
-        orbax_to_hf(conv, hf, overwrite=True, progress=False)
-    assert (hf / "added_tokens.json").read_text() == '{"<x>": 96}'
-    (hf / "added_tokens.json").unlink()
-    orbax_to_hf(conv, hf, overwrite=True, progress=False)
+    # a file of a name the command writes, added by hand (the source has none; each output
+    # lists what it wrote: the params index, qnext_export.json): refused, kept
+    for out, listing, command, rewrite in (
+            (conv, "params_index.json", "convert",
+             lambda: hf_to_orbax(d, conv, overwrite=True, progress=False)),
+            (hf, "qnext_export.json", "export",
+             lambda: orbax_to_hf(conv, hf, overwrite=True, progress=False))):
+        assert "added_tokens.json" not in json.loads((out / listing).read_text())["files"]
+        (out / "added_tokens.json").write_text('{"<x>": 96}')
+        with pytest.raises(FileExistsError, match=rf"not written by `qnext {command}` "
+                                                  r"\(added_tokens\.json\)"):
+            rewrite()
+        assert (out / "added_tokens.json").read_text() == '{"<x>": 96}'
+        (out / "added_tokens.json").unlink()
+        rewrite()
 
 
 def test_params_to_hf_refuses_a_tokenizer_dir_without_tokenizer_files(tmp_path):
