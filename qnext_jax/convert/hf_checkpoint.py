@@ -321,6 +321,16 @@ def write_export_marker(out_dir: Path, source: Path | None = None) -> None:
         indent=2) + "\n")
 
 
+def json_field(path: Path, key: str):
+    """The value under ``key`` of the JSON object in the file ``path``; None when the file is
+    missing or unreadable, not JSON, not an object, or has no such key."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def written_into(out_dir: Path, listing: str, written):
     """The predicate (relative path -> bool) of what an earlier output in ``out_dir`` wrote:
     the paths (:func:`files_under`) that its JSON file ``listing`` lists under "files"
@@ -328,10 +338,7 @@ def written_into(out_dir: Path, listing: str, written):
     anywhere in it and even of a name the command writes (a hand-written
     generation_config.json), is not one. ``written`` (the command's names) when ``listing`` is
     missing, unreadable or lists none (written before outputs listed their files)."""
-    try:
-        files = json.loads((Path(out_dir) / listing).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        files = None
+    files = json_field(Path(out_dir) / listing, "files")
     if not isinstance(files, list):
         return written
     return {str(name) for name in files}.union({listing}).__contains__

@@ -58,6 +58,7 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
     """
     from qnext_jax.convert.hf_checkpoint import (
         EXPORT_MARKER,
+        json_field,
         listed,
         unwritten_entries,
         written_by_export,
@@ -90,8 +91,9 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
             raise FileExistsError(f"{where} holds files the run's save does not write "
                                   f"({listed(theirs)}), which replacing {sub}/ would delete: "
                                   "move them out of it, or use another --out")
-        source = _exported_from(where / marker) if marker is not None else None
-        if source is not None and source != (out / "final").resolve():
+        # the converted checkpoint an export came from (None: in-memory params, as the run's)
+        source = json_field(where / marker, "source") if marker is not None else None
+        if isinstance(source, str) and Path(source) != (out / "final").resolve():
             raise FileExistsError(f"{where} holds an export of {source}, not of this run's "
                                   f"final/, which replacing {sub}/ would lose: move it away, or "
                                   "use another --out")
@@ -112,16 +114,6 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
     if left:
         print(f"[qnext finetune] {out} holds {listed(left)}, left by a save that was killed; "
               "the run does not use them: delete them to free their space", file=sys.stderr)
-
-
-def _exported_from(marker: Path) -> Path | None:
-    """The converted checkpoint an export's EXPORT_MARKER ``marker`` names as its source (None:
-    no marker, or an export of in-memory params, as the run's own)."""
-    try:
-        source = json.loads(marker.read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(source) if isinstance(source, str) else None
 
 
 def _source_config_json(checkpoint: Path, config) -> dict:
