@@ -143,11 +143,14 @@ def _one_line_errors():
 
 @contextlib.contextmanager
 def _exit_on_interrupt():
-    """Ctrl-C as exit status 130 without a traceback (what was saved is said on stderr)."""
+    """Ctrl-C as exit status 130, SIGTERM during a fine-tuning run (``Terminated``) as 143
+    (128 + the signal's number), without a traceback (what was saved is said on stderr)."""
+    from qnext_jax.train.run import Terminated
+
     try:
         yield
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
 
 
 def _cmd_convert(args) -> int:

@@ -8,6 +8,7 @@ byte-level tokenizer and a chat template, so that what needs a checkpoint (``qne
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import jax
@@ -109,6 +110,7 @@ def save_demo_checkpoint(out_dir: str | Path, *, num_hidden_layers: int = 4,
                                  mtp_num_hidden_layers=mtp_num_hidden_layers)
     ids = jnp.zeros((1, 1), jnp.int32)
     params = jax.jit(Qwen3NextForCausalLM(config).init)(jax.random.key(seed), ids)["params"]
-    out = Path(params_to_hf(config, params, out_dir, overwrite=overwrite))
-    _write_demo_tokenizer(out)
-    return out
+    with tempfile.TemporaryDirectory() as tokenizer_dir:  # written with the weights, listed
+        _write_demo_tokenizer(Path(tokenizer_dir))
+        return Path(params_to_hf(config, params, out_dir, overwrite=overwrite,
+                                 tokenizer_dir=tokenizer_dir))

@@ -842,6 +842,10 @@ def test_convert_names_a_converted_input_and_long_mismatch_lists(ckpts, tmp_path
                                          r"already \(it holds params_index\.json\), not an HF "
                                          r"checkpoint"):
         main(["convert", str(conv), str(tmp_path / "again")])
+    shutil.copytree(conv, tmp_path / "run" / "final")  # a finetune run's OUT: named
+    with pytest.raises(SystemExit, match=r"run has no config\.json \(a qnext finetune output: "
+                                         r"its params are in \S*run/final\)"):
+        main(["convert", str(tmp_path / "run"), str(tmp_path / "again")])
     err = CheckpointMismatchError("d", missing=[(f"t{i}", (2,)) for i in range(53)])
     assert str(err).splitlines()[-1] == "  ... and 3 more missing (all in the error's .missing)"
     assert len(err.missing) == 53

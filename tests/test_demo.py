@@ -33,6 +33,16 @@ def test_demo_checkpoint_tokenizer_and_template(tmp_path):
         save_demo_checkpoint(tmp_path / "six", num_hidden_layers=6)
     with pytest.raises(FileExistsError):
         save_demo_checkpoint(out)
+    # its own earlier output (tokenizer files included) is replaced; `qnext export --overwrite`
+    # of a converted checkpoint into it is refused (it is no earlier `qnext export` output)
+    assert save_demo_checkpoint(out, overwrite=True) == out
+    from qnext_jax.convert import hf_to_orbax, orbax_to_hf
+
+    hf_to_orbax(out, tmp_path / "conv", progress=False)
+    with pytest.raises(FileExistsError, match=r"demo holds a checkpoint written from in-memory "
+                                              r"params .* not an earlier `qnext export` output"):
+        orbax_to_hf(tmp_path / "conv", out, overwrite=True, progress=False)
+    assert (out / "tokenizer.json").is_file()
 
 
 def test_demo_checkpoint_serves_chat_and_finetune(tmp_path, capsys):

@@ -17,7 +17,12 @@ from hf_fixtures import build_hf_checkpoint
 from test_train_data import make_checkpoint_tokenizer
 
 from qnext_jax.train.optimizer import OptimizerConfig
-from qnext_jax.train.run import finetune, schedule_change_warning, warmup_warning
+from qnext_jax.train.run import (
+    Terminated,
+    finetune,
+    schedule_change_warning,
+    warmup_warning,
+)
 from qnext_jax.train.step import TrainConfig
 
 STEPS = 4
@@ -531,7 +536,7 @@ def test_sigterm_saves_the_state_as_ctrl_c_does(hf_dir, tmp_path, monkeypatch, c
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(Trainer, "step", terminated_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Terminated):  # a KeyboardInterrupt, which the CLI exits with as 143
         _run(hf_dir, tmp_path / "t")
     err = capsys.readouterr().err
     assert "SIGTERM received: saving the state" in err
@@ -570,8 +575,9 @@ def test_a_finished_run_without_its_checkpoints_is_not_started_over(hf_dir, tmp_
     _run(hf_dir, out, export_hf=True)
     shutil.rmtree(out / "checkpoints")
     stamp = sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
-    with pytest.raises(FileExistsError, match=r"holds a run's final/ and hf/ but no checkpoint "
-                                              r"to resume from .* --checkpoint \S*r/final\)"):
+    with pytest.raises(FileExistsError, match=r"holds final/ and hf/ but no checkpoint to "
+                                              r"resume from .* replace final/ and hf/\. Move "
+                                              r"them away.* --checkpoint \S*r/final\)"):
         _run(hf_dir, out, export_hf=True)
     assert sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*")) == stamp
     (out / "checkpoints" / "5").mkdir(parents=True)

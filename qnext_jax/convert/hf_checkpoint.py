@@ -92,7 +92,9 @@ class HFCheckpoint:
         try:
             self.raw_config = json.loads((d / "config.json").read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{d} has no config.json") from None
+            from qnext_jax.convert.orbax_store import finetune_out_hint
+
+            raise FileNotFoundError(f"{d} has no config.json{finetune_out_hint(d)}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{d / 'config.json'} is not valid JSON: {e}") from None
         self.problems: list[str] = []

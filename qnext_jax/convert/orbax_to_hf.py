@@ -29,6 +29,7 @@ from qnext_jax.convert.hf_checkpoint import (
     config_naming_dtype,
     copy_tokenizer_files,
     float_dtype,
+    json_field,
     write_export_marker,
     written_by_export,
     written_into,
@@ -81,6 +82,15 @@ def _write_hf(hf_dir: Path, config_json: dict, leaves: list[nm.Leaf], dtypes: di
 
     check_out_dir(hf_dir, overwrite, "export",
                   written_into(hf_dir, EXPORT_MARKER, written_by_export), EXPORT_MARKER)
+    marker = hf_dir / EXPORT_MARKER
+    if (source is not None and json_field(marker, "files") is not None
+            and json_field(marker, "source") is None):
+        # written from in-memory params (markers list files and sources since they name both):
+        # a fine-tune's --export-hf (its run replaces it) or a demo checkpoint
+        raise FileExistsError(f"{hf_dir} holds a checkpoint written from in-memory params (a "
+                              "fine-tune's --export-hf, a demo checkpoint), not an earlier "
+                              "`qnext export` output, which replacing it would lose; write to "
+                              "a new or empty directory")
     with atomic_directory(hf_dir) as tmp:
         weight_map, total = {}, 0
         shard_iter = iter(zip(names, shards))

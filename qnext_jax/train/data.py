@@ -114,13 +114,15 @@ def read_documents(path: str | Path) -> list[dict]:
                     f"{where}: expected an object with a 'text' string or a "
                     f"'messages' list, got {str(obj)[:80]!r}")
             if "messages" in obj:
-                bad = next((m for m in obj["messages"] if not (
-                    isinstance(m, dict) and m.get("role") in ROLES
-                    and isinstance(m.get("content"), str))), None)
-                if bad is not None:
-                    raise ValueError(
-                        f"{where}: expected each message as an object with a 'role' of "
-                        f"{', '.join(ROLES)} and a 'content' string, got {str(bad)[:80]!r}")
+                for i, m in enumerate(obj["messages"]):
+                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str)):
+                        raise ValueError(  # noqa: TRY004 (bad data, not a bad argument)
+                            f"{where}: message {i}: expected an object with 'role' and "
+                            f"'content' strings, got {str(m)[:80]}")
+                    if m["role"] not in ROLES:
+                        raise ValueError(f"{where}: message {i}: role {m['role']!r}, expected "
+                                         f"one of {', '.join(ROLES)}")
                 docs.append({"messages": obj["messages"], "source": where})
             else:
                 docs.append({"text": obj["text"], "source": where})

@@ -107,10 +107,13 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
     results = [f"{sub}/" for sub in ("final", "hf") if (out / sub).is_dir()
                and any((out / sub).iterdir())]
     if results and not resumable:
-        raise FileExistsError(f"{out} holds a run's {' and '.join(results)} but no checkpoint to "
-                              "resume from (checkpoints/ is empty or gone): a rerun would train "
-                              "from step 0 and replace them. Move them away, or use another "
-                              f"--out (to train on from its result: --checkpoint {out / 'final'})")
+        what = " and ".join(results)
+        hint = (f" (to train on from its result: --checkpoint {out / 'final'})"
+                if "final/" in results else "")
+        raise FileExistsError(f"{out} holds {what} but no checkpoint to resume from "
+                              "(checkpoints/ is empty or gone): a run would train from step 0 "
+                              f"and replace {what}. Move {'it' if len(results) == 1 else 'them'} "
+                              f"away, or use another --out{hint}")
     if left:
         print(f"[qnext finetune] {out} holds {listed(left)}, left by a save that was killed; "
               "the run does not use them: delete them to free their space", file=sys.stderr)
@@ -245,17 +248,21 @@ def _save_on_interrupt(ckpt, state, last_saved: int | None, meta_at) -> None:
           "resumes from it", file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run, handled as Ctrl-C (the CLI exits with 143 instead of 130)."""
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """Within it, SIGTERM (a scheduler's preemption, ``kill``) raises KeyboardInterrupt in the
-    main thread, so the run saves its state as on Ctrl-C; the handler is restored after. Does
+    """Within it, SIGTERM (a scheduler's preemption, ``kill``) raises :class:`Terminated` (a
+    KeyboardInterrupt) in the main thread, so the run saves its state as on Ctrl-C; the handler is restored after. Does
     nothing outside the main thread, where no handler can be set."""
     import signal
     import threading
 
     def interrupt(signum, frame):
         print("[qnext finetune] SIGTERM received: saving the state", file=sys.stderr)
-        raise KeyboardInterrupt
+        raise Terminated
 
     if threading.current_thread() is not threading.main_thread():
         yield
