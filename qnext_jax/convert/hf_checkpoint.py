@@ -197,20 +197,20 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def check_tokenizer_dir(tokenizer_dir: str | Path, what: str = "tokenizer_dir") -> Path:
+def check_tokenizer_dir(tokenizer_dir: str | Path) -> Path:
     """``tokenizer_dir`` as a Path, checked to be a directory holding tokenizer files (any of
     TOKENIZER_FILES): the files a writer given it copies.
 
     Raises:
-      FileNotFoundError: it is not a directory (naming ``what``, the argument).
+      FileNotFoundError: it is not a directory.
       ValueError: it holds none of TOKENIZER_FILES.
     """
     path = Path(tokenizer_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} {tokenizer_dir}: no such directory (the directory to "
-                                "copy the tokenizer files from)")
+        raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir}: no such directory (the "
+                                "directory to copy the tokenizer files from)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"{what} {tokenizer_dir}: holds no tokenizer files (expected "
+        raise ValueError(f"tokenizer_dir {tokenizer_dir}: holds no tokenizer files (expected "
                          f"tokenizer.json and its companions: {listed(list(TOKENIZER_FILES))})")
     return path
 
