@@ -26,7 +26,6 @@ from qnext_jax.convert.orbax_store import (
     INDEX_FILE,
     MIN_GROUP_BYTES,
     ParamWriter,
-    record_files,
     written_by_convert,
 )
 
@@ -111,11 +110,10 @@ def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overwrit
                 writer.reserve(size)
                 writer.add(leaf.key, leaf.assemble(ckpt.read, dtype))
                 bar.update(size)
-            writer.close()
-        (tmp / "config.json").write_text(
-            json.dumps(config_naming_dtype(ckpt.config_json(config), dtype), indent=2) + "\n")
-        copy_tokenizer_files(hf_dir, tmp)
-        record_files(tmp)
+            (tmp / "config.json").write_text(
+                json.dumps(config_naming_dtype(ckpt.config_json(config), dtype), indent=2) + "\n")
+            copy_tokenizer_files(hf_dir, tmp)
+            writer.close()  # last: its index lists the files
     result = ConversionResult(out_dir, config, len(ckpt.tensors), len(leaves), sum(sizes),
                               peak_rss_bytes())
     if progress:

@@ -76,21 +76,14 @@ def written_by_convert(rel: str) -> bool:
             or bool(_GROUP.match(rel)))
 
 
-def record_files(root: str | Path) -> None:
-    """Add to ``root``'s INDEX_FILE, under "files", the paths of everything under ``root``
-    (``hf_checkpoint.files_under``), once every file is written: what a later ``--overwrite``
-    may replace (``hf_checkpoint.written_into``)."""
-    path = Path(root) / INDEX_FILE
-    index = json.loads(path.read_text())
-    index["files"] = files_under(Path(root))
-    path.write_text(json.dumps(index, indent=1))
-
-
 class ParamWriter:
     """Write params leaf by leaf into ``root`` (see the module docstring).
 
     Leaves accumulate until adding one would pass ``group_bytes``; the group is then saved as one
-    Orbax checkpoint and dropped from memory. Call :meth:`close` to flush and write the index.
+    Orbax checkpoint and dropped from memory. Call :meth:`close` last, once the directory's
+    other files (config, tokenizer) are written: it flushes and writes the index, which lists
+    every path under ``root`` (what a later ``--overwrite`` may replace:
+    ``hf_checkpoint.written_into``).
     """
 
     def __init__(self, root: str | Path, group_bytes: int):
@@ -134,7 +127,7 @@ class ParamWriter:
         self.flush()
         self._ckpt.close()
         index = {"format": FORMAT, "version": VERSION, "groups": self.groups,
-                 "leaves": self.leaves}
+                 "leaves": self.leaves, "files": sorted([*files_under(self.root), INDEX_FILE])}
         (self.root / INDEX_FILE).write_text(json.dumps(index, indent=1))
         return index
 

@@ -148,7 +148,7 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
         copy_tokenizer_files,
         float_dtype,
     )
-    from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter, record_files
+    from qnext_jax.convert.orbax_store import MIN_GROUP_BYTES, ParamWriter
 
     out_dir = Path(out_dir)
     leaves = nm.name_map(config)
@@ -168,12 +168,11 @@ def save_params(config, params, out_dir: str | Path, *, config_json: dict | None
             if tuple(arr.shape) != leaf.shape:
                 raise ValueError(f"{leaf.key}: shape {arr.shape}, expected {leaf.shape}")
             writer.add(leaf.key, arr.astype(leaf.out_dtype(arr.dtype, dt), copy=False))
-        writer.close()
         config_json = config_naming_dtype(config_json or config.to_dict(), dt)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        record_files(tmp)
+        writer.close()  # last: its index lists the files
     return out_dir
 
 
