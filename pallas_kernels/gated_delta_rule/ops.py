@@ -4,7 +4,10 @@ Backends (``impl``):
   "reference"          pure jnp (reference.py); differentiable by plain autodiff.
   "pallas_triton"      Pallas, Triton lowering (NVIDIA GPU): gpu_triton/.
   "pallas_tpu"         Pallas, Mosaic TPU lowering: tpu/.
-  "pallas_mosaic_gpu"  not implemented yet (raises NotImplementedError).
+  "pallas_mosaic_gpu"  Pallas, Mosaic GPU lowering (Hopper): gpu_mosaic/. Its kernel fuses the
+                       state pass and the outputs of the forward for bf16 / f16 dense inputs;
+                       the rest (w and u, float32 or cu_seqlens inputs, the forward kept for
+                       the backward, the backward and decode) runs the "pallas_triton" kernels.
   "auto"               "pallas_triton" on GPU, "pallas_tpu" on TPU, "reference" elsewhere
                        (and "reference" for shapes the kernels do not take, see _kernel_ok);
                        the environment variable PALLAS_GDN_IMPL, when set, overrides "auto".
@@ -75,11 +78,6 @@ def resolve_impl(impl: str, dims: common.Dims | None = None, *, op: str) -> str:
             impl = "reference"
         if dims is not None and impl != "reference" and not _kernel_ok(dims):
             impl = "reference"
-    if impl == "pallas_mosaic_gpu":
-        raise NotImplementedError(
-            f"pallas_kernels.gated_delta_rule.{op}: impl='pallas_mosaic_gpu' is not implemented yet; "
-            "use 'pallas_triton' on NVIDIA GPUs"
-        )
     if impl != "reference" and dims is not None and not _kernel_ok(dims):
         raise ValueError(
             f"pallas_kernels.gated_delta_rule.{op}: impl={impl!r} needs power-of-two head dims >= 16, "
@@ -98,6 +96,12 @@ class _Config:
     block_sizes: Any
 
 
+def _triton(cfg: _Config) -> _Config:
+    """cfg with "pallas_mosaic_gpu" replaced by "pallas_triton" (the kernels the Mosaic GPU
+    backend shares with it)."""
+    return dataclasses.replace(cfg, impl="pallas_triton") if cfg.impl == "pallas_mosaic_gpu" else cfg
+
+
 def _triton_block_sizes(cfg: _Config):
     from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
 
@@ -110,6 +114,25 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=Fals
     # One compute dtype for the matmul operands: the dtype of q/k/v (promoted if they differ).
     cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
     q, k = q.astype(cdt), k.astype(cdt)
+    if cfg.impl == "pallas_mosaic_gpu":
+        from pallas_kernels.gated_delta_rule.gpu_mosaic import fwd as mosaic_fwd
+
+        if keep_states or not mosaic_fwd.supports(cdt, cu_seqlens, q.shape[3], v.shape[3]):
+            cfg = _triton(cfg)
+        else:
+            o, final = mosaic_fwd.chunk_gated_delta_rule_fwd(
+                q,
+                k,
+                v.astype(cdt),
+                g,
+                beta,
+                scale=cfg.scale,
+                initial_state=s0,
+                use_qk_l2norm=cfg.use_qk_l2norm,
+                block_sizes=_triton_block_sizes(cfg),
+                interpret=bool(cfg.interpret),
+            )
+            return o.astype(v.dtype), final, None
     if cfg.impl == "pallas_triton":
         from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
 
@@ -173,7 +196,7 @@ def _chunk_kernel_op_bwd(cfg, res, cts):
         "use_qk_l2norm": cfg.use_qk_l2norm,
         "cu_seqlens": cu_seqlens,
     }
-    if cfg.impl == "pallas_triton":
+    if cfg.impl in ("pallas_triton", "pallas_mosaic_gpu"):
         from pallas_kernels.gated_delta_rule.gpu_triton import bwd as triton_bwd
 
         grads = triton_bwd.chunk_gated_delta_rule_bwd(
@@ -246,7 +269,6 @@ def chunk_gated_delta_rule(
 
     Raises:
       ValueError: a shape or argument is inconsistent (the message names it).
-      NotImplementedError: impl="pallas_mosaic_gpu".
     """
     dims = common.validate_inputs(
         q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule", scale=scale
@@ -351,7 +373,7 @@ def fused_recurrent_gated_delta_rule(
 
 def _decode_fwd(cfg: _Config, q, k, v, g, beta, s0, live):
     cdt = jnp.result_type(q.dtype, k.dtype)
-    if cfg.impl == "pallas_triton":
+    if cfg.impl in ("pallas_triton", "pallas_mosaic_gpu"):
         from pallas_kernels.gated_delta_rule.gpu_triton.decode import gated_delta_rule_decode
 
         return gated_delta_rule_decode(
