@@ -114,6 +114,7 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", attn_impl: str = "auto")
     tokamax_attn = {i: "gpu" for i in ATTN_IMPLS if i.startswith("tokamax")}
     for flag, impl, fallback, needs_of in (
             ("--gdn-impl", gdn_impl, "auto or reference", {"pallas_triton": "gpu",
+                                                           "pallas_mosaic_gpu": "gpu",
                                                            "pallas_tpu": "tpu"}),
             ("--moe-impl", moe_impl, "auto", {"gather_pallas": "gpu", "tokamax:mosaic": "gpu",
                                               "tokamax:triton": "gpu"}),
@@ -495,8 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
     from qnext_jax.modeling.attention import ATTN_IMPLS
     from qnext_jax.modeling.moe import MOE_IMPLS
 
-    gdn_impls = [i for i in IMPLS if i != "pallas_mosaic_gpu"]  # not implemented yet
-
     p = argparse.ArgumentParser(prog="qnext", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_parser = functools.partial(sub.add_parser, formatter_class=_DefaultsHelpFormatter)
@@ -541,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--dtype", default=None, choices=_DTYPES,
                    help="compute/param dtype (default: the checkpoint's)")
-    g.add_argument("--gdn-impl", default="auto", choices=gdn_impls,
+    g.add_argument("--gdn-impl", default="auto", choices=IMPLS,
                    help="Gated DeltaNet backend (default auto: Pallas on GPU/TPU)")
     g.add_argument("--moe-impl", default="auto",
                    choices=(*MOE_IMPLS, "tokamax:mosaic", "tokamax:triton", "tokamax:xla"),
@@ -635,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--aux-coef", type=float, default=None,
                    help="router load-balancing coefficient (default: config's)")
     f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight; 0: off")
-    f.add_argument("--gdn-impl", default="auto", choices=gdn_impls, help="Gated DeltaNet backend")
+    f.add_argument("--gdn-impl", default="auto", choices=IMPLS, help="Gated DeltaNet backend")
     f.add_argument("--lora-rank", type=_NONNEGATIVE_INT, default=0,
                    help="train LoRA adapters of this rank on the projections (0: full "
                         "fine-tuning); merged into OUT/final")

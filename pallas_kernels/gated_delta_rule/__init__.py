@@ -17,6 +17,8 @@ Layout of this package (stages named like FLA's: cumsum, kkt, solve, wy, h, o):
   kernel_math.py   in-kernel building blocks shared by the Pallas kernels (solve by doubling...)
   gpu_triton/      Pallas kernels, Triton lowering: kkt_solve_wy, h, o, decode; fwd pipeline;
                    backward stages dv_local, dh, dqkwg, wy_bwd; bwd pipeline
+  gpu_mosaic/      Pallas kernels, Mosaic GPU (Hopper): the forward's state pass and outputs fused;
+                   fwd pipeline (w and u from gpu_triton's kkt_solve_wy)
   tpu/             Pallas kernels, Mosaic TPU: fused chunk forward, fused chunk backward, decode
   ops.py           public ops, backend switch, custom_vjp
 """

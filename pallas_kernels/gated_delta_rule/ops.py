@@ -117,7 +117,9 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=Fals
     if cfg.impl == "pallas_mosaic_gpu":
         from pallas_kernels.gated_delta_rule.gpu_mosaic import fwd as mosaic_fwd
 
-        if keep_states or not mosaic_fwd.supports(cdt, cu_seqlens, q.shape[3], v.shape[3]):
+        if keep_states or not mosaic_fwd.supports(
+            cdt, cu_seqlens, q.shape[3], v.shape[3], cfg.chunk_size
+        ):
             cfg = _triton(cfg)
         else:
             o, final = mosaic_fwd.chunk_gated_delta_rule_fwd(

@@ -7,6 +7,7 @@ both kernels read the normalised copies.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import common
@@ -24,15 +25,29 @@ from pallas_kernels.gated_delta_rule.gpu_triton.kkt_solve_wy import chunk_kkt_so
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def supports(dtype, cu_seqlens, dk: int, dv: int) -> bool:
+def supports(dtype, cu_seqlens, dk: int, dv: int, chunk_size: int) -> bool:
     """The inputs the Mosaic GPU forward takes: q/k/v of a 16-bit dtype, dense (no cu_seqlens),
-    head dims dk, dv multiples of 64 (WGMMA tiles)."""
+    head dims dk, dv and chunk_size multiples of 64 (WGMMA tiles)."""
     return (
         jnp.dtype(dtype) in map(jnp.dtype, DTYPES)
         and cu_seqlens is None
         and dk % 64 == 0
         and dv % 64 == 0
+        and chunk_size % 64 == 0
     )
+
+
+def check_device(device) -> None:
+    """Raises ValueError when ``device`` (a jax Device) is a GPU other than a Hopper (compute
+    capability 9.x), the one Mosaic GPU target with WGMMA. Other platforms pass: from a CPU the
+    kernel is only exported (``jax.export`` for "cuda") or interpreted."""
+    cc = getattr(device, "compute_capability", None)
+    if device.platform == "gpu" and not str(cc).startswith("9."):
+        raise ValueError(
+            "chunk_gated_delta_rule: impl='pallas_mosaic_gpu' needs a Hopper GPU (compute "
+            f"capability 9.x), got {device.device_kind!r} (platform {device.platform}, compute "
+            f"capability {cc}); use impl='pallas_triton' or 'auto'"
+        )
 
 
 @compiled_f32_dots
@@ -46,7 +61,7 @@ def chunk_gated_delta_rule_fwd(
     scale: float,
     initial_state=None,
     use_qk_l2norm: bool = False,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
     block_v: int = 64,
     max_concurrent_steps: int = 2,
     interpret: bool = False,
@@ -55,13 +70,19 @@ def chunk_gated_delta_rule_fwd(
 
     Args: q, k [B, T, Hk, dk]; v [B, T, Hv, dv] in one 16-bit dtype; g, beta [B, T, Hv];
       initial_state [B, Hv, dk, dv] float32 or None. block_sizes: the Triton kkt/solve/wy
-      launch (chunk, num_warps_wy, num_stages); block_v, max_concurrent_steps: the Mosaic GPU
-      kernel's value columns per program and chunks in flight.
+      launch (chunk, num_warps_wy, num_stages; default BlockSizes()); block_v,
+      max_concurrent_steps: the Mosaic GPU kernel's value columns per program and chunks in
+      flight.
     Returns: o [B, T, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32.
+    Raises: ValueError (compiled, not interpret) when the default device is another GPU than a
+      Hopper.
     """
+    if not interpret:
+        check_device(jax.devices()[0])
+    block_sizes = block_sizes or BlockSizes()
     C = block_sizes.chunk
     cdt = v.dtype
-    B, T, Hk, dk = q.shape
+    B, T, _, dk = q.shape
     Hv, dv = v.shape[2], v.shape[3]
     lay = chunk_layout(T, C)
     if use_qk_l2norm:

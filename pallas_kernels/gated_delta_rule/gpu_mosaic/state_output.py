@@ -41,6 +41,7 @@ def _products(*terms, emulate: bool):
     the result's shape (no addend). Compiled: all WGMMAs are issued before the first is awaited.
     emulate (interpret mode: the CPU has no WGMMA): jnp.dot of the loaded operands."""
     if emulate:
+
         def value(x):
             return x if isinstance(x, jax.Array) else x[...]
 
@@ -61,8 +62,22 @@ def _products(*terms, emulate: bool):
     return pl.run_state(run)([plgpu.ACC.init(c) for c in inits])
 
 
-def _kernel(q_ref, k_ref, w_ref, u_ref, G_ref, s0_ref, o_ref, sT_ref, *scratch, scale, group,
-            chunk, block_v, emulate):
+def _kernel(
+    q_ref,
+    k_ref,
+    w_ref,
+    u_ref,
+    G_ref,
+    s0_ref,
+    o_ref,
+    sT_ref,
+    *scratch,
+    scale,
+    group,
+    chunk,
+    block_v,
+    emulate,
+):
     # q_ref, k_ref [B, Tp, Hk, dk]; w_ref [B, Tp, Hv, dk]; u_ref, o_ref [B, Tp, Hv, dv];
     # G_ref [B, Hv, Tp] float32; s0_ref, sT_ref [B, Hv, dk, dv] float32.
     # scratch: the chunk buffers (q, k, w, u, G twice, o), each [slots, ...], the loads' barriers
@@ -96,41 +111,53 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, G_ref, s0_ref, o_ref, sT_ref, *scratch, 
         fetch(c, c)
 
     def step(c, s):
+        # The named scopes label the phases in Mosaic GPU profiles (CompilerParams.profile_dir).
         slot = lax.rem(c, slots)
         # G_s and Gc_s hold the same chunk of G: one smem buffer is read in one layout only.
         q_s, k_s, w_s, u_s, G_s, Gc_s = (buf.at[slot] for buf in buffers)
         o_s = o_buf.at[slot]
-        plgpu.barrier_wait(loaded.at[slot])
-        # Ordered to keep few tiles live at once (registers): p (bf16) before w S and q S.
-        s_smem[...] = s.astype(cdt)
-        plgpu.commit_smem()
         k_t = k_s.transpose((1, 0))
-        (qk,) = products((q_s, k_t, (C, C)))
-        G_row = plgpu.load(G_s, layout=wgmma.reduce(1))
-        G_col = plgpu.load(Gc_s, layout=wgmma.reduce(0))
-        i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma)
-        j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma)
-        gap = lax.broadcast_in_dim(G_row, (C, C), [0]) - lax.broadcast_in_dim(G_col, (C, C), [1])
-        # G is non-increasing (g <= 0): gap <= 0 on and below the diagonal, where it is used.
-        p = jnp.where(i >= j, qk * jnp.exp(jnp.minimum(gap, 0.0)), 0.0).astype(cdt)
-        ws, qs = products((w_s, s_smem, (C, block_v)), (q_s, s_smem, (C, block_v)))
-        G_last = G_s[C - 1]
-        v_new = plgpu.load(u_s, layout=wgmma).astype(jnp.float32) - ws
-        v_smem[...] = v_new.astype(cdt)
-        to_end = lax.broadcast_in_dim(jnp.exp(G_last - G_row), v_new.shape, [0])
-        vd_smem[...] = (v_new * to_end).astype(cdt)
-        plgpu.commit_smem()
-        o_first = qs * lax.broadcast_in_dim(jnp.exp(G_row), qs.shape, [0])
-        o, s = products((p, v_smem, o_first), (k_t, vd_smem, s * jnp.exp(G_last)))
-        # The store of chunk c - slots (this slot's last) must have read o_s before it is reused.
-        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-        o_s[...] = (o * scale).astype(o_s.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(c * C, C), hv, cols])
+        with jax.named_scope("wait_inputs"):
+            plgpu.barrier_wait(loaded.at[slot])
+        # Ordered to keep few tiles live at once (registers): p (bf16) before w S and q S.
+        with jax.named_scope("store_state"):
+            s_smem[...] = s.astype(cdt)
+            plgpu.commit_smem()
+        with jax.named_scope("qk"):
+            (qk,) = products((q_s, k_t, (C, C)))
+        with jax.named_scope("p"):
+            G_row = plgpu.load(G_s, layout=wgmma.reduce(1))
+            G_col = plgpu.load(Gc_s, layout=wgmma.reduce(0))
+            i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma)
+            j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma)
+            gap = lax.broadcast_in_dim(G_row, (C, C), [0]) - lax.broadcast_in_dim(
+                G_col, (C, C), [1]
+            )
+            # G is non-increasing (g <= 0): gap <= 0 on and below the diagonal, where it is used.
+            p = jnp.where(i >= j, qk * jnp.exp(jnp.minimum(gap, 0.0)), 0.0).astype(cdt)
+        with jax.named_scope("ws_qs"):
+            ws, qs = products((w_s, s_smem, (C, block_v)), (q_s, s_smem, (C, block_v)))
+        with jax.named_scope("v_new"):
+            G_last = G_s[C - 1]
+            v_new = plgpu.load(u_s, layout=wgmma).astype(jnp.float32) - ws
+            v_smem[...] = v_new.astype(cdt)
+            to_end = lax.broadcast_in_dim(jnp.exp(G_last - G_row), v_new.shape, [0])
+            vd_smem[...] = (v_new * to_end).astype(cdt)
+            plgpu.commit_smem()
+            o_first = qs * lax.broadcast_in_dim(jnp.exp(G_row), qs.shape, [0])
+        with jax.named_scope("o_state"):
+            o, s = products((p, v_smem, o_first), (k_t, vd_smem, s * jnp.exp(G_last)))
+        with jax.named_scope("store_o"):
+            # The store of chunk c - slots (this slot's last) must have read o_s before reuse.
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            o_s[...] = (o * scale).astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(c * C, C), hv, cols])
 
         @pl.when(c + slots < n_chunks)
         def _():
-            fetch(c + slots, slot)  # every read of this slot's inputs has completed above
+            with jax.named_scope("fetch"):
+                fetch(c + slots, slot)  # every read of this slot's inputs has completed above
 
         return s
 
@@ -141,9 +168,20 @@ def _kernel(q_ref, k_ref, w_ref, u_ref, G_ref, s0_ref, o_ref, sT_ref, *scratch, 
     plgpu.wait_smem_to_gmem(0)
 
 
-def chunk_fwd_state_output(q, k, w, u, G, initial_state, *, scale: float, chunk_size: int = 64,
-                           block_v: int = 64, max_concurrent_steps: int = 2,
-                           interpret: bool = False):
+def chunk_fwd_state_output(
+    q,
+    k,
+    w,
+    u,
+    G,
+    initial_state,
+    *,
+    scale: float,
+    chunk_size: int = 64,
+    block_v: int = 64,
+    max_concurrent_steps: int = 2,
+    interpret: bool = False,
+):
     """Stages "h" and "o" in one Mosaic GPU kernel (dense, chunk-aligned inputs).
 
     Args:
