@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_gated_delta_rule import make_inputs, numpy_gdn, rel_err
-from test_gated_delta_rule_kernels import _abstract_args, _export_cuda, _model_like
+from test_gated_delta_rule_kernels import (
+    FWD_CASES,
+    _abstract_args,
+    _chunk,
+    _export_cuda,
+    _model_like,
+)
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.gpu_mosaic import fwd as mosaic_fwd
@@ -29,32 +35,27 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _run(q, k, v, g, beta, s0, *, interpret=True, **static):
-    f = jax.jit(
-        lambda q, k, v, g, b, s0: chunk_gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            b,
-            initial_state=s0,
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=True,
-            impl="pallas_mosaic_gpu",
-            interpret=interpret,
-            **static,
-        )
+def _run(q, k, v, g, beta, s0, **static):
+    """The op in interpret mode, L2 norm in the kernel, the final state returned."""
+    return _chunk(
+        "pallas_mosaic_gpu",
+        q,
+        k,
+        v,
+        g,
+        beta,
+        s0,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        **static,
     )
-    return f(q, k, v, g, beta, s0)
 
 
-# (T, Hk, Hv, with_state, dtype): the spec's T (one chunk short, exact, over), both head ratios.
+# The Triton / TPU kernels' cases (every T of the spec, both head ratios) in the 16-bit dtypes
+# WGMMA takes: float32 cases as bfloat16, the bfloat16 ones as float16.
 CASES = [
-    (1, 1, 1, False, jnp.bfloat16),
-    (63, 1, 2, True, jnp.bfloat16),
-    (64, 1, 1, True, jnp.float16),
-    (65, 2, 2, False, jnp.bfloat16),
-    (200, 1, 2, True, jnp.bfloat16),
+    (T, Hk, Hv, s, jnp.bfloat16 if dt == jnp.float32 else jnp.float16)
+    for T, Hk, Hv, s, dt in FWD_CASES
 ]
 
 
@@ -76,17 +77,7 @@ def test_mosaic_kernel_vs_numpy(case, kernel_calls):
 def test_mosaic_kernel_value_blocks_and_scale(kernel_calls):
     """dv = 128 (two programs of 64 value columns), dk = 128, no L2 norm, an explicit scale."""
     q, k, v, g, beta, s0 = make_inputs(7, 1, 70, 1, 1, 128, 128, jnp.bfloat16)
-    f = jax.jit(
-        lambda *a: chunk_gated_delta_rule(
-            *a[:5],
-            scale=0.3,
-            initial_state=a[5],
-            output_final_state=True,
-            impl="pallas_mosaic_gpu",
-            interpret=True,
-        )
-    )
-    o, st = f(q, k, v, g, beta, s0)
+    o, st = _chunk("pallas_mosaic_gpu", q, k, v, g, beta, s0, scale=0.3, output_final_state=True)
     o_ref, st_ref = numpy_gdn(q, k, v, g, beta, scale=0.3, initial_state=s0)
     assert kernel_calls
     assert rel_err(o, o_ref) < TOL16
@@ -104,17 +95,8 @@ def test_mosaic_backend_hands_the_rest_to_triton(what, kernel_calls):
     if what == "cu_seqlens":
         cu = np.array([0, 15, T], np.int32)
         s0 = jnp.concatenate([s0, s0 * 0.5])
-        o, st = jax.jit(
-            lambda *a: chunk_gated_delta_rule(
-                *a[:5],
-                initial_state=a[5],
-                output_final_state=True,
-                cu_seqlens=a[6],
-                impl="pallas_mosaic_gpu",
-                interpret=True,
-            )
-        )(q, k, v, g, beta, s0, jnp.asarray(cu))
-        o_ref, st_ref = numpy_gdn(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu)
+        o, st = _run(q, k, v, g, beta, s0, cu_seqlens=jnp.asarray(cu))
+        o_ref, st_ref = numpy_gdn(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu, l2norm=True)
     elif what == "grad":
 
         def loss(impl, q):
@@ -172,7 +154,15 @@ def test_export_cuda_mosaic_gpu():
 def test_mosaic_kernel_compiled_vs_numpy(T, B):
     """Compiled on a Hopper GPU at the model's head sizes (dk = dv = 128, Hv = 2 Hk)."""
     q, k, v, g, beta, s0 = make_inputs(T, B, T, 2, 4, 128, 128, jnp.bfloat16)
-    o, st = _run(q, k, v, g, beta, s0, interpret=False)
+    o, st = jax.jit(
+        lambda *a: chunk_gated_delta_rule(
+            *a[:5],
+            initial_state=a[5],
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            impl="pallas_mosaic_gpu",
+        )
+    )(q, k, v, g, beta, s0)
     o_ref, st_ref = numpy_gdn(q, k, v, g, beta, initial_state=s0, l2norm=True)
     assert rel_err(o, o_ref) < TOL16
     assert rel_err(st, st_ref) < TOL16
