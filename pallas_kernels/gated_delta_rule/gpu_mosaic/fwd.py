@@ -64,7 +64,6 @@ def chunk_gated_delta_rule_fwd(
     block_sizes: BlockSizes | None = None,
     block_v: int = 64,
     max_concurrent_steps: int = 2,
-    consumers: int = 0,
     interpret: bool = False,
 ):
     """Forward of the chunked gated delta rule (validated, dense inputs; see ``supports``).
@@ -115,7 +114,6 @@ def chunk_gated_delta_rule_fwd(
         chunk_size=C,
         block_v=block_v,
         max_concurrent_steps=max_concurrent_steps,
-        consumers=consumers,
         interpret=interpret,
     )
     return lay.from_chunks(o), final

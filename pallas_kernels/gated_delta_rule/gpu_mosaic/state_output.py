@@ -182,103 +182,6 @@ def _kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel_ws(
-    q_ref,
-    k_ref,
-    w_ref,
-    u_ref,
-    G_ref,
-    s0_ref,
-    o_ref,
-    sT_ref,
-    *scratch,
-    scale,
-    group,
-    chunk,
-    block_v,
-    consumers,
-    emulate,
-):
-    # Warp-specialised: warpgroups 0 .. consumers - 1 each carry one block of block_v value
-    # columns through the chunks; warpgroup `consumers` only issues the TMA loads, up to `slots`
-    # chunks ahead, refilling a slot once every consumer has arrived on its `consumed` barrier.
-    q_b, k_b, w_b, G_b, Gc_b, u_b, o_b, loaded, consumed, s_smem, v_smem, vd_smem = scratch
-    slots = q_b.shape[0]
-    wg = lax.axis_index("wg")
-    hv = lax.axis_index("heads")
-    b = lax.axis_index("batch")
-    base = lax.axis_index("vblocks") * (consumers * block_v)
-    hk = lax.div(hv, jnp.array(group, hv.dtype))
-    C = chunk
-    n_chunks = G_ref.shape[-1] // C
-
-    @pl.when(wg == consumers)
-    def _producer():
-        if not emulate:
-            plgpu.set_max_registers(40, action="decrease")
-
-        @pl.loop(0, n_chunks)
-        def _(c):
-            slot = lax.rem(c, slots)
-
-            @pl.when(c >= slots)
-            def _():
-                plgpu.barrier_wait(consumed.at[slot])
-
-            rows = pl.ds(c * C, C)
-            pairs = [
-                (q_ref.at[b, rows, hk], q_b),
-                (k_ref.at[b, rows, hk], k_b),
-                (w_ref.at[b, rows, hv], w_b),
-                (G_ref.at[b, hv, rows], G_b),
-                (G_ref.at[b, hv, rows], Gc_b),
-            ]
-            for src, buf in pairs:
-                plgpu.copy_gmem_to_smem(src, buf.at[slot], loaded.at[slot])
-            for i in range(consumers):
-                src = u_ref.at[b, rows, hv, pl.ds(base + i * block_v, block_v)]
-                plgpu.copy_gmem_to_smem(src, u_b.at[i, slot], loaded.at[slot])
-
-    @pl.when(wg < consumers)
-    def _consumer():
-        if not emulate:
-            plgpu.set_max_registers(232, action="increase")
-        cols = pl.ds(base + wg * block_v, block_v)
-        products = functools.partial(_products, emulate=emulate)
-
-        def step(c, s):
-            slot = lax.rem(c, slots)
-            with jax.named_scope("wait_inputs"):
-                plgpu.barrier_wait(loaded.at[slot])
-            o, s = _chunk_step(
-                q_b.at[slot],
-                k_b.at[slot],
-                w_b.at[slot],
-                u_b.at[wg, slot],
-                G_b.at[slot],
-                Gc_b.at[slot],
-                s_smem.at[wg],
-                v_smem.at[wg],
-                vd_smem.at[wg],
-                s,
-                block_v=block_v,
-                products=products,
-            )
-            plgpu.barrier_arrive(consumed.at[slot])
-            with jax.named_scope("store_o"):
-                o_s = o_b.at[wg, slot]
-                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                o_s[...] = (o * scale).astype(o_s.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(c * C, C), hv, cols])
-            return s
-
-        s_first = plgpu.load(s0_ref.at[b, hv, :, cols], layout=plgpu.Layout.WGMMA, optimized=False)
-        s = lax.fori_loop(0, n_chunks, step, s_first)
-        sT_ref.at[b, hv, :, cols][...] = s
-        plgpu.wait_smem_to_gmem(0)
-
-
 def chunk_fwd_state_output(
     q,
     k,
@@ -291,7 +194,6 @@ def chunk_fwd_state_output(
     chunk_size: int = 64,
     block_v: int = 64,
     max_concurrent_steps: int = 2,
-    consumers: int = 0,
     interpret: bool = False,
 ):
     """Stages "h" and "o" in one Mosaic GPU kernel (dense, chunk-aligned inputs).
@@ -317,21 +219,6 @@ def chunk_fwd_state_output(
         )
     cdt = q.dtype
     slots = max(1, min(max_concurrent_steps, Tp // chunk_size))
-    if consumers:
-        return _call_ws(
-            q,
-            k,
-            w,
-            u,
-            G,
-            initial_state,
-            scale=scale,
-            chunk_size=chunk_size,
-            block_v=block_v,
-            slots=slots,
-            consumers=consumers,
-            interpret=interpret,
-        )
     kernel = functools.partial(
         _kernel,
         scale=float(scale),
@@ -361,56 +248,6 @@ def chunk_fwd_state_output(
         ),
         grid=(Hv, B, dv // block_v),
         grid_names=("heads", "batch", "vblocks"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(q, k, w, u, G, initial_state)
-
-
-def _call_ws(
-    q, k, w, u, G, initial_state, *, scale, chunk_size, block_v, slots, consumers, interpret
-):
-    B, Tp, Hk, dk = q.shape
-    Hv, dv = u.shape[2], u.shape[3]
-    consumers = min(consumers, dv // block_v)
-    if dv % (consumers * block_v):
-        raise ValueError(f"dv {dv} is not a multiple of consumers x block_v")
-    cdt = q.dtype
-    kernel = functools.partial(
-        _kernel_ws,
-        scale=float(scale),
-        group=Hv // Hk,
-        chunk=chunk_size,
-        block_v=block_v,
-        consumers=consumers,
-        emulate=bool(interpret),
-    )
-    tile = functools.partial(plgpu.SMEM, dtype=cdt)
-    return plgpu.kernel(
-        kernel,
-        out_type=(
-            jax.ShapeDtypeStruct((B, Tp, Hv, dv), cdt),
-            jax.ShapeDtypeStruct((B, Hv, dk, dv), jnp.float32),
-        ),
-        scratch_types=(
-            *(tile((slots, chunk_size, dk), transforms=_tiled(cdt, dk)) for _ in range(3)),
-            plgpu.SMEM((slots, chunk_size), jnp.float32),
-            plgpu.SMEM((slots, chunk_size), jnp.float32),
-            *(
-                tile((consumers, slots, chunk_size, block_v), transforms=_tiled(cdt, block_v))
-                for _ in range(2)
-            ),
-            plgpu.Barrier(num_arrivals=5 + consumers, num_barriers=slots),
-            plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
-            tile((consumers, dk, block_v), transforms=_tiled(cdt, block_v)),
-            *(
-                tile((consumers, chunk_size, block_v), transforms=_tiled(cdt, block_v))
-                for _ in range(2)
-            ),
-        ),
-        grid=(Hv, B, dv // (consumers * block_v)),
-        grid_names=("heads", "batch", "vblocks"),
-        num_threads=consumers + 1,
-        thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q, k, w, u, G, initial_state)
