@@ -434,6 +434,18 @@ def test_out_whose_files_a_run_would_lose_is_refused(hf_dir, tmp_path):
                                               r"directory"):
         _run(hf_dir, out)
     assert sorted(p.name for p in out.iterdir()) == ["final", "hf"]
+    shutil.rmtree(out / "hf")
+    (out / "final").unlink()
+    notes = "my notes on the run\n{\"step\": 1}\n"  # a file of the run's name, not its log
+    (out / "metrics.jsonl").write_text(notes)
+    with pytest.raises(FileExistsError, match=r"metrics.jsonl line 1 is not a JSON object: not "
+                                              r"a finetune run's metrics log"):
+        _run(hf_dir, out)
+    assert (out / "metrics.jsonl").read_text() == notes
+    (out / "metrics.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(FileExistsError, match=r"metrics.jsonl is not UTF-8 text"):
+        _run(hf_dir, out)
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
     with pytest.raises(ValueError, match="--out: empty"):
         _run(hf_dir, "")
     with pytest.raises(FileNotFoundError, match=r"nope: no such checkpoint directory \(the "

@@ -102,6 +102,11 @@ def check_run_dir(out: Path, export_hf: bool) -> None:
                                   f"is not an earlier export of this run (a checkpoint copied "
                                   f"there?), which replacing {sub}/ would lose: move it away, "
                                   "or use another --out")
+    metrics = out / "metrics.jsonl"
+    if (metrics.exists() or metrics.is_symlink()) and (problem := _not_a_metrics_log(metrics)):
+        raise FileExistsError(f"{metrics} {problem}: not a finetune run's metrics log, which the "
+                              "run rewrites (it keeps the steps up to the one it resumes from): "
+                              "move it away, or use another --out")
     checkpoints = out / "checkpoints"
     resumable = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
     results = [f"{sub}/" for sub in ("final", "hf") if (out / sub).is_dir()
@@ -281,6 +286,22 @@ def _record(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _not_a_metrics_log(path: Path) -> str | None:
+    """What shows that ``path`` is not a metrics.jsonl a run wrote (a link, not a file, not
+    UTF-8 text, a line before the last that is not a JSON object), or None. A torn last line is
+    a run's (killed while writing it)."""
+    if path.is_symlink() or not path.is_file():
+        return "is a link" if path.is_symlink() else "is not a file"
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    for n, line in enumerate(lines[:-1], 1):
+        if line.strip() and _record(line) is None:
+            return f"line {n} is not a JSON object"
+    return None
 
 
 class MetricsLog:
