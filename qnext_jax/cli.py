@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -112,17 +113,21 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", attn_impl: str = "auto")
     from qnext_jax.modeling.attention import ATTN_IMPLS
 
     tokamax_attn = {i: "gpu" for i in ATTN_IMPLS if i.startswith("tokamax")}
+    gdn_flag, gdn_fallback = "--gdn-impl", "use auto or reference"
+    if gdn_impl == "auto" and os.environ.get("PALLAS_GDN_IMPL"):  # the op's override of auto
+        gdn_flag, gdn_impl = "PALLAS_GDN_IMPL", os.environ["PALLAS_GDN_IMPL"]
+        gdn_fallback = "unset it, or set it to reference"
     for flag, impl, fallback, needs_of in (
-            ("--gdn-impl", gdn_impl, "auto or reference", {"pallas_triton": "gpu",
-                                                           "pallas_mosaic_gpu": "gpu",
-                                                           "pallas_tpu": "tpu"}),
-            ("--moe-impl", moe_impl, "auto", {"gather_pallas": "gpu", "tokamax:mosaic": "gpu",
-                                              "tokamax:triton": "gpu"}),
-            ("--attn-impl", attn_impl, "auto or xla", tokamax_attn)):
+            (gdn_flag, gdn_impl, gdn_fallback,
+             {"pallas_triton": "gpu", "pallas_mosaic_gpu": "gpu", "pallas_tpu": "tpu"}),
+            ("--moe-impl", moe_impl, "use auto",
+             {"gather_pallas": "gpu", "tokamax:mosaic": "gpu", "tokamax:triton": "gpu"}),
+            ("--attn-impl", attn_impl, "use auto or xla", tokamax_attn)):
         needs = needs_of.get(impl)
         if needs is not None and jax.default_backend() != needs:
-            raise SystemExit(f"{flag} {impl} runs on a {needs.upper()}; this JAX's backend is "
-                             f"{jax.default_backend()}: use {fallback}")
+            raise SystemExit(f"{flag}{'=' if flag.isupper() else ' '}{impl} runs on a "
+                             f"{needs.upper()}; this JAX's backend is {jax.default_backend()}: "
+                             f"{fallback}")
     if moe_impl.partition(":")[0] == "tokamax":
         from qnext_jax.modeling.layers import import_tokamax
 
@@ -490,6 +495,15 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+GDN_IMPL_HELP = (
+    "Gated DeltaNet backend: auto (the Triton kernels on a GPU, the Mosaic TPU ones on a TPU, "
+    "the jnp reference elsewhere and for head dims the kernels do not take; the environment "
+    "variable PALLAS_GDN_IMPL overrides it), reference, pallas_triton, pallas_tpu, or "
+    "pallas_mosaic_gpu (Hopper: the forward's state pass in one Mosaic GPU kernel for bf16 / "
+    "f16, everything else the Triton kernels, the backward included; slower than pallas_triton "
+    "on an H200)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pallas_kernels.gated_delta_rule import IMPLS
     from qnext_jax.generate import DECODE_STEPS_PER_CALL
@@ -540,8 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--dtype", default=None, choices=_DTYPES,
                    help="compute/param dtype (default: the checkpoint's)")
-    g.add_argument("--gdn-impl", default="auto", choices=IMPLS,
-                   help="Gated DeltaNet backend (default auto: Pallas on GPU/TPU)")
+    g.add_argument("--gdn-impl", default="auto", choices=IMPLS, help=GDN_IMPL_HELP)
     g.add_argument("--moe-impl", default="auto",
                    choices=(*MOE_IMPLS, "tokamax:mosaic", "tokamax:triton", "tokamax:xla"),
                    help="routed experts' implementation (default auto: by platform and token "
@@ -634,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--aux-coef", type=float, default=None,
                    help="router load-balancing coefficient (default: config's)")
     f.add_argument("--mtp-coef", type=float, default=0.0, help="MTP loss weight; 0: off")
-    f.add_argument("--gdn-impl", default="auto", choices=IMPLS, help="Gated DeltaNet backend")
+    f.add_argument("--gdn-impl", default="auto", choices=IMPLS, help=GDN_IMPL_HELP)
     f.add_argument("--lora-rank", type=_NONNEGATIVE_INT, default=0,
                    help="train LoRA adapters of this rank on the projections (0: full "
                         "fine-tuning); merged into OUT/final")

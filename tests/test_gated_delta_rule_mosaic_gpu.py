@@ -15,7 +15,7 @@ from test_gated_delta_rule_kernels import (
     _model_like,
 )
 
-from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from pallas_kernels.gated_delta_rule.gpu_mosaic import fwd as mosaic_fwd
 
 TOL16 = 2e-2  # bf16 / f16 inputs, max-abs error relative to the largest reference value
@@ -166,3 +166,35 @@ def test_mosaic_kernel_compiled_vs_numpy(T, B):
     o_ref, st_ref = numpy_gdn(q, k, v, g, beta, initial_state=s0, l2norm=True)
     assert rel_err(o, o_ref) < TOL16
     assert rel_err(st, st_ref) < TOL16
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_mosaic_gpu"])
+def test_gpu_backends_outside_interpret_mode_name_the_fix(impl):
+    """On the CPU (no abstract GPU device traced under), the GPU backends outside interpret mode
+    raise a message naming impl and what to use: Pallas's own says only that it interprets."""
+    q, k, v, g, beta, s0 = make_inputs(5, 1, 8, 1, 1, 64, 64, jnp.bfloat16)
+    match = f"impl='{impl}' runs compiled on a GPU, and this JAX's backend is cpu: use impl="
+    with pytest.raises(ValueError, match=match):
+        chunk_gated_delta_rule(q, k, v, g, beta, impl=impl)
+    for cu in (None, jnp.array([0, 3, 8], jnp.int32)):  # decode with cu_seqlens: jnp, still named
+        with pytest.raises(ValueError, match=match):
+            fused_recurrent_gated_delta_rule(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=s0 if cu is None else s0.repeat(2, 0),
+                impl=impl,
+                cu_seqlens=cu,
+            )
+
+
+def test_cu_seqlens_given_as_a_list_is_named():
+    q, k, v, g, beta, _ = make_inputs(5, 1, 8, 1, 1, 16, 16, jnp.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"`cu_seqlens` must be a 1-D integer array .* got a "
+        r"list: pass jnp.asarray",
+    ):
+        chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=[0, 3, 8])

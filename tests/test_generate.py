@@ -407,6 +407,11 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
                            ("pallas_tpu", "TPU")):  # on the CPU
         with pytest.raises(SystemExit, match=f"--gdn-impl {impl} runs on a {platform}"):
             qnext_main(["generate", "--prompt", "Hi", "--gdn-impl", impl])
+    monkeypatch.setenv("PALLAS_GDN_IMPL", "pallas_triton")  # the op's override of auto
+    with pytest.raises(SystemExit, match="PALLAS_GDN_IMPL=pallas_triton runs on a GPU; this "
+                                         "JAX's backend is cpu: unset it, or set it to reference"):
+        qnext_main(["generate", "--prompt", "Hi"])
+    monkeypatch.delenv("PALLAS_GDN_IMPL")
     for impl in ("gather_pallas", "tokamax:mosaic", "tokamax:triton"):
         with pytest.raises(SystemExit, match=f"--moe-impl {impl} runs on a GPU"):
             qnext_main(["generate", "--prompt", "Hi", "--moe-impl", impl])

@@ -88,7 +88,12 @@ def validate_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, *, op
             raise ValueError(f"{where}: `{name}` must be a floating dtype, got {x.dtype}")
     n_seqs = B
     if cu_seqlens is not None:
-        if getattr(cu_seqlens, "ndim", None) != 1 or cu_seqlens.shape[0] < 2:
+        if not hasattr(cu_seqlens, "ndim"):
+            raise ValueError(
+                f"{where}: `cu_seqlens` must be a 1-D integer array [N + 1] of sequence offsets "
+                f"(0, ..., T), got a {type(cu_seqlens).__name__}: pass jnp.asarray(..., jnp.int32)"
+            )
+        if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
             raise ValueError(
                 f"{where}: `cu_seqlens` must be a 1-D integer array [N + 1] of sequence offsets "
                 f"(0, ..., T), got shape {_shape_str(getattr(cu_seqlens, 'shape', ()))}"

@@ -86,6 +86,24 @@ def resolve_impl(impl: str, dims: common.Dims | None = None, *, op: str) -> str:
     return impl
 
 
+def check_compiled_platform(impl: str, interpret: Any, *, op: str) -> None:
+    """The GPU kernels ("pallas_triton", "pallas_mosaic_gpu") outside interpret mode need a GPU:
+    JAX's default backend, or the abstract device of the abstract mesh traced under (how
+    ``jax.export`` lowers them for CUDA from another machine). Raises ValueError naming what to
+    do otherwise (on a CPU Pallas would only say that it supports interpret mode)."""
+    if impl not in ("pallas_triton", "pallas_mosaic_gpu") or interpret:
+        return
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = jax.default_backend() if device is None else device.platform
+    if platform not in ("gpu", "cuda", "rocm"):
+        raise ValueError(
+            f"pallas_kernels.gated_delta_rule.{op}: impl={impl!r} runs compiled on a GPU, and "
+            f"this JAX's backend is {platform}: use impl='reference' (or 'auto'), or "
+            "interpret=True for interpret mode (slow, for tests); to lower for a GPU from here "
+            "(jax.export), trace under jax.sharding.use_abstract_mesh with its AbstractDevice"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     impl: str
@@ -270,12 +288,14 @@ def chunk_gated_delta_rule(
       output_final_state is False.
 
     Raises:
-      ValueError: a shape or argument is inconsistent (the message names it).
+      ValueError: a shape or argument is inconsistent (the message names it); a GPU kernel
+        backend without a GPU (check_compiled_platform).
     """
     dims = common.validate_inputs(
         q, k, v, g, beta, initial_state, cu_seqlens, op="chunk_gated_delta_rule", scale=scale
     )
     impl = resolve_impl(impl, dims, op="chunk_gated_delta_rule")
+    check_compiled_platform(impl, interpret, op="chunk_gated_delta_rule")
     if impl == "reference":
         return chunk_gated_delta_rule_ref(
             q,
@@ -330,6 +350,8 @@ def fused_recurrent_gated_delta_rule(
         (padded / free slots of a serving batch).
     Kernel paths (decode kernels) are forward-only; use the chunked op for training. On the kernel
     paths the returned state can reuse the input state's buffer when the caller donates it.
+    With cu_seqlens every backend runs the jnp recurrence (reference.py); the decode kernels
+    take one sequence per batch row.
     """
     dims = common.validate_inputs(
         q, k, v, g, beta, initial_state, cu_seqlens, op="fused_recurrent_gated_delta_rule",
@@ -341,6 +363,7 @@ def fused_recurrent_gated_delta_rule(
             f"{list(live.shape)}"
         )
     impl = resolve_impl(impl, dims, op="fused_recurrent_gated_delta_rule")
+    check_compiled_platform(impl, interpret, op="fused_recurrent_gated_delta_rule")
     s = common.default_scale(dims.head_k_dim, scale)
     if impl == "reference" or cu_seqlens is not None:
         o, final = recurrent_gated_delta_rule(
