@@ -211,11 +211,11 @@ def chunk_fwd_state_output(
     """
     B, Tp, Hk, dk = q.shape
     Hv, dv = u.shape[2], u.shape[3]
-    if Tp % chunk_size or dv % block_v or block_v % 32 or chunk_size % 64 or dk % 64:
+    if Tp % chunk_size or dv % block_v or block_v % 64 or chunk_size % 64 or dk % 64:
         raise ValueError(
-            f"chunk_fwd_state_output: needs Tp % chunk_size == 0, chunk_size and dk "
-            f"multiples of 64, block_v of 32, block_v dividing dv; got Tp {Tp}, chunk_size {chunk_size}, dk {dk}, "
-            f"dv {dv}, block_v {block_v}"
+            "chunk_fwd_state_output: needs Tp % chunk_size == 0, chunk_size, dk and block_v "
+            f"multiples of 64, block_v dividing dv; got Tp {Tp}, chunk_size {chunk_size}, "
+            f"dk {dk}, dv {dv}, block_v {block_v}"
         )
     cdt = q.dtype
     slots = max(1, min(max_concurrent_steps, Tp // chunk_size))
