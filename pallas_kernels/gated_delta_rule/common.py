@@ -96,7 +96,7 @@ def validate_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, *, op
         if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
             raise ValueError(
                 f"{where}: `cu_seqlens` must be a 1-D integer array [N + 1] of sequence offsets "
-                f"(0, ..., T), got shape {_shape_str(getattr(cu_seqlens, 'shape', ()))}"
+                f"(0, ..., T), got shape {_shape_str(cu_seqlens.shape)}"
             )
         if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
             raise ValueError(

@@ -22,16 +22,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-SWIZZLE = 128  # bytes: rows of 64 bf16 values, the widest TMA / WGMMA swizzle
 
-
-def _tiled(dtype, cols: int) -> tuple:
-    """The shared-memory transforms of a WGMMA operand tile of `dtype`, `cols` wide: swizzled
-    over min(128, row) bytes."""
-    swizzle = min(SWIZZLE, cols * jnp.dtype(dtype).itemsize)
+def _tiled(dtype) -> tuple:
+    """The shared-memory transforms of a WGMMA operand tile of `dtype` whose rows are at least
+    128 bytes (every tile here: 64 or more 16-bit values a row): 128-byte swizzle, the widest."""
     return (
-        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-        plgpu.SwizzleTransform(swizzle),
+        plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(128),
     )
 
 
@@ -235,16 +232,16 @@ def chunk_fwd_state_output(
         ),
         scratch_types=(
             *(
-                plgpu.SMEM((slots, chunk_size, d), cdt, transforms=_tiled(cdt, d))
+                plgpu.SMEM((slots, chunk_size, d), cdt, transforms=_tiled(cdt))
                 for d in (dk, dk, dk, block_v)
             ),
             plgpu.SMEM((slots, chunk_size), jnp.float32),
             plgpu.SMEM((slots, chunk_size), jnp.float32),
-            plgpu.SMEM((slots, chunk_size, block_v), cdt, transforms=_tiled(cdt, block_v)),
+            plgpu.SMEM((slots, chunk_size, block_v), cdt, transforms=_tiled(cdt)),
             plgpu.Barrier(num_arrivals=6, num_barriers=slots),
-            plgpu.SMEM((dk, block_v), cdt, transforms=_tiled(cdt, block_v)),
-            plgpu.SMEM((chunk_size, block_v), cdt, transforms=_tiled(cdt, block_v)),
-            plgpu.SMEM((chunk_size, block_v), cdt, transforms=_tiled(cdt, block_v)),
+            plgpu.SMEM((dk, block_v), cdt, transforms=_tiled(cdt)),
+            plgpu.SMEM((chunk_size, block_v), cdt, transforms=_tiled(cdt)),
+            plgpu.SMEM((chunk_size, block_v), cdt, transforms=_tiled(cdt)),
         ),
         grid=(Hv, B, dv // block_v),
         grid_names=("heads", "batch", "vblocks"),
