@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import re
 import sys
 import time
@@ -110,16 +109,22 @@ def _check_impls(gdn_impl: str, moe_impl: str = "auto", attn_impl: str = "auto")
     --moe-impl tokamax without tokamax installed: stop before building."""
     import jax
 
+    from pallas_kernels.gated_delta_rule.ops import GPU_IMPLS, IMPL_ENV, env_impl
     from qnext_jax.modeling.attention import ATTN_IMPLS
 
     tokamax_attn = {i: "gpu" for i in ATTN_IMPLS if i.startswith("tokamax")}
     gdn_flag, gdn_fallback = "--gdn-impl", "use auto or reference"
-    if gdn_impl == "auto" and os.environ.get("PALLAS_GDN_IMPL"):  # the op's override of auto
-        gdn_flag, gdn_impl = "PALLAS_GDN_IMPL", os.environ["PALLAS_GDN_IMPL"]
-        gdn_fallback = "unset it, or set it to reference"
+    if gdn_impl == "auto":  # the op's override of auto
+        try:
+            from_env = env_impl(op="qnext")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if from_env is not None:
+            gdn_flag, gdn_impl = IMPL_ENV, from_env
+            gdn_fallback = "unset it, or set it to reference"
     for flag, impl, fallback, needs_of in (
             (gdn_flag, gdn_impl, gdn_fallback,
-             {"pallas_triton": "gpu", "pallas_mosaic_gpu": "gpu", "pallas_tpu": "tpu"}),
+             {**dict.fromkeys(GPU_IMPLS, "gpu"), "pallas_tpu": "tpu"}),
             ("--moe-impl", moe_impl, "use auto",
              {"gather_pallas": "gpu", "tokamax:mosaic": "gpu", "tokamax:triton": "gpu"}),
             ("--attn-impl", attn_impl, "use auto or xla", tokamax_attn)):

@@ -411,6 +411,9 @@ def test_cli_clear_errors_before_building(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="PALLAS_GDN_IMPL=pallas_triton runs on a GPU; this "
                                          "JAX's backend is cpu: unset it, or set it to reference"):
         qnext_main(["generate", "--prompt", "Hi"])
+    monkeypatch.setenv("PALLAS_GDN_IMPL", "triton")
+    with pytest.raises(SystemExit, match="environment variable PALLAS_GDN_IMPL must be one of "):
+        qnext_main(["generate", "--prompt", "Hi"])
     monkeypatch.delenv("PALLAS_GDN_IMPL")
     for impl in ("gather_pallas", "tokamax:mosaic", "tokamax:triton"):
         with pytest.raises(SystemExit, match=f"--moe-impl {impl} runs on a GPU"):

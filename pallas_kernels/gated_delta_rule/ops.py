@@ -39,6 +39,25 @@ from pallas_kernels.gated_delta_rule.reference import (
 )
 
 IMPLS = ("auto", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu", "reference")
+#: The backends whose kernels are Pallas on an NVIDIA GPU (compiled, they need one).
+GPU_IMPLS = ("pallas_triton", "pallas_mosaic_gpu")
+#: The environment variable that overrides impl="auto".
+IMPL_ENV = "PALLAS_GDN_IMPL"
+
+
+def env_impl(*, op: str) -> str | None:
+    """The backend the environment variable PALLAS_GDN_IMPL names in place of "auto" (an escape
+    hatch for deployments: PALLAS_GDN_IMPL=reference turns the kernels off), or None when it is
+    unset or empty. Raises ValueError when it names no backend."""
+    impl = os.environ.get(IMPL_ENV)
+    if not impl:
+        return None
+    if impl not in IMPLS or impl == "auto":
+        raise ValueError(
+            f"pallas_kernels.gated_delta_rule.{op}: environment variable {IMPL_ENV} must be one "
+            f"of {IMPLS[1:]}, got {impl!r}"
+        )
+    return impl
 
 
 def _platform() -> str:
@@ -60,14 +79,8 @@ def resolve_impl(impl: str, dims: common.Dims | None = None, *, op: str) -> str:
         raise ValueError(
             f"pallas_kernels.gated_delta_rule.{op}: `impl` must be one of {IMPLS}, got {impl!r}"
         )
-    if impl == "auto" and os.environ.get("PALLAS_GDN_IMPL"):
-        # Escape hatch for deployments: e.g. PALLAS_GDN_IMPL=reference turns the kernels off.
-        impl = os.environ["PALLAS_GDN_IMPL"]
-        if impl not in IMPLS or impl == "auto":
-            raise ValueError(
-                f"pallas_kernels.gated_delta_rule.{op}: environment variable PALLAS_GDN_IMPL must "
-                f"be one of {IMPLS[1:]}, got {impl!r}"
-            )
+    if impl == "auto":
+        impl = env_impl(op=op) or impl
     if impl == "auto":
         plat = _platform()
         if plat == "gpu":
@@ -91,7 +104,7 @@ def check_compiled_platform(impl: str, interpret: Any, *, op: str) -> None:
     JAX's default backend, or the abstract device of the abstract mesh traced under (how
     ``jax.export`` lowers them for CUDA from another machine). Raises ValueError naming what to
     do otherwise (on a CPU Pallas would only say that it supports interpret mode)."""
-    if impl not in ("pallas_triton", "pallas_mosaic_gpu") or interpret:
+    if impl not in GPU_IMPLS or interpret:
         return
     device = jax.sharding.get_abstract_mesh().abstract_device
     platform = jax.default_backend() if device is None else device.platform
@@ -114,12 +127,6 @@ class _Config:
     block_sizes: Any
 
 
-def _triton(cfg: _Config) -> _Config:
-    """cfg with "pallas_mosaic_gpu" replaced by "pallas_triton" (the kernels the Mosaic GPU
-    backend shares with it)."""
-    return dataclasses.replace(cfg, impl="pallas_triton") if cfg.impl == "pallas_mosaic_gpu" else cfg
-
-
 def _triton_block_sizes(cfg: _Config):
     from pallas_kernels.gated_delta_rule.gpu_triton import fwd as triton_fwd
 
@@ -138,7 +145,7 @@ def _kernel_fwd(cfg: _Config, q, k, v, g, beta, s0, cu_seqlens, keep_states=Fals
         if keep_states or not mosaic_fwd.supports(
             cdt, cu_seqlens, q.shape[3], v.shape[3], cfg.chunk_size
         ):
-            cfg = _triton(cfg)
+            cfg = dataclasses.replace(cfg, impl="pallas_triton")  # the kernels it shares
         else:
             o, final = mosaic_fwd.chunk_gated_delta_rule_fwd(
                 q,
@@ -216,7 +223,7 @@ def _chunk_kernel_op_bwd(cfg, res, cts):
         "use_qk_l2norm": cfg.use_qk_l2norm,
         "cu_seqlens": cu_seqlens,
     }
-    if cfg.impl in ("pallas_triton", "pallas_mosaic_gpu"):
+    if cfg.impl in GPU_IMPLS:
         from pallas_kernels.gated_delta_rule.gpu_triton import bwd as triton_bwd
 
         grads = triton_bwd.chunk_gated_delta_rule_bwd(
@@ -398,7 +405,7 @@ def fused_recurrent_gated_delta_rule(
 
 def _decode_fwd(cfg: _Config, q, k, v, g, beta, s0, live):
     cdt = jnp.result_type(q.dtype, k.dtype)
-    if cfg.impl in ("pallas_triton", "pallas_mosaic_gpu"):
+    if cfg.impl in GPU_IMPLS:
         from pallas_kernels.gated_delta_rule.gpu_triton.decode import gated_delta_rule_decode
 
         return gated_delta_rule_decode(
