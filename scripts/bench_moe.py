@@ -29,7 +29,9 @@ Reported per T (tokens = batch * length, as one [1, T, d] input):
     ``--iters`` jitted calls queued back to back, per call (the median of calls each blocked
     on, which adds the host's dispatch and sync, is kept as "blocked ms" in the JSON; the % and
     x figures use the queued time since 2026-12-01, the blocked one before); for T <= 64 also
-    ours per call inside one jitted loop of 32 calls ("loop ms": a decode step's cost);
+    ours per call inside one jitted loop of 32 calls ("loop ms": a decode step's cost; since
+    2026-12-02 loops queued back to back, as the queued time; before, each loop blocked on,
+    which added the host's dispatch and sync, about 10 us a call on an H200, to every call);
   * TFLOP/s on the active-expert FLOPs: T * (top_k + 1 shared) * 3 matmuls * 2 * d * I
     (the router's 2 * d * E per token is not counted);
   * GB/s on the expert weights read: the distinct routed experts this input hits (measured from
@@ -218,13 +220,14 @@ LOOP_MAX_TOKENS = 64
 def in_loop_seconds(block, params, x, iters: int) -> float:
     """Seconds per call of ``block`` inside one jitted, unrolled ``fori_loop`` of LOOP_STEPS
     calls, each fed the last input plus 1e-3 of the last output (so no call can be skipped):
-    the cost in a decode step, without the host's per-call dispatch that the plain median
-    includes (a rolled loop added about 0.01 ms an iteration on an H200)."""
+    the cost in a decode step. The loops are queued back to back (``queued_seconds``, ``iters``
+    loops a round), so neither the host's per-call dispatch nor its wait for each loop counts
+    (a rolled loop added about 0.01 ms an iteration on an H200)."""
     def loop(p, x):
         return jax.lax.fori_loop(0, LOOP_STEPS, lambda _, h: h + 1e-3 * block(p, h), x,
                                  unroll=True)
 
-    return median_seconds(jax.jit(loop), params, x, iters=iters) / LOOP_STEPS
+    return queued_seconds(jax.jit(loop), params, x, calls=iters) / LOOP_STEPS
 
 
 def rel_l2(got, ref) -> float:

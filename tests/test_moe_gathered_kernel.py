@@ -270,6 +270,21 @@ def test_layer_bad_arguments():
         gathered_experts(x, w, e, *stack[:2], stack[2][:1], layer=0, **BLOCKS)
 
 
+def test_blocks_for_shape():
+    """The default blocks: block_r 256 and router_splits 8 where d and I (and E) take them, as
+    at the 80B's d 2048, I 512, E 512; else the dataclass defaults (block_r 128), which a
+    tensor-split I of 256 or a d of 1024 still fit."""
+    wide = BlockSizes.for_shape(2048, 512, 512)
+    assert (wide.block_r, wide.router_splits) == (256, 8) and wide.mismatch(2048, 512, 512) is None
+    assert BlockSizes.for_shape(2048, 512) == wide
+    for d, inner in ((2048, 256), (1024, 512), (4096, 768)):
+        assert BlockSizes.for_shape(d, inner) == BlockSizes(), (d, inner)
+        assert BlockSizes().mismatch(d, inner) is None
+    assert BlockSizes.for_shape(2048, 512, 384) == BlockSizes()  # E not a power of 2
+    assert BlockSizes.for_shape(64, 64) == BlockSizes()  # fits neither: the defaults' message
+    assert "must be a multiple of" in BlockSizes.for_shape(64, 64).mismatch(64, 64)
+
+
 def test_export_cuda():
     """Lowers to Triton for CUDA from the CPU (an abstract H200): the expert id indexes the
     weights inside the kernel."""

@@ -50,9 +50,9 @@ Both kernels are matrix-vector products (one token row), summed with elementwise
 float32: at decode the cost is the weight bytes, not FLOPs, so the blocks are wide (BI, BD =
 128 columns: 256 contiguous bytes of each bf16 weight row per load, read in steps of BR rows)
 and the grid is large (d split S ways) for the HBM bandwidth. At the 80B's sizes (d 2048, I 512,
-k 10 + the shared expert, one token) the defaults give gate_up a grid of (11, 4, 8) = 352
-programs of 256 rows of gate_e and up_e each, down one of (11, 16, 2) = 352 programs of 256 rows;
-69 MB of weights in all.
+k 10 + the shared expert, one token) :meth:`BlockSizes.for_shape` gives gate_up a grid of
+(11, 4, 8) = 352 programs of 256 rows of gate_e and up_e each, down one of (11, 16, 2) = 352
+programs of 256 rows, each read as one block; 69 MB of weights in all.
 The gradient (``jax.custom_vjp``) is that of the jnp reference, recomputed; training batches
 take the grouped-matmul paths anyway.
 """
@@ -88,7 +88,8 @@ class BlockSizes:
     N k x 16 x 2 ("down") programs, each reading 128 KB and 64 KB of weights in 2 steps of 128
     rows. Measured there (the routed experts alone, one token, 80B sizes, in a jitted loop,
     with down_splits 1 and h made in jnp): 0.042 ms; block_r 64: 0.048, 32: 0.058; splits 4:
-    0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms.
+    0.056, 16: 0.043 (block_r 64); the jnp gather 0.067 ms. :meth:`for_shape` widens block_r
+    to 256 where d and I take it (the 80B's do).
     """
 
     router_block_e: int = 32
@@ -99,6 +100,20 @@ class BlockSizes:
     splits: int = 8
     down_splits: int = 2
     num_warps: int = 4
+
+    @classmethod
+    def for_shape(cls, d: int, inner: int, num_experts: int | None = None) -> BlockSizes:
+        """The blocks the kernels take by default for d, I (and, routing in the kernels, E):
+        the defaults with block_r 256 and router_splits 8 (each program's slice of d or I one
+        block of 256 weight rows) where those fit, else the defaults. At the 80B block on an
+        H200 (one token, ``routed_experts`` in a jitted loop of 32 calls queued back to back,
+        two rounds each; results/h200-2026-12-02c): 30.6-31.0 us a call against 33.4-33.5 with
+        block_r 128; 8 tokens 157.7 against 166.1, 32 tokens 514 against 556. Around it no
+        other block did better: router_block_e 64 30.9-31.0, router_splits 4 32.3-33.0,
+        block_d 64 33.4-33.8, block_i 64 35.3-35.6, down_splits 1 32.7-33.1, splits 4
+        33.6-33.7, 8 warps 42.2, 2 warps 60.7; block_r 512 (splits 4) 59.0-59.5."""
+        wide = cls(block_r=256, router_splits=8)
+        return wide if wide.mismatch(d, inner, num_experts) is None else cls()
 
     def mismatch(self, d: int, inner: int, num_experts: int | None = None) -> str | None:
         """Why these blocks do not fit d and I (a message), or None when they do; with
@@ -429,6 +444,15 @@ def _at_layer(w, layer):
     return lax.dynamic_index_in_dim(w, layer[0], keepdims=False)
 
 
+def _blocks_for(blocks, x, gate_proj, routing=False):
+    """``blocks``, or (None) :meth:`BlockSizes.for_shape` of x's d and the stacked experts'
+    ([L, E, d, I]) I, and E when ``routing``."""
+    if blocks is not None:
+        return blocks
+    return BlockSizes.for_shape(x.shape[-1], gate_proj.shape[-1],
+                                gate_proj.shape[1] if routing else None)
+
+
 def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
     """ValueError (naming ``fn``) unless x is [N, d], the experts' projections (stacks of
     :func:`_stacked`) [L, E, d, I], [L, E, d, I], [L, E, I, d], the shared expert's (gate, up,
@@ -518,7 +542,7 @@ _outputs.defvjp(_outputs_fwd, _outputs_bwd)
 
 
 def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=None,
-                            blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+                            blocks: BlockSizes | None = None, interpret: bool = False):
     """Each token's k expert outputs ``expert_{experts[n, j]}(x[n])``, unweighted, by the two
     Pallas kernels, reading the chosen experts' weights in place.
 
@@ -533,7 +557,8 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=
         are read in place. A scanned model hands its layer scan's whole stack and index, where
         a slice of the stack would be copied whole to reach a kernel. Not checked when traced:
         a layer outside [0, L) reads out of bounds.
-      blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
+      blocks: the kernels' :class:`BlockSizes` (None: ``BlockSizes.for_shape`` of d and I,
+        and E when routing). interpret: run in Pallas interpret mode (CPU
         tests).
     Returns:
       [N, k, d] float32. The gradient is that of :func:`gathered_expert_outputs_reference`.
@@ -543,6 +568,7 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=
     """
     fn = "gathered_expert_outputs"
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
+    blocks = _blocks_for(blocks, x, gate_proj)
     _check(fn, x, gate_proj, up_proj, down_proj, (), blocks)
     _check_experts(fn, x, experts)
     y = _outputs(x, experts, gate_proj, up_proj, down_proj, layer, (), blocks, interpret)
@@ -550,7 +576,7 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=
 
 
 def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shared=None,
-                     layer=None, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+                     layer=None, blocks: BlockSizes | None = None, interpret: bool = False):
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) with the SwiGLU experts
     ``down(silu(x gate) * (x up))``, reading the chosen experts' weights in place; with
     ``shared``, plus ``shared_weights[n] * shared_expert(x[n])`` computed as one more row of
@@ -572,6 +598,7 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shar
     fn = "gathered_experts"
     shared_w, shared_proj = _split_shared(fn, shared, x.shape[0], "shared_weights")
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
+    blocks = _blocks_for(blocks, x, gate_proj)
     _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks)
     _check_experts(fn, x, experts)
     if weights.shape != experts.shape:
@@ -642,7 +669,7 @@ _routed.defvjp(_routed_fwd, _routed_bwd)
 
 def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: int,
                    norm_topk_prob: bool, shared=None, layer=None,
-                   blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+                   blocks: BlockSizes | None = None, interpret: bool = False):
     """A decode MoE block (transformers' Qwen3NextSparseMoeBlock) in three Pallas kernels: the
     router's matmul, each token's top-k routing, its k experts weighted and, with ``shared``,
     the sigmoid-gated shared expert (see the module docstring):
@@ -667,7 +694,8 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
         are read in place. A scanned model hands its layer scan's whole stack and index, where
         a slice of the stack would be copied whole to reach a kernel. Not checked when traced:
         a layer outside [0, L) reads out of bounds.
-      blocks: the kernels' :class:`BlockSizes`. interpret: run in Pallas interpret mode (CPU
+      blocks: the kernels' :class:`BlockSizes` (None: ``BlockSizes.for_shape`` of d and I,
+        and E when routing). interpret: run in Pallas interpret mode (CPU
         tests).
     Returns:
       (out [N, d] in x's dtype (float32 sums inside, the weights applied in float32),
@@ -685,6 +713,7 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
     fn = "routed_experts"
     shared_gate, shared_proj = (None, ()) if shared is None else (shared[0], tuple(shared[1:]))
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
+    blocks = _blocks_for(blocks, x, gate_proj, routing=True)
     _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, routing=True)
     d, E = x.shape[1], gate_proj.shape[1]
     if router_weight.shape != (d, E):
