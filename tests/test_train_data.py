@@ -75,6 +75,12 @@ def test_read_tokenize_and_chat_loss_mask(tmp_path):
                                      {"text": "hello world", "source": str(texts / "b.txt")}]
     assert read_documents(texts / "b.txt") == [{"text": "hello world",
                                                 "source": str(texts / "b.txt")}]
+    # the files data_files listed, read as listed (a file added since is not read)
+    listed_files = data_files(texts)[0]
+    (texts / "c.txt").write_text("added after the listing")
+    assert read_documents(listed_files) == [
+        {"text": "the lazy dog", "source": str(texts / "a.md")},
+        {"text": "hello world", "source": str(texts / "b.txt")}]
     (tmp_path / "nocontent.jsonl").write_text(
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}))
     with pytest.raises(ValueError, match=r"nocontent\.jsonl:1: message 1: expected an object "

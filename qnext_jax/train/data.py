@@ -86,10 +86,11 @@ def _json_records(path: Path) -> Iterator[tuple[str, object]]:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def read_documents(path: str | Path) -> list[dict]:
+def read_documents(path: str | Path | list[Path]) -> list[dict]:
     """Documents from a JSONL file (``text`` or ``messages`` per line; a .json file may also
     hold one JSON array of such objects), a plain text file (one document) or a directory of
-    such files (:func:`data_files`).
+    such files (:func:`data_files`); or from the list of files :func:`data_files` gave (a
+    caller that reports them reads what it reported).
 
     Returns:
       [{"text": str} or {"messages": list}, with "source": where it came from ("FILE:LINE" for a
@@ -101,7 +102,7 @@ def read_documents(path: str | Path) -> list[dict]:
         (names the file and line); a directory without data files.
       FileNotFoundError: ``path`` does not exist.
     """
-    files, _ = data_files(path)
+    files = path if isinstance(path, list) else data_files(path)[0]
     docs = []
     for f in files:
         if f.suffix not in (".jsonl", ".json"):

@@ -415,13 +415,13 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, steps
               "are outside what it was trained on", file=sys.stderr)
     tokenizer = DocumentTokenizer.from_checkpoint(checkpoint)
     try:
-        docs = read_documents(data)
+        files, skipped = data_files(data)
+        docs = read_documents(files)
         dataset = PackedDataset.from_documents(docs, tokenizer, seq_len, max_segments)
     except ValueError as e:  # every data error names where it came from
         if not str(e).startswith(str(data)):
             raise ValueError(f"{data}: {e}") from None
         raise
-    files, skipped = data_files(data)
     if skipped:
         print(f"[qnext finetune] {data}: not read: {listed(skipped)} (subdirectories, and files "
               "other than .jsonl, .json, .txt, .md)", file=sys.stderr)
