@@ -273,16 +273,46 @@ def test_layer_bad_arguments():
 def test_blocks_for_shape():
     """The default blocks: block_r 256 and router_splits 8 where d and I (and E) take them, as
     at the 80B's d 2048, I 512, E 512; else the dataclass defaults (block_r 128), which a
-    tensor-split I of 256 or a d of 1024 still fit."""
+    tensor-split I of 256 or a d of 1024 still fit; else (small models) tiles cut to fit."""
     wide = BlockSizes.for_shape(2048, 512, 512)
     assert (wide.block_r, wide.router_splits) == (256, 8) and wide.mismatch(2048, 512, 512) is None
     assert BlockSizes.for_shape(2048, 512) == wide
     for d, inner in ((2048, 256), (1024, 512), (4096, 768)):
         assert BlockSizes.for_shape(d, inner) == BlockSizes(), (d, inner)
-        assert BlockSizes().mismatch(d, inner) is None
-    assert BlockSizes.for_shape(2048, 512, 384) == BlockSizes()  # E not a power of 2
-    assert BlockSizes.for_shape(64, 64) == BlockSizes()  # fits neither: the defaults' message
-    assert "must be a multiple of" in BlockSizes.for_shape(64, 64).mismatch(64, 64)
+    for d, inner, e in ((256, 128, 16), (1024, 256, 16), (64, 64, 8), (96, 48, 4), (40, 24, 2)):
+        blocks = BlockSizes.for_shape(d, inner, e)
+        assert blocks.mismatch(d, inner, e) is None, (d, inner, e, blocks)
+    assert "E = 384 must be a power of 2" in BlockSizes.for_shape(2048, 512, 384).mismatch(
+        2048, 512, 384)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_default_blocks_at_small_sizes(dtype):
+    """blocks=None (BlockSizes.for_shape) at a small model's d 64, I 64, E 16, top-3 with the
+    shared expert: the kernels' output against the float64 loop, their routing against
+    qnext_jax's route."""
+    n, k = 2, 3
+    x, router, gate, up, down, sh = _routed_case(5, n, k, dtype, shared=True)
+    out, weights, experts = routed_experts(x, router, gate, up, down, top_k=k,
+                                           norm_topk_prob=True, shared=sh, interpret=True)
+    ref, ref_w, ref_e = _numpy_routed(x, router, gate, up, down, sh, k, True)
+    want_w, want_e = route(x @ router, k, True)
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
+    np.testing.assert_array_equal(np.asarray(experts), ref_e)
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(weights), ref_w, rtol=1e-6)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol,
+                               atol=tol * np.abs(ref).max())
+
+
+def test_compiled_kernels_on_a_cpu_name_what_to_do():
+    x, weights, experts, gate, up, down = _case(3, 1, 2, jnp.float32)
+    for call in (lambda: gathered_experts(x, weights, experts, gate, up, down),
+                 lambda: gathered_expert_outputs(x, experts, gate, up, down)):
+        with pytest.raises(ValueError, match=r"run compiled on a GPU, and this JAX's backend "
+                                              r"is cpu: interpret=True"):
+            call()
 
 
 def test_export_cuda():

@@ -37,6 +37,7 @@ from pallas_kernels.gated_delta_rule.reference import (
     chunk_gated_delta_rule_ref,
     recurrent_gated_delta_rule,
 )
+from pallas_kernels.platform import GPU_PLATFORMS, traced_platform
 
 IMPLS = ("auto", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu", "reference")
 #: The backends whose kernels are Pallas on an NVIDIA GPU (compiled, they need one).
@@ -106,9 +107,8 @@ def check_compiled_platform(impl: str, interpret: Any, *, op: str) -> None:
     do otherwise (on a CPU Pallas would only say that it supports interpret mode)."""
     if impl not in GPU_IMPLS or interpret:
         return
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    platform = jax.default_backend() if device is None else device.platform
-    if platform not in ("gpu", "cuda", "rocm"):
+    platform = traced_platform()
+    if platform not in GPU_PLATFORMS:
         raise ValueError(
             f"pallas_kernels.gated_delta_rule.{op}: impl={impl!r} runs compiled on a GPU, and "
             f"this JAX's backend is {platform}: use impl='reference' (or 'auto'), or "

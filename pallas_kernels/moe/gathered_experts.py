@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.platform import GPU_PLATFORMS, traced_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,15 +108,30 @@ class BlockSizes:
     def for_shape(cls, d: int, inner: int, num_experts: int | None = None) -> BlockSizes:
         """The blocks the kernels take by default for d, I (and, routing in the kernels, E):
         the defaults with block_r 256 and router_splits 8 (each program's slice of d or I one
-        block of 256 weight rows) where those fit, else the defaults. At the 80B block on an
-        H200 (one token, ``routed_experts`` in a jitted loop of 32 calls queued back to back,
-        two rounds each; results/h200-2026-12-02c): 30.6-31.0 us a call against 33.4-33.5 with
-        block_r 128; 8 tokens 157.7 against 166.1, 32 tokens 514 against 556. Around it no
-        other block did better: router_block_e 64 30.9-31.0, router_splits 4 32.3-33.0,
-        block_d 64 33.4-33.8, block_i 64 35.3-35.6, down_splits 1 32.7-33.1, splits 4
-        33.6-33.7, 8 warps 42.2, 2 warps 60.7; block_r 512 (splits 4) 59.0-59.5."""
-        wide = cls(block_r=256, router_splits=8)
-        return wide if wide.mismatch(d, inner, num_experts) is None else cls()
+        block of 256 weight rows) where those fit, else the defaults where they fit, else
+        (small models) the defaults' tiles cut to the largest powers of 2 that fit: E must
+        still be a power of 2 when routing. At the 80B block on an H200 (one token,
+        ``routed_experts`` in a jitted loop of 32 calls queued back to back, two rounds each;
+        results/h200-2026-12-02c): 30.6-31.0 us a call against 33.4-33.5 with block_r 128; 8
+        tokens 157.7 against 166.1, 32 tokens 514 against 556. Around it no other block did
+        better: router_block_e 64 30.9-31.0, router_splits 4 32.3-33.0, block_d 64
+        33.4-33.8, block_i 64 35.3-35.6, down_splits 1 32.7-33.1, splits 4 33.6-33.7, 8 warps
+        42.2, 2 warps 60.7; block_r 512 (splits 4) 59.0-59.5."""
+        for blocks in (cls(block_r=256, router_splits=8), cls()):
+            if blocks.mismatch(d, inner, num_experts) is None:
+                return blocks
+
+        def fit(n, cap):  # the largest power of 2 dividing n, at most cap
+            return max(1, min(cap, n & -n))
+
+        base = cls()
+        block_r = fit(math.gcd(d, inner), base.block_r)
+        return cls(router_block_e=base.router_block_e,
+                   router_splits=fit(d // block_r, base.router_splits),
+                   block_i=fit(inner, base.block_i), block_d=fit(d, base.block_d),
+                   block_r=block_r, splits=fit(d // block_r, base.splits),
+                   down_splits=fit(inner // block_r, base.down_splits),
+                   num_warps=base.num_warps)
 
     def mismatch(self, d: int, inner: int, num_experts: int | None = None) -> str | None:
         """Why these blocks do not fit d and I (a message), or None when they do; with
@@ -474,7 +492,20 @@ def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
                          f"[d, I], [d, I], [I, d] with the routed experts' d = {d}, I = {inner}; "
                          f"got {tuple(tuple(w.shape) for w in shared)}")
     if (why := blocks.mismatch(d, inner, E if routing else None)) is not None:
-        raise ValueError(f"{fn}: {why}")
+        raise ValueError(f"{fn}: {why}: pass blocks (BlockSizes) that fit, or leave them to "
+                         f"BlockSizes.for_shape")
+
+
+def _check_platform(fn, interpret):
+    """ValueError (naming ``fn``) for the compiled kernels where no GPU is traced for (JAX's
+    backend, or an abstract mesh's device): on a CPU Pallas would only say that it supports
+    interpret mode."""
+    if not interpret and (platform := traced_platform()) not in GPU_PLATFORMS:
+        raise ValueError(f"{fn}: the Pallas Triton kernels run compiled on a GPU, and this "
+                         f"JAX's backend is {platform}: interpret=True runs them in interpret "
+                         "mode (slow, for tests), gathered_experts_reference is their jnp form; "
+                         "to lower for a GPU from here (jax.export), trace under "
+                         "jax.sharding.use_abstract_mesh with its AbstractDevice")
 
 
 def _check_experts(fn, x, experts):
@@ -563,13 +594,14 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=
     Returns:
       [N, k, d] float32. The gradient is that of :func:`gathered_expert_outputs_reference`.
     Raises:
-      ValueError: shapes that do not match (or a layer given to unstacked projections), or
-        blocks that do not divide I and d.
+      ValueError: shapes that do not match (or a layer given to unstacked projections),
+        blocks that do not divide I and d, or compiled kernels where no GPU is traced for.
     """
     fn = "gathered_expert_outputs"
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
     blocks = _blocks_for(blocks, x, gate_proj)
     _check(fn, x, gate_proj, up_proj, down_proj, (), blocks)
+    _check_platform(fn, interpret)
     _check_experts(fn, x, experts)
     y = _outputs(x, experts, gate_proj, up_proj, down_proj, layer, (), blocks, interpret)
     return y.reshape(*experts.shape, x.shape[1])
@@ -593,13 +625,15 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shar
       [N, d] in x's dtype; float32 sums inside, the weights applied in float32. The gradient is
       that of the jnp reference (recomputed).
     Raises:
-      ValueError: shapes that do not match, or blocks that do not divide I and d.
+      ValueError: shapes that do not match, blocks that do not divide I and d, or compiled
+        kernels where no GPU is traced for.
     """
     fn = "gathered_experts"
     shared_w, shared_proj = _split_shared(fn, shared, x.shape[0], "shared_weights")
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
     blocks = _blocks_for(blocks, x, gate_proj)
     _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks)
+    _check_platform(fn, interpret)
     _check_experts(fn, x, experts)
     if weights.shape != experts.shape:
         raise ValueError(f"{fn}: weights {weights.shape} and experts {experts.shape} must both "
@@ -708,13 +742,15 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
       these experts, recomputed.
     Raises:
       ValueError: shapes that do not match (or a layer given to unstacked projections), top_k
-        out of [1, E], E not a power of 2, or blocks that do not divide I and d.
+        out of [1, E], E not a power of 2, blocks that do not divide I and d, or compiled
+        kernels where no GPU is traced for.
     """
     fn = "routed_experts"
     shared_gate, shared_proj = (None, ()) if shared is None else (shared[0], tuple(shared[1:]))
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
     blocks = _blocks_for(blocks, x, gate_proj, routing=True)
     _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, routing=True)
+    _check_platform(fn, interpret)
     d, E = x.shape[1], gate_proj.shape[1]
     if router_weight.shape != (d, E):
         raise ValueError(f"{fn}: router_weight {router_weight.shape} must be [d = {d}, "
