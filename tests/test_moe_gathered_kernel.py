@@ -308,8 +308,11 @@ def test_default_blocks_at_small_sizes(dtype):
 
 def test_compiled_kernels_on_a_cpu_name_what_to_do():
     x, weights, experts, gate, up, down = _case(3, 1, 2, jnp.float32)
+    router = jnp.zeros((D, E), jnp.float32)
     for call in (lambda: gathered_experts(x, weights, experts, gate, up, down),
-                 lambda: gathered_expert_outputs(x, experts, gate, up, down)):
+                 lambda: gathered_expert_outputs(x, experts, gate, up, down),
+                 lambda: routed_experts(x, router, gate, up, down, top_k=2,
+                                        norm_topk_prob=True)):
         with pytest.raises(ValueError, match=r"run compiled on a GPU, and this JAX's backend "
                                               r"is cpu: interpret=True"):
             call()

@@ -126,12 +126,11 @@ class BlockSizes:
 
         base = cls()
         block_r = fit(math.gcd(d, inner), base.block_r)
-        return cls(router_block_e=base.router_block_e,
-                   router_splits=fit(d // block_r, base.router_splits),
-                   block_i=fit(inner, base.block_i), block_d=fit(d, base.block_d),
-                   block_r=block_r, splits=fit(d // block_r, base.splits),
-                   down_splits=fit(inner // block_r, base.down_splits),
-                   num_warps=base.num_warps)
+        return dataclasses.replace(
+            base, router_splits=fit(d // block_r, base.router_splits),
+            block_i=fit(inner, base.block_i), block_d=fit(d, base.block_d), block_r=block_r,
+            splits=fit(d // block_r, base.splits),
+            down_splits=fit(inner // block_r, base.down_splits))
 
     def mismatch(self, d: int, inner: int, num_experts: int | None = None) -> str | None:
         """Why these blocks do not fit d and I (a message), or None when they do; with
@@ -462,19 +461,12 @@ def _at_layer(w, layer):
     return lax.dynamic_index_in_dim(w, layer[0], keepdims=False)
 
 
-def _blocks_for(blocks, x, gate_proj, routing=False):
-    """``blocks``, or (None) :meth:`BlockSizes.for_shape` of x's d and the stacked experts'
-    ([L, E, d, I]) I, and E when ``routing``."""
-    if blocks is not None:
-        return blocks
-    return BlockSizes.for_shape(x.shape[-1], gate_proj.shape[-1],
-                                gate_proj.shape[1] if routing else None)
-
-
-def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
-    """ValueError (naming ``fn``) unless x is [N, d], the experts' projections (stacks of
-    :func:`_stacked`) [L, E, d, I], [L, E, d, I], [L, E, I, d], the shared expert's (gate, up,
-    down) [d, I], [d, I], [I, d], and the blocks fit (with ``routing``, E too)."""
+def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, interpret, routing=False):
+    """The blocks the kernels run with: ``blocks``, or (None) :meth:`BlockSizes.for_shape` of
+    d, I (and E with ``routing``). ValueError (naming ``fn``) unless x is [N, d], the experts'
+    projections (stacks of :func:`_stacked`) [L, E, d, I], [L, E, d, I], [L, E, I, d], the
+    shared expert's (gate, up, down) [d, I], [d, I], [I, d], the blocks fit (with
+    ``routing``, E too), and (compiled, not ``interpret``) a GPU is traced for."""
     if x.ndim != 2:
         raise ValueError(f"{fn}: x {x.shape} must be [N, d]")
     d = x.shape[1]
@@ -491,21 +483,19 @@ def _check(fn, x, gate_proj, up_proj, down_proj, shared, blocks, routing=False):
         raise ValueError(f"{fn}: the shared expert's gate_proj, up_proj, down_proj must be "
                          f"[d, I], [d, I], [I, d] with the routed experts' d = {d}, I = {inner}; "
                          f"got {tuple(tuple(w.shape) for w in shared)}")
+    if blocks is None:
+        blocks = BlockSizes.for_shape(d, inner, E if routing else None)
     if (why := blocks.mismatch(d, inner, E if routing else None)) is not None:
         raise ValueError(f"{fn}: {why}: pass blocks (BlockSizes) that fit, or leave them to "
                          f"BlockSizes.for_shape")
-
-
-def _check_platform(fn, interpret):
-    """ValueError (naming ``fn``) for the compiled kernels where no GPU is traced for (JAX's
-    backend, or an abstract mesh's device): on a CPU Pallas would only say that it supports
-    interpret mode."""
+    # on a CPU Pallas would only say that it supports interpret mode
     if not interpret and (platform := traced_platform()) not in GPU_PLATFORMS:
         raise ValueError(f"{fn}: the Pallas Triton kernels run compiled on a GPU, and this "
                          f"JAX's backend is {platform}: interpret=True runs them in interpret "
                          "mode (slow, for tests), gathered_experts_reference is their jnp form; "
                          "to lower for a GPU from here (jax.export), trace under "
                          "jax.sharding.use_abstract_mesh with its AbstractDevice")
+    return blocks
 
 
 def _check_experts(fn, x, experts):
@@ -599,9 +589,7 @@ def gathered_expert_outputs(x, experts, gate_proj, up_proj, down_proj, *, layer=
     """
     fn = "gathered_expert_outputs"
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
-    blocks = _blocks_for(blocks, x, gate_proj)
-    _check(fn, x, gate_proj, up_proj, down_proj, (), blocks)
-    _check_platform(fn, interpret)
+    blocks = _check(fn, x, gate_proj, up_proj, down_proj, (), blocks, interpret)
     _check_experts(fn, x, experts)
     y = _outputs(x, experts, gate_proj, up_proj, down_proj, layer, (), blocks, interpret)
     return y.reshape(*experts.shape, x.shape[1])
@@ -631,9 +619,7 @@ def gathered_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, shar
     fn = "gathered_experts"
     shared_w, shared_proj = _split_shared(fn, shared, x.shape[0], "shared_weights")
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
-    blocks = _blocks_for(blocks, x, gate_proj)
-    _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks)
-    _check_platform(fn, interpret)
+    blocks = _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, interpret)
     _check_experts(fn, x, experts)
     if weights.shape != experts.shape:
         raise ValueError(f"{fn}: weights {weights.shape} and experts {experts.shape} must both "
@@ -748,9 +734,8 @@ def routed_experts(x, router_weight, gate_proj, up_proj, down_proj, *, top_k: in
     fn = "routed_experts"
     shared_gate, shared_proj = (None, ()) if shared is None else (shared[0], tuple(shared[1:]))
     gate_proj, up_proj, down_proj, layer = _stacked(fn, layer, gate_proj, up_proj, down_proj)
-    blocks = _blocks_for(blocks, x, gate_proj, routing=True)
-    _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, routing=True)
-    _check_platform(fn, interpret)
+    blocks = _check(fn, x, gate_proj, up_proj, down_proj, shared_proj, blocks, interpret,
+                    routing=True)
     d, E = x.shape[1], gate_proj.shape[1]
     if router_weight.shape != (d, E):
         raise ValueError(f"{fn}: router_weight {router_weight.shape} must be [d = {d}, "
