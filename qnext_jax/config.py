@@ -174,14 +174,14 @@ class Qwen3NextConfig:
             kind = params.get("rope_type", params.get("type"))
             need(kind in _ROPE_KEYS, "rope_scaling",
                  f"rope_type {kind!r} is not supported (expected 'yarn', 'linear' or 'default')")
+            unknown = sorted(set(params) - _ROPE_KEYS[kind])  # first: a misspelt 'factor'
+            need(not unknown, "rope_scaling", f"unknown key(s) {unknown} for rope_type {kind!r}; "
+                 f"expected some of {sorted(_ROPE_KEYS[kind])}")
             if kind in ("yarn", "linear"):
                 factor = params.get("factor")
                 need(isinstance(factor, (int, float)) and not isinstance(factor, bool)
                      and factor >= 1, "rope_scaling",
                      f"rope_type {kind!r} needs a number 'factor' >= 1, got {factor!r}")
-            unknown = sorted(set(params) - _ROPE_KEYS[kind])
-            need(not unknown, "rope_scaling", f"unknown key(s) {unknown} for rope_type {kind!r}; "
-                 f"expected some of {sorted(_ROPE_KEYS[kind])}")
 
     # ------------------------------------------------------------------------- derived sizes
     @property

@@ -87,6 +87,12 @@ def test_bad_configs_name_the_field(change, field):
         Qwen3NextConfig.from_dict(_v4(**change))
 
 
+def test_misspelt_rope_key_is_named():
+    """A misspelt 'factor' (and so no factor) names the unknown key, not the missing factor."""
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['factr'\] for rope_type 'yarn'"):
+        Qwen3NextConfig.from_dict(_v4(rope_scaling={"rope_type": "yarn", "factr": 4.0}))
+
+
 def test_missing_required_field_is_named(tmp_path):
     raw = _v4()
     del raw["linear_key_head_dim"]
