@@ -85,30 +85,28 @@ class Qwen3NextMLP(nn.Module):
 
 
 ARGMAX_TOP_K_MIN_ROWS = 1024  # GPU: from this many tokens, top-k by repeated argmax
-RANK_TOP_K_MAX_ROWS = 64  # GPU: up to this many tokens (decode), top-k by ranking
+RANK_TOP_K_MAX_ROWS = 16  # GPU: up to this many tokens (decode), top-k by ranking
 
 
-def _top_k(probs: jax.Array, k: int):
-    """``lax.top_k`` over the last axis of probabilities [..., E]: the same experts and
-    weights, ties to the lower id as top_k puts them (rows holding NaN may differ). On GPU,
-    where XLA's top_k sorts every row:
-    - up to RANK_TOP_K_MAX_ROWS rows (decode), each value's rank (the count of values above it,
-      or equal at a lower id) from all E x E comparisons, and the ids of ranks 0..k-1, in one
-      or two fusions: the sort was a 5.4 us kernel of the 55 us 80B block at one token;
-    - from ARGMAX_TOP_K_MIN_ROWS rows, k rounds of argmax, each masking its winner (argmax takes
-      the first maximum): 0.23-0.27 against 0.51 ms for 16384 x 512 on an H200;
-    - in between (a few kernels each way), top_k."""
-    rows = math.prod(probs.shape[:-1])
-    if not _on_gpu() or RANK_TOP_K_MAX_ROWS < rows < ARGMAX_TOP_K_MIN_ROWS:
-        return jax.lax.top_k(probs, k)
+def rank_top_k(probs: jax.Array, k: int):
+    """``lax.top_k`` over the last axis of [..., E] by each value's rank (the count of values
+    above it, or equal at a lower id) from all E x E comparisons, and the ids of ranks 0..k-1:
+    one or two fusions, no sort; the work grows as rows x E^2 (at 256 x 512 rows it stopped
+    an H200 with an illegal memory access, jax 0.11.2: a form for decode sizes only)."""
     ids = jnp.arange(probs.shape[-1], dtype=jnp.int32)
-    if rows <= RANK_TOP_K_MAX_ROWS:
-        mine, other = probs[..., :, None], probs[..., None, :]
-        beats = (other > mine) | ((other == mine) & (ids < ids[:, None]))  # [..., E, E]
-        rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)  # [..., E]
-        slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]
-        return (jnp.sum(jnp.where(slot, probs[..., None, :], 0), axis=-1),
-                jnp.sum(jnp.where(slot, ids, 0), axis=-1))
+    mine, other = probs[..., :, None], probs[..., None, :]
+    beats = (other > mine) | ((other == mine) & (ids < ids[:, None]))  # [..., E, E]
+    rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)  # [..., E]
+    slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]
+    return (jnp.sum(jnp.where(slot, probs[..., None, :], 0), axis=-1),
+            jnp.sum(jnp.where(slot, ids, 0), axis=-1))
+
+
+def argmax_top_k(probs: jax.Array, k: int):
+    """``lax.top_k`` over the last axis of [..., E] as k rounds of argmax, each masking its
+    winner (argmax takes the first maximum, so ties go to the lower id): a few fusions a round,
+    no sort."""
+    ids = jnp.arange(probs.shape[-1], dtype=jnp.int32)
     left, weights, experts = probs, [], []
     for _ in range(k):
         e = jnp.argmax(left, axis=-1).astype(jnp.int32)
@@ -116,6 +114,25 @@ def _top_k(probs: jax.Array, k: int):
         experts.append(e)
         left = jnp.where(ids == e[..., None], -jnp.inf, left)
     return jnp.stack(weights, axis=-1), jnp.stack(experts, axis=-1)
+
+
+def _top_k(probs: jax.Array, k: int):
+    """``lax.top_k`` over the last axis of probabilities [..., E]: the same experts and
+    weights, ties to the lower id as top_k puts them (rows holding NaN may differ). On GPU,
+    where XLA's top_k sorts every row (scripts/bench_topk.py times the three forms):
+    - up to RANK_TOP_K_MAX_ROWS rows (decode), :func:`rank_top_k`: the sort was a 5.4 us
+      kernel of the 55 us 80B block at one token; the 80B block (jnp gather experts, in a
+      jitted loop, H200) took 110 / 175 / 619 us at 1 / 2 / 8 tokens against 117 / 183 / 626
+      with argmax_top_k, and at 32 / 64 tokens 461 / 699 against 457 / 692 with top_k;
+    - from ARGMAX_TOP_K_MIN_ROWS rows, :func:`argmax_top_k`: 0.23-0.27 against 0.51 ms for
+      16384 x 512 on an H200;
+    - in between, top_k."""
+    rows = math.prod(probs.shape[:-1])
+    if not _on_gpu() or RANK_TOP_K_MAX_ROWS < rows < ARGMAX_TOP_K_MIN_ROWS:
+        return jax.lax.top_k(probs, k)
+    if rows <= RANK_TOP_K_MAX_ROWS:
+        return rank_top_k(probs, k)
+    return argmax_top_k(probs, k)
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
